@@ -1,0 +1,123 @@
+"""Backend selection: `reference` (pure PyTorch, any device), `triton`, `cuda` (compiled extension), `auto`.
+
+The selection is process-wide state set by `use_backend(...)` (a function and a context manager) or the
+environment variable FASTNETS_BACKEND. Ops receive the selected name as a plain string argument, so
+torch.compile sees a constant; the name is resolved to a concrete backend inside the op, at run time.
+"""
+import functools
+import os
+
+import torch
+
+from . import _extension
+
+NAMES = ("auto", "reference", "triton", "cuda")
+CONCRETE = ("reference", "triton", "cuda")
+
+
+class BackendUnavailableError(RuntimeError):
+    """A backend was asked for by name and cannot run here; the message says what is missing."""
+
+
+def _check_name(name):
+    if name not in NAMES:
+        raise ValueError(f"fastnets backend must be one of {NAMES}, got {name!r}")
+    return name
+
+
+_current = _check_name(os.environ.get("FASTNETS_BACKEND", "auto").strip().lower() or "auto")
+
+
+def current_backend():
+    """The selected backend name (possibly 'auto')."""
+    return _current
+
+
+class use_backend:
+    """`fastnets.use_backend("triton")` selects a backend at once; used as `with use_backend(...):` it
+    restores the previous selection on exit."""
+
+    def __init__(self, name):
+        global _current
+        self._previous = _current
+        _current = _check_name(name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        global _current
+        _current = self._previous
+        return False
+
+
+def _triton_interpreting():
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_import_problem():
+    try:
+        import triton
+    except ImportError as e:
+        return f"triton is not installed ({e}); `pip install triton>=3.1`"
+    major, minor = (int(p) for p in triton.__version__.split(".")[:2])
+    if (major, minor) < (3, 1):
+        return f"triton {triton.__version__} is too old; fastnets needs triton >= 3.1"
+    return None
+
+
+def unavailable_reason(name, device):
+    """None when backend `name` can run on `device`, else a sentence saying why not."""
+    device = torch.device(device)
+    if name == "reference":
+        return None
+    if name == "triton":
+        problem = _triton_import_problem()
+        if problem:
+            return problem
+        if device.type == "cuda":
+            return None if torch.cuda.is_available() else "no CUDA GPU is available to torch"
+        if device.type == "cpu":
+            if _triton_interpreting():
+                return None
+            return "Triton runs CPU tensors only under the interpreter; set TRITON_INTERPRET=1 before importing fastnets"
+        return f"Triton does not run on {device.type} tensors"
+    if name == "cuda":
+        if device.type != "cuda":
+            return f"the cuda backend needs CUDA tensors, got a {device.type} tensor"
+        if not torch.cuda.is_available():
+            return "no CUDA GPU is available to torch"
+        if not _extension.is_loaded():
+            return _extension.reason()
+        return None
+    raise ValueError(f"fastnets backend must be one of {NAMES}, got {name!r}")
+
+
+def available_backends(device=None):
+    """Concrete backends that can run on `device` here (default: the GPU if there is one, else the CPU)."""
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return [n for n in CONCRETE if unavailable_reason(n, device) is None]
+
+
+def resolve(name, device, implemented=CONCRETE, auto_order=("cuda", "triton", "reference")):
+    """Turn a requested name into the concrete backend that runs an op on `device`.
+
+    `implemented` lists the backends this op has; `auto_order` is its preference on a GPU.
+    `auto` is the reference on the CPU.
+    """
+    device = torch.device(device)
+    if name == "auto":
+        if device.type != "cuda":
+            return "reference"
+        for cand in auto_order:
+            if cand in implemented and unavailable_reason(cand, device) is None:
+                return cand
+        return "reference"
+    if name not in implemented:
+        raise BackendUnavailableError(f"this op has no {name!r} implementation; it has {tuple(implemented)}")
+    why = unavailable_reason(name, device)
+    if why is not None:
+        raise BackendUnavailableError(f"fastnets backend {name!r} is unavailable: {why}")
+    return name

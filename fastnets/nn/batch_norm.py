@@ -1,0 +1,73 @@
+"""Drop-in replacements for torch.nn.BatchNorm1d/2d, and BatchNormReLU2d (BatchNorm + residual add + ReLU).
+
+They subclass torch's BatchNorm classes, so constructor arguments, attributes, state_dict keys (including
+`num_batches_tracked`), loading of torch state_dicts and `repr` are torch's own; only `forward` runs the
+fastnets ops.
+"""
+import torch
+from torch import nn
+
+from .. import _checks
+from ..ops.batch_norm import batch_norm
+
+
+def bn_act(bn, x, residual=None, relu=False):
+    """[relu](bn(x) [+ residual]) for a torch BatchNorm module `bn` (any _BatchNorm), with torch's
+    _BatchNorm.forward logic (momentum=None means a cumulative average), on fastnets' op. Models whose
+    state_dict must stay torchvision's call this with their own `bn1`-style attributes."""
+    factor = 0.0 if bn.momentum is None else bn.momentum
+    if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
+        bn.num_batches_tracked.add_(1)
+        factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+    use_batch_stats = bn.training or (bn.running_mean is None and bn.running_var is None)
+    keep_running = not bn.training or bn.track_running_stats
+    return batch_norm(
+        x,
+        bn.running_mean if keep_running else None,
+        bn.running_var if keep_running else None,
+        bn.weight,
+        bn.bias,
+        use_batch_stats,
+        factor,
+        bn.eps,
+        residual=residual,
+        relu=relu,
+    )
+
+
+def _check_channels(bn, x, ndims):
+    _checks.check_float(x, "input")
+    _checks.check_ndim(x, "input", ndims)
+    if x.shape[1] != bn.num_features:
+        raise ValueError(
+            f"input has {x.shape[1]} channels (dim 1 of shape {tuple(x.shape)}) but {type(bn).__name__} "
+            f"expects num_features={bn.num_features}"
+        )
+
+
+class BatchNorm1d(nn.BatchNorm1d):
+    """torch.nn.BatchNorm1d on fastnets kernels: input (N, C) or (N, C, L)."""
+
+    def forward(self, input):
+        _check_channels(self, input, (2, 3))
+        return bn_act(self, input)
+
+
+class BatchNorm2d(nn.BatchNorm2d):
+    """torch.nn.BatchNorm2d on fastnets kernels: input (N, C, H, W), NCHW or channels_last."""
+
+    def forward(self, input):
+        _check_channels(self, input, (4,))
+        return bn_act(self, input)
+
+
+class BatchNormReLU2d(nn.modules.batchnorm._BatchNorm):
+    """relu(batch_norm(x) [+ residual]) in one fused pass. Its state_dict is a BatchNorm2d's, so torchvision
+    and timm BatchNorm weights load unchanged."""
+
+    def forward(self, input, residual=None):
+        _check_channels(self, input, (4,))
+        return bn_act(self, input, residual=residual, relu=True)
+
+    def _check_input_dim(self, input):
+        _checks.check_ndim(input, "input", (4,))

@@ -1,0 +1,117 @@
+"""Build fastnets, with its CUDA C++ extension `fastnets._C` when a CUDA toolkit and a CUDA torch are present.
+
+FASTNETS_BUILD_CUDA=0 forces a pure-Python install (reference and Triton backends only).
+TORCH_CUDA_ARCH_LIST is honoured; without it we build sm_80 and sm_90 only, not every arch torch knows.
+"""
+import glob
+import os
+import re
+import shutil
+import sys
+
+from setuptools import find_packages, setup
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_ARCHS = "8.0;9.0"
+
+
+def _version():
+    with open(os.path.join(HERE, "fastnets", "version.py")) as f:
+        return re.search(r'__version__ = "([^"]+)"', f.read()).group(1)
+
+
+def _has_cudart(root):
+    return root and any(
+        glob.glob(os.path.join(root, d, "libcudart.so*")) for d in ("lib64", "lib", "targets/x86_64-linux/lib")
+    )
+
+
+def _find_cuda_home():
+    """Where the CUDA toolkit really is. `/usr/local/bin/nvcc` may be a wrapper script, from which torch
+    guesses CUDA_HOME=/usr/local and the link fails for want of libcudart: prefer a root that has it."""
+    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"]
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        real = os.path.realpath(nvcc)
+        candidates.append(os.path.dirname(os.path.dirname(real)))
+        # A wrapper script: look for the path it execs.
+        try:
+            with open(nvcc, "rb") as f:
+                head = f.read(4096)
+            if not head.startswith(b"\x7fELF"):
+                m = re.search(rb"(/\S+)/bin/nvcc", head)
+                if m:
+                    candidates.append(m.group(1).decode())
+        except OSError:
+            pass
+    for root in candidates:
+        if root and os.path.exists(os.path.join(root, "bin", "nvcc")) and _has_cudart(root):
+            return root
+    return None
+
+
+def _pip_cuda_include_dirs():
+    """torch's CUDA headers include cusparse.h, cublas_v2.h, ... which pip's `nvidia-*` packages ship
+    (site-packages/nvidia/cu13/include, or nvidia/<lib>/include for CUDA 12 wheels)."""
+    import site
+
+    roots = list(site.getsitepackages()) + [site.getusersitepackages()]
+    dirs = []
+    for root in roots:
+        dirs += sorted(glob.glob(os.path.join(root, "nvidia", "cu*", "include")))
+        dirs += sorted(glob.glob(os.path.join(root, "nvidia", "*", "include")))
+    seen, out = set(), []
+    for d in dirs:
+        if os.path.isdir(d) and d not in seen:
+            seen.add(d)
+            out.append(d)
+    return out
+
+
+def _cuda_extension():
+    if os.environ.get("FASTNETS_BUILD_CUDA", "1") == "0":
+        print("fastnets: FASTNETS_BUILD_CUDA=0, pure-Python install", file=sys.stderr)
+        return None, {}
+    try:
+        import torch
+    except ImportError:
+        print("fastnets: torch not importable at build time, pure-Python install", file=sys.stderr)
+        return None, {}
+    if torch.version.cuda is None:
+        print("fastnets: torch has no CUDA, pure-Python install", file=sys.stderr)
+        return None, {}
+    cuda_home = _find_cuda_home()
+    if cuda_home is None:
+        print("fastnets: no CUDA toolkit (nvcc + libcudart) found, pure-Python install", file=sys.stderr)
+        return None, {}
+    os.environ["CUDA_HOME"] = cuda_home
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCHS)
+    import torch.utils.cpp_extension as cpp_ext
+
+    cpp_ext.CUDA_HOME = cuda_home  # torch resolved it at import time, possibly wrongly
+    archs = os.environ["TORCH_CUDA_ARCH_LIST"]
+    print(f"fastnets: building fastnets._C with CUDA_HOME={cuda_home} for {archs}", file=sys.stderr)
+    sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "*.cu")))
+    # The toolkit's own headers first; pip's nvidia include folders only fill in what it lacks.
+    include_dirs = [os.path.join(HERE, "csrc"), os.path.join(cuda_home, "include")] + _pip_cuda_include_dirs()
+    defines = [f'-DFASTNETS_CUDA_ARCHS="{archs}"']
+    ext = cpp_ext.CUDAExtension(
+        name="fastnets._C",
+        sources=sources,
+        include_dirs=include_dirs,
+        extra_compile_args={
+            "cxx": ["-O3", "-std=c++17"] + defines,
+            "nvcc": ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"] + defines,
+        },
+    )
+    return ext, {"build_ext": cpp_ext.BuildExtension.with_options(use_ninja=True)}
+
+
+ext, cmdclass = _cuda_extension()
+setup(
+    name="fastnets",
+    version=_version(),
+    packages=find_packages(include=["fastnets", "fastnets.*"]),
+    ext_modules=[ext] if ext is not None else [],
+    cmdclass=cmdclass,
+)

@@ -1,0 +1,54 @@
+"""Shared test setup. On a machine without a GPU the Triton kernels run under the interpreter
+(TRITON_INTERPRET=1 must be set before Triton kernels are defined, so before fastnets is imported)."""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("FASTNETS_POISON_OUTPUTS", "1")  # see fastnets._checks.new_output
+
+import pytest  # noqa: E402
+
+import fastnets  # noqa: E402
+
+# Tolerances per dtype, written down once: (atol, rtol) for outputs compared with torch/reference.
+# fp16/bf16 outputs are rounded once by fastnets but several times by an eager chain of ops.
+TOL = {
+    torch.float64: (1e-10, 1e-8),
+    torch.float32: (1e-4, 1e-4),
+    torch.float16: (2e-2, 2e-2),
+    torch.bfloat16: (6e-2, 5e-2),
+}
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+GPU = torch.cuda.is_available()
+
+
+def tol(dtype):
+    atol, rtol = TOL[dtype]
+    return {"atol": atol, "rtol": rtol}
+
+
+def assert_close(actual, expected, dtype=None, scale=1.0, msg=""):
+    """torch.testing.assert_close with the tolerance of `dtype` (default: expected's), multiplied by `scale`."""
+    atol, rtol = TOL[dtype or expected.dtype]
+    torch.testing.assert_close(actual, expected.to(actual.dtype), atol=atol * scale, rtol=rtol * scale, msg=msg or None)
+
+
+def backends_here(family="batch_norm"):
+    """The concrete backends to test on this machine: the reference always; Triton under the interpreter
+    on CPU or on a GPU; the CUDA C++ extension on a GPU."""
+    from fastnets.ops._registry import implemented
+
+    device = "cuda" if GPU else "cpu"
+    return [b for b in implemented(family) if b in fastnets.available_backends(device)]
+
+
+def device_for(backend):
+    return "cuda" if GPU else "cpu"
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    yield

@@ -1,0 +1,100 @@
+"""Shared benchmark plumbing: timing, the ceilings measured in the same run, and result files.
+
+Speed is claimed only against a baseline measured in the same run on the same card, and reported against
+ceilings measured in that run: device-to-device copy bandwidth and a large bf16 matmul rate.
+"""
+import datetime
+import json
+import os
+import platform
+import statistics
+
+import torch
+
+
+def require_cuda():
+    if not torch.cuda.is_available():
+        raise SystemExit("this benchmark needs a CUDA GPU (none is visible to torch); nothing was measured")
+
+
+def time_ms(fn, warmup=10, reps=50):
+    """Median milliseconds of `fn()` over `reps` runs, each timed with CUDA events, after `warmup` runs.
+    The L2 cache is not flushed: the shapes measured here are far larger than L2."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def copy_bandwidth_gbs(nbytes=1 << 30):
+    """Device-to-device copy, GB/s counted as bytes read + bytes written."""
+    src = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    ms = time_ms(lambda: dst.copy_(src), warmup=5, reps=20)
+    return 2 * nbytes / ms / 1e6
+
+
+def bf16_matmul_tflops(n=8192):
+    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    ms = time_ms(lambda: a @ b, warmup=5, reps=20)
+    return 2 * n**3 / ms / 1e9
+
+
+def environment():
+    import fastnets
+
+    info = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "fastnets": fastnets.__version__,
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "backends": fastnets.available_backends(),
+    }
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except ImportError:
+        info["triton"] = None
+    return info
+
+
+def gpu_tag():
+    name = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    return "".join(ch if ch.isalnum() else "-" for ch in name).strip("-").lower()
+
+
+def write_results(out_dir, name, rows, ceilings, extra=None):
+    """Write {name}_{gpu}.json under out_dir with environment, ceilings and rows; return its path."""
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, f"{name}_{gpu_tag()}.json")
+    payload = {"benchmark": name, "environment": environment(), "ceilings": ceilings, "rows": rows}
+    if extra:
+        payload.update(extra)
+    with open(path, "w") as f:
+        json.dump(payload, f, indent=2)
+    return path
+
+
+def print_table(rows, columns):
+    widths = [max(len(c), *(len(_fmt(r.get(c))) for r in rows)) for c in columns]
+    print("  ".join(c.ljust(w) for c, w in zip(columns, widths)))
+    for r in rows:
+        print("  ".join(_fmt(r.get(c)).ljust(w) for c, w in zip(columns, widths)))
+
+
+def _fmt(v):
+    if isinstance(v, float):
+        return f"{v:.3g}" if abs(v) < 1000 else f"{v:.0f}"
+    return "-" if v is None else str(v)

@@ -1,5 +1,6 @@
 """Drop-in torch.nn replacements that run on fastnets kernels."""
 from .batch_norm import BatchNorm1d, BatchNorm2d, BatchNormReLU2d, bn_act
+from .conv import Conv2d, ConvBNReLU2d, conv_bn_act
 from .squeeze_excite import SqueezeExcite
 
-__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNormReLU2d", "bn_act", "SqueezeExcite"]
+__all__ = ["Conv2d", "ConvBNReLU2d", "conv_bn_act", "BatchNorm1d", "BatchNorm2d", "BatchNormReLU2d", "bn_act", "SqueezeExcite"]

@@ -1,0 +1,113 @@
+"""Drop-in torch.nn.Conv2d, the fused Conv -> BatchNorm -> [add] -> [ReLU] block, and `conv_bn_act`.
+
+`Conv2d` subclasses torch.nn.Conv2d (same arguments, attributes, state_dict keys, repr); its forward runs
+fastnets' convolution where fastnets has one (groups=1, zero padding, symmetric) and torch's (cuDNN)
+otherwise: grouped and depthwise convolutions, padding_mode other than 'zeros', asymmetric 'same' padding.
+
+`conv_bn_act(conv, bn, x, residual=None, relu=True)` runs relu(bn(conv(x)) [+ residual]) for any
+torch.nn.Conv2d / BatchNorm2d pair (the model zoo calls it with torchvision's conv1/bn1 attributes), with
+torch's BatchNorm semantics: batch statistics in training (running statistics and num_batches_tracked
+updated exactly as torch does, momentum=None meaning a cumulative average), running statistics in eval.
+"""
+import torch
+from torch import nn
+
+from .. import _checks
+from ..ops.conv import conv2d, conv2d_batch_norm
+from .batch_norm import bn_act
+
+
+def _fastnets_padding(conv):
+    """The symmetric (ph, pw) padding fastnets runs for `conv`, or None when only torch can run it."""
+    if conv.groups != 1 or conv.padding_mode != "zeros" or len(conv.kernel_size) != 2:
+        return None
+    if isinstance(conv.padding, str):
+        if conv.padding == "valid":
+            return (0, 0)
+        total = [d * (k - 1) for d, k in zip(conv.dilation, conv.kernel_size)]
+        if any(t % 2 for t in total):
+            return None  # torch pads the extra row/column on one side only
+        return (total[0] // 2, total[1] // 2)
+    return tuple(conv.padding)
+
+
+class Conv2d(nn.Conv2d):
+    """torch.nn.Conv2d on fastnets kernels (NCHW or channels_last input)."""
+
+    def forward(self, input):
+        padding = _fastnets_padding(self)
+        if padding is None:
+            return super().forward(input)
+        return conv2d(input, self.weight, self.bias, self.stride, padding, self.dilation)
+
+
+def _check_pair(conv, bn):
+    if not isinstance(conv, nn.Conv2d):
+        raise TypeError(f"conv must be a torch.nn.Conv2d, got {type(conv).__name__}")
+    if not isinstance(bn, nn.modules.batchnorm._BatchNorm):
+        raise TypeError(f"bn must be a torch.nn BatchNorm module, got {type(bn).__name__}")
+    if bn.num_features != conv.out_channels:
+        raise ValueError(
+            f"bn has num_features={bn.num_features} but conv has out_channels={conv.out_channels}; they must match"
+        )
+
+
+def conv_bn_act(conv, bn, x, residual=None, relu=True):
+    """[relu](bn(conv(x)) [+ residual]) on fused fastnets kernels, for a torch.nn.Conv2d `conv` and a
+    BatchNorm2d `bn` (any module subclassing them; their parameters and buffers are used as they are).
+
+    Training (bn.training): the convolution produces the batch statistics in its epilogue, the fused BN
+    kernel normalizes, adds and applies ReLU; running statistics are updated as torch updates them.
+    Eval: the BatchNorm is folded into the convolution's epilogue (weights are not modified; gradients
+    still flow to x, conv.weight, bn.weight, bn.bias and the residual)."""
+    _check_pair(conv, bn)
+    padding = _fastnets_padding(conv)
+    if padding is None:
+        return bn_act(bn, conv(x), residual=residual, relu=relu)
+    factor = 0.0 if bn.momentum is None else bn.momentum
+    if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
+        bn.num_batches_tracked.add_(1)
+        factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+    use_batch_stats = bn.training or (bn.running_mean is None and bn.running_var is None)
+    keep_running = not bn.training or bn.track_running_stats
+    return conv2d_batch_norm(
+        x,
+        conv.weight,
+        conv.bias,
+        bn.running_mean if keep_running else None,
+        bn.running_var if keep_running else None,
+        bn.weight,
+        bn.bias,
+        training=use_batch_stats,
+        momentum=factor,
+        eps=bn.eps,
+        stride=conv.stride,
+        padding=padding,
+        dilation=conv.dilation,
+        residual=residual,
+        relu=relu,
+    )
+
+
+class ConvBNReLU2d(nn.Module):
+    """nn.Sequential(Conv2d, BatchNorm2d, ReLU) as one fused block, with an optional residual added before the
+    ReLU: forward(x, residual=None) = relu(bn(conv(x)) [+ residual]). Submodules `conv` and `bn`, so the
+    state_dict keys are conv.weight[, conv.bias], bn.weight, bn.bias, bn.running_mean, bn.running_var,
+    bn.num_batches_tracked, and torch checkpoints of the Sequential load after renaming 0. -> conv., 1. -> bn."""
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1, bias=False,
+                 eps=1e-5, momentum=0.1, relu=True, device=None, dtype=None):
+        super().__init__()
+        kw = {"device": device, "dtype": dtype}
+        self.conv = Conv2d(in_channels, out_channels, kernel_size, stride=stride, padding=padding,
+                           dilation=dilation, bias=bias, **kw)
+        self.bn = nn.BatchNorm2d(out_channels, eps=eps, momentum=momentum, **kw)
+        self.relu = bool(relu)
+
+    def forward(self, x, residual=None):
+        _checks.check_float(x, "input")
+        _checks.check_ndim(x, "input", (3, 4))
+        return conv_bn_act(self.conv, self.bn, x, residual=residual, relu=self.relu)
+
+    def extra_repr(self):
+        return f"relu={self.relu}"

@@ -1,0 +1,457 @@
+"""2-D convolution (groups=1) with a fused epilogue, and Conv -> BatchNorm -> [add] -> [ReLU], as torch.library
+ops with autograd.
+
+  conv2d:        y = [relu]((conv(x, W) [+ bias]) [* scale] [+ shift] [+ residual])
+                 With scale/shift a BatchNorm folded from its running statistics this is the whole eval-mode
+                 Conv->BN->[add]->ReLU block in one convolution; W itself is never changed, so gradients with
+                 respect to x, W, the BN affine parameters and the residual are exact (frozen-BN fine-tuning).
+  conv2d_stats:  (z, mean, var) with z = conv(x, W) [+ bias] and the per-output-channel batch mean and biased
+                 variance of z, accumulated in the convolution's epilogue (per-tile mean and M2 merged with
+                 Chan's formula), so the BatchNorm statistics pass disappears in training.
+  bn_apply_train: [relu](batch_norm(z; mean, var) [+ residual]) with the training-mode BatchNorm backward
+                 (fastnets::batch_norm_backward), the normalize pass of the fused BN family.
+
+Ops (namespace `fastnets`): conv2d, conv2d_stats, conv2d_backward, bn_apply_train. Each takes a trailing
+`backend` string, resolved inside the op at run time. For the conv family, `auto` on a GPU is the hybrid:
+per shape it runs the Triton kernel or cuDNN, whichever was measured faster (fastnets/triton_kernels/
+conv_hybrid.py); the fused parts around the convolution are fastnets kernels either way.
+"""
+import functools
+from typing import List, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from .. import _checks, backends
+from ..backends import current_backend
+from ..reference.batch_norm import acc_dtype
+from ._registry import kernels, register_family
+
+# `auto` on a GPU is the measured hybrid (Triton or cuDNN per shape, see _conv_kernels); the registry's
+# order is what `auto` means where the hybrid cannot run.
+register_family(
+    "conv",
+    {"reference": ".reference.conv", "triton": ".triton_kernels.conv"},
+    auto_order=("triton", "reference"),
+)
+
+
+def _conv_kernels(backend, device):
+    device = torch.device(device)
+    if backend == "auto" and device.type == "cuda" and backends.unavailable_reason("triton", device) is None:
+        from ..triton_kernels import conv_hybrid
+
+        return conv_hybrid
+    return kernels("conv", backend, device)
+
+
+@functools.lru_cache(maxsize=None)
+def _bn_backend(backend, device_type):
+    """The batch_norm family's backend for the fused BN part: the same name, or `auto` when this checkout has
+    no batch_norm module for that backend (the batch_norm family is developed separately)."""
+    try:
+        kernels("batch_norm", backend, torch.device(device_type))
+    except ModuleNotFoundError as e:
+        if not (e.name or "").startswith("fastnets."):
+            raise
+        return "auto"
+    return backend
+
+
+def _bn_kernels(backend, device):
+    device = torch.device(device)
+    return kernels("batch_norm", _bn_backend(backend, device.type), device)
+
+
+# ----------------------------------------------------------------------------------------------- shapes
+
+
+def out_size(size, k, s, p, d):
+    return (size + 2 * p - d * (k - 1) - 1) // s + 1
+
+
+def _out_shape(x, weight, stride, padding, dilation):
+    return (
+        x.shape[0],
+        weight.shape[0],
+        out_size(x.shape[2], weight.shape[2], stride[0], padding[0], dilation[0]),
+        out_size(x.shape[3], weight.shape[3], stride[1], padding[1], dilation[1]),
+    )
+
+
+def _is_cl(x):
+    """The layout dense_layout picks for x: channels_last only when x is not plain contiguous."""
+    return (not x.is_contiguous()) and x.is_contiguous(memory_format=torch.channels_last)
+
+
+def _empty(x, shape, dtype=None):
+    fmt = torch.channels_last if _is_cl(x) else torch.contiguous_format
+    return torch.empty(shape, dtype=dtype or x.dtype, device=x.device, memory_format=fmt)
+
+
+def _new_out(x, shape, dtype=None):
+    """An output of `shape` in x's layout (NCHW or channels_last), NaN-poisoned under tests."""
+    return _checks.new_output(_empty(x, shape, dtype))
+
+
+def _exact(t, x):
+    """t with exactly the strides _empty gives for x's layout (a copy only when they differ)."""
+    out = _empty(x, tuple(t.shape), t.dtype)
+    if t.stride() == out.stride():
+        return t
+    out.copy_(t)
+    return out
+
+
+def _dense(t, like_cl):
+    if t.is_contiguous() or t.is_contiguous(memory_format=torch.channels_last):
+        return t
+    return t.contiguous(memory_format=torch.channels_last if like_cl else torch.contiguous_format)
+
+
+def _nothing(x):
+    return x.new_empty(0)
+
+
+# ----------------------------------------------------------------------------------------------- conv2d
+
+
+@torch.library.custom_op("fastnets::conv2d", mutates_args=())
+def conv2d_op(
+    x: Tensor, weight: Tensor, bias: Optional[Tensor], scale: Optional[Tensor], shift: Optional[Tensor],
+    residual: Optional[Tensor], stride: List[int], padding: List[int], dilation: List[int], relu: bool,
+    backend: str,
+) -> Tensor:
+    k = _conv_kernels(backend, x.device)
+    x, _ = _checks.dense_layout(x)
+    out = _new_out(x, _out_shape(x, weight, stride, padding, dilation))
+    res = None if residual is None else _checks.match_layout(residual, out)
+    return k.forward(x, weight, bias, scale, shift, res, stride, padding, dilation, relu, out)
+
+
+@conv2d_op.register_fake
+def _(x, weight, bias, scale, shift, residual, stride, padding, dilation, relu, backend):
+    return _empty(x, _out_shape(x, weight, stride, padding, dilation))
+
+
+@torch.library.custom_op("fastnets::conv2d_stats", mutates_args=())
+def conv2d_stats(
+    x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: List[int], padding: List[int],
+    dilation: List[int], backend: str,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    k = _conv_kernels(backend, x.device)
+    x, _ = _checks.dense_layout(x)
+    out = _new_out(x, _out_shape(x, weight, stride, padding, dilation))
+    mean, var = k.forward_stats(x, weight, bias, stride, padding, dilation, out)
+    return out, mean, var
+
+
+@conv2d_stats.register_fake
+def _(x, weight, bias, stride, padding, dilation, backend):
+    c = weight.shape[0]
+    acc = acc_dtype(x)
+    return _empty(x, _out_shape(x, weight, stride, padding, dilation)), x.new_empty(c, dtype=acc), x.new_empty(c, dtype=acc)
+
+
+@torch.library.custom_op("fastnets::conv2d_backward", mutates_args=())
+def conv2d_backward(
+    grad_y: Tensor, x: Tensor, weight: Tensor, y: Optional[Tensor], bias: Optional[Tensor],
+    scale: Optional[Tensor], stride: List[int], padding: List[int], dilation: List[int], relu: bool,
+    need_x: bool, need_weight: bool, need_bias: bool, need_scale: bool, need_shift: bool,
+    need_residual: bool, backend: str,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Gradients of conv2d. With g = dy masked by y > 0 (when relu):
+      grad_residual = g (returned only when relu masks it), grad_shift = sum g,
+      dW_g = wgrad(x, g); grad_weight = dW_g * scale; grad_scale = sum_k W * dW_g + bias * sum g,
+      grad_bias = scale * sum g, grad_x = dgrad(g, W * scale)
+    so the scale is applied to the (small) weight, never to a full-size activation. Per-channel gradients
+    are in the accumulation dtype; unneeded outputs are empty tensors."""
+    k = _conv_kernels(backend, x.device)
+    x, cl = _checks.dense_layout(x)
+    acc = acc_dtype(x)
+    g = _dense(grad_y, cl)
+    if relu:
+        g = torch.where(_dense(y, cl) > 0, g, torch.zeros((), dtype=g.dtype, device=g.device))
+    grad_x = grad_w = grad_b = grad_scale = grad_shift = grad_res = None
+    sum_g = None
+    if need_shift or need_bias or (need_scale and bias is not None):
+        sum_g = g.sum(dim=(0, 2, 3), dtype=acc)
+    if need_weight or need_scale:
+        dwg = k.grad_weight(g, x, tuple(weight.shape), stride, padding, dilation)
+        if need_weight:
+            grad_w = (dwg if scale is None else dwg * scale.to(acc).view(-1, 1, 1, 1)).to(weight.dtype)
+            grad_w = _checks.match_layout(grad_w, weight)
+        if need_scale:
+            grad_scale = (dwg * weight.to(acc)).sum(dim=(1, 2, 3))
+            if bias is not None:
+                grad_scale = grad_scale + bias.to(acc) * sum_g
+    if need_bias:
+        grad_b = sum_g if scale is None else sum_g * scale.to(acc)
+    if need_shift:
+        grad_shift = sum_g
+    if need_x:
+        w = weight if scale is None else (weight.to(acc) * scale.to(acc).view(-1, 1, 1, 1)).to(weight.dtype)
+        grad_x = k.grad_input(g, w, _new_out(x, tuple(x.shape)), stride, padding, dilation)
+    if relu and need_residual:
+        grad_res = _exact(g, x)
+    return tuple(_nothing(x) if t is None else t for t in (grad_x, grad_w, grad_b, grad_scale, grad_shift, grad_res))
+
+
+@conv2d_backward.register_fake
+def _(grad_y, x, weight, y, bias, scale, stride, padding, dilation, relu, need_x, need_weight, need_bias,
+      need_scale, need_shift, need_residual, backend):
+    c = weight.shape[0]
+    acc = acc_dtype(x)
+    vec = lambda need: x.new_empty(c, dtype=acc) if need else x.new_empty(0)  # noqa: E731
+    return (
+        _empty(x, tuple(x.shape)) if need_x else x.new_empty(0),
+        torch.empty_like(weight) if need_weight else x.new_empty(0),
+        vec(need_bias),
+        vec(need_scale),
+        vec(need_shift),
+        _empty(x, tuple(grad_y.shape)) if (relu and need_residual) else x.new_empty(0),
+    )
+
+
+def _conv_setup(ctx, inputs, output):
+    x, weight, bias, scale, shift, residual, stride, padding, dilation, relu, backend = inputs
+    ctx.conf = (stride, padding, dilation, relu, backend)
+    ctx.dtypes = tuple(None if t is None else t.dtype for t in (bias, scale, shift))
+    ctx.save_for_backward(x, weight, output if relu else None, bias, scale)
+
+
+def _cast(t, dtype):
+    return None if t is None else t.to(dtype)
+
+
+def _conv_bwd(ctx, grad_y):
+    x, weight, y, bias, scale = ctx.saved_tensors
+    stride, padding, dilation, relu, backend = ctx.conf
+    nx, nw, nb, nsc, nsh, nres = ctx.needs_input_grad[:6]
+    gx, gw, gb, gsc, gsh, gres = torch.ops.fastnets.conv2d_backward(
+        grad_y, x, weight, y, bias, scale, stride, padding, dilation, relu, nx, nw, nb, nsc, nsh, nres, backend
+    )
+    db, dsc, dsh = ctx.dtypes
+    return (
+        gx if nx else None,
+        gw if nw else None,
+        _cast(gb, db) if nb else None,
+        _cast(gsc, dsc) if nsc else None,
+        _cast(gsh, dsh) if nsh else None,
+        (gres if relu else grad_y) if nres else None,
+        None, None, None, None, None,
+    )
+
+
+conv2d_op.register_autograd(_conv_bwd, setup_context=_conv_setup)
+
+
+def _stats_setup(ctx, inputs, output):
+    x, weight, bias, stride, padding, dilation, backend = inputs
+    ctx.conf = (stride, padding, dilation, backend)
+    ctx.bias_dtype = None if bias is None else bias.dtype
+    ctx.save_for_backward(x, weight)
+    ctx.mark_non_differentiable(output[1], output[2])
+
+
+def _stats_bwd(ctx, grad_y, grad_mean, grad_var):
+    # mean and var are consumed only by bn_apply_train, whose training-mode backward already accounts for
+    # their dependence on z; they are non-differentiable here.
+    x, weight = ctx.saved_tensors
+    stride, padding, dilation, backend = ctx.conf
+    nx, nw, nb = ctx.needs_input_grad[:3]
+    gx, gw, gb, _, _, _ = torch.ops.fastnets.conv2d_backward(
+        grad_y, x, weight, None, None, None, stride, padding, dilation, False, nx, nw, nb, False, False, False,
+        backend,
+    )
+    return gx if nx else None, gw if nw else None, _cast(gb, ctx.bias_dtype) if nb else None, None, None, None, None
+
+
+conv2d_stats.register_autograd(_stats_bwd, setup_context=_stats_setup)
+
+
+# ------------------------------------------------------------------------------------ BN apply (training)
+
+
+def _affine(weight, bias, mean, invstd):
+    scale = invstd if weight is None else invstd * weight.to(invstd.dtype)
+    shift = -mean * scale
+    if bias is not None:
+        shift = shift + bias.to(invstd.dtype)
+    return scale, shift
+
+
+@torch.library.custom_op("fastnets::bn_apply_train", mutates_args=())
+def bn_apply_train(
+    z: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], residual: Optional[Tensor], mean: Tensor,
+    invstd: Tensor, relu: bool, backend: str,
+) -> Tensor:
+    """[relu]((z - mean) * invstd * weight + bias [+ residual]) with batch statistics computed elsewhere
+    (conv2d_stats); its backward is BatchNorm's training-mode backward."""
+    k = _bn_kernels(backend, z.device)
+    z, cl = _checks.dense_layout(z)
+    scale, shift = _affine(weight, bias, mean, invstd)
+    res = None if residual is None else _checks.match_layout(residual, z)
+    return _checks.match_layout(k.apply(z, scale, shift, res, relu, cl), z)
+
+
+@bn_apply_train.register_fake
+def _(z, weight, bias, residual, mean, invstd, relu, backend):
+    return torch.empty_like(z)
+
+
+def _bn_setup(ctx, inputs, output):
+    z, weight, bias, residual, mean, invstd, relu, backend = inputs
+    ctx.relu, ctx.backend = relu, backend
+    ctx.save_for_backward(z, output if relu else None, weight, mean, invstd)
+
+
+def _bn_bwd(ctx, grad_out):
+    z, out, weight, mean, invstd = ctx.saved_tensors
+    nz, nw, nb, nres = ctx.needs_input_grad[:4]
+    gz, gw, gb, gres = torch.ops.fastnets.batch_norm_backward(
+        grad_out, z, out, weight, mean, invstd, ctx.relu, True, nz, nw or nb, nres,
+        _bn_backend(ctx.backend, z.device.type),
+    )
+    if nres and not ctx.relu:
+        gres = grad_out
+    return gz if nz else None, gw if nw else None, gb if nb else None, gres if nres else None, None, None, None, None
+
+
+bn_apply_train.register_autograd(_bn_bwd, setup_context=_bn_setup)
+
+
+# ------------------------------------------------------------------------------------ functional wrappers
+
+
+def _pair(v, name, minimum):
+    if isinstance(v, int):
+        v = (v, v)
+    v = tuple(v)
+    if len(v) != 2 or not all(isinstance(i, int) for i in v):
+        raise ValueError(f"{name} must be an int or a pair of ints, got {v!r}")
+    if any(i < minimum for i in v):
+        raise ValueError(f"{name} must be >= {minimum}, got {v!r}")
+    return [int(i) for i in v]
+
+
+def _validate(x, weight, bias, stride, padding, dilation, residual, scale=None, shift=None):
+    _checks.check_float(x, "input")
+    _checks.check_float(weight, "weight")
+    _checks.check_ndim(x, "input", (4,))
+    _checks.check_ndim(weight, "weight", (4,))
+    if weight.dtype != x.dtype:
+        raise TypeError(f"weight has dtype {weight.dtype} but input has dtype {x.dtype}; they must match")
+    if bias is not None:
+        _checks.check_float(bias, "bias")
+        if bias.dtype != x.dtype:
+            raise TypeError(f"bias has dtype {bias.dtype} but input has dtype {x.dtype}; they must match")
+    _checks.check_same_device(x, "input", weight=weight, bias=bias, scale=scale, shift=shift, residual=residual)
+    cout, cin = weight.shape[:2]
+    if x.shape[1] != cin:
+        raise ValueError(
+            f"input has {x.shape[1]} channels (dim 1 of shape {tuple(x.shape)}) but weight of shape "
+            f"{tuple(weight.shape)} expects {cin} input channels (groups=1)"
+        )
+    if weight.numel() == 0:
+        raise ValueError(f"weight must be non-empty, got shape {tuple(weight.shape)}")
+    for name, t in (("bias", bias), ("scale", scale), ("shift", shift)):
+        _checks.check_channel_vector(t, name, cout)
+    padded = [x.shape[2 + i] + 2 * padding[i] for i in range(2)]
+    dilated = [dilation[i] * (weight.shape[2 + i] - 1) + 1 for i in range(2)]
+    if padded[0] < dilated[0] or padded[1] < dilated[1]:
+        raise ValueError(
+            f"weight's kernel size (dilated: {dilated[0]} x {dilated[1]}) is larger than the padded input "
+            f"({padded[0]} x {padded[1]}) of input shape {tuple(x.shape)} with padding {tuple(padding)}"
+        )
+    if x.numel() == 0:
+        raise ValueError(f"input must be non-empty (the output would have zero size), got shape {tuple(x.shape)}")
+    shape = _out_shape(x, weight, stride, padding, dilation)
+    if residual is not None:
+        if not isinstance(residual, torch.Tensor):
+            raise TypeError(f"residual must be a torch.Tensor, got {type(residual).__name__}")
+        if tuple(residual.shape) != shape:
+            raise ValueError(f"residual has shape {tuple(residual.shape)} but the convolution output has shape {shape}")
+        if residual.dtype != x.dtype:
+            raise TypeError(f"residual has dtype {residual.dtype} but input has dtype {x.dtype}; they must match")
+    return shape
+
+
+def _args(input, stride, padding, dilation):
+    stride = _pair(stride, "stride", 1)
+    padding = _pair(padding, "padding", 0)
+    dilation = _pair(dilation, "dilation", 1)
+    return stride, padding, dilation
+
+
+def _unbatched(input, residual):
+    if isinstance(input, torch.Tensor) and input.dim() == 3:
+        return input.unsqueeze(0), (None if residual is None else residual.unsqueeze(0)), True
+    return input, residual, False
+
+
+def conv2d(
+    input, weight, bias=None, stride=1, padding=0, dilation=1, scale=None, shift=None, residual=None,
+    relu=False, backend=None,
+):
+    """torch.nn.functional.conv2d (groups=1, symmetric zero padding) with a fused epilogue:
+    y = [relu]((conv(input, weight) [+ bias]) [* scale] [+ shift] [+ residual]). scale/shift are per output
+    channel (any float dtype; float32 is usual). A 3-D input is treated as one unbatched image, as torch does."""
+    backend = current_backend() if backend is None else backend
+    stride, padding, dilation = _args(input, stride, padding, dilation)
+    input, residual, unbatched = _unbatched(input, residual)
+    _validate(input, weight, bias, stride, padding, dilation, residual, scale, shift)
+    y = torch.ops.fastnets.conv2d(input, weight, bias, scale, shift, residual, stride, padding, dilation, bool(relu), backend)
+    return y.squeeze(0) if unbatched else y
+
+
+def conv2d_batch_norm(
+    input, weight, bias, running_mean, running_var, bn_weight=None, bn_bias=None, training=False, momentum=0.1,
+    eps=1e-5, stride=1, padding=0, dilation=1, residual=None, relu=True, backend=None,
+):
+    """[relu](batch_norm(conv2d(input, weight, bias)) [+ residual]), with batch_norm following
+    torch.nn.functional.batch_norm's contract (running statistics, when given, updated in place in training
+    as torch does). Training: the convolution's epilogue produces the batch statistics and the fused BN
+    kernel normalizes (+residual, +ReLU). Eval: the BatchNorm is folded into the convolution's epilogue."""
+    backend = current_backend() if backend is None else backend
+    stride, padding, dilation = _args(input, stride, padding, dilation)
+    input, residual, unbatched = _unbatched(input, residual)
+    shape = _validate(input, weight, bias, stride, padding, dilation, residual)
+    cout = weight.shape[0]
+    for name, t in (("running_mean", running_mean), ("running_var", running_var), ("bn_weight", bn_weight),
+                    ("bn_bias", bn_bias)):
+        _checks.check_channel_vector(t, name, cout)
+    _checks.check_same_device(input, "input", running_mean=running_mean, running_var=running_var,
+                              bn_weight=bn_weight, bn_bias=bn_bias)
+    if training:
+        count = shape[0] * shape[2] * shape[3]
+        if count <= 1:
+            raise ValueError(f"Expected more than 1 value per channel when training, got output size {shape}")
+        z, mean, var = torch.ops.fastnets.conv2d_stats(input, weight, bias, stride, padding, dilation, backend)
+        invstd = torch.rsqrt(var + eps)
+        if running_mean is not None or running_var is not None:
+            _update_running_stats(running_mean, running_var, mean, var, momentum, count)
+        y = torch.ops.fastnets.bn_apply_train(z, bn_weight, bn_bias, residual, mean, invstd, bool(relu), backend)
+    else:
+        if running_mean is None or running_var is None:
+            raise ValueError("running_mean and running_var are required when training=False")
+        acc = acc_dtype(input)
+        scale = torch.rsqrt(running_var.to(acc) + eps)
+        if bn_weight is not None:
+            scale = scale * bn_weight.to(acc)
+        shift = -running_mean.to(acc) * scale
+        if bn_bias is not None:
+            shift = shift + bn_bias.to(acc)
+        y = torch.ops.fastnets.conv2d(
+            input, weight, bias, scale, shift, residual, stride, padding, dilation, bool(relu), backend
+        )
+    return y.squeeze(0) if unbatched else y
+
+
+def _update_running_stats(running_mean, running_var, mean, var, momentum, count):
+    with torch.no_grad():
+        if running_mean is not None:
+            running_mean.copy_(momentum * mean + (1 - momentum) * running_mean.to(mean.dtype))
+        if running_var is not None:
+            unbiased = var * (count / (count - 1))
+            running_var.copy_(momentum * unbiased + (1 - momentum) * running_var.to(unbiased.dtype))

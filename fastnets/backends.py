@@ -108,6 +108,7 @@ def resolve(name, device, implemented=CONCRETE, auto_order=("cuda", "triton", "r
     `auto` is the reference on the CPU.
     """
     device = torch.device(device)
+    _check_name(name)
     if name == "auto":
         if device.type != "cuda":
             return "reference"

@@ -71,6 +71,8 @@ def unavailable_reason(name, device):
     """None when backend `name` can run on `device`, else a sentence saying why not."""
     device = torch.device(device)
     if name == "reference":
+        if device.type == "cuda" and not torch.cuda.is_available():
+            return "no CUDA GPU is available to torch"
         return None
     if name == "triton":
         problem = _triton_import_problem()

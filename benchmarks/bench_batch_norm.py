@@ -1,0 +1,164 @@
+"""BatchNorm and fused BatchNorm + add + ReLU on ResNet-50's BatchNorm shapes at batch 256.
+
+fastnets `cuda` and `triton` against torch eager (cuDNN) and torch.compile of the same module or chain, in
+bf16 channels_last and fp32 NCHW, training forward and forward+backward. Reports time, achieved GB/s
+(the bytes the fused two-pass algorithm must move, the same count for every variant, so GB/s compares
+like with like), the fraction of the device-to-device copy bandwidth measured in this run, and peak memory.
+
+    python benchmarks/bench_batch_norm.py --out benchmarks/results [--quick]
+"""
+import argparse
+import os
+import sys
+
+import torch
+from torch import nn
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks.common import bf16_matmul_tflops, copy_bandwidth_gbs, print_table, require_cuda, time_ms, write_results  # noqa: E402
+
+import fastnets  # noqa: E402
+from fastnets.nn import BatchNorm2d, BatchNormReLU2d  # noqa: E402
+
+# (C, H, W) of every distinct BatchNorm input in torchvision's ResNet-50 (v1.5: stride in the 3x3 conv).
+RESNET50_BN_SHAPES = [
+    (64, 112, 112), (64, 56, 56), (256, 56, 56), (128, 56, 56), (128, 28, 28), (512, 28, 28),
+    (256, 28, 28), (256, 14, 14), (1024, 14, 14), (512, 14, 14), (512, 7, 7), (2048, 7, 7),
+]
+QUICK_SHAPES = [(64, 112, 112), (256, 56, 56), (1024, 14, 14), (2048, 7, 7)]
+CONFIGS = {"bf16-nhwc": (torch.bfloat16, torch.channels_last), "fp32-nchw": (torch.float32, torch.contiguous_format)}
+
+
+class EagerChain(nn.Module):
+    """What BatchNormReLU2d replaces: BatchNorm2d, add, ReLU as three eager kernels."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.bn = nn.BatchNorm2d(c)
+
+    def forward(self, x, residual=None):
+        y = self.bn(x)
+        if residual is not None:
+            y = y + residual
+        return torch.relu(y)
+
+
+class FastnetsFused(nn.Module):
+    def __init__(self, c, backend):
+        super().__init__()
+        self.bn, self.backend = BatchNormReLU2d(c), backend
+
+    def forward(self, x, residual=None):
+        with fastnets.use_backend(self.backend):
+            return self.bn(x, residual)
+
+
+class FastnetsBN(nn.Module):
+    def __init__(self, c, backend):
+        super().__init__()
+        self.bn, self.backend = BatchNorm2d(c), backend
+
+    def forward(self, x):
+        with fastnets.use_backend(self.backend):
+            return self.bn(x)
+
+
+def _variants(family, c):
+    out = {}
+    if family == "bn":
+        out["eager"] = nn.BatchNorm2d(c)
+        out["compile"] = torch.compile(nn.BatchNorm2d(c), dynamic=False)
+        for b in ("cuda", "triton"):
+            if b in fastnets.available_backends("cuda"):
+                out[f"fastnets-{b}"] = FastnetsBN(c, b)
+    else:
+        out["eager"] = EagerChain(c)
+        out["compile"] = torch.compile(EagerChain(c), dynamic=False)
+        for b in ("cuda", "triton"):
+            if b in fastnets.available_backends("cuda"):
+                out[f"fastnets-{b}"] = FastnetsFused(c, b)
+    return out
+
+
+def _bytes(family, numel, elt, backward):
+    # forward: stats pass reads x; apply pass reads x (+ residual) and writes y
+    fwd = (3 if family == "bn" else 4) * numel * elt
+    if not backward:
+        return fwd
+    # backward: reduce reads dy, x (+ y for the ReLU mask); apply reads the same and writes dx (+ d residual)
+    bwd = (4 if family == "bn" else 8) * numel * elt
+    return fwd + bwd
+
+
+def run(shapes, out_dir, families=("bn", "bn_add_relu")):
+    copy_gbs = copy_bandwidth_gbs()
+    ceilings = {"copy_GBps": copy_gbs, "bf16_matmul_TFLOPs": bf16_matmul_tflops()}
+    print(f"ceilings: copy {copy_gbs:.0f} GB/s, bf16 matmul {ceilings['bf16_matmul_TFLOPs']:.0f} TFLOP/s")
+    rows = []
+    for family in families:
+        for cfg, (dtype, fmt) in CONFIGS.items():
+            for (c, h, w) in shapes:
+                x = torch.randn(256, c, h, w, device="cuda", dtype=dtype).to(memory_format=fmt).requires_grad_()
+                res = torch.randn_like(x) if family != "bn" else None
+                args = (x,) if res is None else (x, res)
+                for name, mod in _variants(family, c).items():
+                    mod = mod.cuda().train()
+                    for backward in (False, True):
+                        grad = torch.randn_like(x)
+
+                        def step():
+                            y = mod(*args)
+                            if backward:
+                                y.backward(grad)
+
+                        try:
+                            torch.cuda.synchronize()
+                            torch.cuda.reset_peak_memory_stats()
+                            base = torch.cuda.memory_allocated()
+                            ms = time_ms(step, warmup=5, reps=20)
+                            peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+                        except Exception as e:  # report and go on: one failing variant must not hide the rest
+                            print(f"{family} {cfg} {c}x{h}x{w} {name}: FAILED {type(e).__name__}: {e}")
+                            rows.append(dict(family=family, config=cfg, shape=f"256x{c}x{h}x{w}", variant=name,
+                                             pass_="fwd+bwd" if backward else "fwd", error=str(e)[:300]))
+                            continue
+                        nbytes = _bytes(family, x.numel(), x.element_size(), backward)
+                        gbs = nbytes / ms / 1e6
+                        rows.append(dict(family=family, config=cfg, shape=f"256x{c}x{h}x{w}", variant=name,
+                                         pass_="fwd+bwd" if backward else "fwd", ms=ms, GBps=gbs,
+                                         copy_fraction=gbs / copy_gbs, peak_MiB=peak))
+                        x.grad = None
+                del x, res
+    _add_speedups(rows)
+    path = write_results(out_dir, "batch_norm", rows, ceilings)
+    print_table(rows, ["family", "config", "shape", "variant", "pass_", "ms", "GBps", "copy_fraction", "peak_MiB", "vs_eager", "vs_compile"])
+    print(f"wrote {path}")
+    return rows
+
+
+def _add_speedups(rows):
+    base = {}
+    for r in rows:
+        if "ms" in r and r["variant"] in ("eager", "compile"):
+            base[(r["family"], r["config"], r["shape"], r["pass_"], r["variant"])] = r["ms"]
+    for r in rows:
+        if "ms" not in r:
+            continue
+        key = (r["family"], r["config"], r["shape"], r["pass_"])
+        if key + ("eager",) in base:
+            r["vs_eager"] = base[key + ("eager",)] / r["ms"]
+        if key + ("compile",) in base:
+            r["vs_compile"] = base[key + ("compile",)] / r["ms"]
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--quick", action="store_true", help="four representative shapes instead of all twelve")
+    args = parser.parse_args()
+    require_cuda()
+    run(QUICK_SHAPES if args.quick else RESNET50_BN_SHAPES, args.out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,43 @@
+"""`python -m fastnets.info`: versions, the GPU, each backend and why it is (un)usable, the compiled archs."""
+import platform
+
+import torch
+
+import fastnets
+from fastnets import _extension, backends
+
+
+def report():
+    lines = [f"fastnets {fastnets.__version__}", f"python   {platform.python_version()}", f"torch    {torch.__version__}"]
+    try:
+        import triton
+
+        lines.append(f"triton   {triton.__version__}")
+    except ImportError:
+        lines.append("triton   not installed")
+    lines.append(f"CUDA     {torch.version.cuda or 'none (CPU-only torch)'}")
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            p = torch.cuda.get_device_properties(i)
+            lines.append(f"GPU {i}    {p.name}, sm_{p.major}{p.minor}, {p.total_memory / 2**30:.0f} GiB, {p.multi_processor_count} SMs")
+    else:
+        lines.append("GPU      none visible to torch")
+    lines.append(f"extension fastnets._C: {_extension.reason()}")
+    build = _extension.build_info()
+    if build:
+        lines.append(f"          compiled for: {build}")
+    lines.append(f"selected backend: {backends.current_backend()} (FASTNETS_BACKEND or fastnets.use_backend)")
+    for device in ("cpu", "cuda"):
+        lines.append(f"backends on {device}:")
+        for name in backends.CONCRETE:
+            why = backends.unavailable_reason(name, device)
+            lines.append(f"  {name:<9} {'usable' if why is None else 'unavailable: ' + why}")
+    return "\n".join(lines)
+
+
+def main():
+    print(report())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# The GPU check: on an H100/H200 machine (no network; torch, Triton, ninja, pytest already there) build the
+# extension in place for that GPU, run the GPU tests, a compute-sanitizer pass over the CUDA C++ kernels,
+# the kernel benchmarks and the model benchmark; write logs and JSON under OUT; print a pass/fail and speed
+# table last. Each step has its own time limit so that the whole run stays within about 7 minutes.
+#
+#   bash benchmarks/gpu_check.sh OUT [steps...]     steps: build info tests sanitizer bn conv se models
+#
+# With no steps, all of them run. `models` (python -m fastnets.bench --profile quick) takes most of the
+# time; run it alone in a second call when the kernel steps need the first.
+set -u
+cd "$(dirname "$0")/.."
+OUT=${1:-benchmarks/results/gpu_check}
+shift || true
+STEPS=${*:-build info tests sanitizer bn conv se models}
+mkdir -p "$OUT"
+export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
+export MAX_JOBS=${MAX_JOBS:-16}
+SUMMARY="$OUT/summary.txt"
+: > "$SUMMARY"
+
+step() {  # step NAME LIMIT_SECONDS COMMAND...
+  local name=$1 limit=$2
+  shift 2
+  case " $STEPS " in *" $name "*) ;; *) return 0 ;; esac
+  local t0=$(date +%s)
+  echo "== $name: $*"
+  timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
+  local rc=$?
+  local verdict=PASS
+  [ $rc -eq 124 ] && verdict=TIMEOUT
+  [ $rc -ne 0 ] && [ $rc -ne 124 ] && verdict="FAIL(rc=$rc)"
+  printf '%-10s %-12s %4ss  %s\n' "$name" "$verdict" "$(( $(date +%s) - t0 ))" "$OUT/$name.log" >> "$SUMMARY"
+  tail -n 3 "$OUT/$name.log"
+}
+
+step build 240 pip install --no-build-isolation --no-deps -e .
+step info 60 python -m fastnets.info
+step tests 240 python -m pytest -q -rfE -p no:cacheprovider tests --junitxml="$OUT/tests.xml"
+if command -v compute-sanitizer >/dev/null; then
+  step sanitizer 180 compute-sanitizer --tool memcheck --error-exitcode 9 \
+    python -m pytest -q -p no:cacheprovider tests/test_cuda_extension.py -m "not slow" -k "sanitizer or small"
+else
+  echo "sanitizer  SKIP         compute-sanitizer not found" >> "$SUMMARY"
+fi
+step bn 150 python benchmarks/bench_batch_norm.py --quick --out "$OUT"
+[ -f benchmarks/bench_conv.py ] && step conv 150 python benchmarks/bench_conv.py --quick --out "$OUT"
+[ -f benchmarks/bench_squeeze_excite.py ] && step se 90 python benchmarks/bench_squeeze_excite.py --quick --out "$OUT"
+DATA_ARGS=()
+[ -d .data ] && DATA_ARGS=(--data .data)
+step models 360 python -m fastnets.bench --profile quick --out "$OUT/bench" "${DATA_ARGS[@]}"
+
+echo
+echo "==== GPU check summary ($(python -c 'import torch; print(torch.cuda.get_device_name())' 2>/dev/null))"
+cat "$SUMMARY"
+python benchmarks/summarize.py "$OUT" 2>/dev/null || true

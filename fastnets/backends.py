@@ -19,13 +19,13 @@ class BackendUnavailableError(RuntimeError):
     """A backend was asked for by name and cannot run here; the message says what is missing."""
 
 
-def _check_name(name):
+def _check_name(name, source="fastnets backend"):
     if name not in NAMES:
-        raise ValueError(f"fastnets backend must be one of {NAMES}, got {name!r}")
+        raise ValueError(f"{source} must be one of {NAMES}, got {name!r}")
     return name
 
 
-_current = _check_name(os.environ.get("FASTNETS_BACKEND", "auto").strip().lower() or "auto")
+_current = _check_name(os.environ.get("FASTNETS_BACKEND", "auto").strip().lower() or "auto", "FASTNETS_BACKEND")
 
 
 def current_backend():

@@ -375,3 +375,37 @@ def test_over_2_31_elements_gpu(backend):
     want_tail = torch.relu((tail - rm.view(1, -1, 1, 1)) / torch.sqrt(rv.view(1, -1, 1, 1) * (x.numel() / c - 1) / (x.numel() / c) + 1e-5))
     assert_close(y[-4:], want_tail, torch.bfloat16)
     assert torch.allclose(rm, x.float().mean(dim=(0, 2, 3)), atol=1e-3)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_residual_in_the_other_layout(backend):
+    """A channels_last residual with an NCHW input (and the reverse) is handled, not refused."""
+    device = device_for(backend)
+    ref = _torch_bn(5, device)
+    ours = BatchNormReLU2d(5).to(device)
+    ours.load_state_dict(ref.state_dict())
+    for x_cl in (False, True):
+        x = _make((3, 5, 4, 6), torch.float32, x_cl, device).requires_grad_()
+        res = _make((3, 5, 4, 6), torch.float32, not x_cl, device).requires_grad_()
+        with fastnets.use_backend(backend):
+            y = ours(x, res)
+        want = _eager(ref, x, res, True)
+        assert y.stride() == x.stride()
+        assert_close(y, want, torch.float32)
+        g = torch.randn_like(y)
+        for a, b in zip(torch.autograd.grad(y, (x, res), g), torch.autograd.grad(want, (x, res), g)):
+            assert_close(a, b, torch.float32)
+
+
+def test_info_and_env_selection(tmp_path):
+    import subprocess
+    import sys
+
+    env = dict(__import__("os").environ, FASTNETS_BACKEND="reference")
+    out = subprocess.run([sys.executable, "-m", "fastnets.info"], env=env, capture_output=True, text=True, check=True).stdout
+    assert "torch" in out and "selected backend: reference" in out
+    for name in ("reference", "triton", "cuda"):
+        assert f"  {name}" in out
+    env["FASTNETS_BACKEND"] = "nonsense"
+    bad = subprocess.run([sys.executable, "-c", "import fastnets"], env=env, capture_output=True, text=True)
+    assert bad.returncode != 0 and "FASTNETS_BACKEND must be one of" in bad.stderr

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from .. import _checks
-from ..backends import current_backend
+from ..backends import NAMES, current_backend
 from ..reference.squeeze_excite import acc_dtype
 from ._registry import kernels, register_family
 
@@ -129,16 +129,15 @@ def squeeze_excite_backward(
 
 @squeeze_excite_backward.register_fake
 def _(grad_y, x, y, pooled, hidden, gate, w1, w2, relu, need_grad_x, need_grad_weights, need_grad_residual, backend):
-    e = x.new_empty(0)
     if need_grad_weights:
         r, c = w1.shape[0], w2.shape[0]
         gw = (torch.empty_like(w1), w1.new_empty(r), torch.empty_like(w2), w2.new_empty(c))
     else:
-        gw = (e, e, e, e)
+        gw = tuple(_empty(x) for _ in range(4))
     return (
-        (torch.empty_like(x) if need_grad_x else e,)
+        (torch.empty_like(x) if need_grad_x else _empty(x),)
         + gw
-        + (torch.empty_like(x) if (relu and need_grad_residual) else e,)
+        + (torch.empty_like(x) if (relu and need_grad_residual) else _empty(x),)
     )
 
 
@@ -283,11 +282,10 @@ def se_scale_backward(
 
 @se_scale_backward.register_fake
 def _(grad_y, x, y, gate, relu, need_grad_x, need_grad_gate, need_grad_residual, backend):
-    e = x.new_empty(0)
     return (
-        torch.empty_like(x) if need_grad_x else e,
-        torch.empty_like(gate) if need_grad_gate else e,
-        torch.empty_like(x) if (relu and need_grad_residual) else e,
+        torch.empty_like(x) if need_grad_x else _empty(x),
+        torch.empty_like(gate) if need_grad_gate else _empty(x),
+        torch.empty_like(x) if (relu and need_grad_residual) else _empty(x),
     )
 
 
@@ -357,6 +355,13 @@ def _check_weights(x_dtype, device, w1, b1, w2, b2):
     return c, r
 
 
+def _backend(backend):
+    backend = current_backend() if backend is None else backend
+    if backend not in NAMES:
+        raise ValueError(f"fastnets backend must be one of {NAMES}, got {backend!r}")
+    return backend
+
+
 def squeeze_excite(x, w1, b1, w2, b2, residual=None, relu=False, backend=None):
     """y = [relu](x * sigmoid(fc2(relu(fc1(mean_hw(x))))) [+ residual]), fused. x is (N, C, H, W), NCHW or
     channels_last; w1 [R, C, 1, 1] (or [R, C]), b1 [R], w2 [C, R, 1, 1] (or [C, R]), b2 [C]."""
@@ -366,7 +371,7 @@ def squeeze_excite(x, w1, b1, w2, b2, residual=None, relu=False, backend=None):
     _check_input(x, channels=c)
     if residual is not None:
         _checks.check_like(residual, "residual", x, "input")
-    backend = current_backend() if backend is None else backend
+    backend = _backend(backend)
     x, _ = _checks.dense_layout(x)
     if residual is not None:
         residual = _checks.match_layout(residual, x)
@@ -377,7 +382,7 @@ def squeeze_excite(x, w1, b1, w2, b2, residual=None, relu=False, backend=None):
 def se_squeeze(x, backend=None):
     """Per-(sample, channel) mean over H and W of a 4-D x, accumulated in float32: [N, C]."""
     _check_input(x)
-    backend = current_backend() if backend is None else backend
+    backend = _backend(backend)
     x, _ = _checks.dense_layout(x)
     return torch.ops.fastnets.se_squeeze(x, backend)
 
@@ -389,7 +394,7 @@ def se_excite(pooled, w1, b1, w2, b2, backend=None):
     c, _ = _check_weights(None, pooled.device, w1, b1, w2, b2)
     if pooled.shape[1] != c or pooled.shape[0] == 0:
         raise ValueError(f"pooled must be (N >= 1, {c}), got {tuple(pooled.shape)}")
-    backend = current_backend() if backend is None else backend
+    backend = _backend(backend)
     return torch.ops.fastnets.se_excite(pooled, w1, b1, w2, b2, backend)
 
 
@@ -402,7 +407,7 @@ def se_scale(x, gate, residual=None, relu=False, backend=None):
     _checks.check_same_device(x, "input", gate=gate)
     if residual is not None:
         _checks.check_like(residual, "residual", x, "input")
-    backend = current_backend() if backend is None else backend
+    backend = _backend(backend)
     x, _ = _checks.dense_layout(x)
     if residual is not None:
         residual = _checks.match_layout(residual, x)

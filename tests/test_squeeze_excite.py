@@ -1,0 +1,360 @@
+"""Squeeze-and-excitation (+ residual add + ReLU), every backend on this machine, against the eager block:
+pool, fc1 (1x1 conv), ReLU, fc2 (1x1 conv), sigmoid, multiply, add, ReLU."""
+import importlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fastnets
+from fastnets.nn import SqueezeExcite
+from fastnets.ops import se_excite, se_scale, se_squeeze, squeeze_excite
+
+from conftest import DTYPES, GPU, assert_close, backends_here, device_for
+
+se_ops = importlib.import_module("fastnets.ops.squeeze_excite")
+BACKENDS = backends_here("squeeze_excite")
+
+# (N, C, H, W, R, residual, relu, weights in the activation dtype rather than float32)
+CASES = [
+    (2, 3, 1, 1, 1, True, True, False),  # C=3, R=1, 1x1 spatial
+    (2, 67, 3, 5, 4, False, False, True),  # C not a multiple of any block
+    (3, 32, 4, 4, 2, True, False, False),
+    (2, 16, 5, 3, 16, True, True, True),  # R = C
+]
+
+
+def _ids(case):
+    n, c, h, w, r, res, relu, wm = case
+    return f"{n}x{c}x{h}x{w}-r{r}" + ("-res" if res else "") + ("-relu" if relu else "") + ("-wmatch" if wm else "")
+
+
+def _make(shape, dtype, channels_last, device, scale=1.0):
+    x = torch.randn(shape, device=device) * scale
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    return x.to(dtype)
+
+
+def _weights(c, r, dtype, device):
+    w1 = torch.randn(r, c, 1, 1, device=device) / c**0.5
+    b1 = torch.randn(r, device=device) * 0.5
+    w2 = torch.randn(c, r, 1, 1, device=device) / r**0.5
+    b2 = torch.randn(c, device=device) * 0.5
+    return [t.to(dtype) for t in (w1, b1, w2, b2)]
+
+
+def eager_block(x, w1, b1, w2, b2, residual=None, relu=False):
+    """The eager SE block the fused op replaces."""
+    p = x.mean((2, 3), keepdim=True)
+    h = torch.relu(F.conv2d(p, w1, b1))
+    g = torch.sigmoid(F.conv2d(h, w2, b2))
+    y = x * g
+    if residual is not None:
+        y = y + residual
+    return torch.relu(y) if relu else y
+
+
+def _leaf(t):
+    return t.detach().clone().requires_grad_()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", CASES, ids=_ids)
+def test_block_matches_eager(backend, channels_last, dtype, case):
+    n, c, h, w, r, has_res, relu, wmatch = case
+    device = device_for(backend)
+    wdtype = dtype if wmatch else torch.float32
+    x = _make((n, c, h, w), dtype, channels_last, device)
+    res = _make((n, c, h, w), dtype, channels_last, device) if has_res else None
+    ws = _weights(c, r, wdtype, device)
+    ins = [_leaf(x)] + [_leaf(t) for t in ws] + ([_leaf(res)] if has_res else [])
+    y = squeeze_excite(*ins[:5], residual=ins[5] if has_res else None, relu=relu, backend=backend)
+    assert y.dtype == dtype and y.shape == x.shape and y.stride() == x.stride()
+    # The oracle: the eager block in float64 on the same (rounded) inputs.
+    ref_ins = [_leaf(t.double()) for t in ins]
+    y_ref = eager_block(*ref_ins[:5], residual=ref_ins[5] if has_res else None, relu=relu)
+    assert_close(y, y_ref, dtype)
+    dy = _make((n, c, h, w), dtype, channels_last, device)
+    grads = torch.autograd.grad(y, ins, dy)
+    grads_ref = torch.autograd.grad(y_ref, ref_ins, dy.double())
+    names = ["x", "w1", "b1", "w2", "b2", "residual"]
+    for name, g, g_ref, t in zip(names, grads, grads_ref, ins):
+        assert g.dtype == t.dtype and g.shape == t.shape, name
+        assert torch.isfinite(g).all(), name
+        # weight gradients sum over N*H*W products; give them the magnitude-relative slack of their sums
+        scale = 1.0 if name in ("x", "residual") else 2.0
+        assert_close(g, g_ref, t.dtype if t.dtype != torch.float32 else dtype, scale=scale, msg=f"grad {name}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_three_stage_ops_match_torch(backend, channels_last):
+    device = device_for(backend)
+    x = _leaf(_make((3, 10, 4, 3), torch.float32, channels_last, device))
+    w1, b1, w2, b2 = [_leaf(t) for t in _weights(10, 3, torch.float32, device)]
+    res = _leaf(_make((3, 10, 4, 3), torch.float32, channels_last, device))
+    pooled = se_squeeze(x, backend=backend)
+    hidden, gate = se_excite(pooled, w1, b1, w2, b2, backend=backend)
+    y = se_scale(x, gate, residual=res, relu=True, backend=backend)
+
+    xr, w1r, b1r, w2r, b2r, resr = [_leaf(t) for t in (x, w1, b1, w2, b2, res)]
+    pr = xr.mean((2, 3))
+    hr = torch.relu(F.linear(pr, w1r.flatten(1), b1r))
+    gr = torch.sigmoid(F.linear(hr, w2r.flatten(1), b2r))
+    yr = torch.relu(xr * gr[:, :, None, None] + resr)
+    torch.testing.assert_close(pooled, pr, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(hidden, hr, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(gate, gr, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(y, yr, atol=1e-5, rtol=1e-5)
+    gy, gh = torch.randn_like(y), torch.randn_like(hidden)
+    ga = torch.autograd.grad((y * gy).sum() + (hidden * gh).sum(), [x, w1, b1, w2, b2, res])
+    gb = torch.autograd.grad((yr * gy).sum() + (hr * gh).sum(), [xr, w1r, b1r, w2r, b2r, resr])
+    for a, b in zip(ga, gb):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b in ("reference", "triton")])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("relu", [False, True])
+def test_gradcheck_float64(backend, channels_last, relu):
+    device = device_for(backend)
+    n, c, h, w, r = 2, 5, 3, 2, 2
+    x = _leaf(_make((n, c, h, w), torch.float64, channels_last, device))
+    res = _leaf(_make((n, c, h, w), torch.float64, channels_last, device))
+    ws = [_leaf(t) for t in _weights(c, r, torch.float64, device)]
+
+    def f(x, res, w1, b1, w2, b2):
+        return squeeze_excite(x, w1, b1, w2, b2, residual=res, relu=relu, backend=backend)
+
+    # The interpreter is slow: fast mode (random projections) for Triton, the full Jacobian for the reference.
+    assert torch.autograd.gradcheck(f, [x, res] + ws, fast_mode=(backend != "reference"))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_kernel_split_reductions_and_excite_blocks(backend):
+    """The Triton reductions split over space and the excite kernel's sample blocks, forced on small shapes."""
+    if backend != "triton":
+        pytest.skip("Triton-only tiling options")
+    k = importlib.import_module("fastnets.triton_kernels.squeeze_excite")
+    ref = importlib.import_module("fastnets.reference.squeeze_excite")
+    device = device_for(backend)
+    for cl in (False, True):
+        x = _make((3, 37, 7, 9), torch.bfloat16, cl, device)
+        dy = _make((3, 37, 7, 9), torch.bfloat16, cl, device)
+        y = _make((3, 37, 7, 9), torch.bfloat16, cl, device)
+        for split in (1, 2, 5):
+            torch.testing.assert_close(k.pool(x, cl, split=split), ref.pool(x, cl), atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(
+                k.backward_reduce(dy, x, y, True, cl, split=split), ref.backward_reduce(dy, x, y, True, cl),
+                atol=1e-4, rtol=1e-4,
+            )
+    p = torch.randn(13, 70, device=device)
+    w1, b1, w2, b2 = [t.flatten(1) if t.dim() == 4 else t for t in _weights(70, 37, torch.bfloat16, device)]
+    h_ref, g_ref = ref.excite(p, w1, b1, w2, b2)
+    for bn in (1, 4, 8):
+        h, g = k.excite(p, w1, b1, w2, b2, block_n=bn)
+        torch.testing.assert_close(h, h_ref, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(g, g_ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_backend_kernels_are_the_ones_run(backend, monkeypatch):
+    """The requested backend's primitives run (no silent fallback to the reference)."""
+    from fastnets.ops._registry import kernels
+
+    device = device_for(backend)
+    mod = kernels("squeeze_excite", backend, device)
+    expected = {"reference": "reference", "triton": "triton_kernels", "cuda": "cuda_kernels"}[backend]
+    assert mod.__name__ == f"fastnets.{expected}.squeeze_excite"
+    calls = []
+    for name in ("pool", "excite", "scale", "backward_reduce", "backward_apply"):
+        fn = getattr(mod, name)
+        monkeypatch.setattr(mod, name, lambda *a, _fn=fn, _n=name, **kw: calls.append(_n) or _fn(*a, **kw))
+    x = _leaf(_make((2, 8, 3, 3), torch.float32, False, device))
+    ws = _weights(8, 2, torch.float32, device)
+    squeeze_excite(x, *ws, relu=True, backend=backend).sum().backward()
+    assert calls == ["pool", "excite", "scale", "backward_reduce", "backward_apply"]
+
+
+def test_saves_no_more_than_eager():
+    x = _leaf(torch.randn(4, 32, 8, 8))
+    res = _leaf(torch.randn(4, 32, 8, 8))
+    ws = [_leaf(t) for t in _weights(32, 2, torch.float32, "cpu")]
+
+    def saved_bytes(fn):
+        total = []
+
+        def pack(t):
+            total.append(t.numel() * t.element_size())
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            fn()
+        return sum(total)
+
+    for relu in (False, True):
+        ours = saved_bytes(lambda: squeeze_excite(x, *ws, residual=res, relu=relu, backend="reference"))
+        eager = saved_bytes(lambda: eager_block(x, *ws, residual=res, relu=relu))
+        assert ours <= eager, (relu, ours, eager)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# nn.SqueezeExcite
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_module_loads_torchvision_state_dict(backend):
+    torchvision = pytest.importorskip("torchvision")
+    device = device_for(backend)
+    tv = torchvision.ops.SqueezeExcitation(24, 6).to(device)
+    ours = SqueezeExcite(24, 6).to(device)
+    assert set(ours.state_dict()) == {"fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"}
+    ours.load_state_dict(tv.state_dict())
+    x = torch.randn(2, 24, 5, 6, device=device)
+    with fastnets.use_backend(backend):
+        torch.testing.assert_close(ours(x), tv(x), atol=1e-5, rtol=1e-5)
+        res = torch.randn_like(x)
+        torch.testing.assert_close(ours(x, res, relu=True), torch.relu(tv(x) + res), atol=1e-5, rtol=1e-5)
+
+
+def test_module_loads_timm_se_weights():
+    timm = pytest.importorskip("timm")
+    from timm.layers import SEModule
+
+    se = SEModule(64, rd_channels=4)
+    ours = SqueezeExcite(64, 4)
+    ours.load_state_dict(se.state_dict())
+    x = torch.randn(2, 64, 5, 5)
+    torch.testing.assert_close(ours(x), se(x), atol=1e-5, rtol=1e-5)
+
+
+def test_module_autocast_style_weights():
+    """float32 parameters with bfloat16 activations (as under autocast): gradients land in float32."""
+    m = SqueezeExcite(16, 4)
+    x = _leaf(torch.randn(2, 16, 3, 3).to(torch.bfloat16))
+    y = m(x, relu=True)
+    assert y.dtype == torch.bfloat16
+    y.float().sum().backward()
+    assert m.fc1.weight.grad.dtype == torch.float32 and x.grad.dtype == torch.bfloat16
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y2 = m(x.detach(), relu=True)
+    torch.testing.assert_close(y2, y.detach())
+
+
+def test_module_constructor_and_repr():
+    m = SqueezeExcite(2048, 128)
+    assert m.fc1.weight.shape == (128, 2048, 1, 1) and m.fc2.weight.shape == (2048, 128, 1, 1)
+    assert "channels=2048, reduced_channels=128" in repr(m)
+    with pytest.raises(ValueError, match="reduced_channels"):
+        SqueezeExcite(8, 0)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# torch.library contracts and torch.compile
+
+
+def test_opcheck_every_op():
+    x = torch.randn(2, 6, 3, 4).to(memory_format=torch.channels_last)
+    res = torch.randn(2, 6, 3, 4).to(memory_format=torch.channels_last)
+    w1, b1, w2, b2 = _weights(6, 2, torch.float32, "cpu")
+    ops = torch.ops.fastnets
+    for relu in (False, True):
+        for r in (None, res):
+            torch.library.opcheck(ops.squeeze_excite, (x.requires_grad_(), w1, b1, w2, b2, r, relu, "reference"))
+            x = x.detach()
+    y, pooled, hidden, gate = ops.squeeze_excite(x, w1, b1, w2, b2, res, True, "reference")
+    dy = torch.randn_like(y)
+    for needs in [(True, True, True), (True, False, False), (False, True, False), (False, False, True)]:
+        torch.library.opcheck(ops.squeeze_excite_backward, (dy, x, y, pooled, hidden, gate, w1, w2, True) + needs + ("reference",))
+    torch.library.opcheck(ops.squeeze_excite_backward, (dy, x, None, pooled, hidden, gate, w1, w2, False, True, True, True, "reference"))
+    torch.library.opcheck(ops.se_squeeze, (x.detach().requires_grad_(), "reference"))
+    torch.library.opcheck(ops.se_excite, (pooled.requires_grad_(), _leaf(w1), b1, w2, _leaf(b2), "reference"))
+    torch.library.opcheck(ops.se_scale, (x.detach().requires_grad_(), gate.requires_grad_(), res, True, "reference"))
+    torch.library.opcheck(ops.se_scale, (x.detach(), gate.detach(), None, False, "reference"))
+    torch.library.opcheck(ops.se_scale_backward, (dy, x, y, gate.detach(), True, True, True, True, "reference"))
+
+
+class _Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(8, 8, 3, padding=1, bias=False)
+        self.se = SqueezeExcite(8, 2)
+
+    def forward(self, x):
+        return self.se(self.conv(x), residual=x, relu=True)
+
+
+def test_torch_compile_fullgraph():
+    torch._dynamo.reset()
+    m = _Block()
+    x = torch.randn(2, 8, 5, 5).to(memory_format=torch.channels_last)
+    with fastnets.use_backend("reference"):
+        xa, xb = _leaf(x), _leaf(x)
+        y_eager = m(xa)
+        y_eager.sum().backward()
+        g_eager = [p.grad.clone() for p in m.parameters()]
+        m.zero_grad()
+        compiled = torch.compile(m, fullgraph=True)
+        y_comp = compiled(xb)
+        y_comp.sum().backward()
+    torch.testing.assert_close(y_comp, y_eager)
+    torch.testing.assert_close(xb.grad, xa.grad)
+    for a, p in zip(g_eager, m.parameters()):
+        torch.testing.assert_close(p.grad, a)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Bad input
+
+
+def test_bad_inputs_raise_clear_errors():
+    m = SqueezeExcite(8, 2)
+    x = torch.randn(2, 8, 4, 4)
+    with pytest.raises(ValueError, match="input has 6 channels.*channels=8"):
+        m(torch.randn(2, 6, 4, 4))
+    with pytest.raises(ValueError, match="input must be 4-D"):
+        m(torch.randn(2, 8, 4))
+    with pytest.raises(TypeError, match="input must be float16"):
+        m(torch.ones(2, 8, 4, 4, dtype=torch.int64))
+    with pytest.raises(ValueError, match="residual has shape"):
+        m(x, residual=torch.randn(2, 8, 4, 5))
+    with pytest.raises(TypeError, match="residual has dtype"):
+        m(x, residual=torch.randn(2, 8, 4, 4, dtype=torch.float64))
+    with pytest.raises(ValueError, match="residual is on meta"):
+        m(x, residual=torch.randn(2, 8, 4, 4, device="meta"))
+    w1, b1, w2, b2 = _weights(8, 2, torch.float32, "cpu")
+    with pytest.raises(ValueError, match="input has 7 channels"):
+        squeeze_excite(torch.randn(2, 7, 4, 4), w1, b1, w2, b2)
+    with pytest.raises(ValueError, match="w2"):
+        squeeze_excite(x, w1, b1, w2[:, :1], b2)
+    with pytest.raises(ValueError, match="b1"):
+        squeeze_excite(x, w1, b2, w2, b2)
+    with pytest.raises(ValueError, match="w1 .*1x1 conv"):
+        squeeze_excite(x, torch.randn(2, 8, 3, 3), b1, w2, b2)
+    with pytest.raises(TypeError, match="weights are torch.float16 but input is torch.float32"):
+        squeeze_excite(x, *(t.half() for t in (w1, b1, w2, b2)))
+    with pytest.raises(TypeError, match="share one dtype"):
+        squeeze_excite(x, w1, b1.double(), w2, b2)
+    with pytest.raises(ValueError, match="non-empty"):
+        squeeze_excite(torch.randn(0, 8, 4, 4), w1, b1, w2, b2)
+    with pytest.raises(ValueError, match="gate must have shape"):
+        se_scale(x, torch.rand(2, 7))
+    with pytest.raises(ValueError, match="fastnets backend must be one of"):
+        squeeze_excite(x, w1, b1, w2, b2, backend="nope")
+    if not GPU:
+        with pytest.raises(fastnets.BackendUnavailableError):
+            squeeze_excite(x, w1, b1, w2, b2, backend="cuda")
+
+
+def test_nan_propagates_like_torch():
+    x = torch.randn(2, 4, 3, 3)
+    x[0, 1, 0, 0] = float("nan")
+    ws = _weights(4, 2, torch.float32, "cpu")
+    for backend in BACKENDS:
+        y = squeeze_excite(x.to(device_for(backend)), *(t.to(device_for(backend)) for t in ws), relu=True, backend=backend)
+        y_ref = eager_block(x, *ws, relu=True)
+        assert torch.equal(torch.isnan(y.cpu()), torch.isnan(y_ref)), backend

@@ -100,8 +100,9 @@ def _cuda_extension():
         sources=sources,
         include_dirs=include_dirs,
         extra_compile_args={
-            "cxx": ["-O3", "-std=c++17"] + defines,
-            "nvcc": ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"] + defines,
+            # No -std flag: BuildExtension adds the one this torch's headers need (c++17 on older torch, c++20 on newer).
+            "cxx": ["-O3"] + defines,
+            "nvcc": ["-O3", "--use_fast_math", "-lineinfo"] + defines,
         },
     )
     return ext, {"build_ext": cpp_ext.BuildExtension.with_options(use_ninja=True)}

@@ -1,0 +1,871 @@
+// BatchNorm (+ residual add + ReLU) primitives of the `cuda` backend; the contract (same signatures,
+// semantics and output dtypes) is fastnets/reference/batch_norm.py:
+//   cuda_bn_stats            per-channel mean and invstd = rsqrt(biased var + eps)
+//   cuda_bn_apply            y = [relu](x * scale[c] + shift[c] [+ residual])
+//   cuda_bn_backward_reduce  per-channel sum(g) and sum(g * (x - mean)), g = relu ? (y > 0 ? dy : 0) : dy
+//   cuda_bn_backward_apply   dx = a[c] * g [+ b[c] * (x - mean[c]) + d[c]], and g itself when asked
+//
+// x is dense and seen as (N, C, S) in memory (NCHW; S = product of the spatial sizes, 1 for 2-D input)
+// or (N, S, C) (channels_last). dy, y and residual have x's layout. Per-channel vectors are in the
+// accumulation type acc_t: float64 for float64 activations, float32 otherwise.
+//
+// Reductions (stats, backward_reduce) are two-stage and deterministic (no atomics): a tiled kernel
+// writes one partial State per (split, channel) into a [fields, splits, C] buffer, then a finalize
+// kernel merges the splits of each channel. The tiling code is shared by both reductions through an
+// `Op` (what to load, how to accumulate, what to write); see the comment above each kernel.
+#include <algorithm>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#include <ATen/AccumulateType.h>
+#include <ATen/Dispatch.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+
+namespace fastnets {
+namespace bn {
+namespace {
+
+constexpr int kWarp = 32;
+constexpr unsigned kFullMask = 0xffffffffu;
+
+// ---------------------------------------------------------------------------------------------------
+// Device helpers
+
+// 16-byte (or smaller) vector of V elements, as ATen's aligned_vector: one load/store instruction.
+template <typename T, int V>
+struct alignas(sizeof(T) * V) Pack {
+  T v[V];
+};
+
+template <int V, typename T>
+__device__ __forceinline__ Pack<T, V> load_pack(const T* p) {
+  return *reinterpret_cast<const Pack<T, V>*>(p);
+}
+
+template <int V, typename T>
+__device__ __forceinline__ void store_pack(T* p, const Pack<T, V>& v) {
+  *reinterpret_cast<Pack<T, V>*>(p) = v;
+}
+
+// setup.py compiles with --use_fast_math; the few results that land in outputs as they are (variance,
+// invstd) are computed correctly rounded, like torch does.
+__device__ __forceinline__ float div_rn(float a, float b) { return __fdiv_rn(a, b); }
+__device__ __forceinline__ double div_rn(double a, double b) { return a / b; }
+__device__ __forceinline__ float rsqrt_rn(float v) { return __frsqrt_rn(v); }
+__device__ __forceinline__ double rsqrt_rn(double v) { return 1.0 / sqrt(v); }
+
+// ReLU that propagates NaN like torch.relu (fmaxf would turn NaN into 0).
+template <typename T>
+__device__ __forceinline__ T relu_nan(T v) {
+  return v < T(0) ? T(0) : v;
+}
+
+// Welford state (count, mean, sum of squared deviations). Merging is Chan's formula, used at every level
+// (thread, warp, block, splits), so no level ever forms E[x^2] - E[x]^2. The count is kept in T: per
+// thread it stays far below 2^24, and in merges only its ratios matter.
+template <typename T>
+struct Welford {
+  using acc = T;
+  static constexpr int kFields = 3;
+  T n, mean, m2;
+
+  __device__ __forceinline__ static Welford zero() { return Welford{T(0), T(0), T(0)}; }
+
+  __device__ __forceinline__ void add(T x) {
+    n += T(1);
+    const T delta = x - mean;
+    mean += delta / n;
+    m2 += delta * (x - mean);
+  }
+
+  __device__ __forceinline__ void merge(const Welford& o) {
+    if (o.n == T(0)) return;
+    if (n == T(0)) {  // exact copy: no rounding of o.mean through o.n / o.n
+      *this = o;
+      return;
+    }
+    const T total = n + o.n;
+    const T delta = o.mean - mean;
+    const T w = o.n / total;
+    mean += delta * w;
+    m2 += o.m2 + delta * delta * n * w;
+    n = total;
+  }
+
+  __device__ __forceinline__ Welford shfl_xor(int lane_mask) const {
+    return Welford{__shfl_xor_sync(kFullMask, n, lane_mask), __shfl_xor_sync(kFullMask, mean, lane_mask),
+                   __shfl_xor_sync(kFullMask, m2, lane_mask)};
+  }
+
+  // Partials live in a [kFields, splits, C] buffer; `total` = splits * C.
+  __device__ __forceinline__ void store(T* buf, int64_t idx, int64_t total) const {
+    buf[idx] = n;
+    buf[total + idx] = mean;
+    buf[2 * total + idx] = m2;
+  }
+  __device__ __forceinline__ static Welford load(const T* buf, int64_t idx, int64_t total) {
+    return Welford{buf[idx], buf[total + idx], buf[2 * total + idx]};
+  }
+};
+
+// Two plain sums (backward_reduce): sum g and sum g * (x - mean).
+template <typename T>
+struct Sums {
+  using acc = T;
+  static constexpr int kFields = 2;
+  T a, b;
+
+  __device__ __forceinline__ static Sums zero() { return Sums{T(0), T(0)}; }
+  __device__ __forceinline__ void merge(const Sums& o) {
+    a += o.a;
+    b += o.b;
+  }
+  __device__ __forceinline__ Sums shfl_xor(int lane_mask) const {
+    return Sums{__shfl_xor_sync(kFullMask, a, lane_mask), __shfl_xor_sync(kFullMask, b, lane_mask)};
+  }
+  __device__ __forceinline__ void store(T* buf, int64_t idx, int64_t total) const {
+    buf[idx] = a;
+    buf[total + idx] = b;
+  }
+  __device__ __forceinline__ static Sums load(const T* buf, int64_t idx, int64_t total) {
+    return Sums{buf[idx], buf[total + idx]};
+  }
+};
+
+// Butterfly merge: every lane of the (full) warp ends with the merge of all 32 lanes.
+template <typename State>
+__device__ __forceinline__ State warp_reduce(State s) {
+#pragma unroll
+  for (int m = kWarp / 2; m > 0; m >>= 1) s.merge(s.shfl_xor(m));
+  return s;
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Reduction ops. Interface used by the tiled kernels:
+//   State, Item, scalar_t, acc_t
+//   load<V>(i, items)    the V consecutive elements at flat index i (all inputs of the op)
+//   context(c)           per-channel data (mean for backward_reduce), loaded once per thread
+//   add(state, item, ctx)
+//   finalize(state, c)   writes the outputs of channel c
+
+template <typename scalar_t_, typename acc_t_>
+struct StatsOp {
+  using scalar_t = scalar_t_;
+  using acc_t = acc_t_;
+  using State = Welford<acc_t>;
+  struct Item {
+    acc_t x;
+  };
+  const scalar_t* __restrict__ x;
+  acc_t* __restrict__ mean_out;
+  acc_t* __restrict__ invstd_out;
+  acc_t eps;
+
+  template <int V>
+  __device__ __forceinline__ void load(int64_t i, Item (&it)[V]) const {
+    const Pack<scalar_t, V> p = load_pack<V>(x + i);
+#pragma unroll
+    for (int k = 0; k < V; ++k) it[k].x = static_cast<acc_t>(p.v[k]);
+  }
+  __device__ __forceinline__ acc_t context(int64_t) const { return acc_t(0); }
+  __device__ __forceinline__ static void add(State& s, const Item& it, acc_t) { s.add(it.x); }
+  __device__ __forceinline__ void finalize(const State& s, int64_t c) const {
+    mean_out[c] = s.mean;
+    invstd_out[c] = rsqrt_rn(div_rn(s.m2, s.n) + eps);  // biased variance
+  }
+};
+
+template <typename scalar_t_, typename acc_t_>
+struct BackwardReduceOp {
+  using scalar_t = scalar_t_;
+  using acc_t = acc_t_;
+  using State = Sums<acc_t>;
+  struct Item {
+    acc_t g, x;
+  };
+  const scalar_t* __restrict__ dy;
+  const scalar_t* __restrict__ x;
+  const scalar_t* __restrict__ y;  // read only when relu
+  const acc_t* __restrict__ mean;
+  acc_t* __restrict__ sum_g_out;
+  acc_t* __restrict__ sum_gxmu_out;
+  bool relu;
+
+  template <int V>
+  __device__ __forceinline__ void load(int64_t i, Item (&it)[V]) const {
+    const Pack<scalar_t, V> dv = load_pack<V>(dy + i);
+    const Pack<scalar_t, V> xv = load_pack<V>(x + i);
+#pragma unroll
+    for (int k = 0; k < V; ++k) {
+      it[k].g = static_cast<acc_t>(dv.v[k]);
+      it[k].x = static_cast<acc_t>(xv.v[k]);
+    }
+    if (relu) {
+      const Pack<scalar_t, V> yv = load_pack<V>(y + i);
+#pragma unroll
+      for (int k = 0; k < V; ++k) {
+        // The mask comes from the saved output, as torch's threshold_backward: grad where y > 0.
+        if (!(static_cast<acc_t>(yv.v[k]) > acc_t(0))) it[k].g = acc_t(0);
+      }
+    }
+  }
+  __device__ __forceinline__ acc_t context(int64_t c) const { return mean[c]; }
+  __device__ __forceinline__ static void add(State& s, const Item& it, acc_t m) {
+    s.a += it.g;
+    s.b += it.g * (it.x - m);
+  }
+  __device__ __forceinline__ void finalize(const State& s, int64_t c) const {
+    sum_g_out[c] = s.a;
+    sum_gxmu_out[c] = s.b;
+  }
+};
+
+// ---------------------------------------------------------------------------------------------------
+// Reduction kernels (stage 1). Each writes, for its split blockIdx.y, one State per channel it covers
+// to partial[field][blockIdx.y * C + c]; every (split, channel) pair is written by exactly one block.
+
+// (N, S, C) layout, and NCHW with S == 1 (the same memory): rows = N * S rows of C contiguous channels.
+// Block (bx, by), bx * by = 256: threadIdx.x owns V consecutive channels (coalesced across lanes; one
+// 16-byte load per row when V > 1, which needs C % V == 0), threadIdx.y and grid.y split the rows.
+// Grid (ceil(C / (bx * V)), splits). The by partial states of a channel are merged by a tree in shared
+// memory (by is a power of two).
+template <typename Op, int V>
+__global__ void __launch_bounds__(256) reduce_cl_kernel(Op op, int64_t rows, int64_t C,
+                                                         typename Op::acc_t* __restrict__ partial) {
+  using State = typename Op::State;
+  using Item = typename Op::Item;
+  using acc_t = typename Op::acc_t;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  State* red = reinterpret_cast<State*>(smem_raw);
+
+  const int tx = threadIdx.x, ty = threadIdx.y, bx = blockDim.x, by = blockDim.y;
+  const int64_t c0 = (int64_t(blockIdx.x) * bx + tx) * V;
+  const bool active = c0 < C;  // with V > 1, C % V == 0: a vector is entirely in or out
+
+  State st[V];
+  acc_t ctx[V];
+#pragma unroll
+  for (int k = 0; k < V; ++k) {
+    st[k] = State::zero();
+    ctx[k] = active ? op.context(c0 + k) : acc_t(0);
+  }
+  if (active) {
+    const int64_t row_step = int64_t(gridDim.y) * by;
+#pragma unroll 4
+    for (int64_t r = int64_t(blockIdx.y) * by + ty; r < rows; r += row_step) {
+      Item it[V];
+      op.template load<V>(r * C + c0, it);
+#pragma unroll
+      for (int k = 0; k < V; ++k) Op::add(st[k], it[k], ctx[k]);
+    }
+  }
+
+  const int64_t total = int64_t(gridDim.y) * C;
+  for (int k = 0; k < V; ++k) {
+    red[ty * bx + tx] = st[k];
+    __syncthreads();
+    for (int h = by / 2; h > 0; h >>= 1) {
+      if (ty < h) {
+        State s = red[ty * bx + tx];
+        s.merge(red[(ty + h) * bx + tx]);
+        red[ty * bx + tx] = s;
+      }
+      __syncthreads();
+    }
+    if (ty == 0 && active) red[tx].store(partial, int64_t(blockIdx.y) * C + c0 + k, total);
+    __syncthreads();  // red is rewritten for the next k
+  }
+}
+
+// NCHW with small planes (1 < S <= kTileMax), e.g. N x 2048 x 7 x 7. A block covers a tile of cb
+// consecutive channels; for one sample n their cb * S elements are contiguous, so thread t reads element
+// t of that segment (coalesced) for every row n of its split: it always sees channel c0 + t / S.
+// Block: round_up(CB * S, 32) threads (<= kTileMax); grid (ceil(C / CB), splits), splits over n.
+// Then the S states of each channel are merged in shared memory, one warp per channel.
+constexpr int kTileMax = 1024;
+
+template <typename Op>
+__global__ void __launch_bounds__(kTileMax) reduce_nchw_tile_kernel(Op op, int64_t N, int64_t C, int S, int CB,
+                                                                     typename Op::acc_t* __restrict__ partial) {
+  using State = typename Op::State;
+  using Item = typename Op::Item;
+  using acc_t = typename Op::acc_t;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  State* red = reinterpret_cast<State*>(smem_raw);
+
+  const int64_t c0 = int64_t(blockIdx.x) * CB;
+  const int cb = static_cast<int>(C - c0 < CB ? C - c0 : CB);
+  const int seg = cb * S;  // valid threads in this tile
+  const int t = threadIdx.x;
+
+  State st = State::zero();
+  if (t < seg) {
+    const acc_t ctx = op.context(c0 + t / S);
+    const int64_t row_stride = C * S;
+    const int64_t first = c0 * S + t;
+#pragma unroll 4
+    for (int64_t n = blockIdx.y; n < N; n += gridDim.y) {
+      Item it[1];
+      op.template load<1>(n * row_stride + first, it);
+      Op::add(st, it[0], ctx);
+    }
+  }
+  red[t] = st;
+  __syncthreads();
+
+  const int warp = t / kWarp, lane = t % kWarp, nwarps = blockDim.x / kWarp;
+  const int64_t total = int64_t(gridDim.y) * C;
+  for (int k = warp; k < cb; k += nwarps) {  // warp-uniform loop: the shuffles see a full warp
+    State s = State::zero();
+    for (int j = lane; j < S; j += kWarp) s.merge(red[k * S + j]);
+    s = warp_reduce(s);
+    if (lane == 0) s.store(partial, int64_t(blockIdx.y) * C + c0 + k, total);
+  }
+}
+
+// NCHW with large planes (S > kTileMax). One channel per block (grid.x = C); the channel's N planes are
+// cut into chunks of chunk_len elements (a multiple of V), and each work item (n, chunk) is read by one
+// warp, lanes striding the contiguous chunk with V-element loads (V > 1 needs S % V == 0 and an aligned
+// base). Items are dealt to warps round-robin: warp w of split blockIdx.y takes items
+// blockIdx.y * 8 + w, then + gridDim.y * 8. Block: 256 threads; grid (C, splits).
+constexpr int kPlaneWarps = 8;
+
+template <typename Op, int V>
+__global__ void __launch_bounds__(kPlaneWarps * kWarp)
+    reduce_nchw_plane_kernel(Op op, int64_t N, int64_t C, int64_t S, int64_t nchunks, int64_t chunk_len,
+                             typename Op::acc_t* __restrict__ partial) {
+  using State = typename Op::State;
+  using Item = typename Op::Item;
+  using acc_t = typename Op::acc_t;
+  __shared__ State red[kPlaneWarps];
+
+  const int64_t c = blockIdx.x;
+  const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
+  const acc_t ctx = op.context(c);
+
+  State st = State::zero();
+  const int64_t items = N * nchunks;
+  for (int64_t item = int64_t(blockIdx.y) * kPlaneWarps + warp; item < items;
+       item += int64_t(gridDim.y) * kPlaneWarps) {
+    const int64_t n = item / nchunks;
+    const int64_t begin = (item - n * nchunks) * chunk_len;
+    const int64_t end = begin + chunk_len < S ? begin + chunk_len : S;
+    const int64_t base = (n * C + c) * S;
+#pragma unroll 4
+    for (int64_t s = begin + int64_t(lane) * V; s < end; s += int64_t(kWarp) * V) {
+      Item it[V];
+      op.template load<V>(base + s, it);
+#pragma unroll
+      for (int k = 0; k < V; ++k) Op::add(st, it[k], ctx);
+    }
+  }
+  st = warp_reduce(st);
+  if (lane == 0) red[warp] = st;
+  __syncthreads();
+  if (warp == 0) {
+    State s = lane < kPlaneWarps ? red[lane] : State::zero();
+    s = warp_reduce(s);
+    if (lane == 0) s.store(partial, int64_t(blockIdx.y) * C + c, int64_t(gridDim.y) * C);
+  }
+}
+
+// Stage 2: one warp per channel merges that channel's `splits` partial states, then writes the outputs.
+constexpr int kFinalizeWarps = 8;
+
+template <typename Op>
+__global__ void __launch_bounds__(kFinalizeWarps * kWarp)
+    reduce_finalize_kernel(Op op, const typename Op::acc_t* __restrict__ partial, int64_t C, int64_t splits) {
+  using State = typename Op::State;
+  const int64_t c = int64_t(blockIdx.x) * kFinalizeWarps + threadIdx.x / kWarp;
+  const int lane = threadIdx.x % kWarp;
+  if (c >= C) return;  // warp-uniform
+  const int64_t total = splits * C;
+  State s = State::zero();
+  for (int64_t j = lane; j < splits; j += kWarp) s.merge(State::load(partial, j * C + c, total));
+  s = warp_reduce(s);
+  if (lane == 0) op.finalize(s, c);
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Elementwise ops (apply, backward_apply). Interface: run<V>(i, ch) handles the V consecutive elements
+// at flat index i, element k being in channel ch[k].
+
+template <typename scalar_t_, typename acc_t_>
+struct ApplyOp {
+  using scalar_t = scalar_t_;
+  using acc_t = acc_t_;
+  const scalar_t* __restrict__ x;
+  const acc_t* __restrict__ scale;
+  const acc_t* __restrict__ shift;
+  const scalar_t* __restrict__ residual;  // read only when has_residual
+  scalar_t* __restrict__ y;
+  bool has_residual, relu;
+
+  template <int V>
+  __device__ __forceinline__ void run(int64_t i, const int64_t (&ch)[V]) const {
+    const Pack<scalar_t, V> xv = load_pack<V>(x + i);
+    Pack<scalar_t, V> rv;
+    if (has_residual) rv = load_pack<V>(residual + i);
+    Pack<scalar_t, V> out;
+#pragma unroll
+    for (int k = 0; k < V; ++k) {
+      acc_t v = static_cast<acc_t>(xv.v[k]) * scale[ch[k]] + shift[ch[k]];
+      if (has_residual) v += static_cast<acc_t>(rv.v[k]);
+      if (relu) v = relu_nan(v);
+      out.v[k] = static_cast<scalar_t>(v);
+    }
+    store_pack<V>(y + i, out);
+  }
+};
+
+template <typename scalar_t_, typename acc_t_>
+struct BackwardApplyOp {
+  using scalar_t = scalar_t_;
+  using acc_t = acc_t_;
+  const scalar_t* __restrict__ dy;
+  const scalar_t* __restrict__ x;  // read only when train
+  const scalar_t* __restrict__ y;  // read only when relu
+  const acc_t* __restrict__ a;
+  const acc_t* __restrict__ b;
+  const acc_t* __restrict__ d;
+  const acc_t* __restrict__ mean;
+  scalar_t* __restrict__ dx;
+  scalar_t* __restrict__ g_out;  // written only when write_g
+  bool relu, train, write_g;
+
+  template <int V>
+  __device__ __forceinline__ void run(int64_t i, const int64_t (&ch)[V]) const {
+    Pack<scalar_t, V> g = load_pack<V>(dy + i);
+    if (relu) {
+      const Pack<scalar_t, V> yv = load_pack<V>(y + i);
+#pragma unroll
+      for (int k = 0; k < V; ++k) {
+        if (!(static_cast<acc_t>(yv.v[k]) > acc_t(0))) g.v[k] = static_cast<scalar_t>(0);
+      }
+    }
+    Pack<scalar_t, V> xv;
+    if (train) xv = load_pack<V>(x + i);
+    Pack<scalar_t, V> out;
+#pragma unroll
+    for (int k = 0; k < V; ++k) {
+      const int64_t c = ch[k];
+      acc_t v = static_cast<acc_t>(g.v[k]) * a[c];
+      if (train) v = v + (static_cast<acc_t>(xv.v[k]) - mean[c]) * b[c] + d[c];
+      out.v[k] = static_cast<scalar_t>(v);
+    }
+    store_pack<V>(dx + i, out);
+    if (write_g) store_pack<V>(g_out + i, g);
+  }
+};
+
+// Grid-stride over vectors of V elements; element i is in channel (i / inner) % C, inner = S for NCHW
+// and 1 for channels_last. The channel is found by division once per thread and then carried along by
+// additions (the loop step is constant), so the hot loop has no 64-bit division. The numel % V tail
+// elements are handled one per thread by the first threads of the grid.
+constexpr int kElementwiseThreads = 256;
+
+template <typename Op, int V>
+__global__ void __launch_bounds__(kElementwiseThreads)
+    elementwise_kernel(Op op, int64_t numel, int64_t inner, int64_t C) {
+  const int64_t tid = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t nthreads = int64_t(gridDim.x) * blockDim.x;
+  const int64_t nvec = numel / V;
+
+  const int64_t tail = numel - nvec * V;
+  if (tid < tail) {
+    const int64_t i = nvec * V + tid;
+    const int64_t ch[1] = {(i / inner) % C};
+    op.template run<1>(i, ch);
+  }
+
+  if (tid >= nvec) return;
+  int64_t i = tid * V;
+  int64_t q = i / inner;
+  int64_t r = i - q * inner;  // position inside the current run of `inner` same-channel elements
+  int64_t c = q % C;
+  const int64_t step = nthreads * V;
+  const int64_t step_q = step / inner;
+  const int64_t step_r = step - step_q * inner;
+  const int64_t step_c = step_q % C;
+  for (int64_t v = tid; v < nvec; v += nthreads) {
+    int64_t ch[V];
+    int64_t rr = r, cc = c;
+#pragma unroll
+    for (int k = 0; k < V; ++k) {
+      ch[k] = cc;
+      if (++rr == inner) {
+        rr = 0;
+        cc = (cc + 1 == C) ? 0 : cc + 1;
+      }
+    }
+    op.template run<V>(i, ch);
+    // Advance (r, c) by `step` elements: r < inner and c < C stay true with one carry and one wrap.
+    i += step;
+    r += step_r;
+    c += step_c;
+    if (r >= inner) {
+      r -= inner;
+      c += 1;
+    }
+    if (c >= C) c -= C;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Host side: checks
+
+struct Dims {
+  int64_t N, C, S;
+};
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+at::ScalarType acc_type_of(const at::Tensor& x) {
+  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// x is dense in (N, C, S) order (channels_last false) or (N, S, C) order; strides of size-1 dims are
+// free, as in torch's is_contiguous.
+void check_x(const at::Tensor& x, bool channels_last, const char* op) {
+  TORCH_CHECK(x.defined(), op, ": x is undefined");
+  TORCH_CHECK(x.is_cuda(), op, ": x must be a CUDA tensor, got ", x.device());
+  const auto st = x.scalar_type();
+  TORCH_CHECK(st == at::kFloat || st == at::kHalf || st == at::kBFloat16 || st == at::kDouble, op,
+              ": x must be float32, float16, bfloat16 or float64, got ", st);
+  TORCH_CHECK(x.dim() >= 2, op, ": x must have at least 2 dims (N, C, ...), got shape ", x.sizes());
+  TORCH_CHECK(x.size(1) <= std::numeric_limits<int32_t>::max(), op, ": too many channels: ", x.size(1));
+  const int64_t nd = x.dim();
+  std::vector<int64_t> expected(nd);
+  int64_t run = 1;
+  if (!channels_last) {
+    for (int64_t d = nd - 1; d >= 0; --d) {
+      expected[d] = run;
+      run *= x.size(d);
+    }
+  } else {
+    expected[1] = 1;
+    run = x.size(1);
+    for (int64_t d = nd - 1; d >= 2; --d) {
+      expected[d] = run;
+      run *= x.size(d);
+    }
+    expected[0] = run;
+  }
+  for (int64_t d = 0; d < nd; ++d) {
+    TORCH_CHECK(x.size(d) == 1 || x.stride(d) == expected[d], op, ": x must be dense in ",
+                channels_last ? "channels_last (N, spatial, C)" : "contiguous (N, C, spatial)",
+                " order as channels_last=", channels_last, " says; got shape ", x.sizes(), " and strides ",
+                x.strides());
+  }
+}
+
+// dy, y, residual: x's shape, dtype, device and memory layout.
+void check_like_x(const at::Tensor& t, const char* name, const at::Tensor& x, const char* op) {
+  TORCH_CHECK(t.defined(), op, ": ", name, " is undefined");
+  TORCH_CHECK(t.device() == x.device(), op, ": ", name, " is on ", t.device(), " but x is on ", x.device());
+  TORCH_CHECK(t.scalar_type() == x.scalar_type(), op, ": ", name, " has dtype ", t.scalar_type(),
+              " but x has dtype ", x.scalar_type());
+  TORCH_CHECK(t.sizes() == x.sizes(), op, ": ", name, " has shape ", t.sizes(), " but x has shape ", x.sizes());
+  for (int64_t d = 0; d < x.dim(); ++d) {
+    TORCH_CHECK(x.size(d) == 1 || t.stride(d) == x.stride(d), op, ": ", name, " must have x's strides ",
+                x.strides(), ", got ", t.strides());
+  }
+}
+
+// Per-channel vector: C elements in the accumulation dtype, on x's device. Returned contiguous.
+at::Tensor channel_vector(const at::Tensor& v, const char* name, const at::Tensor& x, const char* op) {
+  TORCH_CHECK(v.defined(), op, ": ", name, " is undefined");
+  TORCH_CHECK(v.device() == x.device(), op, ": ", name, " is on ", v.device(), " but x is on ", x.device());
+  TORCH_CHECK(v.scalar_type() == acc_type_of(x), op, ": ", name, " must be ", acc_type_of(x), " for ",
+              x.scalar_type(), " x, got ", v.scalar_type());
+  TORCH_CHECK(v.dim() == 1 && v.size(0) == x.size(1), op, ": ", name, " must have shape (", x.size(1),
+              ",), got ", v.sizes());
+  return v.contiguous();
+}
+
+Dims dims_of(const at::Tensor& x) {
+  const int64_t N = x.size(0), C = x.size(1);
+  int64_t S = 1;
+  for (int64_t d = 2; d < x.dim(); ++d) S *= x.size(d);
+  return {N, C, S};
+}
+
+// An output buffer with x's layout (empty_like preserves a dense layout exactly). With
+// FASTNETS_POISON_OUTPUTS=1 (the test suite sets it) it starts as NaN, as fastnets._checks.new_output
+// does, so an element a kernel forgot to write cannot pass by luck.
+bool poison_outputs() {
+  const char* v = std::getenv("FASTNETS_POISON_OUTPUTS");
+  return v != nullptr && std::strcmp(v, "1") == 0;
+}
+
+at::Tensor new_output(at::Tensor out) {
+  if (poison_outputs() && out.numel() > 0) out.fill_(std::numeric_limits<double>::quiet_NaN());
+  return out;
+}
+
+bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+// ---------------------------------------------------------------------------------------------------
+// Host side: launchers
+
+int target_blocks(int threads_per_block) {
+  const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
+  // One full wave at the thread-count occupancy limit (register limits may lower it; a second
+  // partial wave then costs little for these memory-bound kernels).
+  const int per_sm = std::max(1, std::min(prop->maxThreadsPerMultiProcessor / threads_per_block, 32));
+  return prop->multiProcessorCount * per_sm;
+}
+
+int64_t next_pow2(int64_t v) {
+  int64_t p = 1;
+  while (p < v) p <<= 1;
+  return p;
+}
+
+// How many splits to cut `units` units of work into: at most `wanted` (and 65535, the grid.y limit), with
+// every split getting the same number of units (ceil(units / splits)) so no block idles at the end.
+int64_t balanced_splits(int64_t units, int64_t wanted) {
+  wanted = std::max<int64_t>(1, std::min<int64_t>(wanted, 65535));
+  const int64_t per = ceil_div(units, wanted);
+  return std::max<int64_t>(1, ceil_div(units, per));
+}
+
+// Runs the two-stage reduction of `op` over x's (N, C, S) elements. `vec_ok`: every pointer the op
+// loads from is 16-byte aligned.
+template <typename Op>
+void launch_reduce(const Op& op, const Dims& dm, bool channels_last, bool vec_ok, const at::Tensor& x) {
+  using State = typename Op::State;
+  using acc_t = typename Op::acc_t;
+  constexpr int VEC = 16 / sizeof(typename Op::scalar_t);
+  const int64_t N = dm.N, C = dm.C, S = dm.S;
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  const auto acc_options = x.options().dtype(acc_type_of(x));
+  at::Tensor partial;
+  int64_t splits = 1;
+
+  if (channels_last || S == 1) {
+    const int64_t rows = N * S;
+    const int V = (vec_ok && C % VEC == 0) ? VEC : 1;
+    const int64_t cols = ceil_div(C, V);
+    const int bx = static_cast<int>(std::min<int64_t>(32, next_pow2(cols)));
+    const int by = 256 / bx;
+    const int64_t gx = ceil_div(cols, bx);
+    // Enough splits of the rows to fill the GPU; the unit of work is `by` rows (one per thread row).
+    splits = balanced_splits(ceil_div(rows, by), ceil_div(target_blocks(256), gx));
+    partial = at::empty({State::kFields * splits * C}, acc_options);
+    const dim3 grid(static_cast<unsigned>(gx), static_cast<unsigned>(splits));
+    const dim3 block(bx, by);
+    const size_t smem = sizeof(State) * 256;
+    if (V == VEC) {
+      reduce_cl_kernel<Op, VEC><<<grid, block, smem, stream>>>(op, rows, C, partial.data_ptr<acc_t>());
+    } else {
+      reduce_cl_kernel<Op, 1><<<grid, block, smem, stream>>>(op, rows, C, partial.data_ptr<acc_t>());
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  } else if (S <= kTileMax) {
+    const int CB = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(C, kTileMax / S)));
+    const int threads = static_cast<int>(ceil_div(int64_t(CB) * S, kWarp) * kWarp);
+    const int64_t gx = ceil_div(C, CB);
+    splits = balanced_splits(N, ceil_div(target_blocks(threads), gx));
+    partial = at::empty({State::kFields * splits * C}, acc_options);
+    const dim3 grid(static_cast<unsigned>(gx), static_cast<unsigned>(splits));
+    const size_t smem = sizeof(State) * threads;
+    reduce_nchw_tile_kernel<Op><<<grid, threads, smem, stream>>>(op, N, C, static_cast<int>(S), CB,
+                                                                  partial.data_ptr<acc_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  } else {
+    const int V = (vec_ok && S % VEC == 0) ? VEC : 1;
+    constexpr int threads = kPlaneWarps * kWarp;
+    const int64_t wanted = std::max<int64_t>(1, std::min<int64_t>(ceil_div(target_blocks(threads), C), 65535));
+    // Cut planes into chunks only when the N planes alone leave warps idle, and never below 4 loads per
+    // lane (a chunk of at least 4 * 32 * V elements).
+    const int64_t max_chunks = std::max<int64_t>(1, S / (4 * kWarp * V));
+    int64_t nchunks = std::min(max_chunks, std::max<int64_t>(1, ceil_div(wanted * kPlaneWarps, N)));
+    const int64_t chunk_len = ceil_div(ceil_div(S, nchunks), V) * V;
+    nchunks = ceil_div(S, chunk_len);
+    splits = balanced_splits(ceil_div(N * nchunks, kPlaneWarps), wanted);
+    partial = at::empty({State::kFields * splits * C}, acc_options);
+    const dim3 grid(static_cast<unsigned>(C), static_cast<unsigned>(splits));
+    if (V == VEC) {
+      reduce_nchw_plane_kernel<Op, VEC>
+          <<<grid, threads, 0, stream>>>(op, N, C, S, nchunks, chunk_len, partial.data_ptr<acc_t>());
+    } else {
+      reduce_nchw_plane_kernel<Op, 1>
+          <<<grid, threads, 0, stream>>>(op, N, C, S, nchunks, chunk_len, partial.data_ptr<acc_t>());
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+
+  const int64_t fblocks = ceil_div(C, kFinalizeWarps);
+  reduce_finalize_kernel<Op><<<static_cast<unsigned>(fblocks), kFinalizeWarps * kWarp, 0, stream>>>(
+      op, partial.data_ptr<acc_t>(), C, splits);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename Op>
+void launch_elementwise(const Op& op, int64_t numel, const Dims& dm, bool channels_last, bool vec_ok) {
+  constexpr int VEC = 16 / sizeof(typename Op::scalar_t);
+  const int64_t inner = channels_last ? 1 : dm.S;
+  const int V = vec_ok ? VEC : 1;
+  const int64_t nvec = numel / V;
+  // Grid-stride: a few waves at most, so each thread handles several vectors.
+  const int64_t max_blocks = int64_t(target_blocks(kElementwiseThreads)) * 4;
+  const int64_t blocks = std::max<int64_t>(1, std::min(ceil_div(nvec, kElementwiseThreads), max_blocks));
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  const unsigned grid = static_cast<unsigned>(blocks);
+  if (V == VEC) {
+    elementwise_kernel<Op, VEC><<<grid, kElementwiseThreads, 0, stream>>>(op, numel, inner, dm.C);
+  } else {
+    elementwise_kernel<Op, 1><<<grid, kElementwiseThreads, 0, stream>>>(op, numel, inner, dm.C);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Ops
+
+std::tuple<at::Tensor, at::Tensor> bn_stats(const at::Tensor& x, bool channels_last, double eps) {
+  const char* op = "fastnets::cuda_bn_stats";
+  check_x(x, channels_last, op);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const Dims dm = dims_of(x);
+  const auto acc_options = x.options().dtype(acc_type_of(x));
+  at::Tensor mean = new_output(at::empty({dm.C}, acc_options));
+  at::Tensor invstd = new_output(at::empty({dm.C}, acc_options));
+  if (dm.C == 0) return {mean, invstd};
+  if (x.numel() == 0) {  // torch.var_mean of nothing is NaN
+    mean.fill_(std::numeric_limits<double>::quiet_NaN());
+    invstd.fill_(std::numeric_limits<double>::quiet_NaN());
+    return {mean, invstd};
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::ScalarType::Half, at::ScalarType::BFloat16, x.scalar_type(), "cuda_bn_stats", [&] {
+    using acc_t = at::acc_type<scalar_t, true>;
+    StatsOp<scalar_t, acc_t> sop{x.const_data_ptr<scalar_t>(), mean.mutable_data_ptr<acc_t>(),
+                                 invstd.mutable_data_ptr<acc_t>(), static_cast<acc_t>(eps)};
+    launch_reduce(sop, dm, channels_last, aligned16(x.const_data_ptr()), x);
+  });
+  return {mean, invstd};
+}
+
+at::Tensor bn_apply(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& shift,
+                    const std::optional<at::Tensor>& residual, bool relu, bool channels_last) {
+  const char* op = "fastnets::cuda_bn_apply";
+  check_x(x, channels_last, op);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const at::Tensor sc = channel_vector(scale, "scale", x, op);
+  const at::Tensor sh = channel_vector(shift, "shift", x, op);
+  const bool has_res = residual.has_value() && residual->defined();
+  if (has_res) check_like_x(*residual, "residual", x, op);
+  at::Tensor y = new_output(at::empty_like(x));
+  if (x.numel() == 0) return y;
+  const Dims dm = dims_of(x);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::ScalarType::Half, at::ScalarType::BFloat16, x.scalar_type(), "cuda_bn_apply", [&] {
+    using acc_t = at::acc_type<scalar_t, true>;
+    const scalar_t* res_ptr = has_res ? residual->const_data_ptr<scalar_t>() : nullptr;
+    ApplyOp<scalar_t, acc_t> aop{x.const_data_ptr<scalar_t>(), sc.const_data_ptr<acc_t>(), sh.const_data_ptr<acc_t>(),
+                                 res_ptr, y.mutable_data_ptr<scalar_t>(), has_res, relu};
+    const bool vec_ok = aligned16(x.const_data_ptr()) && aligned16(y.const_data_ptr()) && (!has_res || aligned16(res_ptr));
+    launch_elementwise(aop, x.numel(), dm, channels_last, vec_ok);
+  });
+  return y;
+}
+
+std::tuple<at::Tensor, at::Tensor> bn_backward_reduce(const at::Tensor& dy, const at::Tensor& x,
+                                                      const std::optional<at::Tensor>& y, const at::Tensor& mean,
+                                                      bool relu, bool channels_last) {
+  const char* op = "fastnets::cuda_bn_backward_reduce";
+  check_x(x, channels_last, op);
+  const c10::cuda::CUDAGuard guard(x.device());
+  check_like_x(dy, "dy", x, op);
+  TORCH_CHECK(!relu || (y.has_value() && y->defined()), op, ": y (the forward output) is required when relu");
+  if (relu) check_like_x(*y, "y", x, op);
+  const at::Tensor mu = channel_vector(mean, "mean", x, op);
+  const Dims dm = dims_of(x);
+  const auto acc_options = x.options().dtype(acc_type_of(x));
+  at::Tensor sum_g = new_output(at::empty({dm.C}, acc_options));
+  at::Tensor sum_gxmu = new_output(at::empty({dm.C}, acc_options));
+  if (dm.C == 0) return {sum_g, sum_gxmu};
+  if (x.numel() == 0) {  // empty sums
+    sum_g.zero_();
+    sum_gxmu.zero_();
+    return {sum_g, sum_gxmu};
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::ScalarType::Half, at::ScalarType::BFloat16, x.scalar_type(), "cuda_bn_backward_reduce", [&] {
+    using acc_t = at::acc_type<scalar_t, true>;
+    const scalar_t* y_ptr = relu ? y->const_data_ptr<scalar_t>() : nullptr;
+    BackwardReduceOp<scalar_t, acc_t> rop{dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), y_ptr,
+                                          mu.const_data_ptr<acc_t>(), sum_g.mutable_data_ptr<acc_t>(),
+                                          sum_gxmu.mutable_data_ptr<acc_t>(), relu};
+    const bool vec_ok = aligned16(dy.const_data_ptr()) && aligned16(x.const_data_ptr()) && (!relu || aligned16(y_ptr));
+    launch_reduce(rop, dm, channels_last, vec_ok, x);
+  });
+  return {sum_g, sum_gxmu};
+}
+
+std::tuple<at::Tensor, at::Tensor> bn_backward_apply(const at::Tensor& dy, const at::Tensor& x,
+                                                     const std::optional<at::Tensor>& y, const at::Tensor& a,
+                                                     const at::Tensor& b, const at::Tensor& d, const at::Tensor& mean,
+                                                     bool relu, bool train, bool write_g, bool channels_last) {
+  const char* op = "fastnets::cuda_bn_backward_apply";
+  check_x(x, channels_last, op);
+  const c10::cuda::CUDAGuard guard(x.device());
+  check_like_x(dy, "dy", x, op);
+  TORCH_CHECK(!relu || (y.has_value() && y->defined()), op, ": y (the forward output) is required when relu");
+  if (relu) check_like_x(*y, "y", x, op);
+  const at::Tensor av = channel_vector(a, "a", x, op);
+  const at::Tensor bv = channel_vector(b, "b", x, op);
+  const at::Tensor dv = channel_vector(d, "d", x, op);
+  const at::Tensor mu = channel_vector(mean, "mean", x, op);
+  at::Tensor dx = new_output(at::empty_like(x));
+  // g is dy's dtype; an empty tensor (as the Python side returns None) when not asked for.
+  at::Tensor g = write_g ? new_output(at::empty_like(x)) : at::empty({0}, x.options());
+  if (x.numel() == 0) return {dx, g};
+  const Dims dm = dims_of(x);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::ScalarType::Half, at::ScalarType::BFloat16, x.scalar_type(), "cuda_bn_backward_apply", [&] {
+    using acc_t = at::acc_type<scalar_t, true>;
+    const scalar_t* y_ptr = relu ? y->const_data_ptr<scalar_t>() : nullptr;
+    scalar_t* g_ptr = write_g ? g.mutable_data_ptr<scalar_t>() : nullptr;
+    BackwardApplyOp<scalar_t, acc_t> bop{dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), y_ptr,
+                                         av.const_data_ptr<acc_t>(), bv.const_data_ptr<acc_t>(),
+                                         dv.const_data_ptr<acc_t>(), mu.const_data_ptr<acc_t>(),
+                                         dx.mutable_data_ptr<scalar_t>(), g_ptr, relu, train, write_g};
+    const bool vec_ok = aligned16(dy.const_data_ptr()) && aligned16(x.const_data_ptr()) &&
+                        aligned16(dx.const_data_ptr()) && (!relu || aligned16(y_ptr)) && (!write_g || aligned16(g_ptr));
+    launch_elementwise(bop, x.numel(), dm, channels_last, vec_ok);
+  });
+  return {dx, g};
+}
+
+}  // namespace
+}  // namespace bn
+}  // namespace fastnets
+
+TORCH_LIBRARY_FRAGMENT(fastnets, m) {
+  m.def("cuda_bn_stats(Tensor x, bool channels_last, float eps) -> (Tensor mean, Tensor invstd)");
+  m.def(
+      "cuda_bn_apply(Tensor x, Tensor scale, Tensor shift, Tensor? residual, bool relu, bool channels_last) "
+      "-> Tensor");
+  m.def(
+      "cuda_bn_backward_reduce(Tensor dy, Tensor x, Tensor? y, Tensor mean, bool relu, bool channels_last) "
+      "-> (Tensor sum_g, Tensor sum_gxmu)");
+  m.def(
+      "cuda_bn_backward_apply(Tensor dy, Tensor x, Tensor? y, Tensor a, Tensor b, Tensor d, Tensor mean, "
+      "bool relu, bool train, bool write_g, bool channels_last) -> (Tensor dx, Tensor g)");
+}
+
+TORCH_LIBRARY_IMPL(fastnets, CUDA, m) {
+  m.impl("cuda_bn_stats", &fastnets::bn::bn_stats);
+  m.impl("cuda_bn_apply", &fastnets::bn::bn_apply);
+  m.impl("cuda_bn_backward_reduce", &fastnets::bn::bn_backward_reduce);
+  m.impl("cuda_bn_backward_apply", &fastnets::bn::bn_backward_apply);
+}

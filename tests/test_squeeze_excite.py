@@ -136,10 +136,11 @@ def test_gradcheck_float64(backend, channels_last, relu):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_kernel_split_reductions_and_excite_blocks(backend):
-    """The Triton reductions split over space and the excite kernel's sample blocks, forced on small shapes."""
-    if backend != "triton":
-        pytest.skip("Triton-only tiling options")
-    k = importlib.import_module("fastnets.triton_kernels.squeeze_excite")
+    """The reductions split over space (partial sums, then a sum) and the Triton excite kernel's sample
+    blocks, forced on small shapes."""
+    if backend == "reference":
+        pytest.skip("the reference has no tiling")
+    k = importlib.import_module(f"fastnets.{'triton' if backend == 'triton' else 'cuda'}_kernels.squeeze_excite")
     ref = importlib.import_module("fastnets.reference.squeeze_excite")
     device = device_for(backend)
     for cl in (False, True):
@@ -155,8 +156,8 @@ def test_kernel_split_reductions_and_excite_blocks(backend):
     p = torch.randn(13, 70, device=device)
     w1, b1, w2, b2 = [t.flatten(1) if t.dim() == 4 else t for t in _weights(70, 37, torch.bfloat16, device)]
     h_ref, g_ref = ref.excite(p, w1, b1, w2, b2)
-    for bn in (1, 4, 8):
-        h, g = k.excite(p, w1, b1, w2, b2, block_n=bn)
+    for bn in (1, 4, 8) if backend == "triton" else (None,):
+        h, g = k.excite(p, w1, b1, w2, b2, block_n=bn) if bn else k.excite(p, w1, b1, w2, b2)
         torch.testing.assert_close(h, h_ref, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(g, g_ref, atol=1e-5, rtol=1e-5)
 

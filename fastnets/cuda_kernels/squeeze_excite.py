@@ -1,0 +1,82 @@
+"""The `cuda` backend of the squeeze_excite op family: the primitives of fastnets/reference/squeeze_excite.py
+(same signatures, semantics and output dtypes), run by the CUDA C++ kernels in csrc/squeeze_excite.cu.
+
+Outputs are allocated here with fastnets._checks.new_output (NaN-poisoned under the tests) and written in
+place by the `cuda_se_*` ops. The layout arguments are those of fastnets._checks.dense_layout; the kernels
+check them and raise otherwise.
+"""
+import torch
+
+from .. import _checks, _extension
+from ..reference.squeeze_excite import acc_dtype
+
+if not _extension.load():  # the registry imports this module only when the backend is available
+    raise ImportError(f"fastnets cuda backend: {_extension.reason()}")
+if not hasattr(torch.ops.fastnets, "cuda_se_apply"):
+    raise ImportError(
+        "fastnets cuda backend: the compiled extension fastnets._C has no squeeze_excite kernels (it was built "
+        "before csrc/squeeze_excite.cu existed); rebuild with `pip install --no-build-isolation -e .`"
+    )
+
+_ops = torch.ops.fastnets
+_CL_CHANNELS, _WARPS_PER_BLOCK = 32, 8  # csrc/squeeze_excite.cu: kClChannels, kThreads / 32
+
+
+def _splits(x, channels_last, split):
+    """Splits of the spatial range: enough blocks to fill the GPU when N * C alone does not."""
+    n, c, h, w = x.shape
+    s = h * w
+    if split is not None:
+        return max(1, min(int(split), s))
+    sms = torch.cuda.get_device_properties(x.device).multi_processor_count
+    blocks = n * -(-c // _CL_CHANNELS) if channels_last else -(-(n * c) // _WARPS_PER_BLOCK)
+    want = 8 * sms
+    if blocks >= want:
+        return 1
+    # at least 64 spatial positions per split
+    return max(1, min(-(-want // blocks), s // 64))
+
+
+def _reduce(x, dy, y, relu, channels_last, split):
+    n, c, h, w = x.shape
+    splits = _splits(x, channels_last, split)
+    grad = dy is not None
+    shape = (n, c) if splits == 1 else (n, splits, c)
+    out = _checks.new_output(x, dtype=acc_dtype(x), shape=shape)
+    _ops.cuda_se_reduce(x, dy, y if (grad and relu) else None, out, bool(channels_last), bool(relu), not grad and splits == 1)
+    if splits == 1:
+        return out
+    tot = out.sum(1)
+    return tot if grad else tot / (h * w)
+
+
+def pool(x, channels_last, split=None):
+    return _reduce(x, None, None, False, channels_last, split)
+
+
+def backward_reduce(dy, x, y, relu, channels_last, split=None):
+    return _reduce(x, dy, y, relu, channels_last, split)
+
+
+def excite(pooled, w1, b1, w2, b2):
+    n, c = pooled.shape
+    r = w1.shape[0]
+    hidden = _checks.new_output(pooled, shape=(n, r))
+    gate = _checks.new_output(pooled, shape=(n, c))
+    _ops.cuda_se_excite(pooled.contiguous(), w1.contiguous(), b1.contiguous(), w2.contiguous(), b2.contiguous(), hidden, gate)
+    return hidden, gate
+
+
+def scale(x, gate, residual, relu, channels_last):
+    y = _checks.new_output(x)
+    _ops.cuda_se_apply(x, gate.contiguous(), residual, None, y, None, bool(channels_last), False, bool(relu))
+    return y
+
+
+def backward_apply(dy, y, gate, gp, relu, write_g, channels_last):
+    dx = _checks.new_output(dy)
+    g = _checks.new_output(dy) if write_g else None
+    _ops.cuda_se_apply(
+        dy, gate.contiguous(), y if relu else None, gp, dx, g, bool(channels_last), True, bool(relu)
+    )
+    return dx, g

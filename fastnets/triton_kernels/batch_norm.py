@@ -1,11 +1,14 @@
 """BatchNorm (+ residual add + ReLU) primitives in Triton; same contract as fastnets/reference/batch_norm.py.
 
-Layout: x is dense, (N, C, S) in memory (NCHW; S = H*W, 1 for 2-D input) or (N, S, C) (channels_last).
-The reductions see x as rows r = (n, s) by channels c and tile it [BLOCK_R, BLOCK_C]: channels_last tiles
-are contiguous along c, NCHW tiles along r. The grid is (channel blocks, row splits) so that small-spatial
-shapes with many channels (N x 2048 x 7 x 7) still fill the GPU; each program merges its tiles with
-Chan's parallel-variance formula (exact two-pass statistics inside a tile, Welford merge across tiles and
-splits), never E[x^2] - E[x]^2. Offsets are int64.
+Layout: x is dense, (N, C, S) in memory (NCHW; S = H*W, 1 for a 2-D input) or (N, S, C) (channels_last).
+Every kernel works on 2-D tiles whose inner axis is contiguous in memory, so no per-element integer
+division is needed (int64 division per element would make these memory-bound kernels compute-bound):
+  channels_last: rows r = n*S + s (outer) by channels c (inner), offset r*C + c;
+  NCHW:          planes p = n*C + c (outer) by spatial s (inner), offset p*S + s.
+The reductions split the work over channel blocks and over rows (images and spatial chunks), so that
+small-spatial shapes with many channels (N x 2048 x 7 x 7) and few-channel, large-spatial ones both fill
+the GPU. Each program keeps exact two-pass statistics inside a tile and merges tiles, then splits, with
+Chan's parallel-variance formula; never E[x^2] - E[x]^2. Offsets are int64.
 """
 import os
 
@@ -28,82 +31,204 @@ def _geometry(x):
     return n, c, x.numel() // (n * c)
 
 
-@triton.jit
-def _tile_offsets(r0, r_end, cols, C, S, CL: tl.constexpr, BLOCK_R: tl.constexpr):
-    rows = r0 + tl.arange(0, BLOCK_R)
-    mask = (rows < r_end)[:, None] & (cols < C)[None, :]
-    if CL:
-        offs = rows[:, None] * C + cols[None, :]
-    else:
-        n = rows // S
-        s = rows - n * S
-        offs = (n[:, None] * C + cols[None, :]) * S + s[:, None]
-    return offs, mask
+# ----------------------------------------------------------------------------------------- helpers
 
 
 @triton.jit
-def _stats_partial_kernel(
-    x_ptr, pmean_ptr, pm2_ptr, C, S, R, rows_per_split,
-    CL: tl.constexpr, ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+def _chan_merge(mean, m2, count, tile_mean, tile_m2, nb):
+    """Merge a tile's (mean, M2) over nb values into the running (mean, M2) over count values."""
+    total = count + nb
+    delta = tile_mean - mean
+    mean = mean + delta * (nb / total)
+    m2 = m2 + tile_m2 + delta * delta * (count * (nb / total))
+    return mean, m2, total
+
+
+@triton.jit
+def _split_range(split, per_split, size):
+    lo = split * per_split
+    return lo, tl.minimum(lo + per_split, size)
+
+
+# ----------------------------------------------------------------------------------------- statistics
+
+
+@triton.jit
+def _stats_cl_kernel(
+    x_ptr, pmean_ptr, pm2_ptr, pcount_ptr, C, R, rows_per_split,
+    ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    pid_c = tl.program_id(0)
-    split = tl.program_id(1)
-    cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    r_start = split.to(tl.int64) * rows_per_split
-    r_end = tl.minimum(r_start + rows_per_split, R)
+    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    split = tl.program_id(1).to(tl.int64)
+    r_lo, r_hi = _split_range(split, rows_per_split, R)
     mean = tl.zeros([BLOCK_C], ACC)
     m2 = tl.zeros([BLOCK_C], ACC)
-    for r0 in range(r_start, r_end, BLOCK_R):
-        offs, mask = _tile_offsets(r0, r_end, cols, C, S, CL, BLOCK_R)
-        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
-        seen = (r0 - r_start).to(ACC)  # every earlier tile of this split was full
-        nb = tl.minimum(r_end - r0, BLOCK_R).to(ACC)
+    count = tl.zeros([BLOCK_C], ACC)
+    for r0 in range(r_lo, r_hi, BLOCK_R):
+        rows = r0 + tl.arange(0, BLOCK_R)
+        mask = (rows < r_hi)[:, None] & (cols < C)[None, :]
+        x = tl.load(x_ptr + rows[:, None] * C + cols[None, :], mask=mask, other=0.0).to(ACC)
+        nb = tl.minimum(r_hi - r0, BLOCK_R).to(ACC)
         tile_mean = tl.sum(x, axis=0) / nb
         d = tl.where(mask, x - tile_mean[None, :], 0.0)
-        tile_m2 = tl.sum(d * d, axis=0)
-        total = seen + nb
-        delta = tile_mean - mean
-        mean += delta * (nb / total)
-        m2 += tile_m2 + delta * delta * (seen * nb / total)
+        mean, m2, count = _chan_merge(mean, m2, count, tile_mean, tl.sum(d * d, axis=0), nb)
+    out = split * C + cols
     cmask = cols < C
-    out = split.to(tl.int64) * C + cols
     tl.store(pmean_ptr + out, mean, mask=cmask)
     tl.store(pm2_ptr + out, m2, mask=cmask)
+    tl.store(pcount_ptr + out, count, mask=cmask)
+
+
+@triton.jit
+def _stats_nchw_kernel(
+    x_ptr, pmean_ptr, pm2_ptr, pcount_ptr, N, C, S, n_per_split, s_per_split, splits_s,
+    ACC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = cols < C
+    split = tl.program_id(1).to(tl.int64)
+    n_lo, n_hi = _split_range(split // splits_s, n_per_split, N)
+    s_lo, s_hi = _split_range(split % splits_s, s_per_split, S)
+    mean = tl.zeros([BLOCK_C], ACC)
+    m2 = tl.zeros([BLOCK_C], ACC)
+    count = tl.zeros([BLOCK_C], ACC)
+    for n in range(n_lo, n_hi):
+        base = (n * C + cols) * S
+        for s0 in range(s_lo, s_hi, BLOCK_S):
+            s = s0 + tl.arange(0, BLOCK_S)
+            mask = cmask[:, None] & (s < s_hi)[None, :]
+            x = tl.load(x_ptr + base[:, None] + s[None, :], mask=mask, other=0.0).to(ACC)
+            nb = tl.minimum(s_hi - s0, BLOCK_S).to(ACC)
+            tile_mean = tl.sum(x, axis=1) / nb
+            d = tl.where(mask, x - tile_mean[:, None], 0.0)
+            mean, m2, count = _chan_merge(mean, m2, count, tile_mean, tl.sum(d * d, axis=1), nb)
+    out = split * C + cols
+    tl.store(pmean_ptr + out, mean, mask=cmask)
+    tl.store(pm2_ptr + out, m2, mask=cmask)
+    tl.store(pcount_ptr + out, count, mask=cmask)
 
 
 @triton.jit
 def _stats_finalize_kernel(
-    pmean_ptr, pm2_ptr, mean_ptr, invstd_ptr, C, R, rows_per_split, num_splits, eps,
+    pmean_ptr, pm2_ptr, pcount_ptr, mean_ptr, invstd_ptr, C, num_splits, eps,
     ACC: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = cols < C
     mean = tl.zeros([BLOCK_C], ACC)
     m2 = tl.zeros([BLOCK_C], ACC)
+    count = tl.zeros([BLOCK_C], ACC)
     for i in range(0, num_splits):
-        seen = (i * rows_per_split).to(ACC)
-        nb = tl.minimum(R - i * rows_per_split, rows_per_split).to(ACC)
-        pm = tl.load(pmean_ptr + i * C + cols, mask=cmask, other=0.0)
-        pm2 = tl.load(pm2_ptr + i * C + cols, mask=cmask, other=0.0)
-        total = seen + nb
-        delta = pm - mean
-        mean += delta * (nb / total)
-        m2 += pm2 + delta * delta * (seen * nb / total)
-    var = m2 / R
+        offs = i * C + cols
+        nb = tl.load(pcount_ptr + offs, mask=cmask, other=1.0)
+        mean, m2, count = _chan_merge(
+            mean, m2, count,
+            tl.load(pmean_ptr + offs, mask=cmask, other=0.0), tl.load(pm2_ptr + offs, mask=cmask, other=0.0), nb,
+        )
     tl.store(mean_ptr + cols, mean, mask=cmask)
-    tl.store(invstd_ptr + cols, 1.0 / tl.sqrt(var + eps), mask=cmask)
+    tl.store(invstd_ptr + cols, 1.0 / tl.sqrt(m2 / count + eps), mask=cmask)
+
+
+# ----------------------------------------------------------------------------------------- backward reduction
+
+
+@triton.jit
+def _masked_grad(dy_ptr, y_ptr, offs, mask, RELU: tl.constexpr, ACC: tl.constexpr):
+    g = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(ACC)
+    if RELU:  # the ReLU mask comes from the saved output, as torch's threshold_backward
+        g = tl.where(tl.load(y_ptr + offs, mask=mask, other=0.0) > 0, g, 0.0)
+    return g
+
+
+@triton.jit
+def _bwd_reduce_cl_kernel(
+    dy_ptr, x_ptr, y_ptr, mean_ptr, psum_g_ptr, psum_gx_ptr, C, R, rows_per_split,
+    RELU: tl.constexpr, ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = cols < C
+    mean = tl.load(mean_ptr + cols, mask=cmask, other=0.0)
+    split = tl.program_id(1).to(tl.int64)
+    r_lo, r_hi = _split_range(split, rows_per_split, R)
+    sum_g = tl.zeros([BLOCK_C], ACC)
+    sum_gx = tl.zeros([BLOCK_C], ACC)
+    for r0 in range(r_lo, r_hi, BLOCK_R):
+        rows = r0 + tl.arange(0, BLOCK_R)
+        mask = (rows < r_hi)[:, None] & cmask[None, :]
+        offs = rows[:, None] * C + cols[None, :]
+        g = _masked_grad(dy_ptr, y_ptr, offs, mask, RELU, ACC)
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
+        sum_g += tl.sum(g, axis=0)
+        sum_gx += tl.sum(g * (x - mean[None, :]), axis=0)
+    out = split * C + cols
+    tl.store(psum_g_ptr + out, sum_g, mask=cmask)
+    tl.store(psum_gx_ptr + out, sum_gx, mask=cmask)
+
+
+@triton.jit
+def _bwd_reduce_nchw_kernel(
+    dy_ptr, x_ptr, y_ptr, mean_ptr, psum_g_ptr, psum_gx_ptr, N, C, S, n_per_split, s_per_split, splits_s,
+    RELU: tl.constexpr, ACC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = cols < C
+    mean = tl.load(mean_ptr + cols, mask=cmask, other=0.0)
+    split = tl.program_id(1).to(tl.int64)
+    n_lo, n_hi = _split_range(split // splits_s, n_per_split, N)
+    s_lo, s_hi = _split_range(split % splits_s, s_per_split, S)
+    sum_g = tl.zeros([BLOCK_C], ACC)
+    sum_gx = tl.zeros([BLOCK_C], ACC)
+    for n in range(n_lo, n_hi):
+        base = (n * C + cols) * S
+        for s0 in range(s_lo, s_hi, BLOCK_S):
+            s = s0 + tl.arange(0, BLOCK_S)
+            mask = cmask[:, None] & (s < s_hi)[None, :]
+            offs = base[:, None] + s[None, :]
+            g = _masked_grad(dy_ptr, y_ptr, offs, mask, RELU, ACC)
+            x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
+            sum_g += tl.sum(g, axis=1)
+            sum_gx += tl.sum(g * (x - mean[:, None]), axis=1)
+    out = split * C + cols
+    tl.store(psum_g_ptr + out, sum_g, mask=cmask)
+    tl.store(psum_gx_ptr + out, sum_gx, mask=cmask)
+
+
+# ----------------------------------------------------------------------------------------- element-wise passes
+
+
+@triton.jit
+def _tile(OUTER, INNER, C, CL: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr):
+    """Offsets and mask of this program's [BLOCK_O, BLOCK_I] tile, and the channel of each row or column."""
+    o = tl.program_id(0).to(tl.int64) * BLOCK_O + tl.arange(0, BLOCK_O)
+    i = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)
+    omask = o < OUTER
+    imask = i < INNER
+    mask = omask[:, None] & imask[None, :]
+    offs = o[:, None] * INNER + i[None, :]
+    if CL:
+        c = i
+        cmask = imask
+    else:
+        c = o % C  # one division per row of the tile, not per element
+        cmask = omask
+    return offs, mask, c, cmask
+
+
+@triton.jit
+def _per_channel(ptr, c, cmask, CL: tl.constexpr):
+    v = tl.load(ptr + c, mask=cmask, other=0.0)
+    return v[None, :] if CL else v[:, None]
 
 
 @triton.jit
 def _apply_kernel(
-    x_ptr, scale_ptr, shift_ptr, res_ptr, y_ptr, numel, C, S,
-    CL: tl.constexpr, HAS_RES: tl.constexpr, RELU: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
+    x_ptr, scale_ptr, shift_ptr, res_ptr, y_ptr, OUTER, INNER, C,
+    CL: tl.constexpr, HAS_RES: tl.constexpr, RELU: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr,
 ):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < numel
-    c = offs % C if CL else (offs // S) % C
+    offs, mask, c, cmask = _tile(OUTER, INNER, C, CL, BLOCK_O, BLOCK_I)
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
-    v = x * tl.load(scale_ptr + c, mask=mask, other=0.0) + tl.load(shift_ptr + c, mask=mask, other=0.0)
+    v = x * _per_channel(scale_ptr, c, cmask, CL) + _per_channel(shift_ptr, c, cmask, CL)
     if HAS_RES:
         v += tl.load(res_ptr + offs, mask=mask, other=0.0).to(ACC)
     if RELU:
@@ -112,138 +237,123 @@ def _apply_kernel(
 
 
 @triton.jit
-def _backward_reduce_kernel(
-    dy_ptr, x_ptr, y_ptr, mean_ptr, psum_g_ptr, psum_gx_ptr, C, S, R, rows_per_split,
-    CL: tl.constexpr, RELU: tl.constexpr, ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+def _bwd_apply_kernel(
+    dy_ptr, x_ptr, y_ptr, a_ptr, b_ptr, d_ptr, mean_ptr, dx_ptr, g_ptr, OUTER, INNER, C,
+    CL: tl.constexpr, RELU: tl.constexpr, TRAIN: tl.constexpr, WRITE_G: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr,
 ):
-    pid_c = tl.program_id(0)
-    split = tl.program_id(1)
-    cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    cmask = cols < C
-    mean = tl.load(mean_ptr + cols, mask=cmask, other=0.0)
-    r_start = split.to(tl.int64) * rows_per_split
-    r_end = tl.minimum(r_start + rows_per_split, R)
-    sum_g = tl.zeros([BLOCK_C], ACC)
-    sum_gx = tl.zeros([BLOCK_C], ACC)
-    for r0 in range(r_start, r_end, BLOCK_R):
-        offs, mask = _tile_offsets(r0, r_end, cols, C, S, CL, BLOCK_R)
-        g = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(ACC)
-        if RELU:
-            y = tl.load(y_ptr + offs, mask=mask, other=0.0).to(ACC)
-            g = tl.where(y > 0, g, 0.0)
-        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
-        sum_g += tl.sum(g, axis=0)
-        sum_gx += tl.sum(tl.where(mask, g * (x - mean[None, :]), 0.0), axis=0)
-    out = split.to(tl.int64) * C + cols
-    tl.store(psum_g_ptr + out, sum_g, mask=cmask)
-    tl.store(psum_gx_ptr + out, sum_gx, mask=cmask)
-
-
-@triton.jit
-def _backward_apply_kernel(
-    dy_ptr, x_ptr, y_ptr, a_ptr, b_ptr, d_ptr, mean_ptr, dx_ptr, g_ptr, numel, C, S,
-    CL: tl.constexpr, RELU: tl.constexpr, TRAIN: tl.constexpr, WRITE_G: tl.constexpr,
-    ACC: tl.constexpr, BLOCK: tl.constexpr,
-):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < numel
-    c = offs % C if CL else (offs // S) % C
-    g = tl.load(dy_ptr + offs, mask=mask, other=0.0)
-    if RELU:
-        y = tl.load(y_ptr + offs, mask=mask, other=0.0)
-        g = tl.where(y > 0, g, 0.0).to(g.dtype)
+    offs, mask, c, cmask = _tile(OUTER, INNER, C, CL, BLOCK_O, BLOCK_I)
+    g = _masked_grad(dy_ptr, y_ptr, offs, mask, RELU, ACC)
     if WRITE_G:
-        tl.store(g_ptr + offs, g, mask=mask)
-    dx = g.to(ACC) * tl.load(a_ptr + c, mask=mask, other=0.0)
+        tl.store(g_ptr + offs, g.to(g_ptr.dtype.element_ty), mask=mask)
+    dx = g * _per_channel(a_ptr, c, cmask, CL)
     if TRAIN:
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
-        mean = tl.load(mean_ptr + c, mask=mask, other=0.0)
-        dx += tl.load(b_ptr + c, mask=mask, other=0.0) * (x - mean) + tl.load(d_ptr + c, mask=mask, other=0.0)
+        dx += _per_channel(b_ptr, c, cmask, CL) * (x - _per_channel(mean_ptr, c, cmask, CL))
+        dx += _per_channel(d_ptr, c, cmask, CL)
     tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
 
-def _num_programs_target(device):
+# ----------------------------------------------------------------------------------------- launch configuration
+
+
+def _target_programs(device):
     if device.type == "cuda":
         return 4 * torch.cuda.get_device_properties(device).multi_processor_count
-    return 4  # the interpreter runs programs one after another: few, large ones
+    return 2  # the interpreter runs programs one after another: few, large ones
 
 
-def _reduction_config(x, channels_last):
-    """Tile shape and row split for the per-channel reductions."""
+def _tile_budget():
+    return 16384 if _INTERPRET else 2048  # elements per tile
+
+
+def _reduction_plan(x, channels_last):
+    """Tile shape and work split of the per-channel reductions; returns (kernel args, grid, constexprs)."""
     n, c, s = _geometry(x)
-    rows = n * s
+    target = _target_programs(x.device)
     if channels_last:
-        block_c = min(64, triton.next_power_of_2(c))
-        block_r = max(16, 2048 // block_c)
-    else:
-        # NCHW: tiles run along the contiguous spatial axis; with a small S a tile spans several
-        # images and, with many channels, several channels too.
-        block_r = min(1024, max(16, triton.next_power_of_2(rows)))
-        block_c = max(1, min(16, 2048 // block_r, triton.next_power_of_2(c)))
-    block_r = min(block_r, max(16, triton.next_power_of_2(rows)))
+        rows = n * s
+        block_c = min(128, triton.next_power_of_2(c))
+        block_r = max(1, min(_tile_budget() // block_c, triton.next_power_of_2(rows)))
+        channel_blocks = triton.cdiv(c, block_c)
+        splits = max(1, min(triton.cdiv(rows, block_r), triton.cdiv(target, channel_blocks)))
+        rows_per_split = triton.cdiv(triton.cdiv(rows, splits), block_r) * block_r
+        splits = triton.cdiv(rows, rows_per_split)
+        return (rows, rows_per_split), (channel_blocks, splits), dict(BLOCK_R=block_r, BLOCK_C=block_c)
+    block_s = min(1024, triton.next_power_of_2(s))
+    block_c = max(1, min(triton.next_power_of_2(c), _tile_budget() // block_s))
     channel_blocks = triton.cdiv(c, block_c)
-    splits = max(1, min(triton.cdiv(rows, block_r), triton.cdiv(_num_programs_target(x.device), channel_blocks)))
-    rows_per_split = triton.cdiv(triton.cdiv(rows, splits), block_r) * block_r
-    splits = triton.cdiv(rows, rows_per_split)
-    return block_r, block_c, channel_blocks, splits, rows_per_split
+    wanted = max(1, triton.cdiv(target, channel_blocks))
+    splits_n = min(n, wanted)
+    n_per_split = triton.cdiv(n, splits_n)
+    splits_n = triton.cdiv(n, n_per_split)
+    splits_s = max(1, min(triton.cdiv(s, block_s), triton.cdiv(wanted, splits_n)))
+    s_per_split = triton.cdiv(triton.cdiv(s, splits_s), block_s) * block_s
+    splits_s = triton.cdiv(s, s_per_split)
+    args = (n, c, s, n_per_split, s_per_split, splits_s)
+    return args, (channel_blocks, splits_n * splits_s), dict(BLOCK_C=block_c, BLOCK_S=block_s)
 
 
-def _elementwise_block(x):
-    return 4096 if _INTERPRET else 1024
+def _elementwise_plan(x, channels_last):
+    n, c, s = _geometry(x)
+    outer, inner = (n * s, c) if channels_last else (n * c, s)
+    block_i = min(256 if channels_last else 1024, triton.next_power_of_2(inner))
+    block_o = max(1, min(_tile_budget() // block_i, triton.next_power_of_2(outer)))
+    grid = (triton.cdiv(outer, block_o), triton.cdiv(inner, block_i))
+    return (outer, inner, c), grid, dict(BLOCK_O=block_o, BLOCK_I=block_i)
+
+
+# ----------------------------------------------------------------------------------------- primitives
 
 
 def stats(x, channels_last, eps):
-    n, c, s = _geometry(x)
-    rows = n * s
+    c = x.shape[1]
     acc = acc_dtype(x)
-    block_r, block_c, channel_blocks, splits, rows_per_split = _reduction_config(x, channels_last)
-    pmean = torch.empty((splits, c), dtype=acc, device=x.device)
-    pm2 = torch.empty((splits, c), dtype=acc, device=x.device)
-    _stats_partial_kernel[(channel_blocks, splits)](
-        x, pmean, pm2, c, s, rows, rows_per_split,
-        CL=channels_last, ACC=_tl_acc(x), BLOCK_R=block_r, BLOCK_C=block_c,
-    )
+    args, grid, blocks = _reduction_plan(x, channels_last)
+    partial = [torch.empty((grid[1], c), dtype=acc, device=x.device) for _ in range(3)]
+    if channels_last:
+        _stats_cl_kernel[grid](x, *partial, c, *args, ACC=_tl_acc(x), **blocks)
+    else:
+        _stats_nchw_kernel[grid](x, *partial, *args, ACC=_tl_acc(x), **blocks)
     mean = _checks.new_output(x, dtype=acc, shape=(c,))
     invstd = _checks.new_output(x, dtype=acc, shape=(c,))
     fin_block = min(1024, triton.next_power_of_2(c))
     _stats_finalize_kernel[(triton.cdiv(c, fin_block),)](
-        pmean, pm2, mean, invstd, c, rows, rows_per_split, splits, eps, ACC=_tl_acc(x), BLOCK_C=fin_block,
+        *partial, mean, invstd, c, grid[1], eps, ACC=_tl_acc(x), BLOCK_C=fin_block,
     )
     return mean, invstd
 
 
 def apply(x, scale, shift, residual, relu, channels_last):
-    n, c, s = _geometry(x)
     y = _checks.new_output(x)
-    block = _elementwise_block(x)
-    _apply_kernel[(triton.cdiv(x.numel(), block),)](
-        x, scale, shift, x if residual is None else residual, y, x.numel(), c, s,
-        CL=channels_last, HAS_RES=residual is not None, RELU=relu, ACC=_tl_acc(x), BLOCK=block,
+    args, grid, blocks = _elementwise_plan(x, channels_last)
+    _apply_kernel[grid](
+        x, scale, shift, x if residual is None else residual, y, *args,
+        CL=channels_last, HAS_RES=residual is not None, RELU=relu, ACC=_tl_acc(x), **blocks,
     )
     return y
 
 
 def backward_reduce(dy, x, y, mean, relu, channels_last):
-    n, c, s = _geometry(x)
-    rows = n * s
-    block_r, block_c, channel_blocks, splits, rows_per_split = _reduction_config(x, channels_last)
-    psum_g = torch.empty((splits, c), dtype=mean.dtype, device=x.device)
-    psum_gx = torch.empty((splits, c), dtype=mean.dtype, device=x.device)
-    _backward_reduce_kernel[(channel_blocks, splits)](
-        dy, x, x if y is None else y, mean, psum_g, psum_gx, c, s, rows, rows_per_split,
-        CL=channels_last, RELU=relu, ACC=_tl_acc(x), BLOCK_R=block_r, BLOCK_C=block_c,
-    )
-    # Second stage of the two-stage reduction: [splits, C] partials, splits ~ a few per SM.
+    c = x.shape[1]
+    args, grid, blocks = _reduction_plan(x, channels_last)
+    psum_g = torch.empty((grid[1], c), dtype=mean.dtype, device=x.device)
+    psum_gx = torch.empty((grid[1], c), dtype=mean.dtype, device=x.device)
+    y = x if y is None else y
+    if channels_last:
+        _bwd_reduce_cl_kernel[grid](dy, x, y, mean, psum_g, psum_gx, c, *args, RELU=relu, ACC=_tl_acc(x), **blocks)
+    else:
+        _bwd_reduce_nchw_kernel[grid](dy, x, y, mean, psum_g, psum_gx, *args, RELU=relu, ACC=_tl_acc(x), **blocks)
+    # Second stage of the two-stage reduction over [splits, C] partials (a few splits per SM).
     return psum_g.sum(0), psum_gx.sum(0)
 
 
 def backward_apply(dy, x, y, a, b, d, mean, relu, train, write_g, channels_last):
-    n, c, s = _geometry(x)
     dx = _checks.new_output(x)
     g = _checks.new_output(dy) if write_g else None
-    block = _elementwise_block(x)
-    _backward_apply_kernel[(triton.cdiv(x.numel(), block),)](
-        dy, x, x if y is None else y, a, b, d, mean, dx, dx if g is None else g, x.numel(), c, s,
-        CL=channels_last, RELU=relu, TRAIN=train, WRITE_G=write_g, ACC=_tl_acc(x), BLOCK=block,
+    args, grid, blocks = _elementwise_plan(x, channels_last)
+    _bwd_apply_kernel[grid](
+        dy, x, x if y is None else y, a, b, d, mean, dx, dx if g is None else g, *args,
+        CL=channels_last, RELU=relu, TRAIN=train, WRITE_G=write_g, ACC=_tl_acc(x), **blocks,
     )
     return dx, g

@@ -5,9 +5,11 @@ implements the same primitives (see fastnets/ops/conv.py for how they compose); 
 symmetric zero padding:
 
   forward(x, w, bias, scale, shift, residual, stride, padding, dilation, relu, out)
-        -> y = [relu]((conv(x, w) [+ bias]) [* scale] [+ shift] [+ residual]), written into `out`
+        -> y = [relu]((conv(x, w) [+ bias]) [* scale] [+ shift] [+ residual]): `out`, or a tensor with
+           out's strides
   forward_stats(x, w, bias, stride, padding, dilation, out)
-        -> (mean, var): per output channel, biased, of z = conv(x, w) [+ bias]; z written into `out`
+        -> (z, mean, var): z = conv(x, w) [+ bias] (`out`, or a tensor with out's strides) and its per
+           output channel mean and biased variance
   grad_input(g, w, out, stride, padding, dilation)   -> dx written into `out` (x's shape and layout)
   grad_weight(g, x, w_shape, stride, padding, dilation)
         -> dW in the accumulation dtype (float32, float64 for float64 inputs), shape (Cout, Cin, KH, KW)
@@ -55,7 +57,7 @@ def forward_stats(x, w, bias, stride, padding, dilation, out):
         z = (z.to(acc_dtype(x)) + _per_channel(bias.to(acc_dtype(x)))).to(x.dtype)
     out.copy_(z)
     var, mean = torch.var_mean(out.to(acc_dtype(x)), dim=(0, 2, 3), unbiased=False)
-    return mean, var
+    return out, mean, var
 
 
 def grad_input(g, w, out, stride, padding, dilation):

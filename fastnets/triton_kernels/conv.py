@@ -1,0 +1,498 @@
+"""2-D convolution (groups=1) in Triton by implicit GEMM; same contract as fastnets/reference/conv.py.
+
+Forward: rows m = (n, oh, ow) output pixels, columns = output channels, reduction over (kh, kw, c) with the
+input tile gathered on the fly from x (any dense layout: strides are arguments; channels_last makes the
+c-blocks contiguous) and the weight repacked once per call to (KH, KW, Cin, Cout). A 1x1 convolution is the
+same kernel with KH = KW = 1, i.e. a plain GEMM over the channels_last activation matrix (stride 2 reads
+every other pixel). The epilogue applies bias, the folded-BN scale/shift, the residual and ReLU, and in
+the training variant writes per-tile, per-channel (mean, M2) partials of conv + bias (two-pass inside the
+tile, in registers), merged across tiles with Chan's formula: the BatchNorm statistics pass disappears.
+
+Grad input: 1x1 with no padding is the forward GEMM dy @ W (written through a strided view for stride > 1);
+KxK is an implicit GEMM over input pixels, reducing over (kh, kw, cout) with the taps that hit an output
+pixel (stride divisibility masked). Grad weight: GEMM dy^T @ im2col(x) per (kh, kw), split over the
+N*OH*OW reduction into fp32 partials summed afterwards (deterministic), so layers with few channels and
+many pixels still fill the GPU.
+
+Tensor cores: fp16/bf16 operands, fp32 accumulation; fp32 operands use TF32 when
+torch.backends.cudnn.allow_tf32 is set (else IEEE fp32); float64 accumulates in float64 without tl.dot.
+Offsets are int64. On a GPU tile shapes are autotuned per shape from a short list; under the interpreter
+(TRITON_INTERPRET=1) one small fixed configuration is used and bf16 tiles are upcast to fp32 before
+tl.dot (the interpreter's bf16 dot is wrong), never on a GPU.
+"""
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from .. import _checks
+from ..reference.batch_norm import acc_dtype
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+_INTERP_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 4}
+# float64 (gradcheck, not a speed path) reduces with a broadcast product instead of tl.dot: small tiles.
+_FP64_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 8, "GROUP_M": 4}
+
+
+@triton.jit
+def _mma(acc, a, b, UPCAST: tl.constexpr, FP64: tl.constexpr, PREC: tl.constexpr):
+    if FP64:
+        acc += tl.sum(a[:, :, None] * b[None, :, :], axis=1)
+    else:
+        if UPCAST:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, b, acc, input_precision=PREC)
+    return acc
+
+
+@triton.jit
+def _tile_ids(M, NCOLS, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(NCOLS, BLOCK_N)
+    in_group = GROUP_M * num_n
+    group = pid // in_group
+    first_m = group * GROUP_M
+    size_m = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % in_group) % size_m
+    pid_n = (pid % in_group) // size_m
+    return pid_m, pid_n
+
+
+# ------------------------------------------------------------------------------------------------ forward
+
+
+@triton.jit
+def _conv_fwd_kernel(
+    x_ptr, w_ptr, y_ptr, bias_ptr, scale_ptr, shift_ptr, res_ptr, pmean_ptr, pm2_ptr,
+    M, C, H, W, Cout, OH, OW,
+    sxn, sxc, sxh, sxw,
+    swk, swc, swh, sww,
+    syn, syc, syh, syw,
+    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+    KH: tl.constexpr, KW: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_RES: tl.constexpr,
+    RELU: tl.constexpr, STATS: tl.constexpr, FLAT: tl.constexpr,
+    UPCAST: tl.constexpr, FP64: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    pid_m, pid_n = _tile_ids(M, Cout, BLOCK_M, BLOCK_N, GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < M
+    mask_n = offs_n < Cout
+    ow = offs_m % OW
+    t = offs_m // OW
+    oh = t % OH
+    n = t // OH
+    x_base = n.to(tl.int64) * sxn
+    ih0 = oh * stride_h - pad_h
+    iw0 = ow * stride_w - pad_w
+    offs_k0 = tl.arange(0, BLOCK_K)
+    wn = offs_n.to(tl.int64) * swk
+    if FP64:
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float64)
+    else:
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    if FLAT:
+        # Few input channels (the C=3 stem): one flattened reduction over (kh, kw, c), gathering each
+        # element's tap, instead of a padded c-block per tap.
+        KTOT = C * KH * KW
+        for k0 in range(0, KTOT, BLOCK_K):
+            kk = k0 + offs_k0
+            mk = kk < KTOT
+            c = kk % C
+            rs = kk // C
+            r = rs // KW
+            s = rs % KW
+            ih = ih0[:, None] + (r * dil_h)[None, :]
+            iw = iw0[:, None] + (s * dil_w)[None, :]
+            ok = mask_m[:, None] & mk[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            a = tl.load(
+                x_ptr + x_base[:, None] + c[None, :].to(tl.int64) * sxc + ih.to(tl.int64) * sxh
+                + iw.to(tl.int64) * sxw,
+                mask=ok, other=0.0,
+            )
+            w_k = r.to(tl.int64) * swh + s.to(tl.int64) * sww + c.to(tl.int64) * swc
+            b = tl.load(w_ptr + w_k[:, None] + wn[None, :], mask=mk[:, None] & mask_n[None, :], other=0.0)
+            acc = _mma(acc, a, b, UPCAST, FP64, PREC)
+    else:
+        for r in range(KH):
+            ih = ih0 + r * dil_h
+            ok_h = mask_m & (ih >= 0) & (ih < H)
+            for s in range(KW):
+                iw = iw0 + s * dil_w
+                ok = ok_h & (iw >= 0) & (iw < W)
+                a_row = x_base + ih.to(tl.int64) * sxh + iw.to(tl.int64) * sxw
+                w_tap = r * swh + s * sww
+                for c0 in range(0, C, BLOCK_K):
+                    offs_k = c0 + offs_k0
+                    mk = offs_k < C
+                    a = tl.load(
+                        x_ptr + a_row[:, None] + offs_k[None, :].to(tl.int64) * sxc,
+                        mask=ok[:, None] & mk[None, :], other=0.0,
+                    )
+                    b = tl.load(
+                        w_ptr + w_tap + offs_k[:, None].to(tl.int64) * swc + wn[None, :],
+                        mask=mk[:, None] & mask_n[None, :], other=0.0,
+                    )
+                    acc = _mma(acc, a, b, UPCAST, FP64, PREC)
+    v = acc
+    if HAS_BIAS:
+        v += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(v.dtype)[None, :]
+    if STATS:
+        # This tile's per-channel mean and M2 (sum of squared deviations from the tile mean), two-pass in
+        # registers; merged across tiles by the caller with Chan's formula.
+        cnt = tl.minimum(M - pid_m * BLOCK_M, BLOCK_M).to(v.dtype)
+        vm = tl.where(mask_m[:, None], v, 0.0)
+        t_mean = tl.sum(vm, axis=0) / cnt
+        dev = tl.where(mask_m[:, None], v - t_mean[None, :], 0.0)
+        t_m2 = tl.sum(dev * dev, axis=0)
+        p_off = pid_m.to(tl.int64) * Cout + offs_n
+        tl.store(pmean_ptr + p_off, t_mean, mask=mask_n)
+        tl.store(pm2_ptr + p_off, t_m2, mask=mask_n)
+    if HAS_SCALE:
+        v = v * tl.load(scale_ptr + offs_n, mask=mask_n, other=0.0).to(v.dtype)[None, :]
+    if HAS_SHIFT:
+        v += tl.load(shift_ptr + offs_n, mask=mask_n, other=0.0).to(v.dtype)[None, :]
+    y_off = (n.to(tl.int64) * syn + oh.to(tl.int64) * syh + ow.to(tl.int64) * syw)[:, None] + (
+        offs_n.to(tl.int64) * syc
+    )[None, :]
+    mask = mask_m[:, None] & mask_n[None, :]
+    if HAS_RES:
+        v += tl.load(res_ptr + y_off, mask=mask, other=0.0).to(v.dtype)
+    if RELU:
+        v = tl.maximum(v, 0.0)
+    tl.store(y_ptr + y_off, v.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+# ------------------------------------------------------------------------------------------- grad input
+
+
+@triton.jit
+def _conv_dgrad_kernel(
+    g_ptr, w_ptr, dx_ptr,
+    M, C, H, W, Cout, OH, OW,
+    sgn, sgc, sgh, sgw,
+    swk, swc, swh, sww,
+    sxn, sxc, sxh, sxw,
+    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+    KH: tl.constexpr, KW: tl.constexpr,
+    UPCAST: tl.constexpr, FP64: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    # rows m = (n, ih, iw) input pixels, columns = input channels, reduction over (kh, kw, cout).
+    pid_m, pid_n = _tile_ids(M, C, BLOCK_M, BLOCK_N, GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < M
+    mask_n = offs_n < C
+    iw = offs_m % W
+    t = offs_m // W
+    ih = t % H
+    n = t // H
+    g_base = n.to(tl.int64) * sgn
+    offs_k0 = tl.arange(0, BLOCK_K)
+    wn = offs_n.to(tl.int64) * swc
+    if FP64:
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float64)
+    else:
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for r in range(KH):
+        th = ih + pad_h - r * dil_h
+        thc = tl.maximum(th, 0)
+        oh = thc // stride_h
+        ok_h = mask_m & (th >= 0) & (thc - oh * stride_h == 0) & (oh < OH)
+        for s in range(KW):
+            tw = iw + pad_w - s * dil_w
+            twc = tl.maximum(tw, 0)
+            ow = twc // stride_w
+            ok = ok_h & (tw >= 0) & (twc - ow * stride_w == 0) & (ow < OW)
+            a_row = g_base + oh.to(tl.int64) * sgh + ow.to(tl.int64) * sgw
+            w_tap = r * swh + s * sww
+            for k0 in range(0, Cout, BLOCK_K):
+                offs_k = k0 + offs_k0
+                mk = offs_k < Cout
+                a = tl.load(
+                    g_ptr + a_row[:, None] + offs_k[None, :].to(tl.int64) * sgc,
+                    mask=ok[:, None] & mk[None, :], other=0.0,
+                )
+                b = tl.load(
+                    w_ptr + w_tap + offs_k[:, None].to(tl.int64) * swk + wn[None, :],
+                    mask=mk[:, None] & mask_n[None, :], other=0.0,
+                )
+                acc = _mma(acc, a, b, UPCAST, FP64, PREC)
+    x_off = (n.to(tl.int64) * sxn + ih.to(tl.int64) * sxh + iw.to(tl.int64) * sxw)[:, None] + (
+        offs_n.to(tl.int64) * sxc
+    )[None, :]
+    tl.store(dx_ptr + x_off, acc.to(dx_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+# ------------------------------------------------------------------------------------------ grad weight
+
+
+@triton.jit
+def _conv_wgrad_kernel(
+    g_ptr, x_ptr, part_ptr,
+    M, C, H, W, Cout, OH, OW, rows_per_split,
+    sgn, sgc, sgh, sgw,
+    sxn, sxc, sxh, sxw,
+    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+    KH: tl.constexpr, KW: tl.constexpr,
+    UPCAST: tl.constexpr, FP64: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    # part[split, kh*KW + kw, cout, c] = sum over this split's output pixels of g[., cout] * x_tap[., c]
+    pid_m, pid_n = _tile_ids(Cout, C, BLOCK_M, BLOCK_N, GROUP_M)
+    tap = tl.program_id(1)
+    split = tl.program_id(2)
+    r = tap // KW
+    s = tap % KW
+    offs_co = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_c = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_co = offs_co < Cout
+    mask_c = offs_c < C
+    gco = offs_co.to(tl.int64) * sgc
+    xc = offs_c.to(tl.int64) * sxc
+    m_start = split.to(tl.int64) * rows_per_split
+    m_end = tl.minimum(m_start + rows_per_split, M)
+    if FP64:
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float64)
+    else:
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for m0 in range(m_start, m_end, BLOCK_K):
+        offs_k = m0 + tl.arange(0, BLOCK_K)
+        mk = offs_k < m_end
+        ow = offs_k % OW
+        t = offs_k // OW
+        oh = t % OH
+        n = t // OH
+        ih = oh * stride_h - pad_h + r * dil_h
+        iw = ow * stride_w - pad_w + s * dil_w
+        ok = mk & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        g_row = n * sgn + oh * sgh + ow * sgw
+        x_row = n * sxn + ih * sxh + iw * sxw
+        gt = tl.load(g_ptr + g_row[:, None] + gco[None, :], mask=mk[:, None] & mask_co[None, :], other=0.0)
+        xt = tl.load(x_ptr + x_row[:, None] + xc[None, :], mask=ok[:, None] & mask_c[None, :], other=0.0)
+        acc = _mma(acc, tl.trans(gt), xt, UPCAST, FP64, PREC)
+    base = (split.to(tl.int64) * (KH * KW) + tap) * Cout * C
+    p_off = base + offs_co.to(tl.int64)[:, None] * C + offs_c[None, :]
+    tl.store(part_ptr + p_off, acc, mask=mask_co[:, None] & mask_c[None, :])
+
+
+# ---------------------------------------------------------------------------------------------- configs
+
+
+def _cfg(bm, bn, bk, warps, stages):
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=warps, num_stages=stages)
+
+
+# Curated for Hopper/Ampere with bf16/fp16 (fp32 configs that do not fit shared memory are skipped by the
+# autotuner). Small-BLOCK_K entries serve the C=3 stem; pruned when the reduction is wide.
+_GEMM_CONFIGS = [
+    _cfg(128, 256, 64, 8, 3),
+    _cfg(256, 128, 64, 8, 3),
+    _cfg(128, 128, 64, 8, 4),
+    _cfg(128, 128, 32, 4, 4),
+    _cfg(128, 64, 64, 4, 4),
+    _cfg(64, 128, 64, 4, 4),
+    _cfg(64, 64, 64, 4, 4),
+    _cfg(128, 64, 16, 4, 4),
+]
+
+
+def _prune_channels(kname, nname):
+    def prune(configs, named_args, **kwargs):
+        k = named_args[kname]
+        ncols = named_args[nname]
+        keep = []
+        for cfg in configs:
+            bk, bn = cfg.kwargs["BLOCK_K"], cfg.kwargs["BLOCK_N"]
+            if bk > max(16, triton.next_power_of_2(k)):
+                continue  # a reduction block wider than the channels only loads zeros
+            if k >= 64 and bk < 32:
+                continue
+            if bn > max(64, 2 * triton.next_power_of_2(ncols)):
+                continue
+            keep.append(cfg)
+        return keep or configs[-1:]
+
+    return prune
+
+
+_WGRAD_CONFIGS = [
+    _cfg(128, 128, 64, 8, 3),
+    _cfg(128, 128, 32, 4, 4),
+    _cfg(128, 64, 64, 4, 4),
+    _cfg(64, 128, 64, 4, 4),
+    _cfg(64, 64, 64, 4, 4),
+    _cfg(64, 64, 32, 4, 4),
+]
+
+
+def _prune_wgrad(configs, named_args, **kwargs):
+    keep = [
+        c for c in configs
+        if c.kwargs["BLOCK_M"] <= max(64, triton.next_power_of_2(named_args["Cout"]))
+        and c.kwargs["BLOCK_N"] <= max(64, triton.next_power_of_2(named_args["C"]))
+    ]
+    return keep or configs[-1:]
+
+
+_fwd_tuned = triton.autotune(
+    _GEMM_CONFIGS, key=["M", "C", "Cout", "H", "W", "KH", "KW", "stride_h", "stride_w", "STATS", "HAS_RES"],
+    prune_configs_by={"early_config_prune": _prune_channels("C", "Cout")},
+)(_conv_fwd_kernel)
+_dgrad_tuned = triton.autotune(
+    _GEMM_CONFIGS, key=["M", "C", "Cout", "OH", "OW", "KH", "KW", "stride_h", "stride_w"],
+    prune_configs_by={"early_config_prune": _prune_channels("Cout", "C")},
+)(_conv_dgrad_kernel)
+_wgrad_tuned = triton.autotune(
+    _WGRAD_CONFIGS, key=["M", "C", "Cout", "H", "W", "KH", "KW", "stride_h", "stride_w", "rows_per_split"],
+    prune_configs_by={"early_config_prune": _prune_wgrad},
+)(_conv_wgrad_kernel)
+
+_MIN_BLOCK_M = min(c.kwargs["BLOCK_M"] for c in _GEMM_CONFIGS)
+
+
+def _launch(tuned, raw, grid, *args, **kwargs):
+    """Autotuned on a GPU; one fixed small configuration under the interpreter."""
+    if _INTERPRET or kwargs["FP64"]:
+        cfg = _FP64_CONFIG if kwargs["FP64"] else _INTERP_CONFIG
+        raw[grid(cfg)](*args, **kwargs, **cfg)
+        return cfg
+    tuned[grid](*args, **kwargs)
+    return tuned.best_config.kwargs
+
+
+def _math_flags(x):
+    fp64 = x.dtype == torch.float64
+    if x.dtype == torch.float32 and not _INTERPRET:
+        prec = "tf32" if torch.backends.cudnn.allow_tf32 else "ieee"
+    else:
+        prec = "ieee" if x.dtype == torch.float32 else "tf32"
+    return {"UPCAST": _INTERPRET and x.dtype == torch.bfloat16, "FP64": fp64, "PREC": prec}
+
+
+def _gemm_grid(rows, cols):
+    return lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]) * triton.cdiv(cols, meta["BLOCK_N"]),)
+
+
+def _packed_weight(w, dtype):
+    """(KH, KW, Cin, Cout) contiguous, so the reduction tile [c, cout] is contiguous along cout."""
+    return w.to(dtype).permute(2, 3, 1, 0).contiguous()
+
+
+def _run_fwd(x, x_strides, wp, y, y_strides, dims, conv, bias, scale, shift, residual, relu, stats):
+    """Forward launch on explicit strides. dims = (N, C, H, W, Cout, OH, OW, KH, KW); wp is (KH, KW, C, Cout)
+    contiguous; conv = (stride_h, stride_w, pad_h, pad_w, dil_h, dil_w)."""
+    n, c, h, w, cout, oh, ow, kh, kw = dims
+    m = n * oh * ow
+    pmean = pm2 = None
+    acc = acc_dtype(x)
+    if stats:
+        tiles = triton.cdiv(m, min(_MIN_BLOCK_M, _INTERP_CONFIG["BLOCK_M"], _FP64_CONFIG["BLOCK_M"]))
+        pmean = torch.empty((tiles, cout), dtype=acc, device=x.device)
+        pm2 = torch.empty((tiles, cout), dtype=acc, device=x.device)
+    dummy = y
+    cfg = _launch(
+        _fwd_tuned, _conv_fwd_kernel, _gemm_grid(m, cout),
+        x, wp, y,
+        dummy if bias is None else bias, dummy if scale is None else scale, dummy if shift is None else shift,
+        dummy if residual is None else residual, dummy if pmean is None else pmean, dummy if pm2 is None else pm2,
+        m, c, h, w, cout, oh, ow,
+        *x_strides, 1, cout, kw * c * cout, c * cout, *y_strides, *conv,
+        KH=kh, KW=kw, HAS_BIAS=bias is not None, HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None,
+        HAS_RES=residual is not None, RELU=bool(relu), STATS=bool(stats), FLAT=c < 16 and kh * kw > 1,
+        **_math_flags(x),
+    )
+    if not stats:
+        return None
+    tiles = triton.cdiv(m, cfg["BLOCK_M"])
+    pmean, pm2 = pmean[:tiles], pm2[:tiles]
+    counts = torch.full((tiles,), float(cfg["BLOCK_M"]), dtype=acc, device=x.device)
+    counts[-1] = m - (tiles - 1) * cfg["BLOCK_M"]
+    # Chan's parallel merge of (count, mean, M2) partials: exact, no E[x^2] - E[x]^2 cancellation.
+    mean = (pmean * counts[:, None]).sum(0) / m
+    m2 = pm2.sum(0) + ((pmean - mean) ** 2 * counts[:, None]).sum(0)
+    return mean, m2 / m
+
+
+def forward(x, w, bias, scale, shift, residual, stride, padding, dilation, relu, out, stats=False):
+    n, c, h, wd = x.shape
+    cout, _, kh, kw = w.shape
+    oh, ow = out.shape[2:]
+    return_stats = _run_fwd(
+        x, x.stride(), _packed_weight(w, x.dtype), out, out.stride(), (n, c, h, wd, cout, oh, ow, kh, kw),
+        (*stride, *padding, *dilation), bias, scale, shift, residual, relu, stats,
+    )
+    return (out, return_stats) if stats else out
+
+
+def forward_stats(x, w, bias, stride, padding, dilation, out):
+    _, (mean, var) = forward(x, w, bias, None, None, None, stride, padding, dilation, False, out, stats=True)
+    return out, mean, var
+
+
+def grad_input(g, w, out, stride, padding, dilation):
+    n, c, h, wd = out.shape
+    cout, _, kh, kw = w.shape
+    oh, ow = g.shape[2:]
+    w = w.to(g.dtype)
+    if kh == 1 and kw == 1 and padding[0] == 0 and padding[1] == 0:
+        # dx[:, :, ::s, ::s] = dy @ W: the forward GEMM with the weight seen as (Cin, Cout, 1, 1).
+        if stride[0] > 1 or stride[1] > 1:
+            out.zero_()  # the pixels no output reads from get zero gradient
+        view = out[:, :, :: stride[0], :: stride[1]]
+        view = view[:, :, :oh, :ow]
+        wp = w.reshape(cout, c).contiguous().view(1, 1, cout, c)
+        _run_fwd(
+            g, g.stride(), wp, view, view.stride(), (n, cout, oh, ow, c, oh, ow, 1, 1), (1, 1, 0, 0, 1, 1),
+            None, None, None, None, False, False,
+        )
+        return out
+    wp = _packed_weight(w, g.dtype)  # (KH, KW, C, Cout): reduction over cout is contiguous
+    m = n * h * wd
+    _launch(
+        _dgrad_tuned, _conv_dgrad_kernel, _gemm_grid(m, c),
+        g, wp, out, m, c, h, wd, cout, oh, ow,
+        *g.stride(), 1, cout, kw * c * cout, c * cout, *out.stride(),
+        *stride, *padding, *dilation, KH=kh, KW=kw, **_math_flags(g),
+    )
+    return out
+
+
+def _num_sms(device):
+    if device.type != "cuda":
+        return 4
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def grad_weight(g, x, w_shape, stride, padding, dilation):
+    n, c, h, wd = x.shape
+    cout, _, kh, kw = w_shape
+    oh, ow = g.shape[2:]
+    m = n * oh * ow
+    # Split the N*OH*OW reduction so that about two waves of programs run (assuming 128x128 tiles);
+    # each split keeps at least 1024 rows so the partial sums stay a small fraction of the work.
+    tiles = triton.cdiv(cout, 128) * triton.cdiv(c, 128) * kh * kw
+    splits = max(1, min(triton.cdiv(2 * _num_sms(x.device), tiles), triton.cdiv(m, 1024)))
+    if _INTERPRET:
+        splits = min(splits, 2)
+    rows_per_split = triton.cdiv(triton.cdiv(m, splits), 128) * 128
+    splits = triton.cdiv(m, rows_per_split)
+    acc = acc_dtype(x)
+    part = _checks.new_output(x, dtype=acc, shape=(splits, kh * kw, cout, c))
+
+    def grid(meta):
+        return (triton.cdiv(cout, meta["BLOCK_M"]) * triton.cdiv(c, meta["BLOCK_N"]), kh * kw, splits)
+
+    _launch(
+        _wgrad_tuned, _conv_wgrad_kernel, grid,
+        g, x, part, m, c, h, wd, cout, oh, ow, rows_per_split,
+        *g.stride(), *x.stride(), *stride, *padding, *dilation, KH=kh, KW=kw, **_math_flags(x),
+    )
+    dw = part[0] if splits == 1 else part.sum(0)
+    return dw.view(kh, kw, cout, c).permute(2, 3, 0, 1)

@@ -1,0 +1,140 @@
+"""`auto` on a GPU for the conv family: per shape, the Triton convolution or cuDNN, whichever was measured
+faster; the work fused around the convolution stays on fastnets kernels either way.
+
+Each primitive (forward with its epilogue, forward with the BN-statistics epilogue, grad input, grad weight)
+is timed once per key (primitive, shapes, stride, padding, dilation, dtype, layout, epilogue) on the first
+call with both implementations, CUDA events around a few runs after a warm-up run that includes Triton's
+autotuning; the winner is cached in `choices` (and, with FASTNETS_CONV_CACHE=path.json, in that file, so
+later processes skip the measurement). During CUDA-graph capture nothing is measured: an unseen key runs
+cuDNN.
+
+The cuDNN forward is F.conv2d followed by the fused BN family's `apply` kernel (bias folded into the
+shift): y = [relu](z * scale + shift [+ residual]) in one pass. The cuDNN statistics variant is F.conv2d
+followed by the BN family's statistics kernel, i.e. what eager does.
+"""
+import json
+import os
+import threading
+
+import torch
+
+from .. import _checks
+from ..reference import conv as ref
+from ..reference.batch_norm import acc_dtype
+from . import conv as tri
+
+choices = {}
+_lock = threading.Lock()
+_CACHE_PATH = os.environ.get("FASTNETS_CONV_CACHE")
+if _CACHE_PATH and os.path.exists(_CACHE_PATH):
+    try:
+        with open(_CACHE_PATH) as f:
+            choices.update(json.load(f))
+    except (OSError, ValueError):
+        pass
+
+
+def _bn_kernels(device):
+    from ..ops.conv import _bn_kernels as bk
+
+    return bk("auto", device)
+
+
+def _key(prim, x, w_shape, stride, padding, dilation, *flags):
+    cl = (not x.is_contiguous()) and x.is_contiguous(memory_format=torch.channels_last)
+    parts = [prim, tuple(x.shape), tuple(w_shape), tuple(stride), tuple(padding), tuple(dilation),
+             str(x.dtype).replace("torch.", ""), "cl" if cl else "nchw", *flags]
+    return "|".join(str(p) for p in parts)
+
+
+def _time_ms(fn, reps=5):
+    fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / reps
+
+
+def _choose(key, device, run_triton, run_cudnn):
+    """The cached winner for `key`, measuring both on first sight."""
+    c = choices.get(key)
+    if c is not None:
+        return c
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return "cudnn"
+    t_tri = _time_ms(run_triton)
+    t_cud = _time_ms(run_cudnn)
+    c = "triton" if t_tri <= t_cud else "cudnn"
+    with _lock:
+        choices[key] = c
+        if _CACHE_PATH:
+            try:
+                with open(_CACHE_PATH, "w") as f:
+                    json.dump(choices, f, indent=1, sort_keys=True)
+            except OSError:
+                pass
+    return c
+
+
+def choice(prim, x, w_shape, stride, padding, dilation, *flags):
+    """The measured choice for a key, or None before it was measured (used by the benchmark's report)."""
+    return choices.get(_key(prim, x, w_shape, stride, padding, dilation, *flags))
+
+
+def _cudnn_forward(x, w, bias, scale, shift, residual, stride, padding, dilation, relu, out):
+    z = ref._conv(x, w, stride, padding, dilation)
+    if bias is None and scale is None and shift is None and residual is None and not relu:
+        return z if z.stride() == out.stride() else out.copy_(z)
+    acc = acc_dtype(x)
+    cout = w.shape[0]
+    sc = torch.ones(cout, dtype=acc, device=x.device) if scale is None else scale.to(acc)
+    sh = torch.zeros(cout, dtype=acc, device=x.device) if shift is None else shift.to(acc)
+    if bias is not None:
+        sh = sh + bias.to(acc) * sc
+    z, cl = _checks.dense_layout(z)
+    res = None if residual is None else _checks.match_layout(residual, z)
+    y = _bn_kernels(x.device).apply(z, sc, sh, res, relu, cl)
+    return y if y.stride() == out.stride() else out.copy_(y)
+
+
+def forward(x, w, bias, scale, shift, residual, stride, padding, dilation, relu, out):
+    key = _key("fwd", x, w.shape, stride, padding, dilation,
+               bias is not None, scale is not None, shift is not None, residual is not None, relu)
+    args = (x, w, bias, scale, shift, residual, stride, padding, dilation, relu, out)
+    c = _choose(key, x.device, lambda: tri.forward(*args), lambda: _cudnn_forward(*args))
+    return tri.forward(*args) if c == "triton" else _cudnn_forward(*args)
+
+
+def _cudnn_stats(x, w, bias, stride, padding, dilation, out):
+    z = ref._conv(x, w, stride, padding, dilation)
+    if bias is not None:
+        z = z + bias.to(z.dtype).view(1, -1, 1, 1)
+    if z.stride() != out.stride():
+        z = out.copy_(z)
+    mean, invstd = _bn_kernels(x.device).stats(z, _checks.dense_layout(z)[1], 0.0)
+    return z, mean, invstd.pow(-2)
+
+
+def forward_stats(x, w, bias, stride, padding, dilation, out):
+    key = _key("stats", x, w.shape, stride, padding, dilation, bias is not None)
+    args = (x, w, bias, stride, padding, dilation, out)
+    c = _choose(key, x.device, lambda: tri.forward_stats(*args), lambda: _cudnn_stats(*args))
+    return (tri.forward_stats if c == "triton" else _cudnn_stats)(*args)
+
+
+def grad_input(g, w, out, stride, padding, dilation):
+    key = _key("dgrad", out, w.shape, stride, padding, dilation)
+    args = (g, w, out, stride, padding, dilation)
+    c = _choose(key, g.device, lambda: tri.grad_input(*args), lambda: ref.grad_input(*args))
+    return (tri if c == "triton" else ref).grad_input(*args)
+
+
+def grad_weight(g, x, w_shape, stride, padding, dilation):
+    key = _key("wgrad", x, w_shape, stride, padding, dilation)
+    args = (g, x, w_shape, stride, padding, dilation)
+    c = _choose(key, x.device, lambda: tri.grad_weight(*args), lambda: ref.grad_weight(*args))
+    return (tri if c == "triton" else ref).grad_weight(*args)

@@ -1,0 +1,262 @@
+"""Convolution and the fused Conv -> BatchNorm -> ReLU block, bf16 channels_last, on every distinct conv shape
+of ResNet-50 at batch 256 (its 1x1 shapes among them) and the 3x3 shapes of VGG-16 (batch 64 by default).
+
+Per shape, measured in this run on this card:
+  conv (forward, the convolution alone): cuDNN (F.conv2d), fastnets `triton`, fastnets `auto` (hybrid)
+  eval_fwd, train_fwd, train_fwdbwd of the block: eager nn.Sequential(Conv2d, BatchNorm2d, ReLU),
+      torch.compile of that Sequential, fastnets ConvBNReLU2d under `auto` and under `triton`
+Each row has the median time, the convolution's TFLOP/s (forward 2*N*Cout*OH*OW*Cin*K*K; forward+backward
+adds grad weight and, except for the C=3 stem whose input needs no gradient, grad input) and its fraction of
+the bf16 matmul rate measured in the same run, and speed-ups vs cuDNN's conv alone, vs eager and vs compile.
+The targets of the issue are checked at the end: 1x1 conv >= 0.95x cuDNN's speed, eval block at least as fast
+as cuDNN's conv alone, training fwd+bwd >= 1.25x eager.
+
+    python benchmarks/bench_conv.py --out benchmarks/results [--quick] [--no-compile] [--batch 256]
+
+--quick: 3 shapes, a reduced autotuning list (FASTNETS_CONV_TUNE=quick), fewer repetitions, torch.compile of
+the training forward+backward of the first shape only; meant to finish in about 90 s on an H100 including
+autotuning and compilation.
+"""
+import argparse
+import math
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _conv_out(h, k, s, p):
+    return (h + 2 * p - k) // s + 1
+
+
+def resnet50_shapes(batch):
+    """(name, N, Cin, H, Cout, k, stride, pad) of every distinct conv in torchvision's ResNet-50 (v1.5)."""
+    shapes = [("stem7x7", batch, 3, 224, 64, 7, 2, 3)]
+    # (in_channels, width, out_channels, H of the stage input, first-block stride)
+    stages = [(64, 64, 256, 56, 1), (256, 128, 512, 56, 2), (512, 256, 1024, 28, 2), (1024, 512, 2048, 14, 2)]
+    seen = set()
+    for cin, width, cout, h, s in stages:
+        ho = h // s
+        cand = [
+            (cin, h, width, 1, 1, 0), (width, h, width, 3, s, 1), (width, ho, cout, 1, 1, 0),  # first block
+            (cin, h, cout, 1, s, 0),  # downsample
+            (cout, ho, width, 1, 1, 0), (width, ho, width, 3, 1, 1),  # later blocks
+        ]
+        for c_in, hh, c_out, k, st, p in cand:
+            key = (c_in, hh, c_out, k, st, p)
+            if key in seen:
+                continue
+            seen.add(key)
+            shapes.append((f"{k}x{k}s{st}_{c_in}to{c_out}@{hh}", batch, c_in, hh, c_out, k, st, p))
+    return shapes
+
+
+def vgg16_shapes(batch):
+    spec = [(3, 64, 224), (64, 64, 224), (64, 128, 112), (128, 128, 112), (128, 256, 56), (256, 256, 56),
+            (256, 512, 28), (512, 512, 28), (512, 512, 14)]
+    return [(f"vgg3x3_{ci}to{co}@{h}", batch, ci, h, co, 3, 1, 1) for ci, co, h in spec]
+
+
+def _flops(n, cin, h, cout, k, s, p):
+    o = _conv_out(h, k, s, p)
+    return 2.0 * n * cout * o * o * cin * k * k
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile baselines")
+    parser.add_argument("--batch", type=int, default=256, help="ResNet-50 batch")
+    parser.add_argument("--vgg-batch", type=int, default=64)
+    args = parser.parse_args()
+    if args.quick:
+        os.environ.setdefault("FASTNETS_CONV_TUNE", "quick")
+
+    import torch
+
+    from benchmarks.common import bf16_matmul_tflops, print_table, require_cuda, time_ms, write_results
+
+    require_cuda()
+    import torch.nn.functional as F
+    from torch import nn
+
+    import fastnets
+    from fastnets.nn import ConvBNReLU2d
+    from fastnets.ops.conv import conv2d
+
+    try:
+        torch._dynamo.config.cache_size_limit = 1024
+        torch._dynamo.config.recompile_limit = 1024
+    except AttributeError:
+        pass
+
+    t_start = time.time()
+    matmul = bf16_matmul_tflops()
+    print(f"bf16 matmul rate measured in this run: {matmul:.0f} TFLOP/s")
+    if args.quick:
+        rn = dict((s[0], s) for s in resnet50_shapes(args.batch))
+        shapes = [("resnet50", rn["1x1s1_256to64@56"]), ("resnet50", rn["3x3s1_64to64@56"]),
+                  ("resnet50", rn["1x1s2_512to1024@28"])]
+        warmup, reps = 3, 10
+    else:
+        shapes = [("resnet50", s) for s in resnet50_shapes(args.batch)] + [("vgg16", s) for s in vgg16_shapes(args.vgg_batch)]
+        warmup, reps = 5, 25
+
+    dt, fmt = torch.bfloat16, torch.channels_last
+    rows = []
+
+    def timed(fn):
+        return time_ms(fn, warmup=warmup, reps=reps)
+
+    for idx, (family, (name, n, cin, h, cout, k, s, p)) in enumerate(shapes):
+        flops = _flops(n, cin, h, cout, k, s, p)
+        do_compile = not args.no_compile and (not args.quick or idx == 0)
+        torch._dynamo.reset()
+        torch.manual_seed(0)
+        x = torch.randn(n, cin, h, h, device="cuda", dtype=dt).contiguous(memory_format=fmt)
+        eager = nn.Sequential(nn.Conv2d(cin, cout, k, s, p, bias=False), nn.BatchNorm2d(cout), nn.ReLU())
+        eager = eager.to("cuda", dt).to(memory_format=fmt)
+        fused = ConvBNReLU2d(cin, cout, k, stride=s, padding=p).to("cuda", dt).to(memory_format=fmt)
+        fused.load_state_dict({kk.replace("0.", "conv.", 1).replace("1.", "bn.", 1): v for kk, v in eager.state_dict().items()})
+        w = eager[0].weight.detach()
+        base = {"family": family, "config": "bf16-nhwc", "shape": name, "N": n, "Cin": cin, "H": h, "Cout": cout,
+                "k": k, "stride": s}
+
+        def add(pass_, variant, ms, ref=None, err=None, conv_flops=flops):
+            r = dict(base, pass_=pass_, variant=variant)
+            if err is not None:
+                r["error"] = err
+            else:
+                r["ms"] = ms
+                r["tflops"] = conv_flops / ms / 1e9
+                r["matmul_fraction"] = r["tflops"] / matmul
+                r.update(ref or {})
+            rows.append(r)
+            return r
+
+        def run(pass_, variant, fn, conv_flops=flops):
+            try:
+                ms = timed(fn)
+                return add(pass_, variant, ms, conv_flops=conv_flops)
+            except Exception as e:  # a variant that fails is reported, the others still run
+                torch.cuda.synchronize()
+                return add(pass_, variant, None, err=f"{type(e).__name__}: {str(e)[:300]}")
+
+        # ---- the convolution alone
+        with torch.no_grad():
+            cud = run("conv", "cudnn", lambda: F.conv2d(x, w, None, s, p))
+            tri = run("conv", "fastnets-triton", lambda: conv2d(x, w, None, s, p, backend="triton"))
+            aut = run("conv", "fastnets-auto", lambda: conv2d(x, w, None, s, p, backend="auto"))
+        t_cudnn = cud.get("ms")
+        for r in (cud, tri, aut):
+            if t_cudnn and r.get("ms"):
+                r["vs_cudnn"] = t_cudnn / r["ms"]
+
+        # ---- the block: eval forward, train forward, train forward+backward
+        bwd_flops = flops * (2 if cin == 3 else 3)
+        grad_out = torch.randn(n, cout, _conv_out(h, k, s, p), _conv_out(h, k, s, p), device="cuda", dtype=dt)
+        grad_out = grad_out.contiguous(memory_format=fmt)
+        xg = x.detach().clone().requires_grad_(cin != 3)
+
+        def fwd(mod):
+            def f():
+                with torch.no_grad():
+                    mod(x)
+            return f
+
+        def train_fwd(mod):
+            return lambda: mod(x)
+
+        def fwdbwd(mod, params):
+            def f():
+                for q in params:
+                    q.grad = None
+                xg.grad = None
+                mod(xg).backward(grad_out)
+            return f
+
+        # --quick compiles only the training forward+backward of its first shape (compilation is slow)
+        compiled = {}
+        if do_compile:
+            modes = ("train_fwdbwd",) if args.quick else ("eval_fwd", "train_fwd", "train_fwdbwd")
+            compiled = {m: torch.compile(eager) for m in modes}
+        for pass_ in ("eval_fwd", "train_fwd", "train_fwdbwd"):
+            train = pass_ != "eval_fwd"
+            eager.train(train)
+            fused.train(train)
+            maker = {"eval_fwd": fwd, "train_fwd": train_fwd}.get(pass_)
+            cf = bwd_flops if pass_ == "train_fwdbwd" else flops
+            variants = [("eager", eager, None)]
+            if pass_ in compiled:
+                variants.append(("compile", compiled[pass_], None))
+            variants += [("fastnets-auto", fused, "auto"), ("fastnets-triton", fused, "triton")]
+            got = {}
+            for variant, mod, backend in variants:
+                if maker is None:
+                    params = list(eager.parameters()) if mod is not fused else list(fused.parameters())
+                    fn = fwdbwd(mod, params)
+                else:
+                    fn = maker(mod)
+                if backend is not None:
+                    def fn_b(fn=fn, backend=backend):
+                        with fastnets.use_backend(backend):
+                            fn()
+                    got[variant] = run(pass_, variant, fn_b, conv_flops=cf)
+                else:
+                    got[variant] = run(pass_, variant, fn, conv_flops=cf)
+            te = got["eager"].get("ms")
+            tc = got.get("compile", {}).get("ms")
+            for r in got.values():
+                if r.get("ms"):
+                    if te:
+                        r["vs_eager"] = te / r["ms"]
+                    if tc:
+                        r["vs_compile"] = tc / r["ms"]
+                    if t_cudnn:
+                        r["vs_cudnn"] = t_cudnn / r["ms"]
+        del x, xg, grad_out, eager, fused, compiled
+        torch.cuda.empty_cache()
+        print(f"[{time.time() - t_start:6.1f}s] {name} done", flush=True)
+
+    from fastnets.triton_kernels import conv_hybrid
+
+    targets = _targets(rows)
+    print_table(rows, ["shape", "pass_", "variant", "ms", "tflops", "matmul_fraction", "vs_cudnn", "vs_eager", "vs_compile", "error"])
+    print("\nTargets (speed ratios, higher is better):")
+    for t in targets:
+        print(f"  {t['target']}: {t['shape']} {t['variant']} = {t['value']:.3f} (need >= {t['need']}) {'PASS' if t['pass'] else 'FAIL'}")
+    path = write_results(args.out, "conv", rows, {"bf16_matmul_tflops": matmul},
+                         extra={"targets": targets, "hybrid_choices": dict(conv_hybrid.choices),
+                                "quick": args.quick, "seconds": time.time() - t_start})
+    print(f"wrote {path} in {time.time() - t_start:.0f} s")
+
+
+def _targets(rows):
+    by = {(r["shape"], r["pass_"], r["variant"]): r for r in rows}
+    out = []
+    for (shape, pass_, variant), r in by.items():
+        if "ms" not in r:
+            continue
+        if pass_ == "conv" and r["k"] == 1 and variant.startswith("fastnets") and r.get("vs_cudnn"):
+            out.append({"target": "1x1 conv vs cuDNN", "shape": shape, "variant": variant, "value": r["vs_cudnn"], "need": 0.95})
+        if pass_ == "eval_fwd" and variant.startswith("fastnets") and r.get("vs_cudnn"):
+            out.append({"target": "eval Conv+BN+ReLU vs cuDNN conv alone", "shape": shape, "variant": variant,
+                        "value": r["vs_cudnn"], "need": 1.0})
+        if pass_ == "train_fwdbwd" and variant.startswith("fastnets") and r.get("vs_eager"):
+            out.append({"target": "train fwd+bwd vs eager", "shape": shape, "variant": variant, "value": r["vs_eager"], "need": 1.25})
+    for t in out:
+        t["pass"] = t["value"] >= t["need"]
+    groups = {}
+    for t in out:
+        groups.setdefault((t["target"], t["variant"]), []).append(t["value"])
+    for (target, variant), vals in sorted(groups.items()):
+        g = math.exp(sum(math.log(v) for v in vals) / len(vals))
+        need = next(t["need"] for t in out if t["target"] == target)
+        out.append({"target": target, "shape": "geomean", "variant": variant, "value": g, "need": need, "pass": g >= need})
+    return out
+
+
+if __name__ == "__main__":
+    main()

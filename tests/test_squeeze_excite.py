@@ -359,3 +359,29 @@ def test_nan_propagates_like_torch():
         y = squeeze_excite(x.to(device_for(backend)), *(t.to(device_for(backend)) for t in ws), relu=True, backend=backend)
         y_ref = eager_block(x, *ws, relu=True)
         assert torch.equal(torch.isnan(y.cpu()), torch.isnan(y_ref)), backend
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The compiled extension (no GPU needed to check that the ops are registered)
+
+CUDA_SCHEMAS = {
+    "cuda_se_reduce": "fastnets::cuda_se_reduce(Tensor x, Tensor? dy, Tensor? y, Tensor(a!) out, "
+    "bool channels_last, bool relu, bool mean) -> ()",
+    "cuda_se_excite": "fastnets::cuda_se_excite(Tensor pooled, Tensor w1, Tensor b1, Tensor w2, Tensor b2, "
+    "Tensor(a!) hidden, Tensor(b!) gate) -> ()",
+    "cuda_se_apply": "fastnets::cuda_se_apply(Tensor src, Tensor gate, Tensor? aux, Tensor? gp, Tensor(a!) out, "
+    "Tensor(b!)? g_out, bool channels_last, bool grad, bool relu) -> ()",
+}
+
+
+def test_extension_registers_squeeze_excite_ops():
+    from fastnets import _extension
+
+    if not _extension.is_loaded():
+        pytest.skip(f"the compiled extension is not loaded here: {_extension.reason()}")
+    for name, schema in CUDA_SCHEMAS.items():
+        assert hasattr(torch.ops.fastnets, name), (
+            f"torch.ops.fastnets.{name} is not registered: fastnets._C was built without csrc/squeeze_excite.cu; "
+            "rebuild with `pip install --no-build-isolation -e .`"
+        )
+        assert str(getattr(torch.ops.fastnets, name).default._schema) == schema

@@ -65,6 +65,10 @@ def _inputs(case, dtype, channels_last, device):
     return cast(x), cast(wt), cast(b), (s, p, d)
 
 
+# The big-kernel stems are slow under the interpreter: their NCHW variant runs on the reference (and GPU) only.
+SLOW_UNDER_INTERPRETER = {("stem_7x7_s2", False), ("alexnet_11x11_s4", False)}
+
+
 def _params():
     out = []
     for case in CASES:
@@ -80,6 +84,8 @@ def _params():
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("case,dtype,channels_last", _params(), ids=lambda v: str(v).replace("torch.", ""))
 def test_conv2d_matches_torch(backend, case, dtype, channels_last):
+    if backend == "triton" and not GPU and (case, channels_last) in SLOW_UNDER_INTERPRETER:
+        pytest.skip("slow under the Triton interpreter; the channels_last variant covers this shape")
     device = device_for(backend)
     x, w, b, (s, p, d) = _inputs(case, dtype, channels_last, device)
     grad_x = CASES[case][-1]
@@ -104,10 +110,13 @@ def test_conv2d_matches_torch(backend, case, dtype, channels_last):
         _close(got / exp.abs().max(), exp / exp.abs().max(), dtype, scale=2.0, msg=f"grad {name} {case}")
 
 
+EPILOGUE_PARAMS = [
+    (torch.float32, False, True), (torch.float32, True, False), (torch.bfloat16, True, True), (torch.bfloat16, False, False),
+]
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
-@pytest.mark.parametrize("relu", [False, True], ids=["linear", "relu"])
+@pytest.mark.parametrize("dtype,channels_last,relu", EPILOGUE_PARAMS, ids=lambda v: str(v).replace("torch.", ""))
 def test_epilogue_forward_backward(backend, dtype, channels_last, relu):
     """y = relu((conv + bias) * scale + shift + residual): output and gradients of all six inputs."""
     device = device_for(backend)
@@ -209,7 +218,9 @@ def test_conv_bn_relu_matches_sequential_train_and_eval(backend, channels_last, 
     opt_b = torch.optim.SGD(fused.parameters(), lr=0.1)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     with fastnets.use_backend(backend):
-        for mode in ("train", "train", "train", "eval", "eval"):
+        # several training steps (running statistics accumulate), then eval; fewer under the interpreter
+        modes = ("train", "train", "eval") if backend == "triton" and not GPU else ("train",) * 3 + ("eval",) * 2
+        for mode in modes:
             seq.train(mode == "train")
             fused.train(mode == "train")
             x = (torch.randn(2, cin, 9, 7, device=device) * 2 + 1).contiguous(memory_format=fmt)
@@ -240,7 +251,7 @@ def test_conv_bn_relu_matches_sequential_train_and_eval(backend, channels_last, 
                     _close(bb, ba, torch.float32, msg=f"{nb} after {mode}")
                 else:
                     assert torch.equal(bb, ba), nb
-    assert int(fused.bn.num_batches_tracked) == 3
+    assert int(fused.bn.num_batches_tracked) == modes.count("train")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -119,26 +119,30 @@ def _conv_fwd_kernel(
             b = tl.load(w_ptr + w_k[:, None] + wn[None, :], mask=mk[:, None] & mask_n[None, :], other=0.0)
             acc = _mma(acc, a, b, UPCAST, FP64, PREC)
     else:
-        for r in range(KH):
+        # One flat loop over (tap, channel block) so that Triton software-pipelines the loads across taps
+        # (a nested per-tap loop would leave a one-iteration inner loop for C <= BLOCK_K).
+        n_cb = tl.cdiv(C, BLOCK_K)
+        for it in range(0, KH * KW * n_cb):
+            tap = it // n_cb
+            c0 = (it - tap * n_cb) * BLOCK_K
+            r = tap // KW
+            s = tap - r * KW
             ih = ih0 + r * dil_h
-            ok_h = mask_m & (ih >= 0) & (ih < H)
-            for s in range(KW):
-                iw = iw0 + s * dil_w
-                ok = ok_h & (iw >= 0) & (iw < W)
-                a_row = x_base + ih.to(tl.int64) * sxh + iw.to(tl.int64) * sxw
-                w_tap = r * swh + s * sww
-                for c0 in range(0, C, BLOCK_K):
-                    offs_k = c0 + offs_k0
-                    mk = offs_k < C
-                    a = tl.load(
-                        x_ptr + a_row[:, None] + offs_k[None, :].to(tl.int64) * sxc,
-                        mask=ok[:, None] & mk[None, :], other=0.0,
-                    )
-                    b = tl.load(
-                        w_ptr + w_tap + offs_k[:, None].to(tl.int64) * swc + wn[None, :],
-                        mask=mk[:, None] & mask_n[None, :], other=0.0,
-                    )
-                    acc = _mma(acc, a, b, UPCAST, FP64, PREC)
+            iw = iw0 + s * dil_w
+            ok = mask_m & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            a_row = x_base + ih.to(tl.int64) * sxh + iw.to(tl.int64) * sxw
+            offs_k = c0 + offs_k0
+            mk = offs_k < C
+            a = tl.load(
+                x_ptr + a_row[:, None] + offs_k[None, :].to(tl.int64) * sxc,
+                mask=ok[:, None] & mk[None, :], other=0.0,
+            )
+            w_tap = r * swh + s * sww
+            b = tl.load(
+                w_ptr + w_tap + offs_k[:, None].to(tl.int64) * swc + wn[None, :],
+                mask=mk[:, None] & mask_n[None, :], other=0.0,
+            )
+            acc = _mma(acc, a, b, UPCAST, FP64, PREC)
     v = acc
     if HAS_BIAS:
         v += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(v.dtype)[None, :]
@@ -200,30 +204,33 @@ def _conv_dgrad_kernel(
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float64)
     else:
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for r in range(KH):
+    n_cb = tl.cdiv(Cout, BLOCK_K)
+    for it in range(0, KH * KW * n_cb):  # one flat loop over (tap, cout block): pipelined across taps
+        tap = it // n_cb
+        k0 = (it - tap * n_cb) * BLOCK_K
+        r = tap // KW
+        s = tap - r * KW
         th = ih + pad_h - r * dil_h
         thc = tl.maximum(th, 0)
         oh = thc // stride_h
-        ok_h = mask_m & (th >= 0) & (thc - oh * stride_h == 0) & (oh < OH)
-        for s in range(KW):
-            tw = iw + pad_w - s * dil_w
-            twc = tl.maximum(tw, 0)
-            ow = twc // stride_w
-            ok = ok_h & (tw >= 0) & (twc - ow * stride_w == 0) & (ow < OW)
-            a_row = g_base + oh.to(tl.int64) * sgh + ow.to(tl.int64) * sgw
-            w_tap = r * swh + s * sww
-            for k0 in range(0, Cout, BLOCK_K):
-                offs_k = k0 + offs_k0
-                mk = offs_k < Cout
-                a = tl.load(
-                    g_ptr + a_row[:, None] + offs_k[None, :].to(tl.int64) * sgc,
-                    mask=ok[:, None] & mk[None, :], other=0.0,
-                )
-                b = tl.load(
-                    w_ptr + w_tap + offs_k[:, None].to(tl.int64) * swk + wn[None, :],
-                    mask=mk[:, None] & mask_n[None, :], other=0.0,
-                )
-                acc = _mma(acc, a, b, UPCAST, FP64, PREC)
+        tw = iw + pad_w - s * dil_w
+        twc = tl.maximum(tw, 0)
+        ow = twc // stride_w
+        ok = mask_m & (th >= 0) & (thc - oh * stride_h == 0) & (oh < OH)
+        ok = ok & (tw >= 0) & (twc - ow * stride_w == 0) & (ow < OW)
+        a_row = g_base + oh.to(tl.int64) * sgh + ow.to(tl.int64) * sgw
+        offs_k = k0 + offs_k0
+        mk = offs_k < Cout
+        a = tl.load(
+            g_ptr + a_row[:, None] + offs_k[None, :].to(tl.int64) * sgc,
+            mask=ok[:, None] & mk[None, :], other=0.0,
+        )
+        w_tap = r * swh + s * sww
+        b = tl.load(
+            w_ptr + w_tap + offs_k[:, None].to(tl.int64) * swk + wn[None, :],
+            mask=mk[:, None] & mask_n[None, :], other=0.0,
+        )
+        acc = _mma(acc, a, b, UPCAST, FP64, PREC)
     x_off = (n.to(tl.int64) * sxn + ih.to(tl.int64) * sxh + iw.to(tl.int64) * sxw)[:, None] + (
         offs_n.to(tl.int64) * sxc
     )[None, :]
@@ -280,6 +287,46 @@ def _conv_wgrad_kernel(
     base = (split.to(tl.int64) * (KH * KW) + tap) * Cout * C
     p_off = base + offs_co.to(tl.int64)[:, None] * C + offs_c[None, :]
     tl.store(part_ptr + p_off, acc, mask=mask_co[:, None] & mask_c[None, :])
+
+
+# ------------------------------------------------------------------------------------ statistics merge
+
+
+@triton.jit
+def _stats_merge_kernel(
+    pmean_ptr, pm2_ptr, mean_ptr, var_ptr, tiles, Cout, M, BLOCK_ROWS, last_count,
+    BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """Chan's parallel merge of per-tile (count, mean, M2) into per-channel mean and biased variance. Every
+    tile but the last holds BLOCK_ROWS rows. Two passes over the partials: the mean, then
+    M2 = sum M2_i + sum n_i (mean_i - mean)^2 (exact, no E[x^2] - E[x]^2)."""
+    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    mc = cols < Cout
+    dtype = mean_ptr.dtype.element_ty
+    total = tl.zeros([BLOCK_C], dtype)
+    for t0 in range(0, tiles, BLOCK_T):
+        t = t0 + tl.arange(0, BLOCK_T)
+        mt = t < tiles
+        cnt = tl.where(t == tiles - 1, last_count, BLOCK_ROWS).to(dtype)
+        cnt = tl.where(mt, cnt, 0.0)
+        off = t.to(tl.int64)[:, None] * Cout + cols[None, :]
+        pm = tl.load(pmean_ptr + off, mask=mt[:, None] & mc[None, :], other=0.0)
+        total += tl.sum(pm * cnt[:, None], axis=0)
+    mean = total / M
+    m2 = tl.zeros([BLOCK_C], dtype)
+    for t0 in range(0, tiles, BLOCK_T):
+        t = t0 + tl.arange(0, BLOCK_T)
+        mt = t < tiles
+        cnt = tl.where(t == tiles - 1, last_count, BLOCK_ROWS).to(dtype)
+        cnt = tl.where(mt, cnt, 0.0)
+        off = t.to(tl.int64)[:, None] * Cout + cols[None, :]
+        msk = mt[:, None] & mc[None, :]
+        pm = tl.load(pmean_ptr + off, mask=msk, other=0.0)
+        p2 = tl.load(pm2_ptr + off, mask=msk, other=0.0)
+        d = pm - mean[None, :]
+        m2 += tl.sum(p2 + d * d * cnt[:, None], axis=0)
+    tl.store(mean_ptr + cols, mean, mask=mc)
+    tl.store(var_ptr + cols, m2 / M, mask=mc)
 
 
 # ---------------------------------------------------------------------------------------------- configs
@@ -419,13 +466,14 @@ def _run_fwd(x, x_strides, wp, y, y_strides, dims, conv, bias, scale, shift, res
     if not stats:
         return None
     tiles = triton.cdiv(m, cfg["BLOCK_M"])
-    pmean, pm2 = pmean[:tiles], pm2[:tiles]
-    counts = torch.full((tiles,), float(cfg["BLOCK_M"]), dtype=acc, device=x.device)
-    counts[-1] = m - (tiles - 1) * cfg["BLOCK_M"]
-    # Chan's parallel merge of (count, mean, M2) partials: exact, no E[x^2] - E[x]^2 cancellation.
-    mean = (pmean * counts[:, None]).sum(0) / m
-    m2 = pm2.sum(0) + ((pmean - mean) ** 2 * counts[:, None]).sum(0)
-    return mean, m2 / m
+    mean = _checks.new_output(x, dtype=acc, shape=(cout,))
+    var = _checks.new_output(x, dtype=acc, shape=(cout,))
+    block_c = 32 if _INTERPRET else 64
+    _stats_merge_kernel[(triton.cdiv(cout, block_c),)](
+        pmean, pm2, mean, var, tiles, cout, m, cfg["BLOCK_M"], m - (tiles - 1) * cfg["BLOCK_M"],
+        BLOCK_T=32, BLOCK_C=block_c,
+    )
+    return mean, var
 
 
 def forward(x, w, bias, scale, shift, residual, stride, padding, dilation, relu, out, stats=False):

@@ -485,3 +485,25 @@ def test_fp32_follows_cudnn_tf32_flag(monkeypatch):
         monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", flag)
         assert tri._math_flags(x)["PREC"] == prec
     assert tri._math_flags(x.bfloat16())["UPCAST"] is False  # never upcast bf16 on a GPU
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="needs the Triton backend (GPU or interpreter)")
+def test_hybrid_falls_back_to_cudnn_when_triton_fails(monkeypatch):
+    from fastnets.triton_kernels import conv as tri
+    from fastnets.triton_kernels import conv_hybrid as hy
+
+    def boom(*a, **k):
+        raise RuntimeError("out of resources")
+
+    monkeypatch.setattr(hy, "_time_ms", lambda fn, reps=5: (fn(), 1.0)[1])
+    monkeypatch.setattr(hy, "choices", {})
+    monkeypatch.setattr(tri, "grad_weight", boom)
+    device = device_for("triton")
+    x, w, _, (s, p, d) = _inputs("1x1", torch.float32, False, device)
+    g = torch.randn(2, 16, 5, 5, device=device)
+    with pytest.warns(UserWarning, match="Triton kernel failed"):
+        dw = hy.grad_weight(g, x, tuple(w.shape), [s, s], [p, p], [d, d])
+    want = torch.ops.aten.convolution_backward(g, x, w, None, [s, s], [p, p], [d, d], False, [0, 0], 1,
+                                               [False, True, False])[1]
+    torch.testing.assert_close(dw, want)
+    assert list(hy.choices.values()) == ["cudnn"]

@@ -42,8 +42,11 @@ def _bn_kernels(device):
 
 def _key(prim, x, w_shape, stride, padding, dilation, *flags):
     cl = (not x.is_contiguous()) and x.is_contiguous(memory_format=torch.channels_last)
-    parts = [prim, tuple(x.shape), tuple(w_shape), tuple(stride), tuple(padding), tuple(dilation),
-             str(x.dtype).replace("torch.", ""), "cl" if cl else "nchw", *flags]
+    dtype = str(x.dtype).replace("torch.", "")
+    if x.dtype == torch.float32:
+        dtype += "-tf32" if torch.backends.cudnn.allow_tf32 else "-ieee"
+    parts = [prim, tuple(x.shape), tuple(w_shape), tuple(stride), tuple(padding), tuple(dilation), dtype,
+             "cl" if cl else "nchw", *flags]
     return "|".join(str(p) for p in parts)
 
 
@@ -66,7 +69,13 @@ def _choose(key, device, run_triton, run_cudnn):
         return c
     if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
         return "cudnn"
-    t_tri = _time_ms(run_triton)
+    try:
+        t_tri = _time_ms(run_triton)
+    except Exception as e:  # a Triton failure on some shape (resources, compiler) must not break `auto`
+        import warnings
+
+        warnings.warn(f"fastnets conv: the Triton kernel failed on {key} ({type(e).__name__}: {e}); using cuDNN")
+        t_tri = float("inf")
     t_cud = _time_ms(run_cudnn)
     c = "triton" if t_tri <= t_cud else "cudnn"
     with _lock:

@@ -6,6 +6,8 @@ from .backends import BackendUnavailableError, available_backends, current_backe
 _extension.load()  # warns once (and carries on) when the compiled extension is missing or mismatched
 
 from . import ops, nn  # noqa: E402  (ops register themselves in torch.ops.fastnets)
+from . import models  # noqa: E402
+from .convert import convert  # noqa: E402
 
 __all__ = [
     "__version__",
@@ -15,4 +17,6 @@ __all__ = [
     "use_backend",
     "ops",
     "nn",
+    "models",
+    "convert",
 ]

@@ -8,6 +8,14 @@ so GB/s compares like with like), the fraction of the device-to-device copy band
 peak memory, speedups against eager and compile, and the largest difference of the fastnets output and
 input gradient from eager's. The target: forward+backward >= 3x eager and >= torch.compile.
 
+Traffic model, in units of one pass over x (numel * 2 bytes): the fused block moves 4 forward (pool reads
+x; scale reads x and the shortcut, writes y) + 7 backward (reduce reads dy, x, y; apply reads dy, y, writes
+dx and d shortcut) = 11. Eager moves about 8 forward (mean 1, x*s 2, +shortcut 3, relu 2) + 13 backward
+(relu backward 3, x*s backward 2 + 4, mean backward and the sum of x's two gradients 4) = 21, plus ~25
+kernel launches. So against an eager whose kernels all run at full bandwidth the fused block can be at
+most ~1.9x faster on the big shapes; beyond that only eager's inefficiencies (launch gaps on the small
+stage-4 tensors, slow strided reductions) count. torch.compile can reach the same 11 units.
+
     python benchmarks/bench_squeeze_excite.py --out benchmarks/results [--quick]
 """
 import argparse
@@ -129,7 +137,8 @@ def run(shapes, out_dir, reps):
         torch.cuda.empty_cache()
     _add_speedups(rows)
     rows += _network_totals(rows, shapes)
-    path = write_results(out_dir, "squeeze_excite", rows, ceilings, extra={"batch": BATCH, "dtype": "bfloat16", "layout": "channels_last"})
+    path = write_results(out_dir, "squeeze_excite", rows, ceilings, extra={"batch": BATCH, "dtype": "bfloat16", "layout": "channels_last",
+                                                                  "traffic_units": {"fused": 11, "eager": 21}})
     print_table(rows, ["shape", "variant", "pass_", "ms", "GBps", "copy_fraction", "peak_MiB", "vs_eager", "vs_compile", "max_err_y", "max_err_dx"])
     for r in rows:
         if r.get("pass_") == "fwd+bwd" and r["variant"].startswith("fastnets") and "vs_eager" in r:

@@ -32,7 +32,7 @@ constexpr unsigned kFullMask = 0xffffffffu;
 constexpr int kThreads = 256;
 constexpr int kClChannels = 32;  // channels_last reduction block: 32 channels x 8 spatial rows
 constexpr int kClRows = kThreads / kClChannels;
-constexpr int kExciteSamples = 4;  // samples per block of the excite kernel
+constexpr int kExciteMaxSamples = 4;  // samples per block of the excite kernel: 4, 2 or 1
 constexpr int kExciteThreads = 512;
 
 // ---------------------------------------------------------------------------------------------------
@@ -148,15 +148,15 @@ __global__ void reduce_cl_kernel(const scalar_t* __restrict__ x, const scalar_t*
 }
 
 // ---------------------------------------------------------------------------------------------------
-// Excite: kExciteSamples samples per block, one warp per output unit, lanes over the input dimension
-// (coalesced rows of w1 [R, C] and w2 [C, R]). Layer 1 writes `hidden`; after the block barrier, layer 2
-// reads it back (global writes before __syncthreads are visible to the whole block).
+// Excite: BN samples per block, one warp per output unit, lanes over the input dimension (coalesced rows
+// of w1 [R, C] and w2 [C, R]). Layer 1 writes `hidden`; after the block barrier, layer 2 reads it back
+// (global writes before __syncthreads are visible to the whole block). Each block reads both weight
+// matrices once: BN trades that L2 traffic against the number of blocks (see launch_excite).
 
-template <typename acc_t, typename w_t>
+template <typename acc_t, typename w_t, int BN>
 __global__ void excite_kernel(const acc_t* __restrict__ pooled, const w_t* __restrict__ w1,
                               const w_t* __restrict__ b1, const w_t* __restrict__ w2, const w_t* __restrict__ b2,
                               acc_t* hidden, acc_t* __restrict__ gate, int64_t N, int64_t C, int64_t R) {
-  constexpr int BN = kExciteSamples;
   const int lane = threadIdx.x % kWarp;
   const int warp = threadIdx.x / kWarp;
   const int nwarps = blockDim.x / kWarp;
@@ -424,14 +424,28 @@ template <typename acc_t, typename w_t>
 void launch_excite(const at::Tensor& pooled, const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& w2,
                    const at::Tensor& b2, const at::Tensor& hidden, const at::Tensor& gate) {
   const int64_t N = pooled.size(0), C = pooled.size(1), R = w1.size(0);
-  const int64_t blocks = ceil_div(N, kExciteSamples);
+  // The most samples per block that still leaves about one block per two SMs or more.
+  const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  int bn = kExciteMaxSamples;
+  while (bn > 1 && ceil_div(N, bn) * 2 < sms) bn /= 2;
+  const int64_t blocks = ceil_div(N, bn);
   TORCH_CHECK(blocks <= 0x7fffffff, "fastnets::cuda_se_excite: too many samples: ", N);
   const auto stream = at::cuda::getCurrentCUDAStream();
-  excite_kernel<acc_t, w_t><<<static_cast<unsigned>(blocks), kExciteThreads, 0, stream>>>(
-      static_cast<const acc_t*>(pooled.const_data_ptr()), static_cast<const w_t*>(w1.const_data_ptr()),
-      static_cast<const w_t*>(b1.const_data_ptr()), static_cast<const w_t*>(w2.const_data_ptr()),
-      static_cast<const w_t*>(b2.const_data_ptr()), static_cast<acc_t*>(hidden.data_ptr()),
-      static_cast<acc_t*>(gate.data_ptr()), N, C, R);
+  const auto* pp = static_cast<const acc_t*>(pooled.const_data_ptr());
+  const auto* w1p = static_cast<const w_t*>(w1.const_data_ptr());
+  const auto* b1p = static_cast<const w_t*>(b1.const_data_ptr());
+  const auto* w2p = static_cast<const w_t*>(w2.const_data_ptr());
+  const auto* b2p = static_cast<const w_t*>(b2.const_data_ptr());
+  auto* hp = static_cast<acc_t*>(hidden.data_ptr());
+  auto* gp = static_cast<acc_t*>(gate.data_ptr());
+  const auto grid = static_cast<unsigned>(blocks);
+  if (bn == 4) {
+    excite_kernel<acc_t, w_t, 4><<<grid, kExciteThreads, 0, stream>>>(pp, w1p, b1p, w2p, b2p, hp, gp, N, C, R);
+  } else if (bn == 2) {
+    excite_kernel<acc_t, w_t, 2><<<grid, kExciteThreads, 0, stream>>>(pp, w1p, b1p, w2p, b2p, hp, gp, N, C, R);
+  } else {
+    excite_kernel<acc_t, w_t, 1><<<grid, kExciteThreads, 0, stream>>>(pp, w1p, b1p, w2p, b2p, hp, gp, N, C, R);
+  }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

@@ -237,8 +237,14 @@ def excite(pooled, w1, b1, w2, b2, block_n=None):
     acc = pooled.dtype
     hidden = _checks.new_output(pooled, shape=(n, r))
     gate = _checks.new_output(pooled, shape=(n, c))
-    bn = block_n or (8 if n >= 8 * _num_sms(pooled.device) else (4 if n >= 256 else 2))
-    bn = min(bn, triton.next_power_of_2(n))
+    if block_n is None:
+        # The most samples per program that still leaves about one program per two SMs: each program reads
+        # both weight matrices once, so fewer programs mean less L2 traffic but fewer busy SMs.
+        sms = _num_sms(pooled.device)
+        block_n = 8
+        while block_n > 1 and triton.cdiv(n, block_n) * 2 < sms:
+            block_n //= 2
+    bn = min(block_n, triton.next_power_of_2(n))
     br = min(triton.next_power_of_2(r), 32)
     bk = max(1, min(triton.next_power_of_2(c), 8192 // (bn * br)))
     bc = max(1, min(triton.next_power_of_2(c), 8192 // (bn * br)))

@@ -181,6 +181,29 @@ def test_backend_kernels_are_the_ones_run(backend, monkeypatch):
     assert calls == ["pool", "excite", "scale", "backward_reduce", "backward_apply"]
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_unaligned_storage_and_vector_tails(backend, dtype):
+    """Tensors whose data starts 2 bytes past an alignment boundary (the CUDA kernels' scalar fallback) and
+    element counts that are and are not a multiple of the 16-byte vector width."""
+    device = device_for(backend)
+    for shape in [(2, 16, 4, 4), (2, 13, 3, 5)]:
+        numel = 1
+        for d in shape:
+            numel *= d
+        x = torch.randn(numel + 1, device=device).to(dtype)[1:].view(shape)
+        res = torch.randn(numel + 1, device=device).to(dtype)[1:].view(shape)
+        ws = _weights(shape[1], 3, torch.float32, device)
+        ins = [_leaf(x), _leaf(res)] + [_leaf(t) for t in ws]
+        y = squeeze_excite(ins[0], *ins[2:], residual=ins[1], relu=True, backend=backend)
+        ref_ins = [_leaf(t.double()) for t in ins]
+        y_ref = eager_block(ref_ins[0], *ref_ins[2:], residual=ref_ins[1], relu=True)
+        assert_close(y, y_ref, dtype)
+        dy = torch.randn(numel + 1, device=device).to(dtype)[1:].view(shape)
+        for g, g_ref, t in zip(torch.autograd.grad(y, ins, dy), torch.autograd.grad(y_ref, ref_ins, dy.double()), ins):
+            assert_close(g, g_ref, t.dtype if t.dtype != torch.float32 else dtype, scale=2.0)
+
+
 def test_saves_no_more_than_eager():
     x = _leaf(torch.randn(4, 32, 8, 8))
     res = _leaf(torch.randn(4, 32, 8, 8))

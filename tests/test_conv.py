@@ -4,6 +4,8 @@ Tolerances: outputs and gradients are compared with a float64 torch computation 
 inputs, with conftest.TOL of the input dtype (fp32 on a GPU with TF32 allowed uses the fp16 tolerance:
 TF32 keeps 10 mantissa bits, as fp16 does). Weights are scaled by 1/sqrt(fan_in) so outputs are O(1).
 Under the Triton interpreter the shapes are tiny (N <= 2, C <= 16, H, W <= 15)."""
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -14,6 +16,10 @@ from fastnets.nn import Conv2d, ConvBNReLU2d, conv_bn_act
 from fastnets.ops.conv import conv2d, conv2d_batch_norm
 
 from conftest import DTYPES, GPU, TOL, backends_here, device_for
+
+# On a GPU the tests' many tiny shapes run the Triton kernels with one fixed tile configuration instead of
+# autotuning each (the benchmark autotunes); set before the kernels are first launched.
+os.environ.setdefault("FASTNETS_CONV_TUNE", "fixed")
 
 BACKENDS = backends_here("conv")
 
@@ -507,3 +513,17 @@ def test_hybrid_falls_back_to_cudnn_when_triton_fails(monkeypatch):
                                                [False, True, False])[1]
     torch.testing.assert_close(dw, want)
     assert list(hy.choices.values()) == ["cudnn"]
+
+
+@pytest.mark.skipif(not GPU, reason="needs a GPU (a tensor of more than 2**31 elements)")
+def test_int64_offsets_on_large_tensors():
+    """x and y of 64 x 5800 x 5800 = 2.15e9 elements each: element offsets past 2**31 must not wrap."""
+    x = torch.randn(1, 64, 5800, 5800, device="cuda", dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    w = (torch.randn(64, 64, 1, 1, device="cuda") / 8).to(torch.bfloat16)
+    y = conv2d(x, w, backend="triton")
+    tail = x[:, :, -3:, -3:]
+    want = F.conv2d(tail.float(), w.float())
+    _close(y[:, :, -3:, -3:], want, torch.bfloat16)
+    del y
+    y = conv2d(x.contiguous(), w, backend="triton")  # NCHW: the channel stride alone is 33.6e6
+    _close(y[:, -2:, -3:, -3:], want[:, -2:], torch.bfloat16)

@@ -122,15 +122,24 @@ def _conv_fwd_kernel(
         # One flat loop over (tap, channel block) so that Triton software-pipelines the loads across taps
         # (a nested per-tap loop would leave a one-iteration inner loop for C <= BLOCK_K).
         n_cb = tl.cdiv(C, BLOCK_K)
+        ok1 = mask_m & (ih0 >= 0) & (ih0 < H) & (iw0 >= 0) & (iw0 < W)  # the 1x1 case: one tap
+        a_row1 = x_base + ih0.to(tl.int64) * sxh + iw0.to(tl.int64) * sxw
         for it in range(0, KH * KW * n_cb):
-            tap = it // n_cb
-            c0 = (it - tap * n_cb) * BLOCK_K
-            r = tap // KW
-            s = tap - r * KW
-            ih = ih0 + r * dil_h
-            iw = iw0 + s * dil_w
-            ok = mask_m & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-            a_row = x_base + ih.to(tl.int64) * sxh + iw.to(tl.int64) * sxw
+            if KH * KW == 1:  # 1x1: a plain GEMM over the channels of the (strided) pixel rows
+                r = 0
+                s = 0
+                c0 = it * BLOCK_K
+                ok = ok1
+                a_row = a_row1
+            else:
+                tap = it // n_cb
+                c0 = (it - tap * n_cb) * BLOCK_K
+                r = tap // KW
+                s = tap - r * KW
+                ih = ih0 + r * dil_h
+                iw = iw0 + s * dil_w
+                ok = mask_m & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+                a_row = x_base + ih.to(tl.int64) * sxh + iw.to(tl.int64) * sxw
             offs_k = c0 + offs_k0
             mk = offs_k < C
             a = tl.load(
@@ -263,7 +272,7 @@ def _conv_wgrad_kernel(
     mask_c = offs_c < C
     gco = offs_co.to(tl.int64) * sgc
     xc = offs_c.to(tl.int64) * sxc
-    m_start = split.to(tl.int64) * rows_per_split
+    m_start = split * rows_per_split  # row indices stay int32 (M < 2**31): no int64 division in the loop
     m_end = tl.minimum(m_start + rows_per_split, M)
     if FP64:
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float64)
@@ -279,8 +288,9 @@ def _conv_wgrad_kernel(
         ih = oh * stride_h - pad_h + r * dil_h
         iw = ow * stride_w - pad_w + s * dil_w
         ok = mk & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-        g_row = n * sgn + oh * sgh + ow * sgw
-        x_row = n * sxn + ih * sxh + iw * sxw
+        n64 = n.to(tl.int64)
+        g_row = n64 * sgn + oh.to(tl.int64) * sgh + ow.to(tl.int64) * sgw
+        x_row = n64 * sxn + ih.to(tl.int64) * sxh + iw.to(tl.int64) * sxw
         gt = tl.load(g_ptr + g_row[:, None] + gco[None, :], mask=mk[:, None] & mask_co[None, :], other=0.0)
         xt = tl.load(x_ptr + x_row[:, None] + xc[None, :], mask=ok[:, None] & mask_c[None, :], other=0.0)
         acc = _mma(acc, tl.trans(gt), xt, UPCAST, FP64, PREC)
@@ -412,11 +422,19 @@ _wgrad_tuned = triton.autotune(
 _MIN_BLOCK_M = min(c.kwargs["BLOCK_M"] for c in _GEMM_CONFIGS)
 
 
+_FIXED_GPU_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8}
+
+
 def _launch(tuned, raw, grid, *args, **kwargs):
-    """Autotuned on a GPU; one fixed small configuration under the interpreter."""
+    """Autotuned on a GPU; one fixed small configuration under the interpreter, for float64, and with
+    FASTNETS_CONV_TUNE=fixed (the test suite on a GPU: many tiny shapes, no autotuning cost)."""
     if _INTERPRET or kwargs["FP64"]:
         cfg = _FP64_CONFIG if kwargs["FP64"] else _INTERP_CONFIG
         raw[grid(cfg)](*args, **kwargs, **cfg)
+        return cfg
+    if os.environ.get("FASTNETS_CONV_TUNE", "") == "fixed":
+        cfg = _FIXED_GPU_CONFIG
+        raw[grid(cfg)](*args, **kwargs, **cfg, num_warps=4, num_stages=3)
         return cfg
     tuned[grid](*args, **kwargs)
     return tuned.best_config.kwargs
@@ -448,7 +466,8 @@ def _run_fwd(x, x_strides, wp, y, y_strides, dims, conv, bias, scale, shift, res
     pmean = pm2 = None
     acc = acc_dtype(x)
     if stats:
-        tiles = triton.cdiv(m, min(_MIN_BLOCK_M, _INTERP_CONFIG["BLOCK_M"], _FP64_CONFIG["BLOCK_M"]))
+        tiles = triton.cdiv(m, min(_MIN_BLOCK_M, _INTERP_CONFIG["BLOCK_M"], _FP64_CONFIG["BLOCK_M"],
+                                   _FIXED_GPU_CONFIG["BLOCK_M"]))
         pmean = torch.empty((tiles, cout), dtype=acc, device=x.device)
         pm2 = torch.empty((tiles, cout), dtype=acc, device=x.device)
     dummy = y

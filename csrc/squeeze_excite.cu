@@ -67,8 +67,9 @@ __device__ __forceinline__ acc_t reduce_term(const scalar_t* __restrict__ x, con
                                              const scalar_t* __restrict__ y, int64_t i, bool grad, bool relu) {
   const acc_t xv = static_cast<acc_t>(x[i]);
   if (!grad) return xv;
-  if (relu && !(static_cast<acc_t>(y[i]) > acc_t(0))) return acc_t(0);
-  return static_cast<acc_t>(dy[i]) * xv;
+  // g = 0 where the ReLU masks, then g * x as torch computes it (0 * NaN stays NaN)
+  const acc_t g = (relu && !(static_cast<acc_t>(y[i]) > acc_t(0))) ? acc_t(0) : static_cast<acc_t>(dy[i]);
+  return g * xv;
 }
 
 // Writes the total of (n, c) for one split: the final value (divided by S when `mean`) when splits == 1.

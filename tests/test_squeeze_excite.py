@@ -365,6 +365,8 @@ def test_bad_inputs_raise_clear_errors():
         squeeze_excite(x, w1, b1.double(), w2, b2)
     with pytest.raises(ValueError, match="non-empty"):
         squeeze_excite(torch.randn(0, 8, 4, 4), w1, b1, w2, b2)
+    with pytest.raises(TypeError, match="float64 pooled needs float64 weights"):
+        se_excite(torch.rand(2, 8, dtype=torch.float64), w1, b1, w2, b2)
     with pytest.raises(ValueError, match="gate must have shape"):
         se_scale(x, torch.rand(2, 7))
     with pytest.raises(ValueError, match="fastnets backend must be one of"):

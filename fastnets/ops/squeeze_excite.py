@@ -394,6 +394,11 @@ def se_excite(pooled, w1, b1, w2, b2, backend=None):
     c, _ = _check_weights(None, pooled.device, w1, b1, w2, b2)
     if pooled.shape[1] != c or pooled.shape[0] == 0:
         raise ValueError(f"pooled must be (N >= 1, {c}), got {tuple(pooled.shape)}")
+    if (pooled.dtype == torch.float64) != (w1.dtype == torch.float64):
+        raise TypeError(
+            f"pooled is {pooled.dtype} but the weights are {w1.dtype}: float64 pooled needs float64 weights, "
+            "and float64 weights need float64 pooled"
+        )
     backend = _backend(backend)
     return torch.ops.fastnets.se_excite(pooled, w1, b1, w2, b2, backend)
 

@@ -13,9 +13,9 @@ as cuDNN's conv alone, training fwd+bwd >= 1.25x eager.
 
     python benchmarks/bench_conv.py --out benchmarks/results [--quick] [--no-compile] [--batch 256]
 
---quick: 3 shapes, a reduced autotuning list (FASTNETS_CONV_TUNE=quick), fewer repetitions, torch.compile of
-the training forward+backward of the first shape only; meant to finish in about 90 s on an H100 including
-autotuning and compilation.
+--quick: 3 shapes, one fixed tile configuration per kernel instead of autotuning (FASTNETS_CONV_TUNE=quick,
+so its Triton numbers are a lower bound), fewer repetitions, torch.compile of the training forward+backward of
+the first shape only; meant to finish in about 90 s on an H100 including Triton and inductor compilation.
 """
 import argparse
 import math

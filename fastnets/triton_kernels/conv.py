@@ -360,8 +360,8 @@ _GEMM_CONFIGS = [
 ]
 
 
-if os.environ.get("FASTNETS_CONV_TUNE", "") == "quick":  # benchmarks' --quick: a shorter autotuning list
-    _GEMM_CONFIGS = [_cfg(128, 128, 64, 8, 4), _cfg(128, 64, 64, 4, 4)]
+if os.environ.get("FASTNETS_CONV_TUNE", "") == "quick":  # benchmarks' --quick: no autotuning, one config
+    _GEMM_CONFIGS = [_cfg(128, 64, 64, 4, 4)]
 
 
 def _prune_channels(kname, nname):
@@ -394,7 +394,7 @@ _WGRAD_CONFIGS = [
 
 
 if os.environ.get("FASTNETS_CONV_TUNE", "") == "quick":
-    _WGRAD_CONFIGS = [_cfg(128, 128, 64, 8, 3), _cfg(64, 64, 64, 4, 4)]
+    _WGRAD_CONFIGS = [_cfg(64, 64, 64, 4, 4)]
 
 
 def _prune_wgrad(configs, named_args, **kwargs):

@@ -448,9 +448,17 @@ def conv2d_batch_norm(
 
 
 def _update_running_stats(running_mean, running_var, mean, var, momentum, count):
+    """new = (1 - momentum) * old + momentum * batch, the variance unbiased, as torch.nn.BatchNorm2d does
+    (one lerp_ kernel per buffer when the dtypes match)."""
     with torch.no_grad():
         if running_mean is not None:
-            running_mean.copy_(momentum * mean + (1 - momentum) * running_mean.to(mean.dtype))
+            if running_mean.dtype == mean.dtype:
+                running_mean.lerp_(mean, momentum)
+            else:
+                running_mean.copy_(momentum * mean + (1 - momentum) * running_mean.to(mean.dtype))
         if running_var is not None:
             unbiased = var * (count / (count - 1))
-            running_var.copy_(momentum * unbiased + (1 - momentum) * running_var.to(unbiased.dtype))
+            if running_var.dtype == unbiased.dtype:
+                running_var.lerp_(unbiased, momentum)
+            else:
+                running_var.copy_(momentum * unbiased + (1 - momentum) * running_var.to(unbiased.dtype))

@@ -84,8 +84,10 @@ def _add_relu(y, residual, relu):
 def fused_conv_bn(conv, bn, x, residual=None, relu=False):
     """[relu](bn(conv(x)) [+ residual]) with conv_bn_act; a residual that cannot be fused (another shape or
     dtype: broadcasting, autocast promotion) is added after, as the original model did."""
-    if x.dim() != 4:
-        return _add_relu(bn(conv(x)), residual, relu) if residual is not None else (torch.relu(bn(conv(x))) if relu else bn(conv(x)))
+    if x.dim() != 4:  # unbatched input: the modules as they are
+        y = bn(conv(x))
+        y = y + residual if residual is not None else y
+        return torch.relu(y) if relu else y
     if residual is not None and not _residual_fits(residual, _conv_out_shape(conv, x), _result_dtype(x), x.device):
         return _add_relu(conv_bn_act(conv, bn, x, relu=False), residual, relu)
     return conv_bn_act(conv, bn, x, residual=residual, relu=relu)
@@ -95,7 +97,8 @@ def fused_bn(bn, x, residual=None, relu=False):
     """[relu](bn(x) [+ residual]) with bn_act (same fallback for a residual that does not fit)."""
     if x.dim() != 4:
         y = bn(x)
-        return _add_relu(y, residual, relu) if residual is not None else (torch.relu(y) if relu else y)
+        y = y + residual if residual is not None else y
+        return torch.relu(y) if relu else y
     if residual is not None and not _residual_fits(residual, x.shape, x.dtype, x.device):
         return _add_relu(bn_act(bn, x), residual, relu)
     return bn_act(bn, x, residual=residual, relu=relu)
@@ -269,7 +272,8 @@ class _Graph:
     def drop_identities(self):
         for node in list(self.graph.nodes):
             m = self.mod(node)
-            if type(m) is nn.Identity and not _has_hooks(m) and len(node.args) == 1 and not node.kwargs:
+            if (type(m) is nn.Identity and not _has_hooks(m) and len(node.args) == 1 and not node.kwargs
+                    and isinstance(node.args[0], fx.Node)):
                 node.replace_all_uses_with(node.args[0])
                 self.graph.erase_node(node)
 
@@ -441,7 +445,7 @@ def _is_fastnets(m):
 
 def _trace(module, extra_leaves=()):
     """(GraphModule, None), or (None, reason). Traces in train and eval mode and requires the same code."""
-    was_training = module.training
+    modes = [(m, m.training) for m in module.modules()]  # each module's own mode (a frozen BN stays in eval)
     codes, gm = [], None
     try:
         for mode in (True, False):
@@ -453,7 +457,8 @@ def _trace(module, extra_leaves=()):
     except Exception as e:  # noqa: BLE001  (anything a forward does with a Proxy can fail)
         return None, f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
     finally:
-        module.train(was_training)
+        for m, mode in modes:
+            m.training = mode
     if codes[0] != codes[1]:
         return None, "its forward differs between train and eval mode"
     return gm, None
@@ -467,24 +472,26 @@ def _install_forward(module, forward, tag):
 
 
 def _rewrite(module, prefix, report, extra_leaves=()):
-    """Trace `module`, fuse its patterns; True when it traced (whether or not anything was fused)."""
+    """Trace `module` and fuse its patterns. Returns None when it does not trace, else the names of the
+    submodules its graph still calls (leaves of the trace)."""
     gm, reason = _trace(module, extra_leaves)
     if gm is None:
         report.untraced.append((prefix, reason))
-        return False
+        return None
+    called = OrderedDict.fromkeys(n.target for n in gm.graph.nodes if n.op == "call_module")
     g = _Graph(gm, prefix, report)
     before = {k: len(v) for k, v in report.fused.items()}
     g.drop_identities()
     g.squeeze_excite()
     g.batch_norms()
     if {k: len(v) for k, v in report.fused.items()} == before:
-        return True
+        return list(called)
     gm.graph.lint()
     gm.recompile()
     _install_forward(module, type(gm).forward, "fx")
     module._fastnets_code = gm.code
     report.traced.append(prefix)
-    return True
+    return list(called)
 
 
 def _has_forward(module):
@@ -516,9 +523,12 @@ def _convert(module, prefix, report, cache):
         # known blocks that do not trace are leaves of the trace, converted from the registry
         leaves = [(n, m) for n, m in module.named_modules()
                   if m is not module and type(m) in _REGISTRY and callable(_registry_forward(m, cache))]
-        if _rewrite(module, prefix, report, extra_leaves=[m for _, m in leaves]):
-            for name, m in leaves:
-                if not _is_fastnets(m):
+        called = _rewrite(module, prefix, report, extra_leaves=[m for _, m in leaves])
+        if called is not None:
+            # leaves of the trace that hold modules of their own: registry blocks, modules with hooks
+            for name in called:
+                m = module.get_submodule(name)
+                if list(m.children()):
                     _convert(m, f"{prefix}.{name}" if prefix else name, report, cache)
             return
     for name, child in module.named_children():

@@ -322,3 +322,25 @@ def test_report_is_a_conversion_report():
     assert isinstance(report, ConversionReport)
     assert report.counts()["conv_bn_relu"] == 2
     assert repr(report) == str(report)
+
+
+def test_convert_keeps_each_module_mode_and_converts_inside_hooked_blocks():
+    """A BatchNorm frozen in eval mode inside a training model stays so; a block with a hook is a leaf of
+    the model's trace (its hook must run) but is converted inside."""
+    original = randomize(Hand()).double().train()
+    original.stem[1].eval()  # frozen BN
+    seen = []
+    original.block.register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    converted, report = fastnets.convert(original, return_report=True)
+    assert converted.training and not converted.stem[1].training
+    assert "block" in report.traced and "block.conv1+bn1" in report.fused["conv_bn_relu"]
+    x = torch.randn(4, 3, 8, 8, dtype=torch.float64)
+    torch.manual_seed(0)
+    a = converted(x)
+    torch.manual_seed(0)
+    b = original(x)
+    assert_close(a, b)
+    assert len(seen) == 2
+    sd_a, sd_b = converted.state_dict(), original.state_dict()
+    for k in sd_b:
+        assert_close(sd_a[k].double(), sd_b[k].double(), msg=lambda m, k=k: f"{k}: {m}")

@@ -56,13 +56,14 @@ def excite_backward(grad_gate, grad_hidden, pooled, hidden, gate, w1, w2):
     """Backward of the small network on [N, C] tensors (plain torch ops on every backend).
     w1 [R, C], w2 [C, R]; returns (grad_pooled, grad_w1 [R, C], grad_b1, grad_w2 [C, R], grad_b2), acc dtype."""
     acc = gate.dtype
-    dz2 = grad_gate.to(acc) * gate * (1 - gate)
+    aten = torch.ops.aten
+    dz2 = aten.sigmoid_backward(grad_gate.to(acc), gate)  # grad * gate * (1 - gate), one kernel
     grad_w2 = dz2.t() @ hidden
     grad_b2 = dz2.sum(0)
     dh = dz2 @ w2.to(acc)
     if grad_hidden is not None:
         dh = dh + grad_hidden.to(acc)
-    dz1 = torch.where(hidden > 0, dh, torch.zeros((), dtype=acc, device=dh.device))
+    dz1 = aten.threshold_backward(dh, hidden, 0)  # dh where hidden > 0, else 0 (as torch's ReLU backward)
     grad_w1 = dz1.t() @ pooled.to(acc)
     grad_b1 = dz1.sum(0)
     grad_pooled = dz1 @ w1.to(acc)

@@ -349,7 +349,7 @@ class _Graph:
             if type(m) is not nn.Sigmoid or _has_hooks(m):
                 return None
         elif not ((gate.op == "call_function" and gate.target in _SIGMOID_FUNCS) or
-                  (gate.op == "call_method" and gate.target == "sigmoid")):
+                  (gate.op == "call_method" and gate.target in ("sigmoid", "sigmoid_"))):
             return None
         if len(gate.args) != 1 or gate.kwargs:
             return None
@@ -633,6 +633,13 @@ def _tv_basic_conv(m):
     return forward
 
 
+def _is_sigmoid_module(g):
+    """torch's nn.Sigmoid or timm's layers.activations.Sigmoid (x.sigmoid(), in place or not), without hooks."""
+    if g is None or _has_hooks(g):
+        return False
+    return type(g) is nn.Sigmoid or (type(g).__module__ == "timm.layers.activations" and type(g).__name__ == "Sigmoid")
+
+
 def _timm_resnet_block(m):
     bottleneck = hasattr(m, "conv3")
     pairs = [("conv1", "bn1"), ("conv2", "bn2")] + ([("conv3", "bn3")] if bottleneck else [])
@@ -650,7 +657,7 @@ def _timm_resnet_block(m):
     if se is not None:
         ok = (type(se).__name__ == "SEModule" and not getattr(se, "add_maxpool", False)
               and _plain(getattr(se, "bn", None), nn.Identity) and _plain(getattr(se, "act", None), nn.ReLU)
-              and type(getattr(se, "gate", None)) is nn.Sigmoid and hasattr(se, "fc1") and hasattr(se, "fc2"))
+              and _is_sigmoid_module(getattr(se, "gate", None)) and hasattr(se, "fc1") and hasattr(se, "fc2"))
         if not ok:
             return "its se module is not a plain SEModule (ReLU, sigmoid gate)"
 
@@ -677,37 +684,33 @@ def _timm_resnet_block(m):
     return forward
 
 
-def _register_known_blocks():
-    import importlib
-
-    try:
-        densenet, googlenet, resnet = (importlib.import_module(f"torchvision.models.{n}")
-                                       for n in ("densenet", "googlenet", "resnet"))
-    except Exception:  # noqa: BLE001  (torchvision is optional)
-        pass
-    else:
-        register_block(resnet.BasicBlock, _tv_resnet_block)
-        register_block(resnet.Bottleneck, _tv_resnet_block)
-        register_block(densenet._DenseLayer, _tv_dense_layer)
-        register_block(googlenet.BasicConv2d, _tv_basic_conv)
-    try:
-        import warnings
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            timm_resnet = importlib.import_module("timm.models.resnet")
-    except Exception:  # noqa: BLE001  (timm is optional)
-        pass
-    else:
-        register_block(timm_resnet.Bottleneck, _timm_resnet_block)
-        register_block(timm_resnet.BasicBlock, _timm_resnet_block)
-
-
-_registry_loaded = False
-
-
 def _ensure_registry():
-    global _registry_loaded
-    if not _registry_loaded:
-        _registry_loaded = True
-        _register_known_blocks()
+    """Register the known torchvision/timm blocks, once each library is imported (a model holding their
+    blocks has imported them; fastnets itself never imports either)."""
+    import importlib
+    import sys
+
+    if "torchvision" in sys.modules and "torchvision" not in _registered_libs:
+        _registered_libs.add("torchvision")
+        try:
+            densenet, googlenet, resnet = (importlib.import_module(f"torchvision.models.{n}")
+                                           for n in ("densenet", "googlenet", "resnet"))
+        except Exception:  # noqa: BLE001
+            pass
+        else:
+            register_block(resnet.BasicBlock, _tv_resnet_block)
+            register_block(resnet.Bottleneck, _tv_resnet_block)
+            register_block(densenet._DenseLayer, _tv_dense_layer)
+            register_block(googlenet.BasicConv2d, _tv_basic_conv)
+    if "timm" in sys.modules and "timm" not in _registered_libs:
+        _registered_libs.add("timm")
+        try:
+            timm_resnet = importlib.import_module("timm.models.resnet")
+        except Exception:  # noqa: BLE001
+            pass
+        else:
+            register_block(timm_resnet.Bottleneck, _timm_resnet_block)
+            register_block(timm_resnet.BasicBlock, _timm_resnet_block)
+
+
+_registered_libs = set()

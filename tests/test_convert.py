@@ -266,7 +266,7 @@ def test_registry_blocks_convert_when_fx_cannot_trace(monkeypatch):
     conv_mod = sys.modules["fastnets.convert"]
     real_trace = conv_mod._trace
     monkeypatch.setattr(conv_mod, "_trace", lambda module, extra_leaves=(): (None, "forced")
-                        if type(module).__module__.startswith("torchvision") else real_trace(module, extra_leaves))
+                        if type(module).__module__.startswith(("torchvision", "timm")) else real_trace(module, extra_leaves))
     original = randomize(Untraceable()).double()
     converted, report = fastnets.convert(original, return_report=True)
     assert sorted(c for _, c in report.registry) == ["torchvision BasicBlock", "torchvision Bottleneck"]
@@ -278,6 +278,13 @@ def test_registry_blocks_convert_when_fx_cannot_trace(monkeypatch):
     kinds = {c for _, c in report.registry}
     assert kinds == {"torchvision _DenseLayer"} and len(report.registry) == 58
     check_equivalent(dense, converted, torch.randn(4, 3, 32, 32, dtype=torch.float64), torch.tensor([0, 1, 2, 3]), steps=1)
+
+    if timm is not None:
+        se = randomize(timm.create_model("seresnet50", num_classes=10)).double()
+        converted, report = fastnets.convert(se, return_report=True)
+        assert {c for _, c in report.registry} == {"timm Bottleneck"} and len(report.registry) == 16
+        check_equivalent(se, converted, torch.randn(4, 3, 32, 32, dtype=torch.float64), torch.tensor([0, 1, 2, 3]),
+                         steps=1)
 
 
 def test_nothing_to_replace_returns_model_unchanged():

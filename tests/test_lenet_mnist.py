@@ -74,3 +74,15 @@ def test_load_mnist_errors_name_the_file(tmp_path):
              x_test=np.zeros((2, 28, 28), np.uint8), y_test=np.arange(2, dtype=np.uint8))
     d = load_mnist(tmp_path)
     assert d.x_train.shape == (3, 28, 28) and d.y_test.dtype == np.int64
+
+
+def test_load_mnist_shared_data_layout():
+    """The benchmark data layout (../shared/data/mnist.npz beside the project), when this machine has it."""
+    import os
+
+    root = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
+    if not os.path.isfile(os.path.join(root, "mnist.npz")):
+        pytest.skip("../shared/data/mnist.npz not present")
+    d = load_mnist(root)
+    assert d.x_train.shape == (60000, 28, 28) and d.x_test.shape == (10000, 28, 28)
+    assert sorted(np.unique(d.y_train)) == list(range(10))

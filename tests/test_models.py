@@ -95,7 +95,7 @@ ARCHS = {
 # Train mode, gradients and running statistics after SGD steps, in float64. The AlexNet/VGG classifiers are
 # plain torch.nn.Linear layers of 100M parameters (minutes in float64 on a CPU), so for those the fused part,
 # `features`, is what is trained and compared.
-TRAIN = ["resnet18", "resnet50", "densenet121", "googlenet", "se_resnet50", "alexnet", "vgg11_bn"]
+TRAIN = ["resnet18", "resnet34", "resnet50", "densenet121", "googlenet", "se_resnet50", "alexnet", "vgg11_bn"]
 FEATURES_ONLY = {"alexnet", "vgg11_bn"}
 
 

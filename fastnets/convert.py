@@ -153,7 +153,8 @@ class ConversionReport:
                     lines.append(f"  fused {pattern:<17} x{len(names):<4} e.g. {', '.join(names[:3])}")
             for kind, names in self.swapped.items():
                 if names:
-                    lines.append(f"  {kind:<23} x{len(names):<4} -> fastnets.nn.{kind} (e.g. {', '.join(names[:3])})")
+                    lines.append(f"  {kind + ' modules':<23} x{len(names):<4} now fastnets.nn.{kind} "
+                                 f"(drop-in subclass; e.g. {', '.join(names[:3])})")
             if self.traced:
                 lines.append(f"  rewritten with torch.fx: {', '.join(n or '<model>' for n in self.traced[:6])}"
                              + (f" (+{len(self.traced) - 6} more)" if len(self.traced) > 6 else ""))

@@ -409,3 +409,18 @@ def test_info_and_env_selection(tmp_path):
     env["FASTNETS_BACKEND"] = "nonsense"
     bad = subprocess.run([sys.executable, "-c", "import fastnets"], env=env, capture_output=True, text=True)
     assert bad.returncode != 0 and "FASTNETS_BACKEND must be one of" in bad.stderr
+
+
+def test_auto_skips_a_backend_that_fails_to_import(monkeypatch):
+    """Under auto, a backend module that fails to import (an extension older than the op family) is skipped
+    with a warning; asked for by name, it raises."""
+    from fastnets import backends
+    from fastnets.ops import _registry
+
+    monkeypatch.setattr(backends, "unavailable_reason", lambda name, device: None)
+    _registry.register_family("_test_broken", {"reference": ".reference.batch_norm", "cuda": ".no_such_module"})
+    with pytest.warns(RuntimeWarning, match="falls back from its cuda backend"):
+        mod = _registry.kernels("_test_broken", "auto", torch.device("cuda"))
+    assert mod.__name__ == "fastnets.reference.batch_norm"
+    with pytest.raises(ImportError):
+        _registry.kernels("_test_broken", "cuda", torch.device("cuda"))

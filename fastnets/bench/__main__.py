@@ -11,29 +11,29 @@ PROFILES = {
     "cpu": dict(models=["lenet5", "resnet18_cifar"], backends=["eager", "fastnets"], precision="fp32",
                 warmup=1, iters=1, repeats=3, batch={"lenet5": 64, "resnet18_cifar": 8},
                 fidelity_images=64, fidelity_batch=32, train_models=["lenet5"], epochs={"mnist": 3, "cifar10": 1},
-                train_batch=64, max_train_images=None, time_budget=None),
+                train_batch=64, max_train_images=None, max_test_images=1000, time_budget=None),
     # the smallest run, for tests: one model, a few iterations, a small training subset
     "tiny": dict(models=["lenet5"], backends=["eager", "fastnets"], precision="fp32", warmup=1, iters=1, repeats=2,
                  batch={"lenet5": 32}, fidelity_images=32, fidelity_batch=32, train_models=["lenet5"],
-                 epochs={"mnist": 3, "cifar10": 1}, train_batch=32, max_train_images=1024, time_budget=None),
+                 epochs={"mnist": 3, "cifar10": 1}, train_batch=32, max_train_images=1024, max_test_images=1000, time_budget=None),
     # GPU: every model, few iterations, one epoch of training; compiled backends as the time budget allows
     "quick": dict(models=None, backends=None, precision="bf16", warmup=2, iters=3, repeats=3, batch={},
                   fidelity_images=256, fidelity_batch=128, train_models=None, epochs={"mnist": 1, "cifar10": 1},
-                  train_batch=512, max_train_images=None, time_budget=330),
+                  train_batch=512, max_train_images=None, time_budget=300, imagenet_batch=128),
     "full": dict(models=None, backends=None, precision="bf16", warmup=5, iters=10, repeats=5, batch={},
                  fidelity_images=2000, fidelity_batch=250, train_models=None, epochs={"mnist": 10, "cifar10": 15},
-                 train_batch=512, max_train_images=None, time_budget=None),
+                 train_batch=512, max_train_images=None, time_budget=None, imagenet_batch=256),
 }
 # models whose every backend is measured first (the targets are about them)
 PRIORITY = ["resnet50", "se_resnet50"]
 
 
-def default_batch(spec, device_is_cuda):
+def default_batch(spec, device_is_cuda, imagenet_batch=256):
     if not device_is_cuda:
         return 16
     if spec.task == "segmentation":
         return 16
-    return 512 if spec.image_size <= 32 else 256
+    return 512 if spec.image_size <= 32 else imagenet_batch
 
 
 def parse_list(text, valid, what, error):
@@ -72,6 +72,8 @@ def build_parser():
     p.add_argument("--epochs", type=int, help="training epochs (default per profile and data set)")
     p.add_argument("--train-batch-size", type=int)
     p.add_argument("--max-train-images", type=int, help="train on the first N training images only")
+    p.add_argument("--max-test-images", type=int, help="evaluate on a fixed random N test images only "
+                   "(default: all on a GPU, 1,000 on the CPU)")
     p.add_argument("--fidelity-images", type=int, help="real images for the fidelity check (0: skip)")
     p.add_argument("--data", default=os.environ.get("FASTNETS_DATA"),
                    help="folder with mnist.npz and cifar10_jpeg.npz (default: $FASTNETS_DATA; without it, the "
@@ -163,7 +165,7 @@ def resolve_settings(args, parser):
     threads = args.threads or idle_threads()
     batch = {}
     for n in set(models):
-        batch[n] = args.batch_size or P["batch"].get(n) or default_batch(M.spec(n), cuda)
+        batch[n] = args.batch_size or P["batch"].get(n) or default_batch(M.spec(n), cuda, P.get("imagenet_batch", 256))
     return {
         "profile": profile,
         "device": device,
@@ -182,6 +184,7 @@ def resolve_settings(args, parser):
         "epochs": {k: (args.epochs or v) for k, v in P["epochs"].items()},
         "train_batch_size": args.train_batch_size or P["train_batch"],
         "max_train_images": args.max_train_images or P["max_train_images"],
+        "max_test_images": args.max_test_images or P.get("max_test_images") or (None if cuda else 1000),
         "data": os.path.abspath(args.data) if args.data else None,
         "out": os.path.abspath(args.out),
         "time_budget_s": args.time_budget if args.time_budget is not None else P["time_budget"],
@@ -218,18 +221,19 @@ def load_data(settings, notes, progress):
             cifar = D.load_cifar10(folder, device=device)
     else:
         mnist = D.load_mnist(None)
-        notes.append(mnist.note)
+        pass  # the data set's note says so
         if needs_cifar:
             notes.append("no --data folder: CIFAR-10 training skipped (it needs cifar10_jpeg.npz)")
-    cap = settings["max_train_images"]
-    for ds in (mnist, cifar):
-        if ds is not None and cap and cap < len(ds.train):
-            import torch
+    import torch
 
-            keep = torch.randperm(len(ds.train), generator=torch.Generator().manual_seed(settings["seed"]))[:cap]
-            keep = keep.sort().values
-            ds.train = D.Split(ds.train.x[keep], ds.train.y[keep], ds.train.source)
-            ds.note = (ds.note + "; " if ds.note else "") + f"training on a fixed random {cap} of the training images"
+    for ds in (mnist, cifar):
+        for part, cap in (("train", settings["max_train_images"]), ("test", settings["max_test_images"])):
+            split = getattr(ds, part) if ds is not None else None
+            if split is not None and cap and cap < len(split):
+                keep = torch.randperm(len(split), generator=torch.Generator().manual_seed(settings["seed"]))[:cap]
+                keep = keep.sort().values
+                setattr(ds, part, D.Split(split.x[keep], split.y[keep], split.source))
+                ds.note = (ds.note + "; " if ds.note else "") + f"{part} split: a fixed random {cap} of its images"
     if progress:
         print(f"data loaded in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
     return mnist, cifar
@@ -289,6 +293,8 @@ def run(settings, show_progress=True):
     for ds in (mnist, cifar):
         if ds is not None:
             report["data"][ds.name] = ds.describe()
+            if ds.note and ds.note not in notes:
+                notes.append(f"{ds.name}: {ds.note}")
 
     # parameters and FLOPs
     all_models = list(dict.fromkeys(settings["models"] + settings["train_models"]))
@@ -305,14 +311,20 @@ def run(settings, show_progress=True):
                 "note": s.published.note, "kind": "literature value (ImageNet-1k validation), not measured here"},
         })
 
-    # throughput: priority models with every backend, then the others without the compiled backends, whose
-    # compilation is left to the end where a time budget applies
+    # throughput. With a time budget: every model with the plain backends, ResNet-50 (the targets' model) with
+    # every backend but fastnets-compile, first; the remaining compiled backends at the end, as far as the
+    # budget allows. Without a budget: everything in model order.
     models = settings["models"]
     order = [m for m in PRIORITY if m in models] + [m for m in models if m not in PRIORITY]
     plain = [b for b in settings["backends"] if b not in T.COMPILED]
     compiled = [b for b in settings["backends"] if b in T.COMPILED]
-    phase_a = [(m, plain + compiled if (m in PRIORITY or settings["time_budget_s"] is None) else plain) for m in order]
-    phase_b = [(m, compiled) for m in order if m not in PRIORITY and settings["time_budget_s"] is not None]
+    if settings["time_budget_s"] is None:
+        phase_a, phase_b = [(m, plain + compiled) for m in order], []
+    else:
+        first = {(PRIORITY[0], "compile")}
+        phase_a = [(m, plain + [b for b in compiled if (m, b) in first]) for m in order]
+        phase_b = [(m, [b for b in compiled if (m, b) not in first]) for m in order]
+        phase_b = [(m, bs) for m, bs in phase_b if bs]
     pairs = {}
 
     def model_pair(name):
@@ -346,16 +358,21 @@ def run(settings, show_progress=True):
     if settings["modes"] and models:
         measure_all(phase_a, "throughput")
 
-    # fidelity on real images
-    images, mean, std, image_source = None, None, None, None
+    # fidelity on real images (MNIST for 1-channel models, CIFAR-10 for the others when it was loaded)
     n_fid = settings["fidelity_images"]
-    src = cifar if cifar is not None else mnist
-    if n_fid and src is not None:
-        images = src.test.x[:n_fid]
-        mean, std = src.mean, src.std
-        image_source = f"{src.name} test images, resized to each model's input"
-    if images is not None:
+
+    def fidelity_images(spec):
+        src = mnist if spec.in_channels == 1 and mnist is not None else (cifar if cifar is not None else mnist)
+        if not n_fid or src is None:
+            return None, None, None, None
+        resized = " padded/resized to the model's input" if src.test.x.shape[-1] != spec.image_size else ""
+        return src.test.x[:n_fid], src.mean, src.std, f"{src.name} test images{resized}"
+
+    if n_fid:
         for name in progress_bar(models, desc="fidelity", disable=not show_progress):
+            images, mean, std, image_source = fidelity_images(M.spec(name))
+            if images is None:
+                continue
             if not budget.allows(10):
                 report["fidelity"] += [{"model": name, "mode": m, "status": "skipped", "weights": "-",
                                         "reason": "time budget"} for m in ("eval", "train")]
@@ -411,7 +428,7 @@ def run(settings, show_progress=True):
                     fast = M.build_fastnets(name, like=trained_eager)
             except Exception as ex:  # noqa: BLE001
                 why = str(ex)
-            test = ds.test.x[: max(n_fid, 1000)]
+            test = ds.test.x
             rows = accuracy.fidelity(name, trained_eager, fast, test, ds.mean, ds.std, device=device,
                                      precision=settings["precision"], batch_size=settings["fidelity_batch"],
                                      weights=f"trained here on {ds.name} (eager run)",

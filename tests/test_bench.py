@@ -216,12 +216,22 @@ def test_data_errors_name_the_file_and_format(tmp_path):
 
 
 def test_cli_data_folder_without_files(tmp_path, capsys):
+    # asked for explicitly: an error naming the file and its format, nothing written
     rc = cli.main(["--profile", "tiny", "--device", "cpu", "--data", str(tmp_path), "--out", str(tmp_path / "o"),
-                   "--no-progress"])
+                   "--train-models", "lenet5", "--no-progress"])
     assert rc == 2
     err = capsys.readouterr().err
     assert "has no mnist.npz" in err and "x_train" in err
     assert not (tmp_path / "o").exists()
+
+
+def test_cli_default_training_skips_a_missing_data_set_with_a_note(tmp_path):
+    rc = cli.main(["--profile", "tiny", "--device", "cpu", "--data", str(tmp_path), "--out", str(tmp_path / "o"),
+                   "--modes", "infer", "--fidelity-images", "0", "--no-progress"])
+    assert rc == 0
+    report = json.loads((tmp_path / "o" / "fastnets-bench_cpu.json").read_text())
+    assert report["trained"] == []
+    assert any("lenet5 skipped" in n and "has no mnist.npz" in n and "x_train" in n for n in report["notes"])
 
 
 # ------------------------------------------------------------------------------------------- bad input
@@ -276,3 +286,17 @@ def test_same_weights_in_eager_and_fastnets():
     assert why is None
     for (k, a), b in zip(eager.state_dict().items(), fast.state_dict().values()):
         assert torch.equal(a, b), k
+
+
+def test_fidelity_metrics_separate_near_ties_from_real_flips():
+    from fastnets.bench.accuracy import compare
+
+    a = torch.tensor([[5.0, 1.0, 0.0], [2.0, 1.99, 0.0], [0.0, 3.0, 1.0], [1.0, 0.0, 4.0]])
+    b = a.clone()
+    b[1] = torch.tensor([1.99, 2.0, 0.0])  # a near tie flips: margin 0.01 within the 0.01 difference
+    assert compare(a, b)["disagreements_not_near_tie"] == 0
+    b[2] = torch.tensor([3.0, 0.0, 1.0])  # a confident prediction flips: a real disagreement
+    m = compare(a, b)
+    assert m["disagreements"] == 2 and m["disagreements_not_near_tie"] == 1 and m["near_ties"] == 1
+    assert m["top1_agreement"] == 0.5 and m["max_abs_diff"] == pytest.approx(3.0)
+    assert m["max_rel_diff"] == pytest.approx(3.0 / 5.0)

@@ -180,6 +180,7 @@ def resolve_settings(args, parser):
         "fidelity_images": P["fidelity_images"] if args.fidelity_images is None else args.fidelity_images,
         "fidelity_batch": P["fidelity_batch"],
         "train_models": train_models,
+        "train_models_explicit": args.train_models is not None,
         "train_backends": train_backends,
         "epochs": {k: (args.epochs or v) for k, v in P["epochs"].items()},
         "train_batch_size": args.train_batch_size or P["train_batch"],
@@ -201,14 +202,20 @@ def load_data(settings, notes, progress):
     from . import data as D
 
     folder, device = settings["data"], settings["device"]
+    if folder is not None:
+        # a data set the user asked to train on must be there; one the profile trains on by default is
+        # skipped with a note naming the missing file (a GPU call carries CIFAR-10 or MNIST, not both)
+        for filename, wanted in ((D.MNIST_FILE, lambda n: n == "lenet5"), (D.CIFAR10_FILE, lambda n: n.endswith("_cifar"))):
+            if any(wanted(n) for n in settings["train_models"]) and not os.path.isfile(os.path.join(folder, filename)):
+                if settings["train_models_explicit"]:
+                    D.require_file(folder, filename)
+                skipped = [n for n in settings["train_models"] if wanted(n)]
+                settings["train_models"] = [n for n in settings["train_models"] if not wanted(n)]
+                notes.append(f"training of {', '.join(skipped)} skipped: {folder} has no {filename} "
+                             f"(expected: {D.FORMATS[filename]})")
     needs_mnist = "lenet5" in settings["train_models"]
     needs_cifar = any(n.endswith("_cifar") for n in settings["train_models"])
     mnist = cifar = None
-    if folder is not None:
-        if needs_mnist:
-            D.require_file(folder, D.MNIST_FILE)
-        if needs_cifar:
-            D.require_file(folder, D.CIFAR10_FILE)
     t0 = time.perf_counter()
     if folder is not None:
         if needs_mnist or settings["fidelity_images"]:

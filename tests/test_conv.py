@@ -4,7 +4,6 @@ Tolerances: outputs and gradients are compared with a float64 torch computation 
 inputs, with conftest.TOL of the input dtype (fp32 on a GPU with TF32 allowed uses the fp16 tolerance:
 TF32 keeps 10 mantissa bits, as fp16 does). Weights are scaled by 1/sqrt(fan_in) so outputs are O(1).
 Under the Triton interpreter the shapes are tiny (N <= 2, C <= 16, H, W <= 15)."""
-import os
 
 import pytest
 import torch
@@ -17,21 +16,8 @@ from fastnets.ops.conv import conv2d, conv2d_batch_norm
 
 from conftest import DTYPES, GPU, TOL, backends_here, device_for
 
-# On a GPU the tests' many tiny shapes run the Triton kernels with one fixed tile configuration instead of
-# autotuning each (the benchmark autotunes); set before the kernels are first launched.
-os.environ.setdefault("FASTNETS_CONV_TUNE", "fixed")
-
 BACKENDS = backends_here("conv")
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_cpu_thread():
-    """Tiny CPU convolutions spend tens of ms per call synchronising OpenMP threads on a loaded machine;
-    one thread makes this file several times faster. Restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 # name: (N, Cin, H, W, Cout, kernel, stride, padding, dilation, bias, grad_x)
 CASES = {

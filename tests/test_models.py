@@ -133,16 +133,9 @@ def _timm_seresnet50_shapes(num_classes=1000):
 
 
 @pytest.fixture(autouse=True)
-def _reference_backend_one_thread():
-    """Reference backend; one intra-op thread (on a shared 2-core machine two threads under contention
-    made these tests several times slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with fastnets.use_backend("reference"):
-            yield
-    finally:
-        torch.set_num_threads(threads)
+def _reference_backend():
+    with fastnets.use_backend("reference"):
+        yield
 
 
 def test_lenet5_parameter_count_and_shape():

@@ -4,7 +4,6 @@ They subclass torch's BatchNorm classes, so constructor arguments, attributes, s
 `num_batches_tracked`), loading of torch state_dicts and `repr` are torch's own; only `forward` runs the
 fastnets ops.
 """
-import torch
 from torch import nn
 
 from .. import _checks

@@ -9,7 +9,6 @@ torch.nn.Conv2d / BatchNorm2d pair (the model zoo calls it with torchvision's co
 torch's BatchNorm semantics: batch statistics in training (running statistics and num_batches_tracked
 updated exactly as torch does, momentum=None meaning a cumulative average), running statistics in eval.
 """
-import torch
 from torch import nn
 
 from .. import _checks

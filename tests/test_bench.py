@@ -300,3 +300,14 @@ def test_fidelity_metrics_separate_near_ties_from_real_flips():
     assert m["disagreements"] == 2 and m["disagreements_not_near_tie"] == 1 and m["near_ties"] == 1
     assert m["top1_agreement"] == pytest.approx(0.6) and m["max_abs_diff"] == pytest.approx(3.0)
     assert m["max_rel_diff"] == pytest.approx(3.0 / 5.0)
+
+
+def test_time_budget_skips_and_says_so(tmp_path):
+    rc = cli.main(["--profile", "tiny", "--device", "cpu", "--out", str(tmp_path), "--time-budget", "0",
+                   "--no-progress"])
+    assert rc == 0
+    report = json.loads((tmp_path / "fastnets-bench_cpu.json").read_text())
+    assert R.validate(report) == []
+    rows = report["throughput"] + report["fidelity"] + report["trained"]
+    assert rows and all(r["status"] == "skipped" and "budget" in r["reason"] for r in rows)
+    assert any("time budget" in n for n in report["notes"])

@@ -36,17 +36,6 @@ def default_batch(spec, device_is_cuda, imagenet_batch=256):
     return 512 if spec.image_size <= 32 else imagenet_batch
 
 
-def parse_list(text, valid, what, error):
-    if text is None:
-        return None
-    items = [t.strip() for t in text.split(",") if t.strip()]
-    if items in (["all"],):
-        return list(valid)
-    if items in (["none"],):
-        return []
-    return error(items)
-
-
 def build_parser():
     from .models import SPECS
     from .throughput import BACKENDS
@@ -344,7 +333,7 @@ def run(settings, show_progress=True):
     def measure_all(plan, desc):
         tasks = [(m, b, mode) for m, bs in plan for b in bs for mode in settings["modes"]]
         for name, backend, mode in progress_bar(tasks, desc=desc, disable=not show_progress):
-            estimate = (60 if mode == "train" else 35) if backend in T.COMPILED else 5
+            estimate = (90 if mode == "train" else 45) if backend in T.COMPILED else 5
             row_base = {"model": name, "backend": backend, "mode": mode, "batch_size": settings["batch_size"][name],
                         "precision": settings["precision"], "device": device}
             if not budget.allows(estimate):
@@ -415,7 +404,7 @@ def run(settings, show_progress=True):
         epochs = settings["epochs"][ds.name]
         trained_eager = None
         for backend in settings["train_backends"]:
-            if not budget.allows(20):
+            if not budget.allows(30):
                 report["trained"].append({"model": name, "dataset": ds.name, "backend": backend, "epochs": epochs,
                                           "batch_size": settings["train_batch_size"], "status": "skipped",
                                           "reason": "time budget"})
@@ -488,14 +477,6 @@ def write_outputs(report, out):
 
 
 def main(argv=None):
-    if "TRITON_INTERPRET" not in os.environ:
-        try:
-            import torch
-
-            if not torch.cuda.is_available():
-                pass  # the CPU run uses the reference backend; no Triton interpreter is needed
-        except ImportError:
-            pass
     parser = build_parser()
     args = parser.parse_args(argv)
     from . import models as M

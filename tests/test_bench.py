@@ -311,3 +311,13 @@ def test_time_budget_skips_and_says_so(tmp_path):
     rows = report["throughput"] + report["fidelity"] + report["trained"]
     assert rows and all(r["status"] == "skipped" and "budget" in r["reason"] for r in rows)
     assert any("time budget" in n for n in report["notes"])
+
+
+def test_plain_progress_without_tqdm(capsys):
+    from fastnets.bench.progress import _Plain
+
+    assert list(_Plain(range(5), desc="work")) == [0, 1, 2, 3, 4]
+    err = capsys.readouterr().err
+    assert "work ..." in err and "work: done" in err
+    assert list(_Plain(range(3), desc="quiet", disable=True)) == [0, 1, 2]
+    assert capsys.readouterr().err == ""

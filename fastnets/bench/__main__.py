@@ -467,6 +467,11 @@ def write_outputs(report, out):
     with open(md, "w") as f:
         f.write(R.markdown(report))
     files["markdown"] = md
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        report["notes"].append("no charts: matplotlib is not installed (`pip install matplotlib`)")
+        return files
     for key, fn in (("chart_inference", lambda p: charts.throughput_chart(report, "infer", p)),
                     ("chart_training", lambda p: charts.throughput_chart(report, "train", p)),
                     ("chart_trained", lambda p: charts.trained_chart(report, p))):

@@ -321,3 +321,18 @@ def test_plain_progress_without_tqdm(capsys):
     assert "work ..." in err and "work: done" in err
     assert list(_Plain(range(3), desc="quiet", disable=True)) == [0, 1, 2]
     assert capsys.readouterr().err == ""
+
+
+def test_plain_se_resnet50_is_timms_seresnet50():
+    """The eager SE-ResNet-50 used when timm is missing has timm's keys, shapes and outputs."""
+    timm = pytest.importorskip("timm")
+    t = timm.create_model("seresnet50", num_classes=10).eval()
+    p = M._plain_se_resnet50(10).eval()
+    assert {k: v.shape for k, v in t.state_dict().items()} == {k: v.shape for k, v in p.state_dict().items()}
+    for v in t.state_dict().values():  # non-trivial weights: the SE gates and last BN weights are not all 0
+        if v.is_floating_point():
+            v.add_(0.1 * torch.randn_like(v))
+    p.load_state_dict(t.state_dict())
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(p(x), t(x))

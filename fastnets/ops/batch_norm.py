@@ -32,8 +32,9 @@ def _empty(like):
     return like.new_empty(0)
 
 
-def _affine(weight, bias, mean, invstd):
-    """Per-channel scale and shift, in the accumulation dtype, with mean and invstd folded in."""
+def fold_scale_shift(weight, bias, mean, invstd):
+    """Per-channel scale and shift of y = x * scale + shift, in the accumulation dtype, with mean and invstd
+    folded in (weight and bias may be None)."""
     scale = invstd if weight is None else invstd * weight.to(invstd.dtype)
     shift = -mean * scale
     if bias is not None:
@@ -49,7 +50,7 @@ def batch_norm_train(
     k = kernels("batch_norm", backend, x.device)
     x, cl = _checks.dense_layout(x)
     mean, invstd = k.stats(x, cl, eps)
-    scale, shift = _affine(weight, bias, mean, invstd)
+    scale, shift = fold_scale_shift(weight, bias, mean, invstd)
     res = None if residual is None else _checks.match_layout(residual, x)
     y = k.apply(x, scale, shift, res, relu, cl)
     return _checks.match_layout(y, x), mean, invstd
@@ -69,7 +70,7 @@ def batch_norm_eval(
     k = kernels("batch_norm", backend, x.device)
     x, cl = _checks.dense_layout(x)
     acc = acc_dtype(x)
-    scale, shift = _affine(weight, bias, running_mean.to(acc), torch.rsqrt(running_var.to(acc) + eps))
+    scale, shift = fold_scale_shift(weight, bias, running_mean.to(acc), torch.rsqrt(running_var.to(acc) + eps))
     res = None if residual is None else _checks.match_layout(residual, x)
     return _checks.match_layout(k.apply(x, scale, shift, res, relu, cl), x)
 
@@ -208,14 +209,24 @@ def batch_norm(
         )
     y, mean, invstd = torch.ops.fastnets.batch_norm_train(x, weight, bias, residual, bool(relu), float(eps), backend)
     if running_mean is not None or running_var is not None:
-        _update_running_stats(running_mean, running_var, mean, invstd, momentum, eps, x.numel() // x.shape[1])
+        # the op returns invstd (what the backward needs); var = invstd^-2 - eps is exact to fp32 rounding
+        var = invstd.pow(-2) - eps
+        update_running_stats(running_mean, running_var, mean, var, momentum, x.numel() // x.shape[1])
     return y
 
 
-def _update_running_stats(running_mean, running_var, mean, invstd, momentum, eps, count):
+def update_running_stats(running_mean, running_var, mean, var, momentum, count):
+    """new = (1 - momentum) * old + momentum * batch, with the batch variance `var` (biased, over `count`
+    values per channel) made unbiased, as torch.nn.BatchNorm2d does; one lerp_ per buffer when dtypes match."""
     with torch.no_grad():
         if running_mean is not None:
-            running_mean.copy_(momentum * mean + (1 - momentum) * running_mean.to(mean.dtype))
+            if running_mean.dtype == mean.dtype:
+                running_mean.lerp_(mean, momentum)
+            else:
+                running_mean.copy_(momentum * mean + (1 - momentum) * running_mean.to(mean.dtype))
         if running_var is not None:
-            unbiased = (invstd.pow(-2) - eps) * (count / (count - 1))
-            running_var.copy_(momentum * unbiased + (1 - momentum) * running_var.to(unbiased.dtype))
+            unbiased = var * (count / (count - 1))
+            if running_var.dtype == unbiased.dtype:
+                running_var.lerp_(unbiased, momentum)
+            else:
+                running_var.copy_(momentum * unbiased + (1 - momentum) * running_var.to(unbiased.dtype))

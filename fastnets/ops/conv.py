@@ -16,7 +16,6 @@ Ops (namespace `fastnets`): conv2d, conv2d_stats, conv2d_backward, bn_apply_trai
 per shape it runs the Triton kernel or cuDNN, whichever was measured faster (fastnets/triton_kernels/
 conv_hybrid.py); the fused parts around the convolution are fastnets kernels either way.
 """
-import functools
 from typing import List, Optional, Tuple
 
 import torch
@@ -25,13 +24,17 @@ from torch import Tensor
 from .. import _checks, backends
 from ..backends import current_backend
 from ..reference.batch_norm import acc_dtype
+from .batch_norm import fold_scale_shift, update_running_stats
 from ._registry import kernels, register_family
 
 # `auto` on a GPU is the measured hybrid (Triton or cuDNN per shape, see _conv_kernels); the registry's
 # order is what `auto` means where the hybrid cannot run.
+# There is no hand-written CUDA C++ convolution: the family's `cuda` backend is cuDNN (the reference's
+# F.conv2d on a GPU) with the fused BatchNorm parts on the CUDA C++ kernels, so that use_backend("cuda")
+# runs whole models.
 register_family(
     "conv",
-    {"reference": ".reference.conv", "triton": ".triton_kernels.conv"},
+    {"reference": ".reference.conv", "triton": ".triton_kernels.conv", "cuda": ".reference.conv"},
     auto_order=("triton", "reference"),
 )
 
@@ -43,24 +46,6 @@ def _conv_kernels(backend, device):
 
         return conv_hybrid
     return kernels("conv", backend, device)
-
-
-@functools.lru_cache(maxsize=None)
-def _bn_backend(backend, device_type):
-    """The batch_norm family's backend for the fused BN part: the same name, or `auto` when this checkout has
-    no batch_norm module for that backend (the batch_norm family is developed separately)."""
-    try:
-        kernels("batch_norm", backend, torch.device(device_type))
-    except ModuleNotFoundError as e:
-        if not (e.name or "").startswith("fastnets."):
-            raise
-        return "auto"
-    return backend
-
-
-def _bn_kernels(backend, device):
-    device = torch.device(device)
-    return kernels("batch_norm", _bn_backend(backend, device.type), device)
 
 
 # ----------------------------------------------------------------------------------------------- shapes
@@ -272,14 +257,6 @@ conv2d_stats.register_autograd(_stats_bwd, setup_context=_stats_setup)
 # ------------------------------------------------------------------------------------ BN apply (training)
 
 
-def _affine(weight, bias, mean, invstd):
-    scale = invstd if weight is None else invstd * weight.to(invstd.dtype)
-    shift = -mean * scale
-    if bias is not None:
-        shift = shift + bias.to(invstd.dtype)
-    return scale, shift
-
-
 @torch.library.custom_op("fastnets::bn_apply_train", mutates_args=())
 def bn_apply_train(
     z: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], residual: Optional[Tensor], mean: Tensor,
@@ -287,9 +264,9 @@ def bn_apply_train(
 ) -> Tensor:
     """[relu]((z - mean) * invstd * weight + bias [+ residual]) with batch statistics computed elsewhere
     (conv2d_stats); its backward is BatchNorm's training-mode backward."""
-    k = _bn_kernels(backend, z.device)
+    k = kernels("batch_norm", backend, z.device)
     z, cl = _checks.dense_layout(z)
-    scale, shift = _affine(weight, bias, mean, invstd)
+    scale, shift = fold_scale_shift(weight, bias, mean, invstd)
     res = None if residual is None else _checks.match_layout(residual, z)
     return _checks.match_layout(k.apply(z, scale, shift, res, relu, cl), z)
 
@@ -309,8 +286,7 @@ def _bn_bwd(ctx, grad_out):
     z, out, weight, mean, invstd = ctx.saved_tensors
     nz, nw, nb, nres = ctx.needs_input_grad[:4]
     gz, gw, gb, gres = torch.ops.fastnets.batch_norm_backward(
-        grad_out, z, out, weight, mean, invstd, ctx.relu, True, nz, nw or nb, nres,
-        _bn_backend(ctx.backend, z.device.type),
+        grad_out, z, out, weight, mean, invstd, ctx.relu, True, nz, nw or nb, nres, ctx.backend,
     )
     if nres and not ctx.relu:
         gres = grad_out
@@ -429,36 +405,14 @@ def conv2d_batch_norm(
         z, mean, var = torch.ops.fastnets.conv2d_stats(input, weight, bias, stride, padding, dilation, backend)
         invstd = torch.rsqrt(var + eps)
         if running_mean is not None or running_var is not None:
-            _update_running_stats(running_mean, running_var, mean, var, momentum, count)
+            update_running_stats(running_mean, running_var, mean, var, momentum, count)
         y = torch.ops.fastnets.bn_apply_train(z, bn_weight, bn_bias, residual, mean, invstd, bool(relu), backend)
     else:
         if running_mean is None or running_var is None:
             raise ValueError("running_mean and running_var are required when training=False")
         acc = acc_dtype(input)
-        scale = torch.rsqrt(running_var.to(acc) + eps)
-        if bn_weight is not None:
-            scale = scale * bn_weight.to(acc)
-        shift = -running_mean.to(acc) * scale
-        if bn_bias is not None:
-            shift = shift + bn_bias.to(acc)
+        scale, shift = fold_scale_shift(bn_weight, bn_bias, running_mean.to(acc), torch.rsqrt(running_var.to(acc) + eps))
         y = torch.ops.fastnets.conv2d(
             input, weight, bias, scale, shift, residual, stride, padding, dilation, bool(relu), backend
         )
     return y.squeeze(0) if unbatched else y
-
-
-def _update_running_stats(running_mean, running_var, mean, var, momentum, count):
-    """new = (1 - momentum) * old + momentum * batch, the variance unbiased, as torch.nn.BatchNorm2d does
-    (one lerp_ kernel per buffer when the dtypes match)."""
-    with torch.no_grad():
-        if running_mean is not None:
-            if running_mean.dtype == mean.dtype:
-                running_mean.lerp_(mean, momentum)
-            else:
-                running_mean.copy_(momentum * mean + (1 - momentum) * running_mean.to(mean.dtype))
-        if running_var is not None:
-            unbiased = var * (count / (count - 1))
-            if running_var.dtype == unbiased.dtype:
-                running_var.lerp_(unbiased, momentum)
-            else:
-                running_var.copy_(momentum * unbiased + (1 - momentum) * running_var.to(unbiased.dtype))

@@ -35,9 +35,9 @@ if _CACHE_PATH and os.path.exists(_CACHE_PATH):
 
 
 def _bn_kernels(device):
-    from ..ops.conv import _bn_kernels as bk
+    from ..ops._registry import kernels
 
-    return bk("auto", device)
+    return kernels("batch_norm", "auto", device)
 
 
 def _key(prim, x, w_shape, stride, padding, dilation, *flags):

@@ -81,7 +81,7 @@ def throughput_chart(report, mode, path):
         ax2.set_ylim(-0.8, len(no_top1) - 0.2)
         ax2.set_title("no published ImageNet top-1 (placed apart)", fontsize=8, loc="left")
     top.legend(handles=handles, title="backend (bubble area ~ parameters)", fontsize=8, loc="lower right")
-    what = "training steps" if mode == "train" else "inference"
+    what = "training" if mode == "train" else "inference"
     s = report["settings"]
     bottom.set_xlabel(f"{what} throughput (images/s, log scale; batch size per model in the JSON, {s['precision']})")
     top.set_title(f"{_device_label(report)}: accuracy against {what} throughput; arrow: eager -> fastnets")

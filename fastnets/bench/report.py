@@ -150,12 +150,16 @@ def _f(v, fmt="{:.0f}"):
     return "–" if v is None else fmt.format(v)
 
 
-def _cell(r, fmt="{:,.0f}"):
+def _ips(v):
+    return f"{v:,.0f}" if v >= 100 else f"{v:.3g}"
+
+
+def _cell(r):
     if r is None:
         return "–"
     if r["status"] != "ok":
         return r["status"]
-    return fmt.format(r["images_per_s"])
+    return _ips(r["images_per_s"])
 
 
 def markdown(report):
@@ -240,7 +244,7 @@ def print_summary(report, file=None):
                 cells = []
                 for b in backends:
                     r = tp.get((m["name"], b, mode))
-                    cells.append("-" if r is None else (f"{r['images_per_s']:,.0f} ({r['batch_size']})"
+                    cells.append("-" if r is None else (f"{_ips(r['images_per_s'])} ({r['batch_size']})"
                                                         if r["status"] == "ok" else r["status"]))
                 p(m["label"].ljust(w) + "".join(c.rjust(22) for c in cells))
     if report["fidelity"]:

@@ -513,3 +513,18 @@ def test_int64_offsets_on_large_tensors():
     del y
     y = conv2d(x.contiguous(), w, backend="triton")  # NCHW: the channel stride alone is 33.6e6
     _close(y[:, -2:, -3:, -3:], want[:, -2:], torch.bfloat16)
+
+
+def test_autocast_runs_the_convolution_in_the_autocast_dtype():
+    """Custom ops get no autocast of their own: the functional wrappers cast as F.conv2d's rule does."""
+    x = torch.randn(2, 3, 6, 6)
+    conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+    bn = torch.nn.BatchNorm2d(4).eval()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want = conv(x)
+        got = conv2d(x, conv.weight, conv.bias, 1, 1, backend="reference")
+        block = conv2d_batch_norm(x, conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.weight, bn.bias,
+                                  training=False, padding=1, backend="reference")
+    assert want.dtype == got.dtype == block.dtype == torch.bfloat16
+    torch.testing.assert_close(got, want, **{"atol": TOL[torch.bfloat16][0], "rtol": TOL[torch.bfloat16][1]})
+    torch.testing.assert_close(block.float(), torch.relu(bn(want.float())), atol=6e-2, rtol=5e-2)

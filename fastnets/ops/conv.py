@@ -359,6 +359,20 @@ def _args(input, stride, padding, dilation):
     return stride, padding, dilation
 
 
+def _autocast(input, weight, bias, residual):
+    """Under torch.autocast, cast as F.conv2d's autocast rule does (custom ops get no autocast of their own):
+    floating tensors other than float64 go to the autocast dtype; BatchNorm's scale and shift stay fp32."""
+    if not isinstance(input, torch.Tensor) or not torch.is_autocast_enabled(input.device.type):
+        return input, weight, bias, residual
+    dtype = torch.get_autocast_dtype(input.device.type)
+
+    def cast(t):
+        ok = isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != torch.float64
+        return t.to(dtype) if ok else t
+
+    return cast(input), cast(weight), cast(bias), cast(residual)
+
+
 def _unbatched(input, residual):
     if isinstance(input, torch.Tensor) and input.dim() == 3:
         return input.unsqueeze(0), (None if residual is None else residual.unsqueeze(0)), True
@@ -375,6 +389,7 @@ def conv2d(
     backend = current_backend() if backend is None else backend
     stride, padding, dilation = _args(input, stride, padding, dilation)
     input, residual, unbatched = _unbatched(input, residual)
+    input, weight, bias, residual = _autocast(input, weight, bias, residual)
     _validate(input, weight, bias, stride, padding, dilation, residual, scale, shift)
     y = torch.ops.fastnets.conv2d(input, weight, bias, scale, shift, residual, stride, padding, dilation, bool(relu), backend)
     return y.squeeze(0) if unbatched else y
@@ -391,6 +406,7 @@ def conv2d_batch_norm(
     backend = current_backend() if backend is None else backend
     stride, padding, dilation = _args(input, stride, padding, dilation)
     input, residual, unbatched = _unbatched(input, residual)
+    input, weight, bias, residual = _autocast(input, weight, bias, residual)
     shape = _validate(input, weight, bias, stride, padding, dilation, residual)
     cout = weight.shape[0]
     for name, t in (("running_mean", running_mean), ("running_var", running_var), ("bn_weight", bn_weight),

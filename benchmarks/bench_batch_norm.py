@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.common import bf16_matmul_tflops, copy_bandwidth_gbs, print_table, require_cuda, time_ms, write_results  # noqa: E402
+from benchmarks.common import bf16_matmul_tflops, copy_bandwidth_gbs, print_table, require_cuda, time_ms_and_peak_mib, write_results  # noqa: E402
 
 import fastnets  # noqa: E402
 from fastnets.nn import BatchNorm2d, BatchNormReLU2d  # noqa: E402
@@ -112,11 +112,7 @@ def run(shapes, out_dir, families=("bn", "bn_add_relu")):
                                 y.backward(grad)
 
                         try:
-                            torch.cuda.synchronize()
-                            torch.cuda.reset_peak_memory_stats()
-                            base = torch.cuda.memory_allocated()
-                            ms = time_ms(step, warmup=5, reps=20)
-                            peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+                            ms, peak = time_ms_and_peak_mib(step)
                         except Exception as e:  # report and go on: one failing variant must not hide the rest
                             print(f"{family} {cfg} {c}x{h}x{w} {name}: FAILED {type(e).__name__}: {e}")
                             rows.append(dict(family=family, config=cfg, shape=f"256x{c}x{h}x{w}", variant=name,

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.common import copy_bandwidth_gbs, print_table, require_cuda, time_ms, write_results  # noqa: E402
+from benchmarks.common import copy_bandwidth_gbs, print_table, require_cuda, time_ms_and_peak_mib, write_results  # noqa: E402
 
 import fastnets  # noqa: E402
 from fastnets.nn import SqueezeExcite  # noqa: E402
@@ -116,11 +116,7 @@ def run(shapes, out_dir, reps):
                         y.backward(grad)
 
                 try:
-                    torch.cuda.synchronize()
-                    torch.cuda.reset_peak_memory_stats()
-                    base = torch.cuda.memory_allocated()
-                    ms = time_ms(step, warmup=3, reps=reps)
-                    peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+                    ms, peak = time_ms_and_peak_mib(step, warmup=3, reps=reps)
                 except Exception as e:  # report and go on: one failing variant must not hide the rest
                     print(f"{shape} {name}: FAILED {type(e).__name__}: {e}")
                     rows.append(dict(shape=shape, variant=name, pass_="fwd+bwd" if backward else "fwd", error=str(e)[:300]))

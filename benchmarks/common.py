@@ -34,6 +34,15 @@ def time_ms(fn, warmup=10, reps=50):
     return statistics.median(times)
 
 
+def time_ms_and_peak_mib(fn, warmup=5, reps=20):
+    """(median ms of fn, peak memory in MiB that fn allocated above what was allocated before it)."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    ms = time_ms(fn, warmup=warmup, reps=reps)
+    return ms, (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
 def copy_bandwidth_gbs(nbytes=1 << 30):
     """Device-to-device copy, GB/s counted as bytes read + bytes written."""
     src = torch.empty(nbytes, dtype=torch.uint8, device="cuda")

@@ -10,27 +10,32 @@ from .. import _checks
 from ..ops.batch_norm import batch_norm
 
 
-def bn_act(bn, x, residual=None, relu=False):
-    """[relu](bn(x) [+ residual]) for a torch BatchNorm module `bn` (any _BatchNorm), with torch's
-    _BatchNorm.forward logic (momentum=None means a cumulative average), on fastnets' op. Models whose
-    state_dict must stay torchvision's call this with their own `bn1`-style attributes."""
+def batch_stats_args(bn):
+    """What torch's _BatchNorm.forward passes to F.batch_norm, for a torch BatchNorm module `bn`:
+    (running_mean, running_var, use_batch_stats, momentum factor). In training it counts the batch in
+    num_batches_tracked, and momentum=None means a cumulative average over the batches seen."""
     factor = 0.0 if bn.momentum is None else bn.momentum
     if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
         bn.num_batches_tracked.add_(1)
         factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
     use_batch_stats = bn.training or (bn.running_mean is None and bn.running_var is None)
     keep_running = not bn.training or bn.track_running_stats
-    return batch_norm(
-        x,
+    return (
         bn.running_mean if keep_running else None,
         bn.running_var if keep_running else None,
-        bn.weight,
-        bn.bias,
         use_batch_stats,
         factor,
-        bn.eps,
-        residual=residual,
-        relu=relu,
+    )
+
+
+def bn_act(bn, x, residual=None, relu=False):
+    """[relu](bn(x) [+ residual]) for a torch BatchNorm module `bn` (any _BatchNorm), exactly as its own
+    forward would update its running statistics, on fastnets' op. Models whose state_dict must stay
+    torchvision's call this with their own `bn1`-style attributes."""
+    running_mean, running_var, use_batch_stats, factor = batch_stats_args(bn)
+    return batch_norm(
+        x, running_mean, running_var, bn.weight, bn.bias, use_batch_stats, factor, bn.eps,
+        residual=residual, relu=relu,
     )
 
 

@@ -13,7 +13,7 @@ from torch import nn
 
 from .. import _checks
 from ..ops.conv import conv2d, conv2d_batch_norm
-from .batch_norm import bn_act
+from .batch_norm import batch_stats_args, bn_act
 
 
 def _fastnets_padding(conv):
@@ -63,20 +63,9 @@ def conv_bn_act(conv, bn, x, residual=None, relu=True):
     padding = _fastnets_padding(conv)
     if padding is None:
         return bn_act(bn, conv(x), residual=residual, relu=relu)
-    factor = 0.0 if bn.momentum is None else bn.momentum
-    if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
-        bn.num_batches_tracked.add_(1)
-        factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
-    use_batch_stats = bn.training or (bn.running_mean is None and bn.running_var is None)
-    keep_running = not bn.training or bn.track_running_stats
+    running_mean, running_var, use_batch_stats, factor = batch_stats_args(bn)
     return conv2d_batch_norm(
-        x,
-        conv.weight,
-        conv.bias,
-        bn.running_mean if keep_running else None,
-        bn.running_var if keep_running else None,
-        bn.weight,
-        bn.bias,
+        x, conv.weight, conv.bias, running_mean, running_var, bn.weight, bn.bias,
         training=use_batch_stats,
         momentum=factor,
         eps=bn.eps,

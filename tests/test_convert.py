@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fastnets
-from conftest import assert_close
+from conftest import assert_close, randomize
 from fastnets.convert import ConversionReport
 
 torchvision = pytest.importorskip("torchvision")
@@ -26,18 +26,6 @@ except Exception:  # noqa: BLE001
 def _reference_backend():
     with fastnets.use_backend("reference"):
         yield
-
-
-def randomize(model, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
-                m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.2)
-                m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.1)
-                m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
-    return model
 
 
 def tv(name, **kw):

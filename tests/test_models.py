@@ -10,7 +10,7 @@ from torch import nn
 
 import fastnets
 import fastnets.models as M
-from conftest import assert_close
+from conftest import assert_close, randomize
 
 torchvision = pytest.importorskip("torchvision")
 
@@ -57,19 +57,6 @@ def build(fn, dtype, **kw):
     with torch.device("meta"):
         model = _quiet(fn, **kw)
     return model.to_empty(device="cpu").to(dtype)
-
-
-def randomize(model, seed=1):
-    """Non-trivial BatchNorm affine parameters and running statistics (zero/one inits would hide mistakes)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
-                m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.2)
-                m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.1)
-                m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
-    return model
 
 
 def logits(out):

@@ -85,7 +85,8 @@ def throughput_chart(report, mode, path):
     what = "training" if mode == "train" else "inference"
     s = report["settings"]
     bottom.set_xlabel(f"{what} throughput (images/s, log scale; batch size per model in the JSON, {s['precision']})")
-    top.set_title(f"{_device_label(report)}: accuracy against {what} throughput; arrow: eager -> fastnets")
+    # a figure title: the lower panel's own title ("placed apart") may sit on the same axes
+    fig.suptitle(f"{_device_label(report)}: accuracy against {what} throughput; arrow: eager -> fastnets")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -16,3 +16,31 @@ def test_ci_runs_the_readme_test_command():
     test_commands = [b.strip() for b in blocks if "pytest" in b]
     assert len(test_commands) == 1, "the README has exactly one test command"
     assert test_commands[0] in _read(".ci/run").splitlines(), ".ci/run must run the README's test command verbatim"
+
+
+def test_a_broken_extension_warns_and_carries_on(tmp_path, monkeypatch):
+    """An extension built for another torch (here: a file that is no library) must not break anything:
+    load() warns once, the cuda backend reports itself unavailable with the reason."""
+    import pytest
+
+    from fastnets import _extension, backends
+
+    bad = tmp_path / "_C.cpython-311-x86_64-linux-gnu.so"
+    bad.write_bytes(b"not a shared library")
+    monkeypatch.setattr(_extension, "_find_library", lambda: str(bad))
+    monkeypatch.setattr(_extension, "_state", {"loaded": False, "reason": "not tried yet"})
+    with pytest.warns(RuntimeWarning, match="CUDA C\\+\\+ backend unavailable"):
+        assert _extension.load() is False
+    assert "did not load" in _extension.reason()
+    assert _extension.load() is False  # tried once: no second warning, same answer
+    monkeypatch.setattr(backends.torch.cuda, "is_available", lambda: True)
+    assert "did not load" in backends.unavailable_reason("cuda", "cuda")
+
+
+def test_missing_extension_reason(monkeypatch):
+    from fastnets import _extension
+
+    monkeypatch.setattr(_extension, "_find_library", lambda: None)
+    monkeypatch.setattr(_extension, "_state", {"loaded": False, "reason": "not tried yet"})
+    assert _extension.load() is False
+    assert "was not built" in _extension.reason()

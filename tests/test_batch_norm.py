@@ -359,6 +359,7 @@ def test_large_shapes_gpu(backend, shape, channels_last):
     assert_close(ours.running_var, ref.running_var, torch.float32)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not GPU, reason="needs a CUDA GPU")
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "reference"])

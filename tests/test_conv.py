@@ -501,6 +501,7 @@ def test_hybrid_falls_back_to_cudnn_when_triton_fails(monkeypatch):
     assert list(hy.choices.values()) == ["cudnn"]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not GPU, reason="needs a GPU (a tensor of more than 2**31 elements)")
 def test_int64_offsets_on_large_tensors():
     """x and y of 64 x 5800 x 5800 = 2.15e9 elements each: element offsets past 2**31 must not wrap."""

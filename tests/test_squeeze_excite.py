@@ -410,3 +410,22 @@ def test_extension_registers_squeeze_excite_ops():
             "rebuild with `pip install --no-build-isolation -e .`"
         )
         assert str(getattr(torch.ops.fastnets, name).default._schema) == schema
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not GPU, reason="needs a GPU (a tensor of more than 2**31 elements)")
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "reference"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_over_2_31_elements(backend, channels_last):
+    """int64 offsets: x of 64 x 64 x 725 x 725 bf16 (2.15e9 elements); the last image, whose elements lie
+    past 2**31, must match the eager block run on it alone."""
+    if torch.cuda.mem_get_info()[0] < 3 * 2**33:
+        pytest.skip("not enough free GPU memory")
+    x = torch.randn(64, 64, 725, 725, device="cuda", dtype=torch.bfloat16)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    assert x.numel() > 2**31
+    w1, b1, w2, b2 = _weights(64, 4, torch.float32, "cuda")
+    y = squeeze_excite(x, w1, b1, w2, b2, relu=True, backend=backend)
+    want = eager_block(x[-1:].float(), w1, b1, w2, b2, relu=True)
+    assert_close(y[-1:], want, torch.bfloat16)

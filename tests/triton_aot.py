@@ -1,0 +1,504 @@
+"""Compile every fastnets Triton kernel ahead of time for an H100 (CUDA sm_90), on a machine without a GPU.
+
+The interpreter (TRITON_INTERPRET=1, which the test suite uses on CPU) never compiles a kernel, so type
+mismatches of loop-carried values, constexpr misuse, shapes tl.dot rejects or too much shared memory only
+show up on a GPU. This script, run in a fresh process (tests/test_triton_compile.py does), compiles them
+with Triton's own compiler and ptxas for the target, without a driver:
+
+ 1. JITFunction.run is replaced by a recorder and the real Python launchers (batch_norm.stats/apply/...,
+    squeeze_excite.pool/excite/..., conv.forward/grad_input/grad_weight) are called on `meta` tensors of
+    representative shapes, so the launch plans pick their block sizes, grids and flags exactly as they would
+    on a GPU. The plan functions that ask the device for its SM count see torch.device("cuda") and an H100's
+    132 SMs.
+ 2. Each distinct variant (a key mirroring Triton's specialization: constexprs, dtypes, ints equal to 1,
+    16-divisibility) is replayed through the original JITFunction.run(..., warmup=True) with an offline
+    driver whose target is GPUTarget("cuda", 90, 32): Triton's own binder specializes it as at a real launch
+    and compiles it (TTIR -> TTGIR -> LLVM -> PTX -> cubin with ptxas) without loading or launching it. Each
+    variant compiles in a forked child (an MLIR assertion fails one variant, not the run), os.cpu_count() at
+    a time, into a fresh cache directory. The same works with Triton 3.6 (the GPU machine's) and 3.8.
+ 3. Autotuned conv kernels: every curated config that the launcher's pruning keeps for a shape (what the
+    autotuner would compile), the `quick` list and the fixed config (FASTNETS_CONV_TUNE=fixed) are compiled.
+    A launch with a single configuration must fit an H100's shared memory; an autotuned launch needs at least
+    one fitting config (the autotuner skips the others, as it does on a GPU).
+
+Usage: python tests/triton_aot.py [batch_norm|squeeze_excite|conv ...] [--jobs N] [--list (print the variants only)] [--verbose]
+Prints one JSON object on the last line of stdout. Exit status 0: everything compiled; 1: failures (listed);
+77: nothing can be compiled here (no CUDA backend or ptxas, or a Triton without the APIs used), with the reason.
+"""
+import importlib.util
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+import types
+
+os.environ["TRITON_INTERPRET"] = "0"  # must precede the first import of triton and fastnets
+os.environ["FASTNETS_POISON_OUTPUTS"] = "0"
+os.environ.pop("FASTNETS_CONV_TUNE", None)  # the autotuned path, as on a GPU by default
+# A fresh, empty Triton cache per run (FASTNETS_AOT_CACHE_DIR keeps one between runs while debugging: Triton
+# never caches a failed compile, so it cannot hide one).
+_KEEP_CACHE = os.environ.get("FASTNETS_AOT_CACHE_DIR")
+_CACHE = _KEEP_CACHE or tempfile.mkdtemp(prefix="fastnets-triton-aot-")
+os.environ["TRITON_CACHE_DIR"] = _CACHE
+if not _KEEP_CACHE:
+    import atexit
+
+    atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
+
+import torch  # noqa: E402
+
+H100_SMS = 132
+H100_SHARED = 232448  # bytes of shared memory a block may opt in to on sm_90 (227 KiB)
+FAMILIES = ("batch_norm", "squeeze_excite", "conv")
+F16, BF16, F32, F64 = torch.float16, torch.bfloat16, torch.float32, torch.float64
+
+
+def _unavailable(reason):
+    print(json.dumps({"unavailable": reason}))
+    sys.exit(77)
+
+
+try:
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.runtime.driver import driver
+    from triton.runtime.jit import JITFunction
+
+    TARGET = GPUTarget("cuda", 90, 32)
+    from triton.compiler.compiler import make_backend
+
+    make_backend(TARGET)  # raises without the NVIDIA backend
+except Exception as e:  # a Triton without the NVIDIA backend or these APIs
+    _unavailable(f"Triton {getattr(sys.modules.get('triton'), '__version__', '?')} cannot compile for sm_90 "
+                 f"here: {type(e).__name__}: {e}")
+try:
+    from triton.backends.nvidia.compiler import get_ptxas_version
+
+    get_ptxas_version()  # runs ptxas --version: Triton's own ptxas, or TRITON_PTXAS_PATH
+except Exception as e:
+    _unavailable(f"no ptxas for sm_90 (Triton ships one; else set TRITON_PTXAS_PATH): {type(e).__name__}: {e}")
+
+
+class _OfflineDriver:
+    """Enough of a Triton driver for JITFunction.run(..., warmup=True) to specialize and compile a launch for
+    TARGET without a GPU (warmup never launches or loads the kernel)."""
+
+    def is_active(self):
+        return True
+
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device=None):
+        return 0
+
+    def get_current_target(self):
+        return TARGET
+
+    def __getattr__(self, name):
+        raise AttributeError(f"the offline sm_90 driver has no {name} (Triton wanted a GPU for this)")
+
+
+# ------------------------------------------------------------------------------------------- recording
+
+_records = []  # (JITFunction, args, kwargs, what, group)
+_context = {"what": "", "group": None}
+_launch_run = JITFunction.run
+
+
+def _record(self, *args, grid, warmup, **kwargs):
+    _records.append((self, args, dict(kwargs), _context["what"], _context["group"]))
+    return None
+
+
+JITFunction.run = _record  # every fn[grid](...) now records instead of launching
+
+
+def _with_cuda_device(module, name):
+    """Wrap module.name so that every torch.device argument reads as a CUDA device (an H100, below)."""
+    fn = getattr(module, name)
+
+    def wrapped(*args, **kwargs):
+        fix = lambda v: torch.device("cuda", 0) if isinstance(v, torch.device) else v  # noqa: E731
+        return fn(*map(fix, args), **{k: fix(v) for k, v in kwargs.items()})
+
+    setattr(module, name, wrapped)
+
+
+torch.cuda.get_device_properties = lambda *a, **k: types.SimpleNamespace(
+    multi_processor_count=H100_SMS, name="NVIDIA H100 80GB HBM3 (simulated)", major=9, minor=0)
+
+
+def meta(shape, dtype, cl=False):
+    fmt = torch.channels_last if (cl and len(shape) == 4) else torch.contiguous_format
+    return torch.empty(shape, dtype=dtype, device="meta", memory_format=fmt)
+
+
+def acc_of(dtype):
+    return F64 if dtype == F64 else F32
+
+
+class launches:
+    """Context: launches recorded inside are labelled `what`; with group=True they share one autotune group."""
+
+    def __init__(self, what):
+        self.what = what
+
+    def __enter__(self):
+        _context["what"] = self.what
+
+    def __exit__(self, *exc):
+        _context["what"] = ""
+
+
+# Every family has a sweep shape, on which every dtype and every flag combination is compiled, and other
+# shapes (other block sizes, splits and int specializations) compiled in bf16 with every flag on; with
+# FASTNETS_AOT_FULL=1 every shape gets the full sweep.
+FULL = os.environ.get("FASTNETS_AOT_FULL", "0") == "1"
+ALL_DTYPES = (F32, F16, BF16, F64)
+
+
+def _sweep(shape, sweep_shape):
+    return FULL or shape == sweep_shape
+
+
+def _flags(sweep, *choices):
+    """Every combination of the flag choices when sweeping, else only the last (all on) of each."""
+    import itertools
+
+    return itertools.product(*choices) if sweep else [tuple(c[-1] for c in choices)]
+
+
+# ------------------------------------------------------------------------------------------- batch_norm
+
+# (N, C, H, W) or (N, C): ResNet-50/VGG-16 training batches, a small inference batch, CIFAR/LeNet sizes and a
+# 2-D (BatchNorm1d) input.
+BN_SHAPES = [(256, 256, 56, 56), (256, 64, 112, 112), (256, 2048, 7, 7), (32, 512, 28, 28), (1, 64, 112, 112),
+             (128, 16, 10, 10), (256, 512)]
+
+
+def batch_norm_launches():
+    import fastnets.triton_kernels.batch_norm as bn
+
+    _with_cuda_device(bn, "_target_programs")
+    for shape in BN_SHAPES:
+        sweep = _sweep(shape, BN_SHAPES[0])
+        for cl in ((False, True) if len(shape) == 4 else (False,)):
+            for dtype in (ALL_DTYPES if sweep else (BF16,)):
+                acc = acc_of(dtype)
+                c = shape[1]
+                x = meta(shape, dtype, cl)
+                vec = meta((c,), acc)
+                with launches(f"batch_norm {shape} {dtype} channels_last={cl}"):
+                    bn.stats(x, cl, 1e-5)
+                    for res, relu in _flags(sweep, (None, x), (False, True)):
+                        bn.apply(x, vec, vec, res, relu, cl)
+                    for relu, train, write_g in _flags(sweep, (False, True), (False, True), (False, True)):
+                        y = x if relu else None
+                        if not write_g:
+                            bn.backward_reduce(x, x, y, vec, relu, cl)
+                        if relu or not write_g:  # the ops write g only where ReLU masks it
+                            bn.backward_apply(x, x, y, vec, vec, vec, vec, relu, train, write_g, cl)
+
+
+# ------------------------------------------------------------------------------------------- squeeze_excite
+
+# SE-ResNet-50 stages (reduction 16) at training batch sizes and one inference image, and a CIFAR-sized one.
+SE_SHAPES = [(256, 256, 56, 56), (256, 2048, 7, 7), (32, 512, 28, 28), (1, 1024, 14, 14), (128, 64, 32, 32)]
+
+
+def squeeze_excite_launches():
+    import fastnets.triton_kernels.squeeze_excite as se
+
+    _with_cuda_device(se, "_num_sms")
+    _with_cuda_device(se, "_split")
+    for shape in SE_SHAPES:
+        sweep = _sweep(shape, SE_SHAPES[0])
+        n, c = shape[:2]
+        r = c // 16
+        for cl in (False, True):
+            for dtype in (ALL_DTYPES if sweep else (BF16,)):
+                acc = acc_of(dtype)
+                x = meta(shape, dtype, cl)
+                gate = meta((n, c), acc)
+                with launches(f"squeeze_excite {shape} {dtype} channels_last={cl}"):
+                    pooled = se.pool(x, cl)
+                    if not cl:  # the excite launch does not depend on x's layout
+                        # weights in the model's dtype (the pooled activations are in the accumulation dtype)
+                        se.excite(pooled, meta((r, c), dtype), meta((r,), dtype), meta((c, r), dtype),
+                                  meta((c,), dtype))
+                    for res, relu in _flags(sweep, (None, x), (False, True)):
+                        se.scale(x, gate, res, relu, cl)
+                    for relu, gp, write_g in _flags(sweep, (False, True), (None, gate), (False, True)):
+                        y = x if relu else None
+                        if gp is None and not write_g:
+                            se.backward_reduce(x, x, y, relu, cl)
+                        if relu or not write_g:
+                            se.backward_apply(x, y, gate, gp, relu, write_g, cl)
+
+
+# ------------------------------------------------------------------------------------------- conv
+
+# (N, C, H, W, Cout, K, stride, padding): ResNet-50 (3x3, 1x1, strided 1x1/3x3, the 7x7 stem, last stage),
+# VGG-16's first and a late layer, LeNet-5's two convolutions.
+CONV_SHAPES = [
+    (32, 64, 56, 56, 64, 3, 1, 1),
+    (32, 256, 56, 56, 512, 1, 2, 0),
+    (32, 3, 224, 224, 64, 7, 2, 3),
+    (32, 256, 56, 56, 64, 1, 1, 0),
+    (32, 128, 56, 56, 128, 3, 2, 1),
+    (32, 512, 7, 7, 512, 3, 1, 1),
+    (32, 3, 224, 224, 64, 3, 1, 1),
+    (32, 512, 14, 14, 512, 3, 1, 1),
+    (128, 1, 32, 32, 6, 5, 1, 0),
+    (128, 6, 14, 14, 16, 5, 1, 0),
+]
+# Without FASTNETS_AOT_FULL: the sweep shape in every dtype (bar fp16: bf16's MMA path) with the fixed tile
+# configuration (what the GPU test suite runs), its flags all off or all on; the autotuned configurations in
+# bf16 for the sweep shape's forward, grad input and grad weight, the strided 1x1 GEMM's forward and grad
+# weight and the FLAT stem's forward (between them every curated configuration survives the pruning somewhere).
+CONV_TUNED_DEFAULT = {CONV_SHAPES[0]: ("forward", "grad_input", "grad_weight"),
+                      CONV_SHAPES[1]: ("forward", "grad_weight"), CONV_SHAPES[2]: ("forward",)}
+
+
+def _config_lists_under(tune):
+    """The conv module's (_GEMM_CONFIGS, _WGRAD_CONFIGS) as FASTNETS_CONV_TUNE=`tune` defines them."""
+    spec = importlib.util.find_spec("fastnets.triton_kernels.conv")
+    mod = importlib.util.module_from_spec(spec)
+    os.environ["FASTNETS_CONV_TUNE"] = tune
+    try:
+        spec.loader.exec_module(mod)
+    finally:
+        os.environ.pop("FASTNETS_CONV_TUNE", None)
+    return mod._GEMM_CONFIGS, mod._WGRAD_CONFIGS
+
+
+def conv_launches():
+    import fastnets.triton_kernels.conv as cv
+
+    _with_cuda_device(cv, "_num_sms")
+    quick_gemm, quick_wgrad = _config_lists_under("quick")
+    launch = cv._launch
+    tuned = {"on": True}
+
+    def each_config(autotuner, raw, grid, *args, **kwargs):
+        """What the launcher compiles on a GPU: the fixed configuration (float64, FASTNETS_CONV_TUNE=fixed)
+        and every configuration the autotuner keeps after pruning, plus the `quick` list's."""
+        what = _context["what"]
+        os.environ["FASTNETS_CONV_TUNE"] = "fixed"
+        try:
+            _context["what"] = f"{what} {raw.__name__} fixed config"
+            cfg = launch(autotuner, raw, grid, *args, **kwargs)
+        finally:
+            os.environ.pop("FASTNETS_CONV_TUNE", None)
+        if kwargs["FP64"] or not tuned["on"]:
+            _context["what"] = what
+            return cfg
+        named = dict(zip(raw.arg_names, args))
+        quick = quick_wgrad if raw is cv._conv_wgrad_kernel else quick_gemm
+        for label, configs in (("autotuned", autotuner.early_config_prune(autotuner.configs, named)),
+                               ("quick", quick)):
+            _context["what"] = f"{what} {raw.__name__} {label}"
+            _context["group"] = (len(_records), label)
+            for c in configs:
+                raw[grid(c.kwargs)](*args, **kwargs, **c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
+            _context["group"] = None
+        _context["what"] = what
+        return cfg
+
+    cv._launch = each_config
+    sweep_shape = CONV_SHAPES[0]
+    for shape in CONV_SHAPES:
+        n, c, h, w, cout, k, s, p = shape
+        oh = (h + 2 * p - k) // s + 1
+        ow = (w + 2 * p - k) // s + 1
+        sweep = _sweep(shape, sweep_shape)
+        if not (sweep or shape in CONV_TUNED_DEFAULT):
+            continue
+        for cl in ((False, True) if FULL else (True,)):
+            for dtype in (ALL_DTYPES if sweep else (BF16,)):
+                if not FULL and sweep and dtype == F16:
+                    continue
+                tuned_calls = ("forward", "grad_input", "grad_weight") if FULL else (
+                    CONV_TUNED_DEFAULT.get(shape, ()) if dtype == BF16 else ())
+                for tf32 in ((True, False) if dtype == F32 else (True,)):
+                    torch.backends.cudnn.allow_tf32 = tf32
+                    x = meta((n, c, h, w), dtype, cl)
+                    wt = meta((cout, c, k, k), dtype)
+                    y = meta((n, cout, oh, ow), dtype, cl)
+                    vec = meta((cout,), acc_of(dtype))
+                    bias = meta((cout,), dtype)
+                    conf = ((s, s), (p, p), (1, 1))
+                    with launches(f"conv {(n, c, h, w)} -> {cout} k{k} s{s} p{p} {dtype} channels_last={cl} "
+                                  f"tf32={tf32}"):
+                        # epilogues: plain conv (+bias), eval conv-BN (+residual) (+ReLU)
+                        flags = _flags(FULL, (None, bias), (None, vec), (None, y), (False, True))
+                        for b, sc, res, relu in flags if FULL else [(None, None, None, False), (bias, vec, y, True)]:
+                            tuned["on"] = "forward" in tuned_calls and (FULL or relu)
+                            cv.forward(x, wt, b, sc, sc, res, *conf, relu, y)
+                        tuned["on"] = "forward" in tuned_calls and (FULL or sweep)
+                        cv.forward_stats(x, wt, None if dtype == F64 else bias, *conf, y)
+                        tuned["on"] = "grad_input" in tuned_calls
+                        cv.grad_input(y, wt, meta((n, c, h, w), dtype, cl), *conf)
+                        tuned["on"] = "grad_weight" in tuned_calls
+                        cv.grad_weight(y, x, (cout, c, k, k), *conf)
+    torch.backends.cudnn.allow_tf32 = True
+
+
+# ------------------------------------------------------------------------------------------- compiling
+
+
+def _variant_key(fn, args, kwargs):
+    """What Triton specializes a launch on: constexprs and options by value; tensors by dtype and 16-byte
+    alignment; ints by value 1, by 16-divisibility and by 32/64-bit range; floats and bools by type."""
+
+    def spec(v):
+        if isinstance(v, torch.Tensor):
+            return ("tensor", str(v.dtype), v.data_ptr() % 16 == 0)
+        if isinstance(v, int) and not isinstance(v, bool):
+            return ("int", v == 1, v % 16 == 0, -2**31 <= v < 2**31)
+        return (type(v).__name__,)
+
+    const = [p.is_constexpr for p in fn.params]
+    return (fn.__module__, fn.__name__, tuple(repr(v) if c else spec(v) for v, c in zip(args, const)),
+            tuple(sorted((k, repr(v)) for k, v in kwargs.items())))
+
+
+_VERBOSE = False
+_WORK = []  # (JITFunction, args, kwargs) per distinct variant; forked workers get it by index
+
+
+def _compile(i):
+    """Specialize and compile one launch as JITFunction.run does on a GPU, for TARGET, without launching."""
+    fn, args, kwargs = _WORK[i]
+    t0 = time.time()
+    driver.set_active(_OfflineDriver())
+    try:
+        k = _launch_run(fn, *args, grid=None, warmup=True, **kwargs)
+        return {"shared": k.metadata.shared, "seconds": time.time() - t0, "name": fn.__name__}
+    except Exception as e:  # a compile failure: report it with the variant, go on with the others
+        msg = f"{type(e).__name__}: {e}"
+        return {"error": msg[:3000], "seconds": time.time() - t0, "name": fn.__name__}
+
+
+def _run_isolated(task, count, jobs):
+    """[task(i) for i in range(count)], each in a forked child, `jobs` at a time: a compiler that aborts (an
+    MLIR assertion) or crashes fails its own variant, not the run."""
+    import multiprocessing
+    from multiprocessing.connection import wait
+
+    ctx = multiprocessing.get_context("fork")
+    results = [None] * count
+    running = {}  # sentinel -> (index, process, receiving end)
+
+    def child(i, conn):
+        conn.send(task(i))
+        conn.close()
+
+    todo = list(range(count))
+    while todo or running:
+        while todo and len(running) < max(1, jobs):
+            i = todo.pop(0)
+            recv, send = ctx.Pipe(duplex=False)
+            proc = ctx.Process(target=child, args=(i, send))
+            proc.start()
+            send.close()
+            running[proc.sentinel] = (i, proc, recv)
+        for sentinel in wait(list(running)):
+            i, proc, recv = running.pop(sentinel)
+            try:
+                results[i] = recv.recv()
+            except EOFError:
+                results[i] = {"error": f"the compiler crashed (exit code {proc.exitcode}; see stderr)",
+                              "seconds": 0.0, "name": _WORK[i][0].__name__}
+                fn, args, kwargs = _WORK[i]
+                print(f"[{i + 1}/{count}] {_describe(fn, args, kwargs)}: CRASHED", file=sys.stderr, flush=True)
+            proc.join()
+            recv.close()
+    return results
+
+
+def _compile_and_tell(i):
+    """_compile, telling stderr about failures (and progress, with --verbose) as they happen."""
+    r = _compile(i)
+    if "error" in r or _VERBOSE:
+        fn, args, kwargs = _WORK[i]
+        state = "FAILED " + r["error"][:1500] if "error" in r else f"ok shared={r['shared']}"
+        print(f"[{i + 1}/{len(_WORK)} {r['seconds']:.1f}s] {_describe(fn, args, kwargs)}: {state}", file=sys.stderr,
+              flush=True)
+    return r
+
+
+def _describe(fn, args, kwargs):
+    """The kernel, its constexprs and options, and its pointer dtypes."""
+    names = fn.arg_names
+    ptrs = {n: str(v.dtype).replace("torch.", "") for n, v in zip(names, args) if isinstance(v, torch.Tensor)}
+    consts = {k: (v if isinstance(v, (int, float, bool, str)) else str(v)) for k, v in kwargs.items()}
+    return f"{fn.__name__} {consts} pointers={ptrs}"
+
+
+def main(argv):
+    jobs = os.cpu_count() or 1
+    if "--jobs" in argv:
+        i = argv.index("--jobs")
+        jobs = int(argv[i + 1])
+        argv = argv[:i] + argv[i + 2:]
+    global _VERBOSE
+    list_only = "--list" in argv
+    _VERBOSE = "--verbose" in argv
+    argv = [a for a in argv if a not in ("--list", "--verbose")]
+    families = argv or list(FAMILIES)
+    t0 = time.time()
+    for fam in families:
+        globals()[f"{fam}_launches"]()
+    variants = {}  # key -> (fn, args, kwargs, first launch's label)
+    launch_keys = []
+    for fn, args, kwargs, what, group in _records:
+        key = _variant_key(fn, args, kwargs)
+        variants.setdefault(key, (fn, args, kwargs, what))
+        launch_keys.append((key, what, group))
+    t_record = time.time() - t0
+    if list_only:
+        for fn, args, kwargs, what in variants.values():
+            print(what, "|", _describe(fn, args, kwargs))
+        return 0
+    keys = list(variants)
+    _WORK[:] = [variants[k][:3] for k in keys]
+    results = _run_isolated(_compile_and_tell, len(keys), jobs)
+    result = dict(zip(keys, results))
+
+    failures = []
+    for k in keys:
+        if "error" in result[k]:
+            fn, args, kwargs, what = variants[k]
+            failures.append({"kernel": _describe(fn, args, kwargs), "launch": what, "error": result[k]["error"]})
+    groups = {}
+    for key, what, group in launch_keys:
+        if "error" in result[key]:
+            continue
+        fits = result[key]["shared"] <= H100_SHARED
+        if group is None:
+            if not fits:
+                fn, args, kwargs, _ = variants[key]
+                failures.append({"kernel": _describe(fn, args, kwargs), "launch": what,
+                                 "error": f"needs {result[key]['shared']} bytes of shared memory, an H100 has "
+                                          f"{H100_SHARED}"})
+        else:
+            groups.setdefault(group, [what, False])[1] |= fits
+    for what, fits in groups.values():
+        if not fits:
+            failures.append({"kernel": "", "launch": what,
+                             "error": f"no configuration fits an H100's {H100_SHARED} bytes of shared memory"})
+    slowest = sorted(((r["seconds"], r["name"]) for r in results), reverse=True)[:3]
+    print(json.dumps({
+        "triton": triton.__version__, "target": "cuda sm_90", "families": families, "launches": len(_records),
+        "variants": len(keys), "failures": failures, "record_seconds": round(t_record, 1),
+        "seconds": round(time.time() - t0, 1), "slowest": [[round(s, 1), n] for s, n in slowest],
+    }))
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

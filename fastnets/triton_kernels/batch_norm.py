@@ -134,7 +134,9 @@ def _stats_finalize_kernel(
 
 @triton.jit
 def _masked_grad(dy_ptr, y_ptr, offs, mask, RELU: tl.constexpr, ACC: tl.constexpr):
-    g = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(ACC)
+    # Masked lanes zeroed by tl.where, not by the load's `other`: Triton 3.1 aborts compiling the NCHW
+    # backward reduction (fp32/fp64, RELU=False) with other=0.0 here (tests/triton_aot.py).
+    g = tl.where(mask, tl.load(dy_ptr + offs, mask=mask).to(ACC), 0.0)
     if RELU:  # the ReLU mask comes from the saved output, as torch's threshold_backward
         g = tl.where(tl.load(y_ptr + offs, mask=mask, other=0.0) > 0, g, 0.0)
     return g

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.common import bf16_matmul_tflops, copy_bandwidth_gbs, print_table, require_cuda, time_ms_and_peak_mib, write_results  # noqa: E402
+from benchmarks.common import add_speedups, bf16_matmul_tflops, copy_bandwidth_gbs, print_table, require_cuda, time_ms_and_peak_mib, write_results  # noqa: E402
 
 import fastnets  # noqa: E402
 from fastnets.nn import BatchNorm2d, BatchNormReLU2d  # noqa: E402
@@ -125,26 +125,11 @@ def run(shapes, out_dir, families=("bn", "bn_add_relu")):
                                          copy_fraction=gbs / copy_gbs, peak_MiB=peak))
                         x.grad = None
                 del x, res
-    _add_speedups(rows)
+    add_speedups(rows, group=("family", "config", "shape", "pass_"))
     path = write_results(out_dir, "batch_norm", rows, ceilings)
     print_table(rows, ["family", "config", "shape", "variant", "pass_", "ms", "GBps", "copy_fraction", "peak_MiB", "vs_eager", "vs_compile"])
     print(f"wrote {path}")
     return rows
-
-
-def _add_speedups(rows):
-    base = {}
-    for r in rows:
-        if "ms" in r and r["variant"] in ("eager", "compile"):
-            base[(r["family"], r["config"], r["shape"], r["pass_"], r["variant"])] = r["ms"]
-    for r in rows:
-        if "ms" not in r:
-            continue
-        key = (r["family"], r["config"], r["shape"], r["pass_"])
-        if key + ("eager",) in base:
-            r["vs_eager"] = base[key + ("eager",)] / r["ms"]
-        if key + ("compile",) in base:
-            r["vs_compile"] = base[key + ("compile",)] / r["ms"]
 
 
 def main():

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.common import copy_bandwidth_gbs, print_table, require_cuda, time_ms_and_peak_mib, write_results  # noqa: E402
+from benchmarks.common import add_speedups, copy_bandwidth_gbs, print_table, require_cuda, time_ms_and_peak_mib, write_results  # noqa: E402
 
 import fastnets  # noqa: E402
 from fastnets.nn import SqueezeExcite  # noqa: E402
@@ -131,7 +131,7 @@ def run(shapes, out_dir, reps):
                                  max_err_y=err_y, max_err_dx=err_dx))
         del x, res, grad, ref
         torch.cuda.empty_cache()
-    _add_speedups(rows)
+    add_speedups(rows, group=("shape", "pass_"))
     rows += _network_totals(rows, shapes)
     path = write_results(out_dir, "squeeze_excite", rows, ceilings, extra={"batch": BATCH, "dtype": "bfloat16", "layout": "channels_last",
                                                                   "traffic_units": {"fused": 11, "eager": 21}})
@@ -145,16 +145,6 @@ def run(shapes, out_dir, reps):
     return rows
 
 
-def _add_speedups(rows):
-    base = {(r["shape"], r["pass_"], r["variant"]): r["ms"] for r in rows if "ms" in r and r["variant"] in ("eager", "compile")}
-    for r in rows:
-        if "ms" not in r:
-            continue
-        for b in ("eager", "compile"):
-            if (r["shape"], r["pass_"], b) in base:
-                r[f"vs_{b}"] = base[(r["shape"], r["pass_"], b)] / r["ms"]
-
-
 def _network_totals(rows, shapes):
     """All 16 SE blocks of SE-ResNet-50 (each shape times its block count), when every shape was measured."""
     if len(shapes) != len(SE_RESNET50_SHAPES):
@@ -165,7 +155,7 @@ def _network_totals(rows, shapes):
             key = (r["variant"], r["pass_"])
             totals.setdefault(key, []).append(r["ms"] * r["blocks"])
     out = [dict(shape="SE-ResNet-50 (16 blocks)", variant=v, pass_=p, ms=sum(t)) for (v, p), t in totals.items() if len(t) == len(shapes)]
-    _add_speedups(out)
+    add_speedups(out, group=("shape", "pass_"))
     return out
 
 

@@ -96,6 +96,22 @@ def write_results(out_dir, name, rows, ceilings, extra=None):
     return path
 
 
+def add_speedups(rows, group, baselines=("eager", "compile")):
+    """Give each measured row `vs_<baseline>` = baseline ms / its ms, against the baseline variant's row
+    with the same values of the `group` fields (same shape, pass, ...) measured in the same run."""
+    base = {}
+    for r in rows:
+        if "ms" in r and r["variant"] in baselines:
+            base[tuple(r.get(k) for k in group) + (r["variant"],)] = r["ms"]
+    for r in rows:
+        if "ms" not in r:
+            continue
+        key = tuple(r.get(k) for k in group)
+        for b in baselines:
+            if key + (b,) in base:
+                r[f"vs_{b}"] = base[key + (b,)] / r["ms"]
+
+
 def print_table(rows, columns):
     widths = [max(len(c), *(len(_fmt(r.get(c))) for r in rows)) for c in columns]
     print("  ".join(c.ljust(w) for c, w in zip(columns, widths)))

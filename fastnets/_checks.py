@@ -66,6 +66,16 @@ def match_layout(t, like):
     return out
 
 
+def grad_layouts(grad_y, x, y, relu):
+    """A backward op's inputs in one dense layout: (x, channels_last, grad_y, y), with grad_y (and y, which
+    carries the ReLU mask, when relu) given exactly x's strides."""
+    x, channels_last = dense_layout(x)
+    grad_y = match_layout(grad_y, x)
+    if relu:
+        y = match_layout(y, x)
+    return x, channels_last, grad_y, y
+
+
 def new_output(like, dtype=None, shape=None):
     """An output buffer shaped like `like` (same strides when `shape` is None). With
     FASTNETS_POISON_OUTPUTS=1 (the test suite sets it) it is filled with NaN, so an element that a kernel

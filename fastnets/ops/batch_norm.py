@@ -89,10 +89,7 @@ def batch_norm_backward(
     """grad_residual is returned only when relu masks it (else it is grad_y itself, which the autograd
     formula passes on without a copy); unneeded outputs are empty tensors."""
     k = kernels("batch_norm", backend, x.device)
-    x, cl = _checks.dense_layout(x)
-    dy = _checks.match_layout(grad_y, x)
-    if relu:
-        y = _checks.match_layout(y, x)
+    x, cl, dy, y = _checks.grad_layouts(grad_y, x, y, relu)
     count = x.numel() // x.shape[1]
     grad_w = grad_b = grad_x = grad_res = None
     sum_g = sum_gxmu = None

@@ -103,10 +103,7 @@ def squeeze_excite_backward(
     it (else it is grad_y itself, passed on by the autograd formula without a copy). Unneeded outputs are
     empty tensors. Weight gradients have the weights' shapes and dtype."""
     k = kernels("squeeze_excite", backend, x.device)
-    x, cl = _checks.dense_layout(x)
-    dy = _checks.match_layout(grad_y, x)
-    if relu:
-        y = _checks.match_layout(y, x)
+    x, cl, dy, y = _checks.grad_layouts(grad_y, x, y, relu)
     grad_x = grad_res = grad_p = None
     grads_w = (None,) * 4
     if need_grad_x or need_grad_weights:
@@ -266,10 +263,7 @@ def se_scale_backward(
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """(grad_x, grad_gate, grad_residual); grad_residual only when relu masks it; unneeded ones empty."""
     k = kernels("squeeze_excite", backend, x.device)
-    x, cl = _checks.dense_layout(x)
-    dy = _checks.match_layout(grad_y, x)
-    if relu:
-        y = _checks.match_layout(y, x)
+    x, cl, dy, y = _checks.grad_layouts(grad_y, x, y, relu)
     grad_x = grad_gate = grad_res = None
     if need_grad_gate:
         grad_gate = k.backward_reduce(dy, x, y, relu, cl).to(gate.dtype)

@@ -26,6 +26,51 @@ TOL = {
     torch.bfloat16: (6e-2, 5e-2),
 }
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+# The one error measure for comparisons against float64 ground truth: ||a - b|| / ||b|| (2-norm over all
+# elements, computed in float64), with one bound per dtype OF THE RESULT, written once. A result stored in
+# bf16 carries its rounding (unit roundoff 2^-9, rms about 2.3e-3 relative); an fp32 result (statistics,
+# weight gradients of fp32 parameters) is held to fp32 accuracy whatever the activation dtype. Every bound
+# is below 1e-2 so that a 1 % scale error in any output fails. Where the true value can be near zero (an
+# input gradient with two values per channel is exactly 0), pass `ref=` (e.g. grad_out): the error may
+# then also be bounded relative to ||ref||.
+REL_BOUND = {
+    torch.float64: 1e-10,
+    torch.float32: 2e-5,
+    torch.float16: 2e-3,
+    torch.bfloat16: 8e-3,
+}
+
+
+def rel_error(actual, expected):
+    """||actual - expected|| / ||expected|| in float64; inf when NaN/Inf positions or shapes differ."""
+    a, b = actual.detach().to("cpu", torch.float64), expected.detach().to("cpu", torch.float64)
+    if a.shape != b.shape:
+        return float("inf")
+    fa, fb = torch.isfinite(a), torch.isfinite(b)
+    if not torch.equal(fa, fb) or not torch.equal(a[~fa].nan_to_num(), b[~fb].nan_to_num()):
+        return float("inf")
+    diff = (a[fa] - b[fb]).norm().item()
+    den = b[fb].norm().item()
+    return diff / den if den > 0 else diff
+
+
+def assert_rel(actual, expected, dtype=None, scale=1.0, ref=None, msg=""):
+    """Fails when rel_error(actual, expected) exceeds the bound of `dtype` (default: actual's) x `scale`,
+    unless `ref` is given and ||actual - expected|| <= bound x ||ref|| (true value near zero)."""
+    bound = REL_BOUND[dtype or actual.dtype] * scale
+    err = rel_error(actual, expected)
+    if err <= bound:
+        return err
+    if ref is not None and err != float("inf"):
+        den = expected.detach().double().norm().item()
+        absolute = err * den if den > 0 else err
+        ref_norm = ref.detach().double().norm().item()
+        if absolute <= bound * ref_norm:
+            return err
+    raise AssertionError(f"{msg + ': ' if msg else ''}relative error {err:.3e} > bound {bound:.1e} "
+                         f"({dtype or actual.dtype}{', also vs ||ref||' if ref is not None else ''})")
+
 GPU = torch.cuda.is_available()
 
 

@@ -243,7 +243,6 @@ def test_convert_untraceable_model_uses_registry():
 
 def test_registry_blocks_convert_when_fx_cannot_trace(monkeypatch):
     """Force the trace to fail: the registry's fused forwards then convert the known blocks."""
-    import fastnets.convert as _  # noqa: F401
     import sys
 
     conv_mod = sys.modules["fastnets.convert"]

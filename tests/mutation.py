@@ -1,0 +1,565 @@
+"""Mutation check: plant one bug at a time in a copy of the tree and prove that the test suite fails.
+
+    python tests/mutation.py              # every mutant (README, "Mutation check": about 20-40 min on 2 cores)
+    python tests/mutation.py --fast       # the CI subset: one mutant per layer (tests/test_mutation.py runs it)
+    python tests/mutation.py --only NAME[,NAME...]   --list   -j N   --timeout S
+
+Each mutant is (name, file, an exact snippet that must occur exactly once, its replacement, the tests to run).
+The harness copies the working tree (git's tracked and untracked-but-not-ignored files, plus the built
+fastnets/_C*.so; no caches or build artefacts) into a temporary directory per worker, applies ONE mutant,
+runs `python -m pytest -x -q` on the mutant's tests there with PYTHONPATH and the working directory on the
+copy, then restores the file. A small pytest plugin records which files the fastnets modules were imported
+from: a run in which fastnets did not come from the copy, or the mutated module was never imported, is an
+error, not a kill. A mutant is killed when a test FAILS; a collection error, a timeout or pytest's usage
+errors are not kills. Afterwards every test that killed a mutant is run once more on an unmutated copy and
+must pass (a kill by a test that fails anyway proves nothing).
+
+Exit status: 0 when every selected mutant was killed; 1 when one survived (or ran into an error); 2 when the
+catalogue is stale (a snippet is missing or occurs more than once, e.g. after a refactoring: update the
+entry). `file` may be a glob ("fastnets/convert*" finds the snippet in convert.py or anywhere in the
+fastnets/convert/ package): the snippet must then occur exactly once among all matching .py files.
+
+Written for a 2-core machine: run with -j 1 (the default); each mutant's tests are the few that target it,
+followed by its family's test file (so a mutant the new tests miss still meets the old ones).
+"""
+import argparse
+import concurrent.futures
+import dataclasses
+import fnmatch
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# ------------------------------------------------------------------------------------------------ tests
+
+GRAD = "tests/test_gradients_exact.py"
+RUN = "tests/test_running_stats.py"
+SAFE = "tests/test_convert_safety.py"
+
+
+def t(path, *names):
+    """Node ids path::name for each test function name (all its parametrizations)."""
+    return tuple(f"{path}::{n}" for n in names) if names else (path,)
+
+
+BN_TRAIN = t(GRAD, "test_batch_norm_train_every_output")
+BN_EVAL = t(GRAD, "test_batch_norm_eval_every_output")
+RUNNING = t(RUN, "test_running_stats_follow_torch")
+RUNNING_BF16 = t(RUN, "test_running_stats_in_bfloat16_buffers")
+CONV_EPI = t(GRAD, "test_conv2d_epilogue_every_gradient")
+CONV_BN_TRAIN = t(GRAD, "test_conv_bn_train_statistics_and_gradients")
+CONV_BN_EVAL = t(GRAD, "test_conv_bn_eval_fold_every_gradient")
+CONV_MODULE = t(GRAD, "test_conv2d_module_asymmetric_geometry")
+SE_ALL = t(GRAD, "test_squeeze_excite_every_gradient")
+SE_STAGES = t(GRAD, "test_squeeze_excite_stage_ops_gradients")
+SE_MODULE = t(GRAD, "test_squeeze_excite_module_residual_relu")
+CONVERT = t(SAFE)
+
+BN_FILE, CONV_FILE, SE_FILE, CONVERT_FILE = (
+    "tests/test_batch_norm.py", "tests/test_conv.py", "tests/test_squeeze_excite.py", "tests/test_convert.py")
+
+
+def only(backend):
+    return ("-k", backend)
+
+
+@dataclasses.dataclass(frozen=True)
+class Mutant:
+    name: str
+    file: str  # relative to the repository root; may be a glob
+    old: str  # must occur exactly once
+    new: str
+    tests: tuple  # pytest arguments
+    fast: bool = False  # part of the CI subset
+
+
+M = Mutant
+MUTANTS = [
+    # ---------------------------------------------------------------- reference/ (the CPU path and oracle)
+    M("ref-bn-stats-unbiased", "fastnets/reference/batch_norm.py",
+      "torch.var_mean(xf, dim=_reduce_dims(x), unbiased=False)", "torch.var_mean(xf, dim=_reduce_dims(x), unbiased=True)",
+      BN_TRAIN + only("reference") + (BN_FILE,)),
+    M("ref-bn-grad-x-drops-sum-g", "fastnets/reference/batch_norm.py",
+      "dx = dx + (x.to(a.dtype) - _per_channel(mean, x)) * _per_channel(b, x) + _per_channel(d, x)",
+      "dx = dx + (x.to(a.dtype) - _per_channel(mean, x)) * _per_channel(b, x)",
+      BN_TRAIN + only("reference") + (BN_FILE,), fast=True),
+    M("ref-bn-reduce-forgets-mean", "fastnets/reference/batch_norm.py",
+      "return g.sum(dims), (g * (x.to(mean.dtype) - _per_channel(mean, x))).sum(dims)",
+      "return g.sum(dims), (g * x.to(mean.dtype)).sum(dims)",
+      BN_TRAIN + only("reference") + (BN_FILE,)),
+    M("ref-conv-stats-unbiased", "fastnets/reference/conv.py",
+      "dim=(0, 2, 3), unbiased=False)", "dim=(0, 2, 3), unbiased=True)",
+      CONV_BN_TRAIN + only("reference") + (CONV_FILE,)),
+    M("ref-se-pool-off-by-one", "fastnets/reference/squeeze_excite.py",
+      "return x.to(acc_dtype(x)).mean(dim=(2, 3))",
+      "return x.to(acc_dtype(x)).sum(dim=(2, 3)) / (x.shape[2] * x.shape[3] + 1)",
+      SE_ALL + only("reference") + (SE_FILE,)),
+    # ---------------------------------------------------------------- ops/batch_norm.py
+    M("bn-grad-weight-1pct", "fastnets/ops/batch_norm.py",
+      "grad_w = (sum_gxmu * invstd).to(weight.dtype)", "grad_w = (sum_gxmu * invstd * 1.01).to(weight.dtype)",
+      BN_TRAIN + (BN_FILE,)),
+    M("bn-grad-bias-1pct", "fastnets/ops/batch_norm.py",
+      "grad_b = sum_g.to(weight.dtype)", "grad_b = (sum_g * 1.01).to(weight.dtype)",
+      BN_TRAIN + (BN_FILE,)),
+    M("bn-grad-x-count-minus-one", "fastnets/ops/batch_norm.py",
+      "b = -a * invstd * invstd * sum_gxmu / count", "b = -a * invstd * invstd * sum_gxmu / (count - 1)",
+      BN_TRAIN + (BN_FILE,), fast=True),
+    M("bn-grad-x-sum-g-count", "fastnets/ops/batch_norm.py",
+      "d = -a * sum_g / count", "d = -a * sum_g / (count + 1)",
+      BN_TRAIN + (BN_FILE,)),
+    M("bn-running-var-biased", "fastnets/ops/batch_norm.py",
+      "unbiased = var * (count / (count - 1))", "unbiased = var",
+      RUNNING + (BN_FILE,)),
+    M("bn-momentum-swapped", "fastnets/ops/batch_norm.py",
+      "running_mean.lerp_(mean, momentum)", "running_mean.lerp_(mean, 1 - momentum)",
+      RUNNING + (BN_FILE,)),
+    M("bn-momentum-swapped-buffer-dtype", "fastnets/ops/batch_norm.py",
+      "running_var.copy_(momentum * unbiased + (1 - momentum) * running_var.to(unbiased.dtype))",
+      "running_var.copy_((1 - momentum) * unbiased + momentum * running_var.to(unbiased.dtype))",
+      RUNNING_BF16 + (BN_FILE,)),
+    M("bn-running-var-keeps-eps", "fastnets/ops/batch_norm.py",
+      "var = invstd.pow(-2) - eps", "var = invstd.pow(-2)",
+      RUNNING + (BN_FILE,)),
+    M("bn-eval-backward-zero-mean", "fastnets/ops/batch_norm.py",
+      "mean, invstd = running_mean.to(acc), torch.rsqrt(running_var.to(acc) + ctx.eps)",
+      "mean, invstd = torch.zeros_like(running_mean, dtype=acc), torch.rsqrt(running_var.to(acc) + ctx.eps)",
+      BN_EVAL + (BN_FILE,)),
+    M("bn-fold-shift-ignores-weight", "fastnets/ops/batch_norm.py",
+      "shift = -mean * scale", "shift = -mean * invstd",
+      BN_EVAL + (BN_FILE,)),
+    # ---------------------------------------------------------------- nn/
+    M("nn-momentum-none-off-by-one", "fastnets/nn/batch_norm.py",
+      "factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum",
+      "factor = 1.0 / (float(bn.num_batches_tracked) + 1) if bn.momentum is None else bn.momentum",
+      RUNNING + (BN_FILE,), fast=True),
+    M("nn-num-batches-tracked-twice", "fastnets/nn/batch_norm.py",
+      "bn.num_batches_tracked.add_(1)", "bn.num_batches_tracked.add_(2)",
+      RUNNING + (BN_FILE,)),
+    M("nn-eval-without-running-stats", "fastnets/nn/batch_norm.py",
+      "use_batch_stats = bn.training or (bn.running_mean is None and bn.running_var is None)",
+      "use_batch_stats = bn.training",
+      t(RUN, "test_no_running_stats_uses_batch_statistics_in_eval") + (BN_FILE,)),
+    M("nn-conv-bn-momentum-none", "fastnets/nn/conv.py",
+      "momentum=factor,", "momentum=bn.momentum or 0.1,",
+      CONV_BN_TRAIN + (CONV_FILE,)),
+    M("nn-conv-padding-swapped", "fastnets/nn/conv.py",
+      "return tuple(conv.padding)", "return tuple(conv.padding)[::-1]",
+      CONV_MODULE + (CONV_FILE,)),
+    # ---------------------------------------------------------------- triton_kernels/batch_norm.py
+    M("triton-bn-chan-m2-count", "fastnets/triton_kernels/batch_norm.py",
+      "m2 = m2 + tile_m2 + delta * delta * (count * (nb / total))", "m2 = m2 + tile_m2 + delta * delta * (nb / total)",
+      BN_TRAIN + only("triton") + (BN_FILE,), fast=True),
+    M("triton-bn-split-count-assumed-full", "fastnets/triton_kernels/batch_norm.py",
+      "    cmask = cols < C\n    tl.store(pmean_ptr + out, mean, mask=cmask)\n    tl.store(pm2_ptr + out, m2, mask=cmask)\n"
+      "    tl.store(pcount_ptr + out, count, mask=cmask)",
+      "    cmask = cols < C\n    tl.store(pmean_ptr + out, mean, mask=cmask)\n    tl.store(pm2_ptr + out, m2, mask=cmask)\n"
+      "    tl.store(pcount_ptr + out, count * 0 + rows_per_split, mask=cmask)",
+      BN_TRAIN + only("triton") + (BN_FILE,)),
+    M("triton-bn-cl-tail-count", "fastnets/triton_kernels/batch_norm.py",
+      "nb = tl.minimum(r_hi - r0, BLOCK_R).to(ACC)", "nb = tl.minimum(r_hi - r0 + 1, BLOCK_R).to(ACC)",
+      BN_TRAIN + only("triton") + (BN_FILE,)),
+    M("triton-bn-nchw-tail-count", "fastnets/triton_kernels/batch_norm.py",
+      "nb = tl.minimum(s_hi - s0, BLOCK_S).to(ACC)", "nb = tl.minimum(s_hi - s0 + 1, BLOCK_S).to(ACC)",
+      BN_TRAIN + only("triton") + (BN_FILE,)),
+    M("triton-bn-cl-mask-off-by-one", "fastnets/triton_kernels/batch_norm.py",
+      "mask = (rows < r_hi)[:, None] & (cols < C)[None, :]", "mask = (rows < r_hi - 1)[:, None] & (cols < C)[None, :]",
+      BN_TRAIN + only("triton") + (BN_FILE,)),
+    M("triton-bn-second-stage-drops-splits", "fastnets/triton_kernels/batch_norm.py",
+      "return psum_g.sum(0), psum_gx.sum(0)", "return psum_g[0], psum_gx.sum(0)",
+      BN_TRAIN + only("triton") + (BN_FILE,)),
+    M("triton-bn-grad-x-forgets-mean", "fastnets/triton_kernels/batch_norm.py",
+      "dx += _per_channel(b_ptr, c, cmask, CL) * (x - _per_channel(mean_ptr, c, cmask, CL))",
+      "dx += _per_channel(b_ptr, c, cmask, CL) * x",
+      BN_TRAIN + only("triton") + (BN_FILE,)),
+    M("triton-bn-residual-after-activation", "fastnets/triton_kernels/batch_norm.py",
+      "    if HAS_RES:\n        v += tl.load(res_ptr + offs, mask=mask, other=0.0).to(ACC)\n    v = act_fwd(v, ACT, act_param)\n",
+      "    v = act_fwd(v, ACT, act_param)\n    if HAS_RES:\n        v += tl.load(res_ptr + offs, mask=mask, other=0.0).to(ACC)\n",
+      BN_TRAIN + only("triton") + (BN_FILE,)),
+    # ---------------------------------------------------------------- triton_kernels/conv.py
+    M("triton-conv-epilogue-tail-count", "fastnets/triton_kernels/conv.py",
+      "cnt = tl.minimum(M - pid_m * BLOCK_M, BLOCK_M).to(v.dtype)",
+      "cnt = tl.minimum(M - pid_m * BLOCK_M + 1, BLOCK_M).to(v.dtype)",
+      CONV_BN_TRAIN + only("triton") + (CONV_FILE,), fast=True),
+    M("triton-conv-merge-mean-ignores-tail", "fastnets/triton_kernels/conv.py",
+      "total += tl.sum(pm * cnt[:, None], axis=0)", "total += tl.sum(pm * BLOCK_ROWS, axis=0)",
+      CONV_BN_TRAIN + only("triton") + (CONV_FILE,)),
+    M("triton-conv-chan-m2-count", "fastnets/triton_kernels/conv.py",
+      "m2 += tl.sum(p2 + d * d * cnt[:, None], axis=0)", "m2 += tl.sum(p2 + d * d, axis=0)",
+      CONV_BN_TRAIN + only("triton") + (CONV_FILE,)),
+    M("triton-conv-stats-without-bias", "fastnets/triton_kernels/conv.py",
+      "vm = tl.where(mask_m[:, None], v, 0.0)", "vm = tl.where(mask_m[:, None], acc, 0.0)",
+      CONV_BN_TRAIN + only("triton") + (CONV_FILE,)),
+    M("triton-conv-stats-unmasked-rows", "fastnets/triton_kernels/conv.py",
+      "dev = tl.where(mask_m[:, None], v - t_mean[None, :], 0.0)", "dev = v - t_mean[None, :]",
+      CONV_BN_TRAIN + only("triton") + (CONV_FILE,)),
+    M("triton-conv-shift-before-scale", "fastnets/triton_kernels/conv.py",
+      "    if HAS_SCALE:\n        v = v * tl.load(scale_ptr + offs_n, mask=mask_n, other=0.0).to(v.dtype)[None, :]\n"
+      "    if HAS_SHIFT:\n        v += tl.load(shift_ptr + offs_n, mask=mask_n, other=0.0).to(v.dtype)[None, :]\n",
+      "    if HAS_SHIFT:\n        v += tl.load(shift_ptr + offs_n, mask=mask_n, other=0.0).to(v.dtype)[None, :]\n"
+      "    if HAS_SCALE:\n        v = v * tl.load(scale_ptr + offs_n, mask=mask_n, other=0.0).to(v.dtype)[None, :]\n",
+      CONV_BN_EVAL + only("triton") + (CONV_FILE,)),
+    M("triton-conv-wgrad-first-split-only", "fastnets/triton_kernels/conv.py",
+      "dw = part[0] if splits == 1 else part.sum(0)", "dw = part[0]",
+      CONV_EPI + only("triton and split") + (CONV_FILE,)),
+    M("triton-conv-wgrad-mask-off-by-one", "fastnets/triton_kernels/conv.py",
+      "mk = offs_k < m_end", "mk = offs_k < m_end - 1",
+      CONV_EPI + only("triton") + (CONV_FILE,)),
+    M("triton-conv-dgrad-stride-divisibility", "fastnets/triton_kernels/conv.py",
+      "ok = mask_m & (th >= 0) & (thc - oh * stride_h == 0) & (oh < OH)", "ok = mask_m & (th >= 0) & (oh < OH)",
+      CONV_EPI + only("triton") + (CONV_FILE,)),
+    M("triton-conv-flat-taps-kh-for-kw", "fastnets/triton_kernels/conv.py",
+      "r = rs // KW", "r = rs // KH",
+      CONV_EPI + only("triton and stem") + (CONV_FILE,)),
+    M("triton-conv-1x1-dgrad-not-zeroed", "fastnets/triton_kernels/conv.py",
+      "out.zero_()  # the pixels no output reads from get zero gradient", "pass",
+      CONV_EPI + only("triton and 1x1") + (CONV_FILE,)),
+    M("triton-conv-group-m-tail", "fastnets/triton_kernels/conv.py",
+      "size_m = tl.minimum(num_m - first_m, GROUP_M)", "size_m = GROUP_M",
+      CONV_EPI + only("triton") + (CONV_FILE,)),
+    M("triton-conv-k-blocks", "fastnets/triton_kernels/conv.py",
+      "n_cb = tl.cdiv(C, BLOCK_K)", "n_cb = tl.cdiv(C, 2 * BLOCK_K)",
+      CONV_EPI + only("triton") + (CONV_FILE,)),
+    # ---------------------------------------------------------------- ops/conv.py
+    M("conv-grad-bias-ignores-scale", "fastnets/ops/conv.py",
+      "grad_b = sum_g if scale is None else sum_g * scale.to(acc)", "grad_b = sum_g",
+      CONV_BN_EVAL + (CONV_FILE,)),
+    M("conv-grad-scale-drops-bias", "fastnets/ops/conv.py",
+      "grad_scale = grad_scale + bias.to(acc) * sum_g", "grad_scale = grad_scale",
+      CONV_BN_EVAL + (CONV_FILE,)),
+    M("conv-grad-weight-1pct", "fastnets/ops/conv.py",
+      "grad_w = (dwg if scale is None else", "grad_w = (1.01 * dwg if scale is None else",
+      CONV_BN_TRAIN + (CONV_FILE,)),
+    M("conv-grad-x-2pct", "fastnets/ops/conv.py",
+      "grad_x = k.grad_input(g, w, _new_out(x, tuple(x.shape)), stride, padding, dilation)",
+      "grad_x = k.grad_input(g, w, _new_out(x, tuple(x.shape)), stride, padding, dilation) * 1.02",
+      CONV_EPI + (CONV_FILE,)),
+    M("conv-bn-count-non-square", "fastnets/ops/conv.py",
+      "count = shape[0] * shape[2] * shape[3]", "count = shape[0] * shape[2] * shape[2]",
+      CONV_BN_TRAIN + (CONV_FILE,)),
+    M("conv-bn-eval-eps-ignored", "fastnets/ops/conv.py",
+      "running_mean.to(acc), torch.rsqrt(running_var.to(acc) + eps))",
+      "running_mean.to(acc), torch.rsqrt(running_var.to(acc) + 1e-5))",
+      CONV_BN_EVAL + (CONV_FILE,)),
+    # ---------------------------------------------------------------- ops/squeeze_excite.py (and its gate)
+    M("se-pool-grad-h-for-w", "fastnets/ops/squeeze_excite.py",
+      "(grad_p / (x.shape[2] * x.shape[3]))", "(grad_p / (x.shape[2] * x.shape[2]))",
+      SE_ALL + (SE_FILE,)),
+    M("se-sigmoid-grad-2pct", "fastnets/activations.py",
+      "return torch.ops.aten.sigmoid_backward(g, out)", "return g * out * (1.02 - out)",
+      SE_ALL + (SE_FILE,), fast=True),
+    M("se-grad-w2-1pct", "fastnets/ops/squeeze_excite.py",
+      "grad_w2 = dz2.t() @ hidden", "grad_w2 = 1.01 * (dz2.t() @ hidden)",
+      SE_ALL + (SE_FILE,)),
+    M("se-grad-b1-1pct", "fastnets/ops/squeeze_excite.py",
+      "grad_b1 = dz1.sum(0)", "grad_b1 = 1.01 * dz1.sum(0)",
+      SE_ALL + (SE_FILE,)),
+    M("se-squeeze-op-grad-h-for-w", "fastnets/ops/squeeze_excite.py",
+      "g = (grad_pooled / (h * w)).to(ctx.x_dtype)", "g = (grad_pooled / (h * h)).to(ctx.x_dtype)",
+      SE_STAGES + (SE_FILE,)),
+    # ---------------------------------------------------------------- triton_kernels/squeeze_excite.py
+    M("triton-se-reduce-mask-off-by-one", "fastnets/triton_kernels/squeeze_excite.py",
+      "mask = cmask[:, None] & (ss < s_end)[None, :]", "mask = cmask[:, None] & (ss < s_end - 1)[None, :]",
+      SE_ALL + only("triton") + (SE_FILE,)),
+    M("triton-se-excite-first-hidden-block", "fastnets/triton_kernels/squeeze_excite.py",
+      "        for r0 in range(0, R, BLOCK_R):\n            rs = r0 + tl.arange(0, BLOCK_R)\n            rmask = rs < R\n"
+      "            h = tl.load(",
+      "        for r0 in range(0, BLOCK_R, BLOCK_R):\n            rs = r0 + tl.arange(0, BLOCK_R)\n            rmask = rs < R\n"
+      "            h = tl.load(",
+      SE_ALL + only("triton and r36") + (SE_FILE,)),
+    # ---------------------------------------------------------------- convert (module or package)
+    M("convert-conv-bn-other-users", "fastnets/convert*",
+      "with_conv = (_is_conv2d(conv) and not _has_hooks(conv) and len(src.users) == 1",
+      "with_conv = (_is_conv2d(conv) and not _has_hooks(conv)",
+      CONVERT + (CONVERT_FILE,), fast=True),
+    M("convert-tail-ignores-other-users", "fastnets/convert*",
+      "return users[0] if len(users) == 1 else None", "return users[0] if users else None",
+      CONVERT + (CONVERT_FILE,)),
+    M("convert-se-gate-other-users", "fastnets/convert*",
+      "if len(gate.users) != 1:", "if False:",
+      CONVERT + (CONVERT_FILE,)),
+    M("convert-mode-dependent-forward", "fastnets/convert*",
+      "if codes[0] != codes[1]:", "if False:",
+      CONVERT + (CONVERT_FILE,)),
+]
+
+
+# ------------------------------------------------------------------------------------------------ locating
+
+
+def candidate_files(pattern, root=ROOT):
+    """The .py files `pattern` names under root: a file, or a glob whose matches may be directories."""
+    out = []
+    for p in sorted(root.glob(pattern)):
+        if p.is_dir():
+            out.extend(q for q in sorted(p.rglob("*.py")) if "__pycache__" not in q.parts)
+        elif p.suffix == ".py":
+            out.append(p)
+    return out
+
+
+def locate(mutant, root=ROOT):
+    """(relative path, None) when the snippet occurs exactly once among the candidate files, else
+    (None, reason)."""
+    hits = []
+    for p in candidate_files(mutant.file, root):
+        n = p.read_text().count(mutant.old)
+        if n:
+            hits.append((p, n))
+    total = sum(n for _, n in hits)
+    if total == 1:
+        return hits[0][0].relative_to(root).as_posix(), None
+    if total == 0:
+        return None, f"snippet not found in {mutant.file}"
+    where = ", ".join(f"{p.relative_to(root)} x{n}" for p, n in hits)
+    return None, f"snippet occurs {total} times ({where})"
+
+
+def check_catalogue(mutants, root=ROOT):
+    """Problems of the catalogue: duplicate names, stale snippets, replacements that do not compile or
+    change nothing."""
+    problems = []
+    seen = set()
+    for m in mutants:
+        if m.name in seen:
+            problems.append(f"{m.name}: duplicate name")
+        seen.add(m.name)
+        if m.old == m.new:
+            problems.append(f"{m.name}: the replacement equals the snippet")
+            continue
+        path, why = locate(m, root)
+        if path is None:
+            problems.append(f"{m.name}: {why}")
+            continue
+        src = (root / path).read_text().replace(m.old, m.new)
+        try:
+            compile(src, path, "exec")
+        except SyntaxError as e:
+            problems.append(f"{m.name}: the mutated {path} does not compile: {e}")
+    return problems
+
+
+# ------------------------------------------------------------------------------------------------ the copy
+
+
+EXCLUDE_DIRS = {".git", "__pycache__", ".pytest_cache", "build", "dist", ".hypothesis", ".data"}
+
+
+def tree_files(root=ROOT):
+    """The working tree's files: git's tracked and untracked-but-not-ignored ones, plus the built extension."""
+    try:
+        out = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=root, check=True,
+                             capture_output=True).stdout.decode()
+        files = [f for f in out.split("\0") if f]
+    except (OSError, subprocess.CalledProcessError):
+        files = []
+        for dirpath, dirnames, filenames in os.walk(root):
+            dirnames[:] = [d for d in dirnames if d not in EXCLUDE_DIRS and not d.endswith(".egg-info")]
+            files += [os.path.relpath(os.path.join(dirpath, f), root) for f in filenames]
+    files = [f for f in files if not (set(Path(f).parts) & EXCLUDE_DIRS) and (root / f).is_file()]
+    files += [p.relative_to(root).as_posix() for p in (root / "fastnets").glob("_C*.so")]
+    return sorted(set(files))
+
+
+def make_copy(dest, root=ROOT):
+    for f in tree_files(root):
+        target = dest / f
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(root / f, target)
+    return dest
+
+
+GUARD = '''
+import json, os, sys
+
+def pytest_unconfigure(config):
+    mods = {name: getattr(m, "__file__", None) for name, m in list(sys.modules.items())
+            if name == "fastnets" or name.startswith("fastnets.")}
+    with open(os.environ["FASTNETS_MUTATION_REPORT"], "w") as f:
+        json.dump(mods, f)
+'''
+
+
+def module_name(path):
+    parts = Path(path).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+class Worker:
+    """A copy of the tree, the guard plugin next to it, and a lock-free life: one mutant at a time."""
+
+    def __init__(self, base):
+        self.dir = Path(tempfile.mkdtemp(prefix="fastnets-mutation-", dir=base))
+        self.tree = make_copy(self.dir / "tree")
+        (self.dir / "plugins").mkdir()
+        (self.dir / "plugins" / "_fastnets_mutation_guard.py").write_text(GUARD)
+        self.report = self.dir / "imported.json"
+
+    def run(self, args, timeout):
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join([str(self.dir / "plugins"), str(self.tree)])
+        env["PYTHONDONTWRITEBYTECODE"] = "1"  # a mutated and a restored file of one size and second: no stale .pyc
+        env["FASTNETS_MUTATION_REPORT"] = str(self.report)
+        if self.report.exists():
+            self.report.unlink()
+        cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-rf", "--no-header", "-p", "no:cacheprovider",
+               "-p", "_fastnets_mutation_guard", *args]
+        start = time.time()
+        try:
+            proc = subprocess.run(cmd, cwd=self.tree, env=env, capture_output=True, text=True, timeout=timeout)
+            rc, out = proc.returncode, proc.stdout + proc.stderr
+        except subprocess.TimeoutExpired as e:
+            rc, out = None, (e.stdout or b"").decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or "")
+        imported = json.loads(self.report.read_text()) if self.report.exists() else None
+        return rc, out, imported, time.time() - start
+
+    def check_imports(self, imported, mutated=None):
+        """None when every fastnets module came from the copy (and the mutated one was imported), else why."""
+        if imported is None:
+            return "pytest did not report its imports"
+        tree = str(self.tree.resolve()) + os.sep
+        stray = [f"{n} from {f}" for n, f in imported.items() if f and not os.path.realpath(f).startswith(tree)]
+        if stray or "fastnets" not in imported:
+            return "fastnets was not imported from the copy: " + ("; ".join(stray[:3]) or "not imported")
+        if mutated is not None and module_name(mutated) not in imported:
+            return f"the mutated module {module_name(mutated)} was never imported by these tests"
+        return None
+
+    def mutate(self, mutant):
+        path, why = locate(mutant, self.tree)
+        if path is None:
+            raise RuntimeError(f"{mutant.name}: {why}")
+        target = self.tree / path
+        original = target.read_text()
+        target.write_text(original.replace(mutant.old, mutant.new))
+        return path, target, original
+
+
+FAILED = re.compile(r"^FAILED (\S+?)(?: - .*)?$", re.M)
+
+
+def run_mutant(worker, mutant, timeout):
+    path, target, original = worker.mutate(mutant)
+    try:
+        rc, out, imported, secs = worker.run(list(mutant.tests), timeout)
+    finally:
+        target.write_text(original)
+    killers = FAILED.findall(out)
+    problem = worker.check_imports(imported, path)
+    if rc is None:
+        status = "timeout"
+    elif problem is not None:
+        status = "error"
+    elif rc == 1 and killers:
+        status = "killed"
+    elif rc == 0:
+        status = "survived"
+    else:
+        status = "error"
+        last = out.strip().splitlines()[-1][:200] if out.strip() else ""
+        problem = f"pytest exit status {rc} (a collection or usage error, not a kill): {last}"
+    return {"name": mutant.name, "file": path, "status": status, "seconds": round(secs, 1),
+            "killed_by": killers[:1], "problem": problem, "tail": "" if status == "killed" else out[-3000:]}
+
+
+def confirm(worker, killers, timeout):
+    """Run every killing test on the unmutated copy: each must pass. Returns (ok, output)."""
+    if not killers:
+        return True, ""
+    rc, out, imported, _ = worker.run(sorted(set(killers)), timeout)
+    problem = worker.check_imports(imported)
+    return rc == 0 and problem is None, (problem or "") + out[-3000:]
+
+
+# ------------------------------------------------------------------------------------------------ main
+
+
+def select(args):
+    mutants = MUTANTS
+    if args.fast:
+        mutants = [m for m in mutants if m.fast]
+    if args.only:
+        names = [n.strip() for n in args.only.split(",") if n.strip()]
+        unknown = [n for n in names if not any(fnmatch.fnmatch(m.name, n) for m in MUTANTS)]
+        if unknown:
+            sys.exit(f"mutation: unknown mutant(s) {unknown}; see --list")
+        mutants = [m for m in mutants if any(fnmatch.fnmatch(m.name, n) for n in names)]
+    return mutants
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--fast", action="store_true", help="the CI subset (one mutant per layer)")
+    ap.add_argument("--only", help="comma-separated mutant names (fnmatch patterns)")
+    ap.add_argument("--list", action="store_true", help="list the mutants and whether each snippet is found once")
+    ap.add_argument("-j", "--jobs", type=int, default=1, help="mutants run in parallel (default 1)")
+    ap.add_argument("--timeout", type=float, default=900, help="seconds per mutant (default 900)")
+    ap.add_argument("--json", help="write the results here")
+    args = ap.parse_args(argv)
+    mutants = select(args)
+
+    problems = check_catalogue(mutants)
+    if args.list:
+        for m in mutants:
+            path, why = locate(m)
+            print(f"{m.name:<40} {'fast ' if m.fast else '     '}{path or m.file:<42} {why or 'ok'}")
+            print(f"{'':<46}tests: {' '.join(m.tests)}")
+        print(f"{len(mutants)} mutants ({sum(m.fast for m in mutants)} in --fast); "
+              f"{len(problems)} catalogue problem(s)")
+        return 2 if problems else 0
+    if problems:
+        print("mutation: the catalogue is stale:\n  " + "\n  ".join(problems), file=sys.stderr)
+        return 2
+
+    start = time.time()
+    base = Path(tempfile.mkdtemp(prefix="fastnets-mutation-"))
+    workers, lock, results = [], threading.Lock(), []
+    local = threading.local()
+
+    def job(m):
+        if not hasattr(local, "worker"):
+            local.worker = Worker(base)
+            with lock:
+                workers.append(local.worker)
+        r = run_mutant(local.worker, m, args.timeout)
+        with lock:
+            results.append(r)
+            done = len(results)
+        extra = f" by {r['killed_by'][0]}" if r["killed_by"] else (f": {r['problem']}" if r["problem"] else "")
+        print(f"[{done:>2}/{len(mutants)}] {r['status']:<8} {r['seconds']:>6.1f}s  {m.name}{extra}", flush=True)
+        return r
+
+    try:
+        with concurrent.futures.ThreadPoolExecutor(max(1, args.jobs)) as pool:
+            list(pool.map(job, mutants))
+        killers = [k for r in results if r["status"] == "killed" for k in r["killed_by"]]
+        ok, out = confirm(workers[0] if workers else Worker(base), killers, args.timeout)
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+    order = {m.name: i for i, m in enumerate(mutants)}
+    results.sort(key=lambda r: order[r["name"]])
+    killed = sum(r["status"] == "killed" for r in results)
+    elapsed = time.time() - start
+    for r in results:
+        if r["status"] != "killed":
+            print(f"\n--- {r['name']} ({r['file']}): {r['status']} {r['problem'] or ''}\n{r['tail']}")
+    if not ok:
+        print("\nmutation: a test that killed a mutant also fails on the unmutated tree:\n" + out)
+    print(f"\nmutation: killed {killed}/{len(results)} mutants in {elapsed:.0f} s (-j {args.jobs})"
+          + ("" if ok else "; the kills are NOT confirmed"))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"killed": killed, "total": len(results), "seconds": round(elapsed),
+                                               "confirmed": ok, "results": results}, indent=1))
+    return 0 if killed == len(results) and ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

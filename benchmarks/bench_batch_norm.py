@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.common import add_speedups, bf16_matmul_tflops, copy_bandwidth_gbs, print_table, require_cuda, time_ms_and_peak_mib, write_results  # noqa: E402
+from benchmarks.common import LiveRows, add_common_args, add_speedups, bf16_matmul_tflops, compile_module, copy_bandwidth_gbs, print_table, require_cuda, time_ms_and_peak_mib  # noqa: E402
 
 import fastnets  # noqa: E402
 from fastnets.nn import BatchNorm2d, BatchNormReLU2d  # noqa: E402
@@ -26,6 +26,7 @@ RESNET50_BN_SHAPES = [
     (256, 28, 28), (256, 14, 14), (1024, 14, 14), (512, 14, 14), (512, 7, 7), (2048, 7, 7),
 ]
 QUICK_SHAPES = [(64, 112, 112), (256, 56, 56), (1024, 14, 14), (2048, 7, 7)]
+DRY_SHAPES = [(8, 5, 5)]  # --dry-run: batch 2 on the CPU
 CONFIGS = {"bf16-nhwc": (torch.bfloat16, torch.channels_last), "fp32-nchw": (torch.float32, torch.contiguous_format)}
 
 
@@ -63,20 +64,17 @@ class FastnetsBN(nn.Module):
             return self.bn(x)
 
 
-def _variants(family, c):
+def _variants(family, c, device, which, dry_run):
     out = {}
-    if family == "bn":
-        out["eager"] = nn.BatchNorm2d(c)
-        out["compile"] = torch.compile(nn.BatchNorm2d(c), dynamic=False)
-        for b in ("cuda", "triton"):
-            if b in fastnets.available_backends("cuda"):
-                out[f"fastnets-{b}"] = FastnetsBN(c, b)
-    else:
-        out["eager"] = EagerChain(c)
-        out["compile"] = torch.compile(EagerChain(c), dynamic=False)
-        for b in ("cuda", "triton"):
-            if b in fastnets.available_backends("cuda"):
-                out[f"fastnets-{b}"] = FastnetsFused(c, b)
+    eager = nn.BatchNorm2d if family == "bn" else EagerChain
+    fused = FastnetsBN if family == "bn" else FastnetsFused
+    if which != "compile":
+        out["eager"] = eager(c)
+        for b in ("cuda", "triton") + (("reference",) if dry_run else ()):
+            if b in fastnets.available_backends(device):
+                out[f"fastnets-{b}"] = fused(c, b)
+    if which != "fastnets":
+        out["compile"] = compile_module(eager(c), dry_run, dynamic=False)
     return out
 
 
@@ -90,19 +88,20 @@ def _bytes(family, numel, elt, backward):
     return fwd + bwd
 
 
-def run(shapes, out_dir, families=("bn", "bn_add_relu")):
+def run(shapes, out_dir, families=("bn", "bn_add_relu"), device="cuda", which="all", dry_run=False):
     copy_gbs = copy_bandwidth_gbs()
     ceilings = {"copy_GBps": copy_gbs, "bf16_matmul_TFLOPs": bf16_matmul_tflops()}
     print(f"ceilings: copy {copy_gbs:.0f} GB/s, bf16 matmul {ceilings['bf16_matmul_TFLOPs']:.0f} TFLOP/s")
-    rows = []
+    batch = 2 if dry_run else 256
+    rows = LiveRows(out_dir, "batch_norm", ceilings, part=None if which == "all" else which)
     for family in families:
         for cfg, (dtype, fmt) in CONFIGS.items():
             for (c, h, w) in shapes:
-                x = torch.randn(256, c, h, w, device="cuda", dtype=dtype).to(memory_format=fmt).requires_grad_()
+                x = torch.randn(batch, c, h, w, device=device, dtype=dtype).to(memory_format=fmt).requires_grad_()
                 res = torch.randn_like(x) if family != "bn" else None
                 args = (x,) if res is None else (x, res)
-                for name, mod in _variants(family, c).items():
-                    mod = mod.cuda().train()
+                for name, mod in _variants(family, c, device, which, dry_run).items():
+                    mod = mod.to(device).train()
                     for backward in (False, True):
                         grad = torch.randn_like(x)
 
@@ -115,18 +114,18 @@ def run(shapes, out_dir, families=("bn", "bn_add_relu")):
                             ms, peak = time_ms_and_peak_mib(step)
                         except Exception as e:  # report and go on: one failing variant must not hide the rest
                             print(f"{family} {cfg} {c}x{h}x{w} {name}: FAILED {type(e).__name__}: {e}")
-                            rows.append(dict(family=family, config=cfg, shape=f"256x{c}x{h}x{w}", variant=name,
+                            rows.append(dict(family=family, config=cfg, shape=f"{batch}x{c}x{h}x{w}", variant=name,
                                              pass_="fwd+bwd" if backward else "fwd", error=str(e)[:300]))
                             continue
                         nbytes = _bytes(family, x.numel(), x.element_size(), backward)
                         gbs = nbytes / ms / 1e6
-                        rows.append(dict(family=family, config=cfg, shape=f"256x{c}x{h}x{w}", variant=name,
+                        rows.append(dict(family=family, config=cfg, shape=f"{batch}x{c}x{h}x{w}", variant=name,
                                          pass_="fwd+bwd" if backward else "fwd", ms=ms, GBps=gbs,
                                          copy_fraction=gbs / copy_gbs, peak_MiB=peak))
                         x.grad = None
                 del x, res
     add_speedups(rows, group=("family", "config", "shape", "pass_"))
-    path = write_results(out_dir, "batch_norm", rows, ceilings)
+    path = rows.flush()
     print_table(rows, ["family", "config", "shape", "variant", "pass_", "ms", "GBps", "copy_fraction", "peak_MiB", "vs_eager", "vs_compile"])
     print(f"wrote {path}")
     return rows
@@ -136,9 +135,11 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--quick", action="store_true", help="four representative shapes instead of all twelve")
+    add_common_args(parser)
     args = parser.parse_args()
-    require_cuda()
-    run(QUICK_SHAPES if args.quick else RESNET50_BN_SHAPES, args.out)
+    device = require_cuda(args.dry_run)
+    shapes = DRY_SHAPES if args.dry_run else QUICK_SHAPES if args.quick else RESNET50_BN_SHAPES
+    run(shapes, args.out, device=device, which=args.variants, dry_run=args.dry_run)
 
 
 if __name__ == "__main__":

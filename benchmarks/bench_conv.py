@@ -70,15 +70,20 @@ def main():
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile baselines")
     parser.add_argument("--batch", type=int, default=256, help="ResNet-50 batch")
     parser.add_argument("--vgg-batch", type=int, default=64)
+    from benchmarks.common import add_common_args
+
+    add_common_args(parser)
     args = parser.parse_args()
+    if args.variants == "fastnets":
+        args.no_compile = True
     if args.quick:
         os.environ.setdefault("FASTNETS_CONV_TUNE", "quick")
 
     import torch
 
-    from benchmarks.common import bf16_matmul_tflops, print_table, require_cuda, time_ms, write_results
+    from benchmarks.common import LiveRows, bf16_matmul_tflops, compile_module, print_table, require_cuda, time_ms
 
-    require_cuda()
+    device = require_cuda(args.dry_run)
     import torch.nn.functional as F
     from torch import nn
 
@@ -95,7 +100,10 @@ def main():
     t_start = time.time()
     matmul = bf16_matmul_tflops()
     print(f"bf16 matmul rate measured in this run: {matmul:.0f} TFLOP/s")
-    if args.quick:
+    if args.dry_run:
+        shapes = [("resnet50", ("dry3x3", 2, 3, 6, 4, 3, 1, 1))]
+        warmup, reps = 1, 2
+    elif args.quick:
         rn = dict((s[0], s) for s in resnet50_shapes(args.batch))
         shapes = [("resnet50", rn["1x1s1_256to64@56"]), ("resnet50", rn["3x3s1_64to64@56"]),
                   ("resnet50", rn["1x1s2_512to1024@28"])]
@@ -105,7 +113,9 @@ def main():
         warmup, reps = 5, 25
 
     dt, fmt = torch.bfloat16, torch.channels_last
-    rows = []
+    which = args.variants
+    rows = LiveRows(args.out, "conv", {"bf16_matmul_tflops": matmul}, part=None if which == "all" else which,
+                    extra={"quick": args.quick})
 
     def timed(fn):
         return time_ms(fn, warmup=warmup, reps=reps)
@@ -115,10 +125,10 @@ def main():
         do_compile = not args.no_compile and (not args.quick or idx == 0)
         torch._dynamo.reset()
         torch.manual_seed(0)
-        x = torch.randn(n, cin, h, h, device="cuda", dtype=dt).contiguous(memory_format=fmt)
+        x = torch.randn(n, cin, h, h, device=device, dtype=dt).contiguous(memory_format=fmt)
         eager = nn.Sequential(nn.Conv2d(cin, cout, k, s, p, bias=False), nn.BatchNorm2d(cout), nn.ReLU())
-        eager = eager.to("cuda", dt).to(memory_format=fmt)
-        fused = ConvBNReLU2d(cin, cout, k, stride=s, padding=p).to("cuda", dt).to(memory_format=fmt)
+        eager = eager.to(device, dt).to(memory_format=fmt)
+        fused = ConvBNReLU2d(cin, cout, k, stride=s, padding=p).to(device, dt).to(memory_format=fmt)
         fused.load_state_dict({kk.replace("0.", "conv.", 1).replace("1.", "bn.", 1): v for kk, v in eager.state_dict().items()})
         w = eager[0].weight.detach()
         base = {"family": family, "config": "bf16-nhwc", "shape": name, "N": n, "Cin": cin, "H": h, "Cout": cout,
@@ -141,22 +151,25 @@ def main():
                 ms = timed(fn)
                 return add(pass_, variant, ms, conv_flops=conv_flops)
             except Exception as e:  # a variant that fails is reported, the others still run
-                torch.cuda.synchronize()
+                if device == "cuda":
+                    torch.cuda.synchronize()
                 return add(pass_, variant, None, err=f"{type(e).__name__}: {str(e)[:300]}")
 
         # ---- the convolution alone
-        with torch.no_grad():
-            cud = run("conv", "cudnn", lambda: F.conv2d(x, w, None, s, p))
-            tri = run("conv", "fastnets-triton", lambda: conv2d(x, w, None, s, p, backend="triton"))
-            aut = run("conv", "fastnets-auto", lambda: conv2d(x, w, None, s, p, backend="auto"))
-        t_cudnn = cud.get("ms")
-        for r in (cud, tri, aut):
-            if t_cudnn and r.get("ms"):
-                r["vs_cudnn"] = t_cudnn / r["ms"]
+        t_cudnn = None
+        if which != "compile":
+            with torch.no_grad():
+                cud = run("conv", "cudnn", lambda: F.conv2d(x, w, None, s, p))
+                tri = run("conv", "fastnets-triton", lambda: conv2d(x, w, None, s, p, backend="triton"))
+                aut = run("conv", "fastnets-auto", lambda: conv2d(x, w, None, s, p, backend="auto"))
+            t_cudnn = cud.get("ms")
+            for r in (cud, tri, aut):
+                if t_cudnn and r.get("ms"):
+                    r["vs_cudnn"] = t_cudnn / r["ms"]
 
         # ---- the block: eval forward, train forward, train forward+backward
         bwd_flops = flops * (2 if cin == 3 else 3)
-        grad_out = torch.randn(n, cout, _conv_out(h, k, s, p), _conv_out(h, k, s, p), device="cuda", dtype=dt)
+        grad_out = torch.randn(n, cout, _conv_out(h, k, s, p), _conv_out(h, k, s, p), device=device, dtype=dt)
         grad_out = grad_out.contiguous(memory_format=fmt)
         xg = x.detach().clone().requires_grad_(cin != 3)
 
@@ -181,17 +194,20 @@ def main():
         compiled = {}
         if do_compile:
             modes = ("train_fwdbwd",) if args.quick else ("eval_fwd", "train_fwd", "train_fwdbwd")
-            compiled = {m: torch.compile(eager) for m in modes}
+            compiled = {m: compile_module(eager, args.dry_run) for m in modes}
         for pass_ in ("eval_fwd", "train_fwd", "train_fwdbwd"):
             train = pass_ != "eval_fwd"
             eager.train(train)
             fused.train(train)
             maker = {"eval_fwd": fwd, "train_fwd": train_fwd}.get(pass_)
             cf = bwd_flops if pass_ == "train_fwdbwd" else flops
-            variants = [("eager", eager, None)]
+            variants = [("eager", eager, None)] if which != "compile" else []
             if pass_ in compiled:
                 variants.append(("compile", compiled[pass_], None))
-            variants += [("fastnets-auto", fused, "auto"), ("fastnets-triton", fused, "triton")]
+            if which != "compile":
+                variants += [("fastnets-auto", fused, "auto"), ("fastnets-triton", fused, "triton")]
+            if not variants:
+                continue
             got = {}
             for variant, mod, backend in variants:
                 if maker is None:
@@ -206,7 +222,7 @@ def main():
                     got[variant] = run(pass_, variant, fn_b, conv_flops=cf)
                 else:
                     got[variant] = run(pass_, variant, fn, conv_flops=cf)
-            te = got["eager"].get("ms")
+            te = got.get("eager", {}).get("ms")
             tc = got.get("compile", {}).get("ms")
             for r in got.values():
                 if r.get("ms"):
@@ -217,7 +233,8 @@ def main():
                     if t_cudnn:
                         r["vs_cudnn"] = t_cudnn / r["ms"]
         del x, xg, grad_out, eager, fused, compiled
-        torch.cuda.empty_cache()
+        if device == "cuda":
+            torch.cuda.empty_cache()
         print(f"[{time.time() - t_start:6.1f}s] {name} done", flush=True)
 
     from fastnets.triton_kernels import conv_hybrid
@@ -227,9 +244,8 @@ def main():
     print("\nTargets (speed ratios, higher is better):")
     for t in targets:
         print(f"  {t['target']}: {t['shape']} {t['variant']} = {t['value']:.3f} (need >= {t['need']}) {'PASS' if t['pass'] else 'FAIL'}")
-    path = write_results(args.out, "conv", rows, {"bf16_matmul_tflops": matmul},
-                         extra={"targets": targets, "hybrid_choices": dict(conv_hybrid.choices),
-                                "quick": args.quick, "seconds": time.time() - t_start})
+    path = rows.flush(extra={"targets": targets, "hybrid_choices": {str(k): v for k, v in conv_hybrid.choices.items()},
+                             "seconds": time.time() - t_start})
     print(f"wrote {path} in {time.time() - t_start:.0f} s")
 
 

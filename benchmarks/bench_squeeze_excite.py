@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.common import add_speedups, copy_bandwidth_gbs, print_table, require_cuda, time_ms_and_peak_mib, write_results  # noqa: E402
+from benchmarks.common import LiveRows, add_common_args, add_speedups, compile_module, copy_bandwidth_gbs, print_table, require_cuda, time_ms_and_peak_mib  # noqa: E402
 
 import fastnets  # noqa: E402
 from fastnets.nn import SqueezeExcite  # noqa: E402
@@ -35,6 +35,7 @@ BATCH = 256
 # (C, H, W, R, blocks in SE-ResNet-50): the SE module sits on the bottleneck output, R = C / 16.
 SE_RESNET50_SHAPES = [(256, 56, 56, 16, 3), (512, 28, 28, 32, 4), (1024, 14, 14, 64, 6), (2048, 7, 7, 128, 3)]
 QUICK_SHAPES = [SE_RESNET50_SHAPES[0], SE_RESNET50_SHAPES[3]]
+DRY_SHAPES = [(16, 4, 4, 2, 1)]  # --dry-run: batch 2 on the CPU
 
 
 class EagerSE(nn.Module):
@@ -61,13 +62,17 @@ class FastnetsSE(nn.Module):
             return self.se(x, residual=residual, relu=True)
 
 
-def _variants(c, r):
+def _variants(c, r, device="cuda", which="all", dry_run=False):
+    torch.manual_seed(0)  # the same weights in the fastnets and the compile step
     eager = EagerSE(c, r)
     state = eager.state_dict()
-    out = {"eager": eager, "compile": torch.compile(EagerSE(c, r), dynamic=False)}
-    for b in ("cuda", "triton"):
-        if b in fastnets.available_backends("cuda"):
-            out[f"fastnets-{b}"] = FastnetsSE(c, r, b)
+    out = {"eager": eager}  # the first variant is the correctness reference of the others
+    if which != "compile":
+        for b in ("cuda", "triton") + (("reference",) if dry_run else ()):
+            if b in fastnets.available_backends(device):
+                out[f"fastnets-{b}"] = FastnetsSE(c, r, b)
+    if which != "fastnets":
+        out["compile"] = compile_module(EagerSE(c, r), dry_run, dynamic=False)
     for name, m in out.items():
         (m.se if isinstance(m, FastnetsSE) else getattr(m, "_orig_mod", m)).load_state_dict(state)
     return out
@@ -82,22 +87,24 @@ def _bytes(numel, elt, backward):
     return fwd + 7 * numel * elt
 
 
-def run(shapes, out_dir, reps):
+def run(shapes, out_dir, reps, device="cuda", which="all", dry_run=False):
     copy_gbs = copy_bandwidth_gbs()
     ceilings = {"copy_GBps": copy_gbs}
-    print(f"device {torch.cuda.get_device_name()}, copy bandwidth {copy_gbs:.0f} GB/s")
-    rows = []
+    print(f"device {torch.cuda.get_device_name() if device == 'cuda' else 'cpu'}, copy bandwidth {copy_gbs:.0f} GB/s")
+    batch = 2 if dry_run else BATCH
+    extra = {"batch": batch, "dtype": "bfloat16", "layout": "channels_last", "traffic_units": {"fused": 11, "eager": 21}}
+    rows = LiveRows(out_dir, "squeeze_excite", ceilings, part=None if which == "all" else which, extra=extra)
     dtype = torch.bfloat16
     for (c, h, w, r, count) in shapes:
-        shape = f"{BATCH}x{c}x{h}x{w}/r{r}"
-        x = torch.randn(BATCH, c, h, w, device="cuda", dtype=dtype).to(memory_format=torch.channels_last)
+        shape = f"{batch}x{c}x{h}x{w}/r{r}"
+        x = torch.randn(batch, c, h, w, device=device, dtype=dtype).to(memory_format=torch.channels_last)
         res = torch.randn_like(x)
         x.requires_grad_()
         res.requires_grad_()
         grad = torch.randn_like(x)
         ref = None
-        for name, mod in _variants(c, r).items():
-            mod = mod.to(device="cuda", dtype=dtype).train()
+        for name, mod in _variants(c, r, device, which, dry_run).items():
+            mod = mod.to(device=device, dtype=dtype).train()
             # correctness against eager (first variant) on this shape
             y = mod(x, res)
             y.backward(grad)
@@ -130,11 +137,11 @@ def run(shapes, out_dir, reps):
                                  ms=ms, GBps=gbs, copy_fraction=gbs / copy_gbs, peak_MiB=peak,
                                  max_err_y=err_y, max_err_dx=err_dx))
         del x, res, grad, ref
-        torch.cuda.empty_cache()
+        if device == "cuda":
+            torch.cuda.empty_cache()
     add_speedups(rows, group=("shape", "pass_"))
-    rows += _network_totals(rows, shapes)
-    path = write_results(out_dir, "squeeze_excite", rows, ceilings, extra={"batch": BATCH, "dtype": "bfloat16", "layout": "channels_last",
-                                                                  "traffic_units": {"fused": 11, "eager": 21}})
+    rows.extend(_network_totals(rows, shapes))
+    path = rows.flush()
     print_table(rows, ["shape", "variant", "pass_", "ms", "GBps", "copy_fraction", "peak_MiB", "vs_eager", "vs_compile", "max_err_y", "max_err_dx"])
     for r in rows:
         if r.get("pass_") == "fwd+bwd" and r["variant"].startswith("fastnets") and "vs_eager" in r:
@@ -163,9 +170,11 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--quick", action="store_true", help="the first and last stage's shapes, fewer repetitions")
+    add_common_args(parser)
     args = parser.parse_args()
-    require_cuda()
-    run(QUICK_SHAPES if args.quick else SE_RESNET50_SHAPES, args.out, reps=10 if args.quick else 30)
+    device = require_cuda(args.dry_run)
+    shapes = DRY_SHAPES if args.dry_run else QUICK_SHAPES if args.quick else SE_RESNET50_SHAPES
+    run(shapes, args.out, reps=10 if args.quick else 30, device=device, which=args.variants, dry_run=args.dry_run)
 
 
 if __name__ == "__main__":

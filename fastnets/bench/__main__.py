@@ -81,6 +81,8 @@ def build_parser():
     p.add_argument("--threads", type=int, help="CPU threads for torch (default: the idle cores, at least 1)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--ddp", action="store_true", help="data-parallel training with SyncBatchNorm under torchrun "
+                   "(images/s per rank, scaling efficiency, SyncBN time per step); see fastnets/bench/ddp.py")
     return p
 
 
@@ -484,6 +486,10 @@ def write_outputs(report, out):
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.ddp:
+        from .ddp import main as ddp_main
+
+        return ddp_main(args)
     from . import models as M
     from .data import DataError
     from .throughput import UnknownBackendError

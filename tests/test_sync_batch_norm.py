@@ -219,6 +219,19 @@ def scenario_checks(rank, world_size, extra):
             ours, ref = _pair({}, c, 11, ours_cls=SyncBatchNormReLU2d, param_dtype=torch.float32)
             _compare_step("triton fused fp32", ours, ref, sizes, rank, (c, 3, 3), 110, dtype=torch.float32,
                           fused=True, channels_last=True, steps=1)
+    # under torch.autocast (bf16 conv output into SyncBN with fp32 parameters): the same numbers as outside it
+    conv = nn.Conv2d(3, c, 1).float()
+    ours, _ = _pair({}, c, 10, param_dtype=torch.float32)
+    twin = copy.deepcopy(ours)
+    x = _split(_global_batch((sum(sizes), 3, 3, 3), 100), sizes, rank).float()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        h = conv(x)
+        y = ours(h)
+    assert h.dtype == torch.bfloat16 and y.dtype == torch.bfloat16
+    y.float().sum().backward()
+    assert torch.equal(y, twin(h.detach())) and conv.weight.grad is not None
+    assert torch.equal(ours.running_var, twin.running_var)
+    done.append("autocast")
     # eval mode: the running statistics, no collective
     ours, ref = _pair({}, c, 12)
     ours.eval()
@@ -310,6 +323,10 @@ def scenario_ddp(rank, world_size, extra):
     per = batch // world_size
     local = _train(ddp, xs, ys, slice(rank * per, (rank + 1) * per))
     mean_loss = _all_sum(local) / world_size  # mean of equal shards = loss of the whole batch
+    # the benchmark's --ddp path on the same group, tiny model (rank 0 reports)
+    from fastnets.bench.ddp import run as bench_ddp
+
+    rows = bench_ddp(["tiny_cnn"], 4, "fp32", warmup=0, iters=1, repeats=1)
     if rank != 0:
         return None
     single = copy.deepcopy(base)
@@ -319,7 +336,7 @@ def scenario_ddp(rank, world_size, extra):
             single[i].load_state_dict(m.state_dict())
     single = single.to(memory_format=torch.channels_last)
     ref = _train(single, xs, ys)
-    out = {"ddp": mean_loss.tolist(), "single": ref.tolist()}
+    out = {"ddp": mean_loss.tolist(), "single": ref.tolist(), "bench": rows}
     for (name, a), b in zip(model.state_dict().items(), single.state_dict().values()):
         if a.is_floating_point():
             out.setdefault("state_err", {})[name] = ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
@@ -337,7 +354,7 @@ SCENARIOS = {"checks": scenario_checks, "fault": scenario_fault, "never_joins": 
 def test_matches_batch_norm_on_the_concatenated_batch(world_size, sizes, triton):
     res = expect_ok(run_group("checks", world_size, extra={"sizes": sizes, "triton": triton}), world_size)
     for rank in range(world_size):
-        assert res[rank][-2:] == ["all", "mismatch raised"], res[rank]
+        assert res[rank][-3:] == ["autocast", "all", "mismatch raised"], res[rank]
 
 
 @pytest.mark.timeout(SPAWN_DEADLINE + 30)
@@ -348,9 +365,12 @@ def test_ddp_training_matches_one_process():
     assert ddp.shape == (steps,) and torch.isfinite(ddp).all()
     assert single[-1] < single[0]  # it learns
     # float32 rounding, grown over a few SGD steps: far below the loss changes (~1e-1 per step)
-    assert_rel(ddp, single, torch.float32, scale=10, msg="loss curve")
+    assert_rel(ddp, single, torch.float32, msg="loss curve")  # measured: 1.3e-7
     for name, err in res["state_err"].items():
-        assert err < 1e-3, (name, err)
+        assert err < 1e-3, (name, err)  # small parameters (BN biases start at 0) carry more relative noise
+    (row,) = res["bench"]
+    assert row["world_size"] == 2 and row["syncbn_layers"] == 2 and row["images_per_s_per_rank"] > 0
+    assert 0 < row["scaling_efficiency"] and row["syncbn_ms_per_step_fastnets"] > 0
 
 
 @pytest.mark.timeout(60)

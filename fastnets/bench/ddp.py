@@ -1,8 +1,9 @@
 """`torchrun --nproc_per_node=N -m fastnets.bench --ddp`: data-parallel training throughput with SyncBatchNorm.
 
-For each model, the eager (torchvision) network with its BatchNorms converted by
-fastnets.nn.SyncBatchNorm.convert_sync_batchnorm, trained under DistributedDataParallel on synthetic
-batches of `--batch-size` images per rank, reports:
+For each model (`--models`: the bench's models or tiny_cnn; default resnet50 on GPUs, tiny_cnn on CPU),
+the eager (torchvision) network with its BatchNorms converted by fastnets.nn.SyncBatchNorm's
+convert_sync_batchnorm, trained under DistributedDataParallel on synthetic batches of `--batch-size`
+images per rank, reports:
   * images/s per GPU (rank) and in total, at N ranks;
   * the same model on one rank alone (SyncBatchNorm over a one-rank group, i.e. fastnets' single-GPU
     BatchNorm, no DDP), and the scaling efficiency = (images/s per rank at N) / (images/s on one rank);
@@ -26,7 +27,27 @@ from torch import nn
 
 from .timing import autocast, loss_fn
 
-CPU_DEFAULT = dict(models=["resnet18_cifar"], batch=4, warmup=1, iters=2, repeats=2)
+CPU_DEFAULT = dict(models=["tiny_cnn"], batch=8, warmup=1, iters=2, repeats=2)
+TINY = "tiny_cnn"  # conv-BN-ReLU x 2 on 1x28x28 (CPU smoke runs and tests), besides the bench's models
+
+
+def _tiny_cnn():
+    return nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(8, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10),
+    )
+
+
+def _build(name, batch, device, generator):
+    from .models import build_eager, example_batch, spec
+
+    if name == TINY:
+        x = torch.randn(batch, 1, 28, 28, device=device, generator=generator)
+        return _tiny_cnn(), x, torch.randint(0, 10, (batch,), device=device, generator=generator)
+    spec(name)
+    eager = build_eager(name)
+    return (eager,) + tuple(example_batch(name, batch, device, generator=generator))
 GPU_DEFAULT = dict(models=["resnet50"], batch=64, warmup=3, iters=10, repeats=3)
 
 
@@ -112,7 +133,6 @@ def _syncbn_ms(layers, device, cls, warmup, iters, repeats, channels_last):
 
 def run(models, batch, precision, warmup, iters, repeats, device_arg=None, channels_last=None):
     from ..nn import SyncBatchNorm
-    from .models import build_eager, example_batch, spec
 
     device = _init(device_arg)
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -120,11 +140,8 @@ def run(models, batch, precision, warmup, iters, repeats, device_arg=None, chann
     solo_group = dist.new_group([0])  # every rank must create it; only rank 0 uses it
     rows = []
     for name in models:
-        spec(name)
         torch.manual_seed(0)
-        eager = build_eager(name)
-        gen = torch.Generator(device=device).manual_seed(1 + rank)
-        x, y = example_batch(name, batch, device, generator=gen)
+        eager, x, y = _build(name, batch, device, torch.Generator(device=device).manual_seed(1 + rank))
         if cl:
             x = x.contiguous(memory_format=torch.channels_last)
         fmt = {"memory_format": torch.channels_last} if cl else {}

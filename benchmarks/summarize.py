@@ -193,7 +193,9 @@ def trimmed_logs(work):
 
 def build(work):
     steps = read_steps(work)
-    summary = {"steps": steps, "ok": bool(steps) and all(s["verdict"] == "PASS" for s in steps)}
+    # ok: no step failed or timed out (a step the budget left out is listed in `skipped`, not a failure)
+    summary = {"steps": steps, "ok": bool(steps) and all(s["verdict"] in ("PASS", "SKIP(budget)") for s in steps),
+               "skipped": [s["step"] for s in steps if s["verdict"] == "SKIP(budget)"]}
     env_path = os.path.join(work, "environment.json")
     if os.path.exists(env_path):
         try:

@@ -1,9 +1,12 @@
-// BatchNorm (+ residual add + ReLU) primitives of the `cuda` backend; the contract (same signatures,
+// BatchNorm (+ residual add + activation) primitives of the `cuda` backend; the contract (same signatures,
 // semantics and output dtypes) is fastnets/reference/batch_norm.py:
 //   cuda_bn_stats            per-channel mean and invstd = rsqrt(biased var + eps)
-//   cuda_bn_apply            y = [relu](x * scale[c] + shift[c] [+ residual])
-//   cuda_bn_backward_reduce  per-channel sum(g) and sum(g * (x - mean)), g = relu ? (y > 0 ? dy : 0) : dy
+//   cuda_bn_apply            y = act(x * scale[c] + shift[c] [+ residual])
+//   cuda_bn_backward_reduce  per-channel sum(g) and sum(g * (x - mean)), g = dy * act'(v)
 //   cuda_bn_backward_apply   dx = a[c] * g [+ b[c] * (x - mean[c]) + d[c]], and g itself when asked
+// act is an activation code of csrc/activations.cuh. relu's gradient is masked by the saved output
+// (y <= 0 -> 0, as threshold_backward); codes above relu recompute v = x * scale[c] + shift[c]
+// [+ residual] in the backward (scale, shift and, when the forward had one, the residual are then given).
 //
 // x is dense and seen as (N, C, S) in memory (NCHW; S = product of the spatial sizes, 1 for 2-D input)
 // or (N, S, C) (channels_last). dy, y and residual have x's layout. Per-channel vectors are in the
@@ -30,6 +33,8 @@
 
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
+
+#include "activations.cuh"
 
 namespace fastnets {
 namespace bn {
@@ -63,12 +68,6 @@ __device__ __forceinline__ float div_rn(float a, float b) { return __fdiv_rn(a, 
 __device__ __forceinline__ double div_rn(double a, double b) { return a / b; }
 __device__ __forceinline__ float rsqrt_rn(float v) { return __frsqrt_rn(v); }
 __device__ __forceinline__ double rsqrt_rn(double v) { return 1.0 / sqrt(v); }
-
-// ReLU that propagates NaN like torch.relu (fmaxf would turn NaN into 0).
-template <typename T>
-__device__ __forceinline__ T relu_nan(T v) {
-  return v < T(0) ? T(0) : v;
-}
 
 // Welford state (count, mean, sum of squared deviations). Merging is Chan's formula, used at every level
 // (thread, warp, block, splits), so no level ever forms E[x^2] - E[x]^2. The count is kept in T: per
@@ -154,7 +153,7 @@ __device__ __forceinline__ State warp_reduce(State s) {
 // Reduction ops. Interface used by the tiled kernels:
 //   State, Item, scalar_t, acc_t
 //   load<V>(i, items)    the V consecutive elements at flat index i (all inputs of the op)
-//   context(c)           per-channel data (mean for backward_reduce), loaded once per thread
+//   Ctx, context(c)      per-channel data (mean, scale, shift for backward_reduce), loaded once per thread
 //   add(state, item, ctx)
 //   finalize(state, c)   writes the outputs of channel c
 
@@ -170,6 +169,7 @@ struct StatsOp {
   acc_t* __restrict__ mean_out;
   acc_t* __restrict__ invstd_out;
   acc_t eps;
+  using Ctx = acc_t;
 
   template <int V>
   __device__ __forceinline__ void load(int64_t i, Item (&it)[V]) const {
@@ -178,7 +178,7 @@ struct StatsOp {
     for (int k = 0; k < V; ++k) it[k].x = static_cast<acc_t>(p.v[k]);
   }
   __device__ __forceinline__ acc_t context(int64_t) const { return acc_t(0); }
-  __device__ __forceinline__ static void add(State& s, const Item& it, acc_t) { s.add(it.x); }
+  __device__ __forceinline__ void add(State& s, const Item& it, Ctx) const { s.add(it.x); }
   __device__ __forceinline__ void finalize(const State& s, int64_t c) const {
     mean_out[c] = s.mean;
     invstd_out[c] = rsqrt_rn(div_rn(s.m2, s.n) + eps);  // biased variance
@@ -191,15 +191,22 @@ struct BackwardReduceOp {
   using acc_t = acc_t_;
   using State = Sums<acc_t>;
   struct Item {
-    acc_t g, x;
+    acc_t g, x, r;
+  };
+  struct Ctx {
+    acc_t mean, scale, shift;
   };
   const scalar_t* __restrict__ dy;
   const scalar_t* __restrict__ x;
-  const scalar_t* __restrict__ y;  // read only when relu
+  const scalar_t* __restrict__ y;         // read only when act == relu
+  const scalar_t* __restrict__ residual;  // read only when act > relu and the forward had one
+  const acc_t* __restrict__ scale;        // act > relu only
+  const acc_t* __restrict__ shift;
   const acc_t* __restrict__ mean;
   acc_t* __restrict__ sum_g_out;
   acc_t* __restrict__ sum_gxmu_out;
-  bool relu;
+  int code;  // activation code
+  acc_t act_param;
 
   template <int V>
   __device__ __forceinline__ void load(int64_t i, Item (&it)[V]) const {
@@ -209,20 +216,30 @@ struct BackwardReduceOp {
     for (int k = 0; k < V; ++k) {
       it[k].g = static_cast<acc_t>(dv.v[k]);
       it[k].x = static_cast<acc_t>(xv.v[k]);
+      it[k].r = acc_t(0);
     }
-    if (relu) {
+    if (code == act::kRelu) {
       const Pack<scalar_t, V> yv = load_pack<V>(y + i);
 #pragma unroll
       for (int k = 0; k < V; ++k) {
-        // The mask comes from the saved output, as torch's threshold_backward: grad where y > 0.
-        if (!(static_cast<acc_t>(yv.v[k]) > acc_t(0))) it[k].g = acc_t(0);
+        // The mask comes from the saved output, as torch's threshold_backward: 0 where y <= 0.
+        if (act::relu_masks(static_cast<acc_t>(yv.v[k]))) it[k].g = acc_t(0);
       }
+    } else if (code > act::kRelu && residual != nullptr) {
+      const Pack<scalar_t, V> rv = load_pack<V>(residual + i);
+#pragma unroll
+      for (int k = 0; k < V; ++k) it[k].r = static_cast<acc_t>(rv.v[k]);
     }
   }
-  __device__ __forceinline__ acc_t context(int64_t c) const { return mean[c]; }
-  __device__ __forceinline__ static void add(State& s, const Item& it, acc_t m) {
-    s.a += it.g;
-    s.b += it.g * (it.x - m);
+  __device__ __forceinline__ Ctx context(int64_t c) const {
+    if (code > act::kRelu) return Ctx{mean[c], scale[c], shift[c]};
+    return Ctx{mean[c], acc_t(0), acc_t(0)};
+  }
+  __device__ __forceinline__ void add(State& s, const Item& it, const Ctx& cx) const {
+    acc_t g = it.g;
+    if (code > act::kRelu) g = act::backward(g, it.x * cx.scale + cx.shift + it.r, code, act_param);
+    s.a += g;
+    s.b += g * (it.x - cx.mean);
   }
   __device__ __forceinline__ void finalize(const State& s, int64_t c) const {
     sum_g_out[c] = s.a;
@@ -253,11 +270,11 @@ __global__ void __launch_bounds__(256) reduce_cl_kernel(Op op, int64_t rows, int
   const bool active = c0 < C;  // with V > 1, C % V == 0: a vector is entirely in or out
 
   State st[V];
-  acc_t ctx[V];
+  typename Op::Ctx ctx[V];
 #pragma unroll
   for (int k = 0; k < V; ++k) {
     st[k] = State::zero();
-    ctx[k] = active ? op.context(c0 + k) : acc_t(0);
+    ctx[k] = op.context(active ? c0 + k : 0);
   }
   if (active) {
     const int64_t row_step = int64_t(gridDim.y) * by;
@@ -266,7 +283,7 @@ __global__ void __launch_bounds__(256) reduce_cl_kernel(Op op, int64_t rows, int
       Item it[V];
       op.template load<V>(r * C + c0, it);
 #pragma unroll
-      for (int k = 0; k < V; ++k) Op::add(st[k], it[k], ctx[k]);
+      for (int k = 0; k < V; ++k) op.add(st[k], it[k], ctx[k]);
     }
   }
 
@@ -310,14 +327,14 @@ __global__ void __launch_bounds__(kTileMax) reduce_nchw_tile_kernel(Op op, int64
 
   State st = State::zero();
   if (t < seg) {
-    const acc_t ctx = op.context(c0 + t / S);
+    const typename Op::Ctx ctx = op.context(c0 + t / S);
     const int64_t row_stride = C * S;
     const int64_t first = c0 * S + t;
 #pragma unroll 4
     for (int64_t n = blockIdx.y; n < N; n += gridDim.y) {
       Item it[1];
       op.template load<1>(n * row_stride + first, it);
-      Op::add(st, it[0], ctx);
+      op.add(st, it[0], ctx);
     }
   }
   red[t] = st;
@@ -351,7 +368,7 @@ __global__ void __launch_bounds__(kPlaneWarps * kWarp)
 
   const int64_t c = blockIdx.x;
   const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
-  const acc_t ctx = op.context(c);
+  const typename Op::Ctx ctx = op.context(c);
 
   State st = State::zero();
   const int64_t items = N * nchunks;
@@ -366,7 +383,7 @@ __global__ void __launch_bounds__(kPlaneWarps * kWarp)
       Item it[V];
       op.template load<V>(base + s, it);
 #pragma unroll
-      for (int k = 0; k < V; ++k) Op::add(st, it[k], ctx);
+      for (int k = 0; k < V; ++k) op.add(st, it[k], ctx);
     }
   }
   st = warp_reduce(st);
@@ -409,7 +426,9 @@ struct ApplyOp {
   const acc_t* __restrict__ shift;
   const scalar_t* __restrict__ residual;  // read only when has_residual
   scalar_t* __restrict__ y;
-  bool has_residual, relu;
+  bool has_residual;
+  int code;  // activation code
+  acc_t act_param;
 
   template <int V>
   __device__ __forceinline__ void run(int64_t i, const int64_t (&ch)[V]) const {
@@ -421,7 +440,7 @@ struct ApplyOp {
     for (int k = 0; k < V; ++k) {
       acc_t v = static_cast<acc_t>(xv.v[k]) * scale[ch[k]] + shift[ch[k]];
       if (has_residual) v += static_cast<acc_t>(rv.v[k]);
-      if (relu) v = relu_nan(v);
+      v = act::forward(v, code, act_param);
       out.v[k] = static_cast<scalar_t>(v);
     }
     store_pack<V>(y + i, out);
@@ -433,33 +452,53 @@ struct BackwardApplyOp {
   using scalar_t = scalar_t_;
   using acc_t = acc_t_;
   const scalar_t* __restrict__ dy;
-  const scalar_t* __restrict__ x;  // read only when train
-  const scalar_t* __restrict__ y;  // read only when relu
+  const scalar_t* __restrict__ x;         // read only when train or act > relu
+  const scalar_t* __restrict__ y;         // read only when act == relu
+  const scalar_t* __restrict__ residual;  // read only when act > relu and the forward had one
+  const acc_t* __restrict__ scale;        // act > relu only
+  const acc_t* __restrict__ shift;
   const acc_t* __restrict__ a;
   const acc_t* __restrict__ b;
   const acc_t* __restrict__ d;
   const acc_t* __restrict__ mean;
   scalar_t* __restrict__ dx;
   scalar_t* __restrict__ g_out;  // written only when write_g
-  bool relu, train, write_g;
+  int code;  // activation code
+  acc_t act_param;
+  bool train, write_g;
 
   template <int V>
   __device__ __forceinline__ void run(int64_t i, const int64_t (&ch)[V]) const {
     Pack<scalar_t, V> g = load_pack<V>(dy + i);
-    if (relu) {
+    if (code == act::kRelu) {
       const Pack<scalar_t, V> yv = load_pack<V>(y + i);
 #pragma unroll
       for (int k = 0; k < V; ++k) {
-        if (!(static_cast<acc_t>(yv.v[k]) > acc_t(0))) g.v[k] = static_cast<scalar_t>(0);
+        if (act::relu_masks(static_cast<acc_t>(yv.v[k]))) g.v[k] = static_cast<scalar_t>(0);
       }
     }
     Pack<scalar_t, V> xv;
-    if (train) xv = load_pack<V>(x + i);
+    if (train || code > act::kRelu) xv = load_pack<V>(x + i);
+    acc_t gs[V];  // g in acc_t: for act > relu it is dy * act'(v), rounded once when stored
+#pragma unroll
+    for (int k = 0; k < V; ++k) gs[k] = static_cast<acc_t>(g.v[k]);
+    if (code > act::kRelu) {
+      Pack<scalar_t, V> rv;
+      if (residual != nullptr) rv = load_pack<V>(residual + i);
+#pragma unroll
+      for (int k = 0; k < V; ++k) {
+        const int64_t c = ch[k];
+        acc_t v = static_cast<acc_t>(xv.v[k]) * scale[c] + shift[c];
+        if (residual != nullptr) v += static_cast<acc_t>(rv.v[k]);
+        gs[k] = act::backward(gs[k], v, code, act_param);
+        g.v[k] = static_cast<scalar_t>(gs[k]);
+      }
+    }
     Pack<scalar_t, V> out;
 #pragma unroll
     for (int k = 0; k < V; ++k) {
       const int64_t c = ch[k];
-      acc_t v = static_cast<acc_t>(g.v[k]) * a[c];
+      acc_t v = gs[k] * a[c];
       if (train) v = v + (static_cast<acc_t>(xv.v[k]) - mean[c]) * b[c] + d[c];
       out.v[k] = static_cast<scalar_t>(v);
     }
@@ -757,10 +796,16 @@ std::tuple<at::Tensor, at::Tensor> bn_stats(const at::Tensor& x, bool channels_l
   return {mean, invstd};
 }
 
+void check_act(int64_t act_code, const char* op) {
+  TORCH_CHECK(act_code >= 0 && act_code < act::kNumCodes, op, ": act must be an activation code in [0, ", act::kNumCodes,
+              "), got ", act_code);
+}
+
 at::Tensor bn_apply(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& shift,
-                    const std::optional<at::Tensor>& residual, bool relu, bool channels_last) {
+                    const std::optional<at::Tensor>& residual, int64_t act_code, double act_param, bool channels_last) {
   const char* op = "fastnets::cuda_bn_apply";
   check_x(x, channels_last, op);
+  check_act(act_code, op);
   const c10::cuda::CUDAGuard guard(x.device());
   const at::Tensor sc = channel_vector(scale, "scale", x, op);
   const at::Tensor sh = channel_vector(shift, "shift", x, op);
@@ -773,22 +818,49 @@ at::Tensor bn_apply(const at::Tensor& x, const at::Tensor& scale, const at::Tens
     using acc_t = at::acc_type<scalar_t, true>;
     const scalar_t* res_ptr = has_res ? residual->const_data_ptr<scalar_t>() : nullptr;
     ApplyOp<scalar_t, acc_t> aop{x.const_data_ptr<scalar_t>(), sc.const_data_ptr<acc_t>(), sh.const_data_ptr<acc_t>(),
-                                 res_ptr, y.mutable_data_ptr<scalar_t>(), has_res, relu};
+                                 res_ptr, y.mutable_data_ptr<scalar_t>(), has_res, static_cast<int>(act_code),
+                                 static_cast<acc_t>(act_param)};
     const bool vec_ok = aligned16(x.const_data_ptr()) && aligned16(y.const_data_ptr()) && (!has_res || aligned16(res_ptr));
     launch_elementwise(aop, x.numel(), dm, channels_last, vec_ok);
   });
   return y;
 }
 
+// The activation's inputs of a backward op: y for relu; scale, shift (and the residual, if any) above it.
+struct ActInputs {
+  bool relu, pre, has_res;
+  at::Tensor sc, sh;
+};
+
+ActInputs check_act_inputs(int64_t act_code, const at::Tensor& x, const std::optional<at::Tensor>& y,
+                           const std::optional<at::Tensor>& residual, const std::optional<at::Tensor>& scale,
+                           const std::optional<at::Tensor>& shift, const char* op) {
+  check_act(act_code, op);
+  ActInputs ai{act_code == act::kRelu, act_code > act::kRelu, false, {}, {}};
+  TORCH_CHECK(!ai.relu || (y.has_value() && y->defined()), op, ": y (the forward output) is required for relu");
+  if (ai.relu) check_like_x(*y, "y", x, op);
+  if (ai.pre) {
+    TORCH_CHECK(scale.has_value() && scale->defined() && shift.has_value() && shift->defined(), op,
+                ": scale and shift are required to recompute the pre-activation of activation code ", act_code);
+    ai.sc = channel_vector(*scale, "scale", x, op);
+    ai.sh = channel_vector(*shift, "shift", x, op);
+    ai.has_res = residual.has_value() && residual->defined();
+    if (ai.has_res) check_like_x(*residual, "residual", x, op);
+  }
+  return ai;
+}
+
 std::tuple<at::Tensor, at::Tensor> bn_backward_reduce(const at::Tensor& dy, const at::Tensor& x,
-                                                      const std::optional<at::Tensor>& y, const at::Tensor& mean,
-                                                      bool relu, bool channels_last) {
+                                                      const std::optional<at::Tensor>& y,
+                                                      const std::optional<at::Tensor>& residual,
+                                                      const std::optional<at::Tensor>& scale,
+                                                      const std::optional<at::Tensor>& shift, const at::Tensor& mean,
+                                                      int64_t act_code, double act_param, bool channels_last) {
   const char* op = "fastnets::cuda_bn_backward_reduce";
   check_x(x, channels_last, op);
   const c10::cuda::CUDAGuard guard(x.device());
   check_like_x(dy, "dy", x, op);
-  TORCH_CHECK(!relu || (y.has_value() && y->defined()), op, ": y (the forward output) is required when relu");
-  if (relu) check_like_x(*y, "y", x, op);
+  const ActInputs ai = check_act_inputs(act_code, x, y, residual, scale, shift, op);
   const at::Tensor mu = channel_vector(mean, "mean", x, op);
   const Dims dm = dims_of(x);
   const auto acc_options = x.options().dtype(acc_type_of(x));
@@ -802,26 +874,34 @@ std::tuple<at::Tensor, at::Tensor> bn_backward_reduce(const at::Tensor& dy, cons
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::ScalarType::Half, at::ScalarType::BFloat16, x.scalar_type(), "cuda_bn_backward_reduce", [&] {
     using acc_t = at::acc_type<scalar_t, true>;
-    const scalar_t* y_ptr = relu ? y->const_data_ptr<scalar_t>() : nullptr;
-    BackwardReduceOp<scalar_t, acc_t> rop{dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), y_ptr,
-                                          mu.const_data_ptr<acc_t>(), sum_g.mutable_data_ptr<acc_t>(),
-                                          sum_gxmu.mutable_data_ptr<acc_t>(), relu};
-    const bool vec_ok = aligned16(dy.const_data_ptr()) && aligned16(x.const_data_ptr()) && (!relu || aligned16(y_ptr));
+    const scalar_t* y_ptr = ai.relu ? y->const_data_ptr<scalar_t>() : nullptr;
+    const scalar_t* r_ptr = ai.has_res ? residual->const_data_ptr<scalar_t>() : nullptr;
+    const acc_t* sc_ptr = ai.pre ? ai.sc.const_data_ptr<acc_t>() : nullptr;
+    const acc_t* sh_ptr = ai.pre ? ai.sh.const_data_ptr<acc_t>() : nullptr;
+    BackwardReduceOp<scalar_t, acc_t> rop{dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), y_ptr, r_ptr,
+                                          sc_ptr, sh_ptr, mu.const_data_ptr<acc_t>(), sum_g.mutable_data_ptr<acc_t>(),
+                                          sum_gxmu.mutable_data_ptr<acc_t>(), static_cast<int>(act_code),
+                                          static_cast<acc_t>(act_param)};
+    const bool vec_ok = aligned16(dy.const_data_ptr()) && aligned16(x.const_data_ptr()) &&
+                        (!ai.relu || aligned16(y_ptr)) && (!ai.has_res || aligned16(r_ptr));
     launch_reduce(rop, dm, channels_last, vec_ok, x);
   });
   return {sum_g, sum_gxmu};
 }
 
 std::tuple<at::Tensor, at::Tensor> bn_backward_apply(const at::Tensor& dy, const at::Tensor& x,
-                                                     const std::optional<at::Tensor>& y, const at::Tensor& a,
+                                                     const std::optional<at::Tensor>& y,
+                                                     const std::optional<at::Tensor>& residual,
+                                                     const std::optional<at::Tensor>& scale,
+                                                     const std::optional<at::Tensor>& shift, const at::Tensor& a,
                                                      const at::Tensor& b, const at::Tensor& d, const at::Tensor& mean,
-                                                     bool relu, bool train, bool write_g, bool channels_last) {
+                                                     int64_t act_code, double act_param, bool train, bool write_g,
+                                                     bool channels_last) {
   const char* op = "fastnets::cuda_bn_backward_apply";
   check_x(x, channels_last, op);
   const c10::cuda::CUDAGuard guard(x.device());
   check_like_x(dy, "dy", x, op);
-  TORCH_CHECK(!relu || (y.has_value() && y->defined()), op, ": y (the forward output) is required when relu");
-  if (relu) check_like_x(*y, "y", x, op);
+  const ActInputs ai = check_act_inputs(act_code, x, y, residual, scale, shift, op);
   const at::Tensor av = channel_vector(a, "a", x, op);
   const at::Tensor bv = channel_vector(b, "b", x, op);
   const at::Tensor dv = channel_vector(d, "d", x, op);
@@ -833,14 +913,19 @@ std::tuple<at::Tensor, at::Tensor> bn_backward_apply(const at::Tensor& dy, const
   const Dims dm = dims_of(x);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::ScalarType::Half, at::ScalarType::BFloat16, x.scalar_type(), "cuda_bn_backward_apply", [&] {
     using acc_t = at::acc_type<scalar_t, true>;
-    const scalar_t* y_ptr = relu ? y->const_data_ptr<scalar_t>() : nullptr;
+    const scalar_t* y_ptr = ai.relu ? y->const_data_ptr<scalar_t>() : nullptr;
+    const scalar_t* r_ptr = ai.has_res ? residual->const_data_ptr<scalar_t>() : nullptr;
+    const acc_t* sc_ptr = ai.pre ? ai.sc.const_data_ptr<acc_t>() : nullptr;
+    const acc_t* sh_ptr = ai.pre ? ai.sh.const_data_ptr<acc_t>() : nullptr;
     scalar_t* g_ptr = write_g ? g.mutable_data_ptr<scalar_t>() : nullptr;
-    BackwardApplyOp<scalar_t, acc_t> bop{dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), y_ptr,
-                                         av.const_data_ptr<acc_t>(), bv.const_data_ptr<acc_t>(),
+    BackwardApplyOp<scalar_t, acc_t> bop{dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), y_ptr, r_ptr,
+                                         sc_ptr, sh_ptr, av.const_data_ptr<acc_t>(), bv.const_data_ptr<acc_t>(),
                                          dv.const_data_ptr<acc_t>(), mu.const_data_ptr<acc_t>(),
-                                         dx.mutable_data_ptr<scalar_t>(), g_ptr, relu, train, write_g};
+                                         dx.mutable_data_ptr<scalar_t>(), g_ptr, static_cast<int>(act_code),
+                                         static_cast<acc_t>(act_param), train, write_g};
     const bool vec_ok = aligned16(dy.const_data_ptr()) && aligned16(x.const_data_ptr()) &&
-                        aligned16(dx.const_data_ptr()) && (!relu || aligned16(y_ptr)) && (!write_g || aligned16(g_ptr));
+                        aligned16(dx.const_data_ptr()) && (!ai.relu || aligned16(y_ptr)) &&
+                        (!ai.has_res || aligned16(r_ptr)) && (!write_g || aligned16(g_ptr));
     launch_elementwise(bop, x.numel(), dm, channels_last, vec_ok);
   });
   return {dx, g};
@@ -853,14 +938,15 @@ std::tuple<at::Tensor, at::Tensor> bn_backward_apply(const at::Tensor& dy, const
 TORCH_LIBRARY_FRAGMENT(fastnets, m) {
   m.def("cuda_bn_stats(Tensor x, bool channels_last, float eps) -> (Tensor mean, Tensor invstd)");
   m.def(
-      "cuda_bn_apply(Tensor x, Tensor scale, Tensor shift, Tensor? residual, bool relu, bool channels_last) "
-      "-> Tensor");
+      "cuda_bn_apply(Tensor x, Tensor scale, Tensor shift, Tensor? residual, int act, float act_param, "
+      "bool channels_last) -> Tensor");
   m.def(
-      "cuda_bn_backward_reduce(Tensor dy, Tensor x, Tensor? y, Tensor mean, bool relu, bool channels_last) "
-      "-> (Tensor sum_g, Tensor sum_gxmu)");
+      "cuda_bn_backward_reduce(Tensor dy, Tensor x, Tensor? y, Tensor? residual, Tensor? scale, Tensor? shift, "
+      "Tensor mean, int act, float act_param, bool channels_last) -> (Tensor sum_g, Tensor sum_gxmu)");
   m.def(
-      "cuda_bn_backward_apply(Tensor dy, Tensor x, Tensor? y, Tensor a, Tensor b, Tensor d, Tensor mean, "
-      "bool relu, bool train, bool write_g, bool channels_last) -> (Tensor dx, Tensor g)");
+      "cuda_bn_backward_apply(Tensor dy, Tensor x, Tensor? y, Tensor? residual, Tensor? scale, Tensor? shift, "
+      "Tensor a, Tensor b, Tensor d, Tensor mean, int act, float act_param, bool train, bool write_g, "
+      "bool channels_last) -> (Tensor dx, Tensor g)");
 }
 
 TORCH_LIBRARY_IMPL(fastnets, CUDA, m) {

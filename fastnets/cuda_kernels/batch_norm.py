@@ -7,9 +7,15 @@ and dy, y and residual have x's strides; the kernels check this and raise otherw
 import torch
 
 from .. import _extension
+from ..activations import code
 
 if not _extension.load():  # the registry imports this module only when the backend is available
     raise ImportError(f"fastnets cuda backend: {_extension.reason()}")
+if "int act" not in str(torch.ops.fastnets.cuda_bn_apply.default._schema):
+    raise ImportError(
+        "fastnets cuda backend: the compiled extension fastnets._C predates the fused activations (its "
+        "cuda_bn_apply takes a relu flag); rebuild with `pip install --no-build-isolation -e .`"
+    )
 
 _ops = torch.ops.fastnets
 
@@ -18,16 +24,29 @@ def stats(x, channels_last, eps):
     return _ops.cuda_bn_stats(x, bool(channels_last), float(eps))
 
 
-def apply(x, scale, shift, residual, relu, channels_last):
-    return _ops.cuda_bn_apply(x, scale, shift, residual, bool(relu), bool(channels_last))
+def apply(x, scale, shift, residual, act, channels_last, act_param=0.0):
+    return _ops.cuda_bn_apply(x, scale, shift, residual, code(act), float(act_param), bool(channels_last))
 
 
-def backward_reduce(dy, x, y, mean, relu, channels_last):
-    return _ops.cuda_bn_backward_reduce(dy, x, y, mean, bool(relu), bool(channels_last))
+def _pre(act, scale, shift, residual):
+    """scale, shift, residual as the kernels take them: only for activations that recompute v."""
+    if code(act) > 1:
+        return residual, scale, shift
+    return None, None, None
 
 
-def backward_apply(dy, x, y, a, b, d, mean, relu, train, write_g, channels_last):
+def backward_reduce(dy, x, y, mean, act, channels_last, act_param=0.0, scale=None, shift=None, residual=None):
+    res, sc, sh = _pre(act, scale, shift, residual)
+    return _ops.cuda_bn_backward_reduce(
+        dy, x, y if code(act) == 1 else None, res, sc, sh, mean, code(act), float(act_param), bool(channels_last)
+    )
+
+
+def backward_apply(dy, x, y, a, b, d, mean, act, train, write_g, channels_last, act_param=0.0, scale=None,
+                   shift=None, residual=None):
+    res, sc, sh = _pre(act, scale, shift, residual)
     dx, g = _ops.cuda_bn_backward_apply(
-        dy, x, y, a, b, d, mean, bool(relu), bool(train), bool(write_g), bool(channels_last)
+        dy, x, y if code(act) == 1 else None, res, sc, sh, a, b, d, mean, code(act), float(act_param),
+        bool(train), bool(write_g), bool(channels_last),
     )
     return dx, (g if write_g else None)

@@ -1,4 +1,5 @@
-"""Drop-in replacements for torch.nn.BatchNorm1d/2d, and BatchNormReLU2d (BatchNorm + residual add + ReLU).
+"""Drop-in replacements for torch.nn.BatchNorm1d/2d, BatchNormReLU2d (BatchNorm + residual add + ReLU) and
+BatchNormAct2d (BatchNorm + residual add + any fused activation of fastnets.activations).
 
 They subclass torch's BatchNorm classes, so constructor arguments, attributes, state_dict keys (including
 `num_batches_tracked`), loading of torch state_dicts and `repr` are torch's own; only `forward` runs the
@@ -6,7 +7,7 @@ fastnets ops.
 """
 from torch import nn
 
-from .. import _checks
+from .. import _checks, activations
 from ..ops.batch_norm import batch_norm
 
 
@@ -28,14 +29,16 @@ def batch_stats_args(bn):
     )
 
 
-def bn_act(bn, x, residual=None, relu=False):
-    """[relu](bn(x) [+ residual]) for a torch BatchNorm module `bn` (any _BatchNorm), exactly as its own
-    forward would update its running statistics, on fastnets' op. Models whose state_dict must stay
-    torchvision's call this with their own `bn1`-style attributes."""
+def bn_act(bn, x, residual=None, relu=False, act=None):
+    """act(bn(x) [+ residual]) for a torch BatchNorm module `bn` (any _BatchNorm), exactly as its own
+    forward would update its running statistics, on fastnets' op. `act` is any activation
+    fastnets.activations.canonical accepts (it wins over `relu`; without it, relu or identity). Models
+    whose state_dict must stay torchvision's call this with their own `bn1`-style attributes."""
+    act = activations.resolve(act, relu)
     running_mean, running_var, use_batch_stats, factor = batch_stats_args(bn)
     return batch_norm(
         x, running_mean, running_var, bn.weight, bn.bias, use_batch_stats, factor, bn.eps,
-        residual=residual, relu=relu,
+        residual=residual, act=act,
     )
 
 
@@ -75,3 +78,26 @@ class BatchNormReLU2d(nn.modules.batchnorm._BatchNorm):
 
     def _check_input_dim(self, input):
         _checks.check_ndim(input, "input", (4,))
+
+
+class BatchNormAct2d(nn.modules.batchnorm._BatchNorm):
+    """act(batch_norm(x) [+ residual]) in one fused pass each way, for any activation of
+    fastnets.activations (`act`: a name, a (name, param) pair, an nn.Module such as nn.SiLU() or
+    nn.LeakyReLU(0.2), or a torch function). Its state_dict is a BatchNorm2d's (timm's BatchNormAct2d
+    has the same keys)."""
+
+    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True, act="relu",
+                 device=None, dtype=None):
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype)
+        self.act_name, self.act_param = activations.canonical(act, "act")
+
+    def forward(self, input, residual=None):
+        _check_channels(self, input, (4,))
+        return bn_act(self, input, residual=residual, act=(self.act_name, self.act_param))
+
+    def _check_input_dim(self, input):
+        _checks.check_ndim(input, "input", (4,))
+
+    def extra_repr(self):
+        act = self.act_name if self.act_name != "leaky_relu" else f"leaky_relu({self.act_param})"
+        return super().extra_repr() + f", act={act}"

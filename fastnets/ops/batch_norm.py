@@ -1,11 +1,15 @@
-"""BatchNorm with an optional fused residual add and ReLU, as torch.library ops with autograd.
+"""BatchNorm with an optional fused residual add and activation, as torch.library ops with autograd.
 
-  y = [relu](batch_norm(x) [+ residual])
+  y = act(batch_norm(x) [+ residual])     act: fastnets.activations (a name and one float parameter)
 
 Ops (namespace `fastnets`), all functional so that autograd can be registered and torch.compile traces them:
-  batch_norm_train(x, weight, bias, residual, relu, eps, backend) -> (y, mean, invstd)
-  batch_norm_eval(x, weight, bias, residual, running_mean, running_var, relu, eps, backend) -> y
+  batch_norm_train(x, weight, bias, residual, act, act_param, eps, backend) -> (y, mean, invstd)
+  batch_norm_eval(x, weight, bias, residual, running_mean, running_var, act, act_param, eps, backend) -> y
   batch_norm_backward(...) -> (grad_x, grad_weight, grad_bias, grad_residual)
+The backward of relu masks with the saved output (as eager); the other activations recompute their
+pre-activation from x, the folded scale/shift and the residual, which the backward passes read anyway
+(x) or which stays alive in the network regardless (the residual): one fewer full-size tensor written and
+saved than keeping the pre-activation, at the cost of one residual read per backward pass.
 Running statistics are updated by `batch_norm(...)` below with in-place torch ops on the returned batch
 statistics, exactly as torch.nn.BatchNorm2d updates them.
 """
@@ -14,7 +18,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from .. import _checks
+from .. import _checks, activations
 from ..backends import current_backend
 from ..reference.batch_norm import acc_dtype
 from ._registry import kernels, register_family
@@ -42,22 +46,27 @@ def fold_scale_shift(weight, bias, mean, invstd):
     return scale, shift
 
 
+def _needs_pre(act):
+    """The activation's backward recomputes its pre-activation (everything but identity and relu)."""
+    return act not in activations.FROM_OUTPUT
+
+
 @torch.library.custom_op("fastnets::batch_norm_train", mutates_args=())
 def batch_norm_train(
     x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], residual: Optional[Tensor],
-    relu: bool, eps: float, backend: str,
+    act: str, act_param: float, eps: float, backend: str,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     k = kernels("batch_norm", backend, x.device)
     x, cl = _checks.dense_layout(x)
     mean, invstd = k.stats(x, cl, eps)
     scale, shift = fold_scale_shift(weight, bias, mean, invstd)
     res = None if residual is None else _checks.match_layout(residual, x)
-    y = k.apply(x, scale, shift, res, relu, cl)
+    y = k.apply(x, scale, shift, res, activations.code(act), cl, act_param)
     return _checks.match_layout(y, x), mean, invstd
 
 
 @batch_norm_train.register_fake
-def _(x, weight, bias, residual, relu, eps, backend):
+def _(x, weight, bias, residual, act, act_param, eps, backend):
     c = x.shape[1]
     return torch.empty_like(x), x.new_empty(c, dtype=acc_dtype(x)), x.new_empty(c, dtype=acc_dtype(x))
 
@@ -65,40 +74,49 @@ def _(x, weight, bias, residual, relu, eps, backend):
 @torch.library.custom_op("fastnets::batch_norm_eval", mutates_args=())
 def batch_norm_eval(
     x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], residual: Optional[Tensor],
-    running_mean: Tensor, running_var: Tensor, relu: bool, eps: float, backend: str,
+    running_mean: Tensor, running_var: Tensor, act: str, act_param: float, eps: float, backend: str,
 ) -> Tensor:
     k = kernels("batch_norm", backend, x.device)
     x, cl = _checks.dense_layout(x)
     acc = acc_dtype(x)
     scale, shift = fold_scale_shift(weight, bias, running_mean.to(acc), torch.rsqrt(running_var.to(acc) + eps))
     res = None if residual is None else _checks.match_layout(residual, x)
-    return _checks.match_layout(k.apply(x, scale, shift, res, relu, cl), x)
+    return _checks.match_layout(k.apply(x, scale, shift, res, activations.code(act), cl, act_param), x)
 
 
 @batch_norm_eval.register_fake
-def _(x, weight, bias, residual, running_mean, running_var, relu, eps, backend):
+def _(x, weight, bias, residual, running_mean, running_var, act, act_param, eps, backend):
     return torch.empty_like(x)
 
 
 @torch.library.custom_op("fastnets::batch_norm_backward", mutates_args=())
 def batch_norm_backward(
-    grad_y: Tensor, x: Tensor, y: Optional[Tensor], weight: Optional[Tensor], mean: Tensor, invstd: Tensor,
-    relu: bool, training: bool, need_grad_x: bool, need_grad_affine: bool, need_grad_residual: bool,
-    backend: str,
+    grad_y: Tensor, x: Tensor, y: Optional[Tensor], residual: Optional[Tensor], weight: Optional[Tensor],
+    bias: Optional[Tensor], mean: Tensor, invstd: Tensor, act: str, act_param: float, training: bool,
+    need_grad_x: bool, need_grad_affine: bool, need_grad_residual: bool, backend: str,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """grad_residual is returned only when relu masks it (else it is grad_y itself, which the autograd
-    formula passes on without a copy); unneeded outputs are empty tensors."""
+    """grad_residual is returned only when an activation stands between the add and the output (else it is
+    grad_y itself, which the autograd formula passes on without a copy); unneeded outputs are empty tensors.
+    y (the forward output) is read only for relu; the residual only by activations that recompute their
+    pre-activation v = x * scale + shift [+ residual], scale and shift being refolded from weight, bias,
+    mean and invstd."""
     k = kernels("batch_norm", backend, x.device)
-    x, cl, dy, y = _checks.grad_layouts(grad_y, x, y, relu)
+    code = activations.code(act)
+    x, cl, dy, y = _checks.grad_layouts(grad_y, x, y, code == 1)
+    extra = {}
+    if _needs_pre(act):
+        scale, shift = fold_scale_shift(weight, bias, mean, invstd)
+        res = None if residual is None else _checks.match_layout(residual, x)
+        extra = dict(act_param=act_param, scale=scale, shift=shift, residual=res)
     count = x.numel() // x.shape[1]
     grad_w = grad_b = grad_x = grad_res = None
     sum_g = sum_gxmu = None
     if training or need_grad_affine:
-        sum_g, sum_gxmu = k.backward_reduce(dy, x, y, mean, relu, cl)
+        sum_g, sum_gxmu = k.backward_reduce(dy, x, y, mean, code, cl, **extra)
         if need_grad_affine and weight is not None:
             grad_w = (sum_gxmu * invstd).to(weight.dtype)
             grad_b = sum_g.to(weight.dtype)
-    write_g = relu and need_grad_residual
+    write_g = code != 0 and need_grad_residual
     if need_grad_x or write_g:
         a = invstd if weight is None else invstd * weight.to(invstd.dtype)
         if training:
@@ -107,30 +125,40 @@ def batch_norm_backward(
             d = -a * sum_g / count
         else:
             b = d = a  # unused: an eval-mode backward is dx = a * g
-        grad_x, grad_res = k.backward_apply(dy, x, y, a, b, d, mean, relu, training, write_g, cl)
+        grad_x, grad_res = k.backward_apply(dy, x, y, a, b, d, mean, code, training, write_g, cl, **extra)
         if not need_grad_x:
             grad_x = None
     return tuple(_empty(x) if t is None else t for t in (grad_x, grad_w, grad_b, grad_res))
 
 
 @batch_norm_backward.register_fake
-def _(grad_y, x, y, weight, mean, invstd, relu, training, need_grad_x, need_grad_affine, need_grad_residual, backend):
+def _(grad_y, x, y, residual, weight, bias, mean, invstd, act, act_param, training, need_grad_x, need_grad_affine,
+      need_grad_residual, backend):
     affine = need_grad_affine and weight is not None
     return (
         torch.empty_like(x) if need_grad_x else x.new_empty(0),
         torch.empty_like(weight) if affine else x.new_empty(0),
         torch.empty_like(weight) if affine else x.new_empty(0),
-        torch.empty_like(x) if (relu and need_grad_residual) else x.new_empty(0),
+        torch.empty_like(x) if (act != "identity" and need_grad_residual) else x.new_empty(0),
     )
+
+
+def save_for_act(ctx, x, y, residual, weight, bias, act, *rest):
+    """What the backward of act(bn(x) [+ residual]) needs: y for relu, the residual and bias for the
+    activations that recompute their pre-activation, nothing extra for identity."""
+    pre = _needs_pre(act)
+    ctx.save_for_backward(x, y if act == "relu" else None, residual if pre else None, weight,
+                          bias if pre else None, *rest)
 
 
 def _backward(ctx, grad_y, training, mean, invstd):
-    x, y, weight = ctx.saved_tensors[:3]
+    x, y, residual, weight, bias = ctx.saved_tensors[:5]
     need_x, need_w, need_b, need_res = ctx.needs_input_grad[:4]
     grad_x, grad_w, grad_b, grad_res = torch.ops.fastnets.batch_norm_backward(
-        grad_y, x, y, weight, mean, invstd, ctx.relu, training, need_x, need_w or need_b, need_res, ctx.backend,
+        grad_y, x, y, residual, weight, bias, mean, invstd, ctx.act, ctx.act_param, training, need_x,
+        need_w or need_b, need_res, ctx.backend,
     )
-    if need_res and not ctx.relu:
+    if need_res and ctx.act == "identity":
         grad_res = grad_y
     return (
         grad_x if need_x else None,
@@ -141,30 +169,30 @@ def _backward(ctx, grad_y, training, mean, invstd):
 
 
 def _train_setup_context(ctx, inputs, output):
-    x, weight, bias, residual, relu, eps, backend = inputs
+    x, weight, bias, residual, act, act_param, eps, backend = inputs
     y, mean, invstd = output
-    ctx.relu, ctx.backend = relu, backend
-    ctx.save_for_backward(x, y if relu else None, weight, mean, invstd)
+    ctx.act, ctx.act_param, ctx.backend = act, act_param, backend
+    save_for_act(ctx, x, y, residual, weight, bias, act, mean, invstd)
     ctx.mark_non_differentiable(mean, invstd)
 
 
 def _train_backward(ctx, grad_y, grad_mean, grad_invstd):
-    mean, invstd = ctx.saved_tensors[3:]
-    return _backward(ctx, grad_y, True, mean, invstd) + (None, None, None)
+    mean, invstd = ctx.saved_tensors[5:]
+    return _backward(ctx, grad_y, True, mean, invstd) + (None, None, None, None)
 
 
 def _eval_setup_context(ctx, inputs, output):
-    x, weight, bias, residual, running_mean, running_var, relu, eps, backend = inputs
-    ctx.relu, ctx.backend, ctx.eps = relu, backend, eps
-    ctx.save_for_backward(x, output if relu else None, weight, running_mean, running_var)
+    x, weight, bias, residual, running_mean, running_var, act, act_param, eps, backend = inputs
+    ctx.act, ctx.act_param, ctx.backend, ctx.eps = act, act_param, backend, eps
+    save_for_act(ctx, x, output, residual, weight, bias, act, running_mean, running_var)
 
 
 def _eval_backward(ctx, grad_y):
     x = ctx.saved_tensors[0]
-    running_mean, running_var = ctx.saved_tensors[3:]
+    running_mean, running_var = ctx.saved_tensors[5:]
     acc = acc_dtype(x)
     mean, invstd = running_mean.to(acc), torch.rsqrt(running_var.to(acc) + ctx.eps)
-    return _backward(ctx, grad_y, False, mean, invstd) + (None, None, None, None, None)
+    return _backward(ctx, grad_y, False, mean, invstd) + (None,) * 6
 
 
 batch_norm_train.register_autograd(_train_backward, setup_context=_train_setup_context)
@@ -190,11 +218,14 @@ def _validate(x, running_mean, running_var, weight, bias, residual, training):
 
 def batch_norm(
     input, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1, eps=1e-5,
-    residual=None, relu=False, backend=None,
+    residual=None, relu=False, backend=None, act=None,
 ):
-    """torch.nn.functional.batch_norm's contract, plus an optional fused residual add and ReLU:
-    y = [relu](batch_norm(input) [+ residual]). In training, running statistics (when given) are updated
-    in place as torch does: new = (1 - momentum) * old + momentum * batch, the variance unbiased."""
+    """torch.nn.functional.batch_norm's contract, plus an optional fused residual add and activation:
+    y = act(batch_norm(input) [+ residual]). `act` is any activation fastnets.activations.canonical accepts
+    (a name, a (name, param) pair, an nn.Module, a torch function); without it, `relu` picks relu or
+    identity. In training, running statistics (when given) are updated in place as torch does:
+    new = (1 - momentum) * old + momentum * batch, the variance unbiased."""
+    act, act_param = activations.resolve(act, relu)
     _validate(input, running_mean, running_var, weight, bias, residual, training)
     backend = current_backend() if backend is None else backend
     x, _ = _checks.dense_layout(input)
@@ -202,9 +233,9 @@ def batch_norm(
         residual = _checks.match_layout(residual, x)
     if not training:
         return torch.ops.fastnets.batch_norm_eval(
-            x, weight, bias, residual, running_mean, running_var, bool(relu), float(eps), backend
+            x, weight, bias, residual, running_mean, running_var, act, act_param, float(eps), backend
         )
-    y, mean, invstd = torch.ops.fastnets.batch_norm_train(x, weight, bias, residual, bool(relu), float(eps), backend)
+    y, mean, invstd = torch.ops.fastnets.batch_norm_train(x, weight, bias, residual, act, act_param, float(eps), backend)
     if running_mean is not None or running_var is not None:
         # the op returns invstd (what the backward needs); var = invstd^-2 - eps is exact to fp32 rounding
         var = invstd.pow(-2) - eps

@@ -1,4 +1,7 @@
-"""BatchNorm (+ residual add + ReLU) primitives in Triton; same contract as fastnets/reference/batch_norm.py.
+"""BatchNorm (+ residual add + activation) primitives in Triton; same contract as fastnets/reference/batch_norm.py.
+The activation is the constexpr ACT (codes of fastnets/activations.py): relu's gradient mask comes from the
+saved output y; the other activations' gradients recompute the pre-activation v = x * scale + shift
+[+ residual] from what the backward reads anyway (x), plus the residual when there is one.
 
 Layout: x is dense, (N, C, S) in memory (NCHW; S = H*W, 1 for a 2-D input) or (N, S, C) (channels_last).
 Every kernel works on 2-D tiles whose inner axis is contiguous in memory, so no per-element integer
@@ -17,7 +20,9 @@ import triton
 import triton.language as tl
 
 from .. import _checks
+from ..activations import code
 from ..reference.batch_norm import acc_dtype
+from .activations import act_fwd, act_grad, relu_grad
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -133,23 +138,36 @@ def _stats_finalize_kernel(
 
 
 @triton.jit
-def _masked_grad(dy_ptr, y_ptr, offs, mask, RELU: tl.constexpr, ACC: tl.constexpr):
+def _masked_grad(dy_ptr, y_ptr, res_ptr, x, sc, sh, offs, mask, ACT: tl.constexpr, HAS_RES: tl.constexpr, param,
+                 ACC: tl.constexpr):
+    """g = dy * act'(v). x is the loaded x tile (ACC), sc/sh the broadcast per-channel scale and shift."""
     # Masked lanes zeroed by tl.where, not by the load's `other`: Triton 3.1 aborts compiling the NCHW
-    # backward reduction (fp32/fp64, RELU=False) with other=0.0 here (tests/triton_aot.py).
+    # backward reduction (fp32/fp64, no activation) with other=0.0 here (tests/triton_aot.py).
     g = tl.where(mask, tl.load(dy_ptr + offs, mask=mask).to(ACC), 0.0)
-    if RELU:  # the ReLU mask comes from the saved output, as torch's threshold_backward
-        g = tl.where(tl.load(y_ptr + offs, mask=mask, other=0.0) > 0, g, 0.0)
+    if ACT == 1:  # the ReLU mask comes from the saved output, as torch's threshold_backward
+        g = relu_grad(g, tl.load(y_ptr + offs, mask=mask, other=0.0))
+    elif ACT != 0:  # recompute the pre-activation
+        v = x * sc + sh
+        if HAS_RES:
+            v += tl.load(res_ptr + offs, mask=mask, other=0.0).to(ACC)
+        g = tl.where(mask, act_grad(g, v, ACT, param), 0.0)
     return g
 
 
 @triton.jit
 def _bwd_reduce_cl_kernel(
-    dy_ptr, x_ptr, y_ptr, mean_ptr, psum_g_ptr, psum_gx_ptr, C, R, rows_per_split,
-    RELU: tl.constexpr, ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    dy_ptr, x_ptr, y_ptr, res_ptr, scale_ptr, shift_ptr, mean_ptr, psum_g_ptr, psum_gx_ptr, C, R, rows_per_split,
+    act_param, ACT: tl.constexpr, HAS_RES: tl.constexpr, ACC: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
 ):
     cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = cols < C
     mean = tl.load(mean_ptr + cols, mask=cmask, other=0.0)
+    sc = tl.zeros([1, BLOCK_C], ACC)
+    sh = tl.zeros([1, BLOCK_C], ACC)
+    if ACT > 1:
+        sc = tl.load(scale_ptr + cols, mask=cmask, other=0.0)[None, :]
+        sh = tl.load(shift_ptr + cols, mask=cmask, other=0.0)[None, :]
     split = tl.program_id(1).to(tl.int64)
     r_lo, r_hi = _split_range(split, rows_per_split, R)
     sum_g = tl.zeros([BLOCK_C], ACC)
@@ -158,8 +176,8 @@ def _bwd_reduce_cl_kernel(
         rows = r0 + tl.arange(0, BLOCK_R)
         mask = (rows < r_hi)[:, None] & cmask[None, :]
         offs = rows[:, None] * C + cols[None, :]
-        g = _masked_grad(dy_ptr, y_ptr, offs, mask, RELU, ACC)
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
+        g = _masked_grad(dy_ptr, y_ptr, res_ptr, x, sc, sh, offs, mask, ACT, HAS_RES, act_param, ACC)
         sum_g += tl.sum(g, axis=0)
         sum_gx += tl.sum(g * (x - mean[None, :]), axis=0)
     out = split * C + cols
@@ -169,12 +187,18 @@ def _bwd_reduce_cl_kernel(
 
 @triton.jit
 def _bwd_reduce_nchw_kernel(
-    dy_ptr, x_ptr, y_ptr, mean_ptr, psum_g_ptr, psum_gx_ptr, N, C, S, n_per_split, s_per_split, splits_s,
-    RELU: tl.constexpr, ACC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+    dy_ptr, x_ptr, y_ptr, res_ptr, scale_ptr, shift_ptr, mean_ptr, psum_g_ptr, psum_gx_ptr, N, C, S, n_per_split,
+    s_per_split, splits_s, act_param, ACT: tl.constexpr, HAS_RES: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
     cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = cols < C
     mean = tl.load(mean_ptr + cols, mask=cmask, other=0.0)
+    sc = tl.zeros([BLOCK_C, 1], ACC)
+    sh = tl.zeros([BLOCK_C, 1], ACC)
+    if ACT > 1:
+        sc = tl.load(scale_ptr + cols, mask=cmask, other=0.0)[:, None]
+        sh = tl.load(shift_ptr + cols, mask=cmask, other=0.0)[:, None]
     split = tl.program_id(1).to(tl.int64)
     n_lo, n_hi = _split_range(split // splits_s, n_per_split, N)
     s_lo, s_hi = _split_range(split % splits_s, s_per_split, S)
@@ -186,8 +210,8 @@ def _bwd_reduce_nchw_kernel(
             s = s0 + tl.arange(0, BLOCK_S)
             mask = cmask[:, None] & (s < s_hi)[None, :]
             offs = base[:, None] + s[None, :]
-            g = _masked_grad(dy_ptr, y_ptr, offs, mask, RELU, ACC)
             x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
+            g = _masked_grad(dy_ptr, y_ptr, res_ptr, x, sc, sh, offs, mask, ACT, HAS_RES, act_param, ACC)
             sum_g += tl.sum(g, axis=1)
             sum_gx += tl.sum(g * (x - mean[:, None]), axis=1)
     out = split * C + cols
@@ -224,8 +248,8 @@ def _per_channel(ptr, c, cmask, CL: tl.constexpr):
 
 @triton.jit
 def _apply_kernel(
-    x_ptr, scale_ptr, shift_ptr, res_ptr, y_ptr, OUTER, INNER, C,
-    CL: tl.constexpr, HAS_RES: tl.constexpr, RELU: tl.constexpr, ACC: tl.constexpr,
+    x_ptr, scale_ptr, shift_ptr, res_ptr, y_ptr, OUTER, INNER, C, act_param,
+    CL: tl.constexpr, HAS_RES: tl.constexpr, ACT: tl.constexpr, ACC: tl.constexpr,
     BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr,
 ):
     offs, mask, c, cmask = _tile(OUTER, INNER, C, CL, BLOCK_O, BLOCK_I)
@@ -233,24 +257,31 @@ def _apply_kernel(
     v = x * _per_channel(scale_ptr, c, cmask, CL) + _per_channel(shift_ptr, c, cmask, CL)
     if HAS_RES:
         v += tl.load(res_ptr + offs, mask=mask, other=0.0).to(ACC)
-    if RELU:
-        v = tl.where(v < 0, 0.0, v)  # NaN stays NaN, as torch.relu
+    v = act_fwd(v, ACT, act_param)
     tl.store(y_ptr + offs, v.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _bwd_apply_kernel(
-    dy_ptr, x_ptr, y_ptr, a_ptr, b_ptr, d_ptr, mean_ptr, dx_ptr, g_ptr, OUTER, INNER, C,
-    CL: tl.constexpr, RELU: tl.constexpr, TRAIN: tl.constexpr, WRITE_G: tl.constexpr, ACC: tl.constexpr,
-    BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr,
+    dy_ptr, x_ptr, y_ptr, res_ptr, scale_ptr, shift_ptr, a_ptr, b_ptr, d_ptr, mean_ptr, dx_ptr, g_ptr,
+    OUTER, INNER, C, act_param,
+    CL: tl.constexpr, ACT: tl.constexpr, HAS_RES: tl.constexpr, TRAIN: tl.constexpr, WRITE_G: tl.constexpr,
+    ACC: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr,
 ):
     offs, mask, c, cmask = _tile(OUTER, INNER, C, CL, BLOCK_O, BLOCK_I)
-    g = _masked_grad(dy_ptr, y_ptr, offs, mask, RELU, ACC)
+    x = tl.zeros([BLOCK_O, BLOCK_I], ACC)
+    sc = tl.zeros([BLOCK_O, BLOCK_I], ACC)
+    sh = tl.zeros([BLOCK_O, BLOCK_I], ACC)
+    if TRAIN or ACT > 1:
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
+    if ACT > 1:
+        sc = _per_channel(scale_ptr, c, cmask, CL) + sc
+        sh = _per_channel(shift_ptr, c, cmask, CL) + sh
+    g = _masked_grad(dy_ptr, y_ptr, res_ptr, x, sc, sh, offs, mask, ACT, HAS_RES, act_param, ACC)
     if WRITE_G:
         tl.store(g_ptr + offs, g.to(g_ptr.dtype.element_ty), mask=mask)
     dx = g * _per_channel(a_ptr, c, cmask, CL)
     if TRAIN:
-        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
         dx += _per_channel(b_ptr, c, cmask, CL) * (x - _per_channel(mean_ptr, c, cmask, CL))
         dx += _per_channel(d_ptr, c, cmask, CL)
     tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
@@ -326,36 +357,54 @@ def stats(x, channels_last, eps):
     return mean, invstd
 
 
-def apply(x, scale, shift, residual, relu, channels_last):
+def apply(x, scale, shift, residual, act, channels_last, act_param=0.0):
     y = _checks.new_output(x)
     args, grid, blocks = _elementwise_plan(x, channels_last)
     _apply_kernel[grid](
-        x, scale, shift, x if residual is None else residual, y, *args,
-        CL=channels_last, HAS_RES=residual is not None, RELU=relu, ACC=_tl_acc(x), **blocks,
+        x, scale, shift, x if residual is None else residual, y, *args, float(act_param),
+        CL=channels_last, HAS_RES=residual is not None, ACT=code(act), ACC=_tl_acc(x), **blocks,
     )
     return y
 
 
-def backward_reduce(dy, x, y, mean, relu, channels_last):
+def _act_args(x, y, act, scale, shift, residual, mean):
+    """(y, residual, scale, shift, HAS_RES) as the kernels take them; unused pointers get x / mean."""
+    act = code(act)
+    if act > 1 and (scale is None or shift is None):
+        raise ValueError("scale and shift are required to recompute the pre-activation of this activation")
+    use_res = act > 1 and residual is not None
+    return (
+        x if y is None else y,
+        residual if use_res else x,
+        mean if scale is None else scale,
+        mean if shift is None else shift,
+        use_res,
+    )
+
+
+def backward_reduce(dy, x, y, mean, act, channels_last, act_param=0.0, scale=None, shift=None, residual=None):
     c = x.shape[1]
     args, grid, blocks = _reduction_plan(x, channels_last)
     psum_g = torch.empty((grid[1], c), dtype=mean.dtype, device=x.device)
     psum_gx = torch.empty((grid[1], c), dtype=mean.dtype, device=x.device)
-    y = x if y is None else y
+    y, res, sc, sh, has_res = _act_args(x, y, act, scale, shift, residual, mean)
+    kw = dict(ACT=code(act), HAS_RES=has_res, ACC=_tl_acc(x), **blocks)
     if channels_last:
-        _bwd_reduce_cl_kernel[grid](dy, x, y, mean, psum_g, psum_gx, c, *args, RELU=relu, ACC=_tl_acc(x), **blocks)
+        _bwd_reduce_cl_kernel[grid](dy, x, y, res, sc, sh, mean, psum_g, psum_gx, c, *args, float(act_param), **kw)
     else:
-        _bwd_reduce_nchw_kernel[grid](dy, x, y, mean, psum_g, psum_gx, *args, RELU=relu, ACC=_tl_acc(x), **blocks)
+        _bwd_reduce_nchw_kernel[grid](dy, x, y, res, sc, sh, mean, psum_g, psum_gx, *args, float(act_param), **kw)
     # Second stage of the two-stage reduction over [splits, C] partials (a few splits per SM).
     return psum_g.sum(0), psum_gx.sum(0)
 
 
-def backward_apply(dy, x, y, a, b, d, mean, relu, train, write_g, channels_last):
+def backward_apply(dy, x, y, a, b, d, mean, act, train, write_g, channels_last, act_param=0.0, scale=None,
+                   shift=None, residual=None):
     dx = _checks.new_output(x)
     g = _checks.new_output(dy) if write_g else None
     args, grid, blocks = _elementwise_plan(x, channels_last)
+    y, res, sc, sh, has_res = _act_args(x, y, act, scale, shift, residual, mean)
     _bwd_apply_kernel[grid](
-        dy, x, x if y is None else y, a, b, d, mean, dx, dx if g is None else g, *args,
-        CL=channels_last, RELU=relu, TRAIN=train, WRITE_G=write_g, ACC=_tl_acc(x), **blocks,
+        dy, x, y, res, sc, sh, a, b, d, mean, dx, dx if g is None else g, *args, float(act_param),
+        CL=channels_last, ACT=code(act), HAS_RES=has_res, TRAIN=train, WRITE_G=write_g, ACC=_tl_acc(x), **blocks,
     )
     return dx, g

@@ -2,10 +2,11 @@
 // the Python side is fastnets/cuda_kernels/squeeze_excite.py (which allocates every output, so that the
 // test suite's NaN poisoning covers these kernels too):
 //   cuda_se_reduce  pool (sum or mean over space of x) or backward_reduce (sum over space of g * x,
-//                   g = relu ? (y > 0 ? dy : 0) : dy), into out [N, C] or partial sums out [N, splits, C]
-//   cuda_se_excite  hidden = relu(pooled @ w1.T + b1) [N, R], gate = sigmoid(hidden @ w2.T + b2) [N, C]
+//                   g = relu ? (y <= 0 ? 0 : dy) : dy), into out [N, C] or partial sums out [N, splits, C]
+//   cuda_se_excite  hidden = inner_act(pooled @ w1.T + b1) [N, R], gate = gate(hidden @ w2.T + b2) [N, C]
+//                   (inner_act: an activation code of activations.cuh; gate: 0 sigmoid, 1 hardsigmoid)
 //   cuda_se_apply   forward:  out = [relu](x * gate[n, c] [+ residual])
-//                   backward: g = relu ? (y > 0 ? dy : 0) : dy; out = g * gate[n, c] [+ gp[n, c]]; g_out = g
+//                   backward: g = relu ? (y <= 0 ? 0 : dy) : dy (threshold_backward); out = g * gate[n, c] [+ gp[n, c]]; g_out = g
 //
 // x is 4-D and dense, (N, C, S) in memory (NCHW, S = H * W) or (N, S, C) (channels_last); dy, y, residual
 // and the outputs have x's layout. [N, C] / [N, R] vectors are in acc_t: float64 for float64 x, float32
@@ -22,6 +23,8 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
+
+#include "activations.cuh"
 
 namespace fastnets {
 namespace se {
@@ -51,10 +54,7 @@ __device__ __forceinline__ T relu_nan(T v) {
   return v < T(0) ? T(0) : v;
 }
 
-// setup.py compiles with --use_fast_math: 1 / (1 + e) through the correctly rounded reciprocal, which
-// gives 0 for e = inf (a very negative z) and NaN for NaN.
-__device__ __forceinline__ float sigmoid(float z) { return __frcp_rn(1.0f + __expf(-z)); }
-__device__ __forceinline__ double sigmoid(double z) { return 1.0 / (1.0 + exp(-z)); }
+// The sigmoid gate: act::dsigmoid (activations.cuh), 1 / (1 + e) through the correctly rounded reciprocal.
 
 __device__ __forceinline__ int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
 
@@ -68,7 +68,7 @@ __device__ __forceinline__ acc_t reduce_term(const scalar_t* __restrict__ x, con
   const acc_t xv = static_cast<acc_t>(x[i]);
   if (!grad) return xv;
   // g = 0 where the ReLU masks, then g * x as torch computes it (0 * NaN stays NaN)
-  const acc_t g = (relu && !(static_cast<acc_t>(y[i]) > acc_t(0))) ? acc_t(0) : static_cast<acc_t>(dy[i]);
+  const acc_t g = (relu && act::relu_masks(static_cast<acc_t>(y[i]))) ? acc_t(0) : static_cast<acc_t>(dy[i]);
   return g * xv;
 }
 
@@ -157,7 +157,8 @@ __global__ void reduce_cl_kernel(const scalar_t* __restrict__ x, const scalar_t*
 template <typename acc_t, typename w_t, int BN>
 __global__ void excite_kernel(const acc_t* __restrict__ pooled, const w_t* __restrict__ w1,
                               const w_t* __restrict__ b1, const w_t* __restrict__ w2, const w_t* __restrict__ b2,
-                              acc_t* hidden, acc_t* __restrict__ gate, int64_t N, int64_t C, int64_t R) {
+                              acc_t* hidden, acc_t* __restrict__ gate, int64_t N, int64_t C, int64_t R,
+                              int inner_act, acc_t inner_param, int gate_fn) {
   const int lane = threadIdx.x % kWarp;
   const int warp = threadIdx.x / kWarp;
   const int nwarps = blockDim.x / kWarp;
@@ -181,7 +182,7 @@ __global__ void excite_kernel(const acc_t* __restrict__ pooled, const w_t* __res
 #pragma unroll
     for (int k = 0; k < BN; ++k) {
       const acc_t v = warp_sum(acc[k]);
-      if (lane == 0 && k < nb) hidden[(n0 + k) * R + r] = relu_nan(v + bias);
+      if (lane == 0 && k < nb) hidden[(n0 + k) * R + r] = act::forward(v + bias, inner_act, inner_param);
     }
   }
   __syncthreads();
@@ -202,7 +203,7 @@ __global__ void excite_kernel(const acc_t* __restrict__ pooled, const w_t* __res
 #pragma unroll
     for (int k = 0; k < BN; ++k) {
       const acc_t v = warp_sum(acc[k]);
-      if (lane == 0 && k < nb) gate[(n0 + k) * C + c] = sigmoid(v + bias);
+      if (lane == 0 && k < nb) gate[(n0 + k) * C + c] = act::gate_forward(v + bias, gate_fn);
     }
   }
 }
@@ -276,7 +277,7 @@ __global__ void apply_kernel(const scalar_t* __restrict__ src, const acc_t* __re
       const acc_t gt = gate[gi];
       if (f.grad) {
         scalar_t gv = v[k];
-        if (f.relu && !(static_cast<acc_t>(a[k]) > acc_t(0))) gv = scalar_t(0);
+        if (f.relu && act::relu_masks(static_cast<acc_t>(a[k]))) gv = scalar_t(0);
         g[k] = gv;
         acc_t r = static_cast<acc_t>(gv) * gt;
         if (f.has_add) r += gp[gi];
@@ -423,8 +424,10 @@ void se_reduce(const at::Tensor& x, const std::optional<at::Tensor>& dy, const s
 
 template <typename acc_t, typename w_t>
 void launch_excite(const at::Tensor& pooled, const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& w2,
-                   const at::Tensor& b2, const at::Tensor& hidden, const at::Tensor& gate) {
+                   const at::Tensor& b2, const at::Tensor& hidden, const at::Tensor& gate, int inner_act,
+                   double inner_param, int gate_fn) {
   const int64_t N = pooled.size(0), C = pooled.size(1), R = w1.size(0);
+  const acc_t ip = static_cast<acc_t>(inner_param);
   // The most samples per block that still leaves about one block per two SMs or more.
   const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
   int bn = kExciteMaxSamples;
@@ -441,18 +444,27 @@ void launch_excite(const at::Tensor& pooled, const at::Tensor& w1, const at::Ten
   auto* gp = static_cast<acc_t*>(gate.data_ptr());
   const auto grid = static_cast<unsigned>(blocks);
   if (bn == 4) {
-    excite_kernel<acc_t, w_t, 4><<<grid, kExciteThreads, 0, stream>>>(pp, w1p, b1p, w2p, b2p, hp, gp, N, C, R);
+    excite_kernel<acc_t, w_t, 4><<<grid, kExciteThreads, 0, stream>>>(pp, w1p, b1p, w2p, b2p, hp, gp, N, C, R, inner_act, ip,
+                                                                        gate_fn);
   } else if (bn == 2) {
-    excite_kernel<acc_t, w_t, 2><<<grid, kExciteThreads, 0, stream>>>(pp, w1p, b1p, w2p, b2p, hp, gp, N, C, R);
+    excite_kernel<acc_t, w_t, 2><<<grid, kExciteThreads, 0, stream>>>(pp, w1p, b1p, w2p, b2p, hp, gp, N, C, R, inner_act, ip,
+                                                                        gate_fn);
   } else {
-    excite_kernel<acc_t, w_t, 1><<<grid, kExciteThreads, 0, stream>>>(pp, w1p, b1p, w2p, b2p, hp, gp, N, C, R);
+    excite_kernel<acc_t, w_t, 1><<<grid, kExciteThreads, 0, stream>>>(pp, w1p, b1p, w2p, b2p, hp, gp, N, C, R, inner_act, ip,
+                                                                        gate_fn);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 void se_excite(const at::Tensor& pooled, const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& w2,
-               const at::Tensor& b2, const at::Tensor& hidden, const at::Tensor& gate) {
+               const at::Tensor& b2, const at::Tensor& hidden, const at::Tensor& gate, int64_t inner_act,
+               double inner_param, int64_t gate_fn) {
   const char* op = "fastnets::cuda_se_excite";
+  TORCH_CHECK(inner_act >= 0 && inner_act < act::kNumCodes, op, ": inner_act must be an activation code in [0, ",
+              act::kNumCodes, "), got ", inner_act);
+  TORCH_CHECK(gate_fn == act::kSigmoid || gate_fn == act::kHardsigmoid, op,
+              ": gate must be 0 (sigmoid) or 1 (hardsigmoid), got ", gate_fn);
+  const int ia = static_cast<int>(inner_act), gf = static_cast<int>(gate_fn);
   TORCH_CHECK(pooled.defined() && pooled.is_cuda(), op, ": pooled must be a CUDA tensor");
   const auto acc = pooled.scalar_type();
   TORCH_CHECK(acc == at::kFloat || acc == at::kDouble, op, ": pooled must be float32 or float64, got ", acc);
@@ -474,13 +486,13 @@ void se_excite(const at::Tensor& pooled, const at::Tensor& w1, const at::Tensor&
   check_vec(gate, "gate", {N, C}, acc, dev, op);
   const c10::cuda::CUDAGuard guard(dev);
   if (acc == at::kDouble) {
-    launch_excite<double, double>(pooled, w1, b1, w2, b2, hidden, gate);
+    launch_excite<double, double>(pooled, w1, b1, w2, b2, hidden, gate, ia, inner_param, gf);
   } else if (wt == at::kFloat) {
-    launch_excite<float, float>(pooled, w1, b1, w2, b2, hidden, gate);
+    launch_excite<float, float>(pooled, w1, b1, w2, b2, hidden, gate, ia, inner_param, gf);
   } else if (wt == at::kHalf) {
-    launch_excite<float, at::Half>(pooled, w1, b1, w2, b2, hidden, gate);
+    launch_excite<float, at::Half>(pooled, w1, b1, w2, b2, hidden, gate, ia, inner_param, gf);
   } else {
-    launch_excite<float, at::BFloat16>(pooled, w1, b1, w2, b2, hidden, gate);
+    launch_excite<float, at::BFloat16>(pooled, w1, b1, w2, b2, hidden, gate, ia, inner_param, gf);
   }
 }
 
@@ -542,7 +554,7 @@ TORCH_LIBRARY_FRAGMENT(fastnets, m) {
       "bool mean) -> ()");
   m.def(
       "cuda_se_excite(Tensor pooled, Tensor w1, Tensor b1, Tensor w2, Tensor b2, Tensor(a!) hidden, "
-      "Tensor(b!) gate) -> ()");
+      "Tensor(b!) gate, int inner_act=1, float inner_param=0., int gate=0) -> ()");
   m.def(
       "cuda_se_apply(Tensor src, Tensor gate, Tensor? aux, Tensor? gp, Tensor(a!) out, Tensor(b!)? g_out, "
       "bool channels_last, bool grad, bool relu) -> ()");

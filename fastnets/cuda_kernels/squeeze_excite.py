@@ -12,10 +12,12 @@ from ..reference.squeeze_excite import acc_dtype
 
 if not _extension.load():  # the registry imports this module only when the backend is available
     raise ImportError(f"fastnets cuda backend: {_extension.reason()}")
-if not hasattr(torch.ops.fastnets, "cuda_se_apply"):
+if not hasattr(torch.ops.fastnets, "cuda_se_apply") or "inner_act" not in str(
+    torch.ops.fastnets.cuda_se_excite.default._schema
+):
     raise ImportError(
         "fastnets cuda backend: the compiled extension fastnets._C has no squeeze_excite kernels (it was built "
-        "before csrc/squeeze_excite.cu existed); rebuild with `pip install --no-build-isolation -e .`"
+        "before csrc/squeeze_excite.cu had its activation arguments); rebuild with `pip install --no-build-isolation -e .`"
     )
 
 _ops = torch.ops.fastnets
@@ -58,12 +60,14 @@ def backward_reduce(dy, x, y, relu, channels_last, split=None):
     return _reduce(x, dy, y, relu, channels_last, split)
 
 
-def excite(pooled, w1, b1, w2, b2):
+def excite(pooled, w1, b1, w2, b2, inner_act=1, inner_param=0.0, gate=0):
     n, c = pooled.shape
     r = w1.shape[0]
     hidden = _checks.new_output(pooled, shape=(n, r))
-    gate = _checks.new_output(pooled, shape=(n, c))
-    _ops.cuda_se_excite(pooled.contiguous(), w1.contiguous(), b1.contiguous(), w2.contiguous(), b2.contiguous(), hidden, gate)
+    gate_out = _checks.new_output(pooled, shape=(n, c))
+    _ops.cuda_se_excite(pooled.contiguous(), w1.contiguous(), b1.contiguous(), w2.contiguous(), b2.contiguous(),
+                        hidden, gate_out, int(inner_act), float(inner_param), int(gate))
+    gate = gate_out
     return hidden, gate
 
 

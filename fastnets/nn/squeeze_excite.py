@@ -2,16 +2,19 @@
 an optional residual add and ReLU fused into its output pass (the tail of an SE-ResNet bottleneck)."""
 from torch import nn
 
-from .. import _checks
+from .. import _checks, activations
 from ..ops.squeeze_excite import squeeze_excite
 
 
 class SqueezeExcite(nn.Module):
-    """y = [relu](x * sigmoid(fc2(relu(fc1(avgpool(x))))) [+ residual]) in three fused kernels.
+    """y = [relu](x * gate(fc2(inner_act(fc1(avgpool(x))))) [+ residual]) in three fused kernels.
 
     Args:
         channels: C, the channels of the input.
         reduced_channels: R, the width of the bottleneck (SE-ResNet uses C // 16); any R >= 1.
+        inner_act: the activation between fc1 and fc2, any of fastnets.activations (default relu;
+            torchvision's EfficientNet uses nn.SiLU, MobileNetV3 relu).
+        gate: "sigmoid" (default) or "hardsigmoid" (MobileNetV3), or nn.Sigmoid / nn.Hardsigmoid.
 
     forward(x, residual=None, relu=False): x is (N, C, H, W), NCHW or channels_last, float32, float16 or
     bfloat16 (the weights may stay float32 under autocast); `residual`, if given, must have x's shape, dtype
@@ -36,8 +39,10 @@ class SqueezeExcite(nn.Module):
     and timm's `act3(se(bn3(conv3(x))) + shortcut)` becomes `se(bn3(conv3(x)), residual=shortcut, relu=True)`.
     """
 
-    def __init__(self, channels, reduced_channels):
+    def __init__(self, channels, reduced_channels, inner_act="relu", gate="sigmoid"):
         super().__init__()
+        self.inner_act, self.inner_param = activations.canonical(inner_act, "inner_act")
+        self.gate = activations.canonical_gate(gate, "gate")
         if int(channels) < 1 or int(reduced_channels) < 1:
             raise ValueError(f"channels and reduced_channels must be >= 1, got {channels} and {reduced_channels}")
         self.channels = int(channels)
@@ -54,8 +59,12 @@ class SqueezeExcite(nn.Module):
                 f"expects channels={self.channels}"
             )
         return squeeze_excite(
-            x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias, residual=residual, relu=relu
+            x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias, residual=residual, relu=relu,
+            inner_act=(self.inner_act, self.inner_param), gate=self.gate,
         )
 
     def extra_repr(self):
-        return f"channels={self.channels}, reduced_channels={self.reduced_channels}"
+        extra = ""
+        if (self.inner_act, self.gate) != ("relu", "sigmoid"):
+            extra = f", inner_act={self.inner_act}, gate={self.gate}"
+        return f"channels={self.channels}, reduced_channels={self.reduced_channels}{extra}"

@@ -1,15 +1,21 @@
 """Squeeze-and-excitation (Hu, Shen and Sun, 2017) with an optional fused residual add and ReLU.
 
   pooled = mean over (H, W) of x                      [N, C]   (squeeze)
-  hidden = relu(pooled @ w1.T + b1)                   [N, R]   (excite, first FC)
-  gate   = sigmoid(hidden @ w2.T + b2)                [N, C]   (excite, second FC)
+  hidden = inner_act(pooled @ w1.T + b1)              [N, R]   (excite, first FC; relu by default)
+  gate   = gate_fn(hidden @ w2.T + b2)                [N, C]   (excite, second FC; sigmoid or hardsigmoid)
   y      = [relu](x * gate[n, c] [+ residual])                 (scale)
+
+inner_act is any activation of fastnets.activations (torchvision's MobileNetV3 / EfficientNet SE blocks use
+relu or silu); the gate is sigmoid or hardsigmoid. Both are arguments of the excite kernel (one launch for
+the whole batch either way); their backward runs on the [N, R] / [N, C] vectors with torch's own backward
+functions, recomputing the small pre-activations from pooled / hidden when the function needs them.
 
 Ops (namespace `fastnets`, each with a fake kernel and registered autograd):
   se_squeeze(x, backend) -> pooled
-  se_excite(pooled, w1, b1, w2, b2, backend) -> (hidden, gate)
+  se_excite(pooled, w1, b1, w2, b2, backend, inner_act, inner_param, gate) -> (hidden, gate)
   se_scale(x, gate, residual, relu, backend) -> y
-  squeeze_excite(x, w1, b1, w2, b2, residual, relu, backend) -> (y, pooled, hidden, gate)   (the fused block)
+  squeeze_excite(x, w1, b1, w2, b2, residual, relu, backend, inner_act, inner_param, gate)
+      -> (y, pooled, hidden, gate)   (the fused block; the activation arguments default to relu/sigmoid)
 and their backward ops se_scale_backward and squeeze_excite_backward. The fused block's backward makes two
 passes over grad_y: one reduction (grad_gate = sum over space of g * x), then, after the small network's
 backward on [N, C] tensors, one elementwise pass dx = g * gate + grad_pooled / (H * W) (and grad_residual
@@ -24,7 +30,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from .. import _checks
+from .. import _checks, activations
 from ..backends import NAMES, current_backend
 from ..reference.squeeze_excite import acc_dtype
 from ._registry import kernels, register_family
@@ -52,18 +58,26 @@ def _vec_acc(t):
     return t.to(torch.float64 if t.dtype == torch.float64 else torch.float32)
 
 
-def excite_backward(grad_gate, grad_hidden, pooled, hidden, gate, w1, w2):
+def excite_backward(grad_gate, grad_hidden, pooled, hidden, gate, w1, w2, b1=None, b2=None, inner_act="relu",
+                    inner_param=0.0, gate_fn="sigmoid"):
     """Backward of the small network on [N, C] tensors (plain torch ops on every backend).
-    w1 [R, C], w2 [C, R]; returns (grad_pooled, grad_w1 [R, C], grad_b1, grad_w2 [C, R], grad_b2), acc dtype."""
+    w1 [R, C], w2 [C, R]; returns (grad_pooled, grad_w1 [R, C], grad_b1, grad_w2 [C, R], grad_b2), acc dtype.
+    sigmoid's backward uses its output (the gate), relu's its output (hidden); hardsigmoid and the other
+    inner activations recompute their [N, C] / [N, R] inputs from hidden / pooled with b2 / b1."""
     acc = gate.dtype
-    aten = torch.ops.aten
-    dz2 = aten.sigmoid_backward(grad_gate.to(acc), gate)  # grad * gate * (1 - gate), one kernel
+    z2 = None
+    if gate_fn != "sigmoid":
+        z2 = torch.addmm(b2.to(acc), hidden, w2.to(acc).t())
+    dz2 = activations.gate_backward(grad_gate.to(acc), z2, gate, gate_fn)
     grad_w2 = dz2.t() @ hidden
     grad_b2 = dz2.sum(0)
     dh = dz2 @ w2.to(acc)
     if grad_hidden is not None:
         dh = dh + grad_hidden.to(acc)
-    dz1 = aten.threshold_backward(dh, hidden, 0)  # dh where hidden > 0, else 0 (as torch's ReLU backward)
+    z1 = None
+    if inner_act not in activations.FROM_OUTPUT:
+        z1 = torch.addmm(b1.to(acc), pooled.to(acc), w1.to(acc).t())
+    dz1 = activations.backward(dh, z1, hidden, inner_act, inner_param)
     grad_w1 = dz1.t() @ pooled.to(acc)
     grad_b1 = dz1.sum(0)
     grad_pooled = dz1 @ w1.to(acc)
@@ -77,18 +91,20 @@ def excite_backward(grad_gate, grad_hidden, pooled, hidden, gate, w1, w2):
 @torch.library.custom_op("fastnets::squeeze_excite", mutates_args=())
 def squeeze_excite_op(
     x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, residual: Optional[Tensor], relu: bool, backend: str,
+    inner_act: str = "relu", inner_param: float = 0.0, gate: str = "sigmoid",
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     k = kernels("squeeze_excite", backend, x.device)
     x, cl = _checks.dense_layout(x)
     pooled = k.pool(x, cl)
-    hidden, gate = k.excite(pooled, _mat(w1), b1.contiguous(), _mat(w2), b2.contiguous())
+    hidden, gate = k.excite(pooled, _mat(w1), b1.contiguous(), _mat(w2), b2.contiguous(),
+                            activations.code(inner_act), inner_param, activations.GATE_CODES[gate])
     res = None if residual is None else _checks.match_layout(residual, x)
     y = k.scale(x, gate, res, relu, cl)
     return _checks.match_layout(y, x), pooled, hidden, gate
 
 
 @squeeze_excite_op.register_fake
-def _(x, w1, b1, w2, b2, residual, relu, backend):
+def _(x, w1, b1, w2, b2, residual, relu, backend, inner_act="relu", inner_param=0.0, gate="sigmoid"):
     n, c, r = x.shape[0], x.shape[1], w1.shape[0]
     acc = acc_dtype(x)
     return torch.empty_like(x), x.new_empty((n, c), dtype=acc), x.new_empty((n, r), dtype=acc), x.new_empty((n, c), dtype=acc)
@@ -98,6 +114,8 @@ def _(x, w1, b1, w2, b2, residual, relu, backend):
 def squeeze_excite_backward(
     grad_y: Tensor, x: Tensor, y: Optional[Tensor], pooled: Tensor, hidden: Tensor, gate: Tensor, w1: Tensor,
     w2: Tensor, relu: bool, need_grad_x: bool, need_grad_weights: bool, need_grad_residual: bool, backend: str,
+    b1: Optional[Tensor] = None, b2: Optional[Tensor] = None, inner_act: str = "relu", inner_param: float = 0.0,
+    gate_fn: str = "sigmoid",
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Returns (grad_x, grad_w1, grad_b1, grad_w2, grad_b2, grad_residual); grad_residual only when relu masks
     it (else it is grad_y itself, passed on by the autograd formula without a copy). Unneeded outputs are
@@ -108,7 +126,8 @@ def squeeze_excite_backward(
     grads_w = (None,) * 4
     if need_grad_x or need_grad_weights:
         grad_gate = k.backward_reduce(dy, x, y, relu, cl)
-        grad_p, gw1, gb1, gw2, gb2 = excite_backward(grad_gate, None, pooled, hidden, gate, _mat(w1), _mat(w2))
+        grad_p, gw1, gb1, gw2, gb2 = excite_backward(grad_gate, None, pooled, hidden, gate, _mat(w1), _mat(w2), b1,
+                                                     b2, inner_act, inner_param, gate_fn)
         if need_grad_weights:
             grads_w = (
                 gw1.to(w1.dtype).reshape(w1.shape),
@@ -126,7 +145,8 @@ def squeeze_excite_backward(
 
 
 @squeeze_excite_backward.register_fake
-def _(grad_y, x, y, pooled, hidden, gate, w1, w2, relu, need_grad_x, need_grad_weights, need_grad_residual, backend):
+def _(grad_y, x, y, pooled, hidden, gate, w1, w2, relu, need_grad_x, need_grad_weights, need_grad_residual, backend,
+      b1=None, b2=None, inner_act="relu", inner_param=0.0, gate_fn="sigmoid"):
     if need_grad_weights:
         r, c = w1.shape[0], w2.shape[0]
         gw = (torch.empty_like(w1), w1.new_empty(r), torch.empty_like(w2), w2.new_empty(c))
@@ -140,19 +160,24 @@ def _(grad_y, x, y, pooled, hidden, gate, w1, w2, relu, need_grad_x, need_grad_w
 
 
 def _se_setup_context(ctx, inputs, output):
-    x, w1, b1, w2, b2, residual, relu, backend = inputs
+    x, w1, b1, w2, b2, residual, relu, backend = inputs[:8]
+    inner_act, inner_param, gate_fn = (tuple(inputs[8:]) + ("relu", 0.0, "sigmoid")[len(inputs) - 8:])
     y, pooled, hidden, gate = output
-    ctx.relu, ctx.backend = relu, backend
-    ctx.save_for_backward(x, y if relu else None, pooled, hidden, gate, w1, w2)
+    ctx.relu, ctx.backend, ctx.act = relu, backend, (inner_act, inner_param, gate_fn)
+    ctx.save_for_backward(
+        x, y if relu else None, pooled, hidden, gate, w1, w2,
+        b1 if inner_act not in activations.FROM_OUTPUT else None, b2 if gate_fn != "sigmoid" else None,
+    )
     ctx.mark_non_differentiable(pooled, hidden, gate)
 
 
 def _se_backward(ctx, grad_y, grad_pooled, grad_hidden, grad_gate):
-    x, y, pooled, hidden, gate, w1, w2 = ctx.saved_tensors
+    x, y, pooled, hidden, gate, w1, w2, b1, b2 = ctx.saved_tensors
     need_x, need_w1, need_b1, need_w2, need_b2, need_res = ctx.needs_input_grad[:6]
     need_w = need_w1 or need_b1 or need_w2 or need_b2
     gx, gw1, gb1, gw2, gb2, gres = torch.ops.fastnets.squeeze_excite_backward(
-        grad_y, x, y, pooled, hidden, gate, w1, w2, ctx.relu, need_x, need_w, need_res, ctx.backend
+        grad_y, x, y, pooled, hidden, gate, w1, w2, ctx.relu, need_x, need_w, need_res, ctx.backend, b1, b2,
+        *ctx.act,
     )
     if need_res and not ctx.relu:
         gres = grad_y
@@ -163,9 +188,7 @@ def _se_backward(ctx, grad_y, grad_pooled, grad_hidden, grad_gate):
         gw2 if need_w2 else None,
         gb2 if need_b2 else None,
         gres if need_res else None,
-        None,
-        None,
-    )
+    ) + (None,) * (len(ctx.needs_input_grad) - 6)
 
 
 squeeze_excite_op.register_autograd(_se_backward, setup_context=_se_setup_context)
@@ -202,31 +225,36 @@ se_squeeze_op.register_autograd(_squeeze_backward, setup_context=_squeeze_setup_
 
 
 @torch.library.custom_op("fastnets::se_excite", mutates_args=())
-def se_excite_op(pooled: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, backend: str) -> Tuple[Tensor, Tensor]:
+def se_excite_op(
+    pooled: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, backend: str, inner_act: str = "relu",
+    inner_param: float = 0.0, gate: str = "sigmoid",
+) -> Tuple[Tensor, Tensor]:
     k = kernels("squeeze_excite", backend, pooled.device)
-    return k.excite(_vec_acc(pooled).contiguous(), _mat(w1), b1.contiguous(), _mat(w2), b2.contiguous())
+    return k.excite(_vec_acc(pooled).contiguous(), _mat(w1), b1.contiguous(), _mat(w2), b2.contiguous(),
+                    activations.code(inner_act), inner_param, activations.GATE_CODES[gate])
 
 
 @se_excite_op.register_fake
-def _(pooled, w1, b1, w2, b2, backend):
+def _(pooled, w1, b1, w2, b2, backend, inner_act="relu", inner_param=0.0, gate="sigmoid"):
     acc = torch.float64 if pooled.dtype == torch.float64 else torch.float32
     n = pooled.shape[0]
     return pooled.new_empty((n, w1.shape[0]), dtype=acc), pooled.new_empty((n, w2.shape[0]), dtype=acc)
 
 
 def _excite_setup_context(ctx, inputs, output):
-    pooled, w1, b1, w2, b2, backend = inputs
+    pooled, w1, b1, w2, b2, backend = inputs[:6]
+    ctx.act = tuple(inputs[6:]) + ("relu", 0.0, "sigmoid")[len(inputs) - 6:]
     hidden, gate = output
-    ctx.save_for_backward(pooled, hidden, gate, w1, w2)
+    ctx.save_for_backward(pooled, hidden, gate, w1, w2, b1, b2)
     ctx.dtypes = (pooled.dtype, b1.dtype, b2.dtype)
 
 
 def _excite_backward(ctx, grad_hidden, grad_gate):
-    pooled, hidden, gate, w1, w2 = ctx.saved_tensors
+    pooled, hidden, gate, w1, w2, b1, b2 = ctx.saved_tensors
     if grad_gate is None:
         grad_gate = torch.zeros_like(gate)
     gp, gw1, gb1, gw2, gb2 = excite_backward(
-        grad_gate, grad_hidden, _vec_acc(pooled), hidden, gate, _mat(w1), _mat(w2)
+        grad_gate, grad_hidden, _vec_acc(pooled), hidden, gate, _mat(w1), _mat(w2), b1, b2, *ctx.act
     )
     p_dtype, b1_dtype, b2_dtype = ctx.dtypes
     return (
@@ -235,8 +263,7 @@ def _excite_backward(ctx, grad_hidden, grad_gate):
         gb1.to(b1_dtype),
         gw2.to(w2.dtype).reshape(w2.shape),
         gb2.to(b2_dtype),
-        None,
-    )
+    ) + (None,) * (len(ctx.needs_input_grad) - 5)
 
 
 se_excite_op.register_autograd(_excite_backward, setup_context=_excite_setup_context)
@@ -357,9 +384,12 @@ def _backend(backend):
     return backend
 
 
-def squeeze_excite(x, w1, b1, w2, b2, residual=None, relu=False, backend=None):
-    """y = [relu](x * sigmoid(fc2(relu(fc1(mean_hw(x))))) [+ residual]), fused. x is (N, C, H, W), NCHW or
-    channels_last; w1 [R, C, 1, 1] (or [R, C]), b1 [R], w2 [C, R, 1, 1] (or [C, R]), b2 [C]."""
+def squeeze_excite(x, w1, b1, w2, b2, residual=None, relu=False, backend=None, inner_act="relu", gate="sigmoid"):
+    """y = [relu](x * gate(fc2(inner_act(fc1(mean_hw(x))))) [+ residual]), fused. x is (N, C, H, W), NCHW or
+    channels_last; w1 [R, C, 1, 1] (or [R, C]), b1 [R], w2 [C, R, 1, 1] (or [C, R]), b2 [C]. inner_act: any
+    activation of fastnets.activations (default relu); gate: sigmoid (default) or hardsigmoid."""
+    inner, inner_param = activations.canonical(inner_act, "inner_act")
+    gate = activations.canonical_gate(gate, "gate")
     _checks.check_float(x, "input")
     _checks.check_ndim(x, "input", (4,))
     c, _ = _check_weights(x.dtype, x.device, w1, b1, w2, b2)
@@ -370,7 +400,8 @@ def squeeze_excite(x, w1, b1, w2, b2, residual=None, relu=False, backend=None):
     x, _ = _checks.dense_layout(x)
     if residual is not None:
         residual = _checks.match_layout(residual, x)
-    y, _, _, _ = torch.ops.fastnets.squeeze_excite(x, w1, b1, w2, b2, residual, bool(relu), backend)
+    y, _, _, _ = torch.ops.fastnets.squeeze_excite(x, w1, b1, w2, b2, residual, bool(relu), backend, inner,
+                                                   inner_param, gate)
     return y
 
 
@@ -382,8 +413,10 @@ def se_squeeze(x, backend=None):
     return torch.ops.fastnets.se_squeeze(x, backend)
 
 
-def se_excite(pooled, w1, b1, w2, b2, backend=None):
-    """(hidden, gate) = (relu(pooled @ w1.T + b1), sigmoid(hidden @ w2.T + b2)) for all samples at once."""
+def se_excite(pooled, w1, b1, w2, b2, backend=None, inner_act="relu", gate="sigmoid"):
+    """(hidden, gate) = (inner_act(pooled @ w1.T + b1), gate(hidden @ w2.T + b2)) for all samples at once."""
+    inner, inner_param = activations.canonical(inner_act, "inner_act")
+    gate = activations.canonical_gate(gate, "gate")
     _checks.check_float(pooled, "pooled")
     _checks.check_ndim(pooled, "pooled", (2,))
     c, _ = _check_weights(None, pooled.device, w1, b1, w2, b2)
@@ -395,7 +428,7 @@ def se_excite(pooled, w1, b1, w2, b2, backend=None):
             "and float64 weights need float64 pooled"
         )
     backend = _backend(backend)
-    return torch.ops.fastnets.se_excite(pooled, w1, b1, w2, b2, backend)
+    return torch.ops.fastnets.se_excite(pooled, w1, b1, w2, b2, backend, inner, inner_param, gate)
 
 
 def se_scale(x, gate, residual=None, relu=False, backend=None):

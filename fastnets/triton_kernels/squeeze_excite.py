@@ -17,6 +17,7 @@ import triton.language as tl
 
 from .. import _checks
 from ..reference.squeeze_excite import acc_dtype
+from .activations import act_fwd, relu_grad
 
 
 def _tl(dtype):
@@ -84,8 +85,7 @@ def _reduce_kernel(
         if GRAD:
             g = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(ACC)
             if RELU:
-                y = tl.load(y_ptr + offs, mask=mask, other=0.0)
-                g = tl.where(y > 0, g, 0.0)
+                g = relu_grad(g, tl.load(y_ptr + offs, mask=mask, other=0.0))
             acc += g * x
         else:
             acc += x
@@ -118,8 +118,7 @@ def _apply_kernel(
     v = tl.load(x_ptr + offs, mask=mask, other=0.0)
     if GRAD:
         if RELU:
-            y = tl.load(res_ptr + offs, mask=mask, other=0.0)
-            v = tl.where(y > 0, v, 0.0)
+            v = relu_grad(v, tl.load(res_ptr + offs, mask=mask, other=0.0))
         if WRITE_G:
             tl.store(g_out_ptr + offs, v, mask=mask)
         out = v.to(ACC) * gate[:, None]
@@ -137,10 +136,12 @@ def _apply_kernel(
 
 @triton.jit
 def _excite_kernel(
-    p_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, h_ptr, gate_ptr, N, C, R,
+    p_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, h_ptr, gate_ptr, N, C, R, inner_param,
+    INNER: tl.constexpr, GATE: tl.constexpr,
     ACC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """hidden = relu(p @ w1.T + b1) [N, R]; gate = sigmoid(hidden @ w2.T + b2) [N, C]; w1 [R, C], w2 [C, R]."""
+    """hidden = inner(p @ w1.T + b1) [N, R]; gate = sigmoid or hardsigmoid(hidden @ w2.T + b2) [N, C];
+    w1 [R, C], w2 [C, R]. INNER: activation code, GATE: 0 sigmoid, 1 hardsigmoid."""
     ns = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     nmask = ns < N
     # Layer 1: [BLOCK_N, BLOCK_R] blocks of hidden, summing over C in chunks of BLOCK_K.
@@ -156,7 +157,7 @@ def _excite_kernel(
             acc += tl.sum(p.to(ACC)[:, None, :] * w.to(ACC)[None, :, :], axis=2)
         b = tl.load(b1_ptr + rs, mask=rmask, other=0.0).to(ACC)
         h = acc + b[None, :]
-        h = tl.where(h < 0, 0.0, h)
+        h = act_fwd(h, INNER, inner_param)
         tl.store(h_ptr + ns[:, None] * R + rs[None, :], h, mask=nmask[:, None] & rmask[None, :])
     tl.debug_barrier()  # the whole CTA has written this block's hidden rows before any thread reads them
     # Layer 2: [BLOCK_N, BLOCK_C] blocks of the gate, summing over R in chunks of BLOCK_R.
@@ -172,7 +173,11 @@ def _excite_kernel(
             acc += tl.sum(h.to(ACC)[:, None, :] * w.to(ACC)[None, :, :], axis=2)
         b = tl.load(b2_ptr + cs, mask=cmask, other=0.0).to(ACC)
         z = acc + b[None, :]
-        gate = 1.0 / (1.0 + tl.exp(-z))
+        if GATE == 1:  # hardsigmoid = relu6(z + 3) / 6, NaN stays NaN
+            t = z + 3.0
+            gate = tl.where(t < 0, 0.0, tl.where(t > 6.0, 6.0, t)) / 6.0
+        else:
+            gate = 1.0 / (1.0 + tl.exp(-z))
         tl.store(gate_ptr + ns[:, None] * C + cs[None, :], gate, mask=nmask[:, None] & cmask[None, :])
 
 
@@ -231,12 +236,12 @@ def backward_apply(dy, y, gate, gp, relu, write_g, channels_last):
     return _apply(dy, gate, y if relu else None, gp, relu, write_g, channels_last, grad=True)
 
 
-def excite(pooled, w1, b1, w2, b2, block_n=None):
+def excite(pooled, w1, b1, w2, b2, inner_act=1, inner_param=0.0, gate=0, block_n=None):
     n, c = pooled.shape
     r = w1.shape[0]
     acc = pooled.dtype
     hidden = _checks.new_output(pooled, shape=(n, r))
-    gate = _checks.new_output(pooled, shape=(n, c))
+    gate_out = _checks.new_output(pooled, shape=(n, c))
     if block_n is None:
         # The most samples per program that still leaves about one program per two SMs: each program reads
         # both weight matrices once, so fewer programs mean less L2 traffic but fewer busy SMs.
@@ -249,7 +254,7 @@ def excite(pooled, w1, b1, w2, b2, block_n=None):
     bk = max(1, min(triton.next_power_of_2(c), 8192 // (bn * br)))
     bc = max(1, min(triton.next_power_of_2(c), 8192 // (bn * br)))
     _excite_kernel[(triton.cdiv(n, bn),)](
-        pooled, w1, b1, w2, b2, hidden, gate, n, c, r,
+        pooled, w1, b1, w2, b2, hidden, gate_out, n, c, r, float(inner_param), INNER=int(inner_act), GATE=int(gate),
         ACC=_tl(acc), BLOCK_N=bn, BLOCK_R=br, BLOCK_K=bk, BLOCK_C=bc, num_warps=4,
     )
-    return hidden, gate
+    return hidden, gate_out

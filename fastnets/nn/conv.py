@@ -4,14 +4,16 @@
 fastnets' convolution where fastnets has one (groups=1, zero padding, symmetric) and torch's (cuDNN)
 otherwise: grouped and depthwise convolutions, padding_mode other than 'zeros', asymmetric 'same' padding.
 
-`conv_bn_act(conv, bn, x, residual=None, relu=True)` runs relu(bn(conv(x)) [+ residual]) for any
+`conv_bn_act(conv, bn, x, residual=None, relu=True, act=None)` runs act(bn(conv(x)) [+ residual]) for any
 torch.nn.Conv2d / BatchNorm2d pair (the model zoo calls it with torchvision's conv1/bn1 attributes), with
 torch's BatchNorm semantics: batch statistics in training (running statistics and num_batches_tracked
 updated exactly as torch does, momentum=None meaning a cumulative average), running statistics in eval.
+With bn=None it is act(conv(x) [+ residual]) with the conv's bias and the activation in its epilogue
+(VGG / AlexNet / SqueezeNet). `act` is any activation of fastnets.activations and wins over `relu`.
 """
 from torch import nn
 
-from .. import _checks
+from .. import _checks, activations
 from ..ops.conv import conv2d, conv2d_batch_norm
 from .batch_norm import batch_stats_args, bn_act
 
@@ -43,6 +45,8 @@ class Conv2d(nn.Conv2d):
 def _check_pair(conv, bn):
     if not isinstance(conv, nn.Conv2d):
         raise TypeError(f"conv must be a torch.nn.Conv2d, got {type(conv).__name__}")
+    if bn is None:
+        return
     if not isinstance(bn, nn.modules.batchnorm._BatchNorm):
         raise TypeError(f"bn must be a torch.nn BatchNorm module, got {type(bn).__name__}")
     if bn.num_features != conv.out_channels:
@@ -51,18 +55,25 @@ def _check_pair(conv, bn):
         )
 
 
-def conv_bn_act(conv, bn, x, residual=None, relu=True):
-    """[relu](bn(conv(x)) [+ residual]) on fused fastnets kernels, for a torch.nn.Conv2d `conv` and a
-    BatchNorm2d `bn` (any module subclassing them; their parameters and buffers are used as they are).
+def conv_bn_act(conv, bn, x, residual=None, relu=True, act=None):
+    """act(bn(conv(x)) [+ residual]) on fused fastnets kernels, for a torch.nn.Conv2d `conv` and a
+    BatchNorm2d `bn` (any module subclassing them; their parameters and buffers are used as they are), or
+    act(conv(x) [+ residual]) when bn is None. `act`: any activation of fastnets.activations (wins over
+    `relu`; without it relu=True means relu).
 
     Training (bn.training): the convolution produces the batch statistics in its epilogue, the fused BN
     kernel normalizes, adds and applies ReLU; running statistics are updated as torch updates them.
     Eval: the BatchNorm is folded into the convolution's epilogue (weights are not modified; gradients
     still flow to x, conv.weight, bn.weight, bn.bias and the residual)."""
     _check_pair(conv, bn)
+    act = activations.resolve(act, relu)
     padding = _fastnets_padding(conv)
+    if bn is None:
+        if padding is None:  # grouped, non-zero padding modes: torch's convolution, fastnets' epilogue
+            return _torch_epilogue(conv(x), residual, act)
+        return conv2d(x, conv.weight, conv.bias, conv.stride, padding, conv.dilation, residual=residual, act=act)
     if padding is None:
-        return bn_act(bn, conv(x), residual=residual, relu=relu)
+        return bn_act(bn, conv(x), residual=residual, act=act)
     running_mean, running_var, use_batch_stats, factor = batch_stats_args(bn)
     return conv2d_batch_norm(
         x, conv.weight, conv.bias, running_mean, running_var, bn.weight, bn.bias,
@@ -73,8 +84,14 @@ def conv_bn_act(conv, bn, x, residual=None, relu=True):
         padding=padding,
         dilation=conv.dilation,
         residual=residual,
-        relu=relu,
+        act=act,
     )
+
+
+def _torch_epilogue(y, residual, act):
+    if residual is not None:
+        y = y + residual
+    return activations.forward(y, *act)
 
 
 class ConvBNReLU2d(nn.Module):

@@ -1,14 +1,19 @@
-"""2-D convolution (groups=1) with a fused epilogue, and Conv -> BatchNorm -> [add] -> [ReLU], as torch.library
-ops with autograd.
+"""2-D convolution with a fused epilogue, and Conv -> BatchNorm -> [add] -> [activation], as torch.library
+ops with autograd (the ops: groups=1; the `conv2d` wrapper takes everything F.conv2d takes and runs grouped
+convolutions through F.conv2d).
 
-  conv2d:        y = [relu]((conv(x, W) [+ bias]) [* scale] [+ shift] [+ residual])
+  conv2d:        (y, pre): y = act((conv(x, W) [+ bias]) [* scale] [+ shift] [+ residual]), act any activation
+                 of fastnets.activations; `pre` is the pre-activation, written by the same epilogue only for
+                 activations whose backward needs it (not identity or relu, whose mask comes from y), else
+                 an empty tensor. Saving it costs one write and one read; recomputing it would be a second
+                 convolution.
                  With scale/shift a BatchNorm folded from its running statistics this is the whole eval-mode
                  Conv->BN->[add]->ReLU block in one convolution; W itself is never changed, so gradients with
                  respect to x, W, the BN affine parameters and the residual are exact (frozen-BN fine-tuning).
   conv2d_stats:  (z, mean, var) with z = conv(x, W) [+ bias] and the per-output-channel batch mean and biased
                  variance of z, accumulated in the convolution's epilogue (per-tile mean and M2 merged with
                  Chan's formula), so the BatchNorm statistics pass disappears in training.
-  bn_apply_train: [relu](batch_norm(z; mean, var) [+ residual]) with the training-mode BatchNorm backward
+  bn_apply_train: act(batch_norm(z; mean, var) [+ residual]) with the training-mode BatchNorm backward
                  (fastnets::batch_norm_backward), the normalize pass of the fused BN family.
 
 Ops (namespace `fastnets`): conv2d, conv2d_stats, conv2d_backward, bn_apply_train. Each takes a trailing
@@ -21,10 +26,12 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from .. import _checks, backends
+import torch.nn.functional as F
+
+from .. import _checks, activations, backends
 from ..backends import current_backend
 from ..reference.batch_norm import acc_dtype
-from .batch_norm import fold_scale_shift, update_running_stats
+from .batch_norm import fold_scale_shift, save_for_act, update_running_stats
 from ._registry import kernels, register_family
 
 # `auto` on a GPU is the measured hybrid (Triton or cuDNN per shape, see _conv_kernels); the registry's
@@ -104,19 +111,24 @@ def _nothing(x):
 @torch.library.custom_op("fastnets::conv2d", mutates_args=())
 def conv2d_op(
     x: Tensor, weight: Tensor, bias: Optional[Tensor], scale: Optional[Tensor], shift: Optional[Tensor],
-    residual: Optional[Tensor], stride: List[int], padding: List[int], dilation: List[int], relu: bool,
-    backend: str,
-) -> Tensor:
+    residual: Optional[Tensor], stride: List[int], padding: List[int], dilation: List[int], act: str,
+    act_param: float, backend: str,
+) -> Tuple[Tensor, Tensor]:
     k = _conv_kernels(backend, x.device)
     x, _ = _checks.dense_layout(x)
-    out = _new_out(x, _out_shape(x, weight, stride, padding, dilation))
+    shape = _out_shape(x, weight, stride, padding, dilation)
+    out = _new_out(x, shape)
+    pre = _new_out(x, shape) if act not in activations.FROM_OUTPUT else None
     res = None if residual is None else _checks.match_layout(residual, out)
-    return k.forward(x, weight, bias, scale, shift, res, stride, padding, dilation, relu, out)
+    y = k.forward(x, weight, bias, scale, shift, res, stride, padding, dilation, activations.code(act), out,
+                  act_param=act_param, pre=pre)
+    return y, (_nothing(x) if pre is None else pre)
 
 
 @conv2d_op.register_fake
-def _(x, weight, bias, scale, shift, residual, stride, padding, dilation, relu, backend):
-    return _empty(x, _out_shape(x, weight, stride, padding, dilation))
+def _(x, weight, bias, scale, shift, residual, stride, padding, dilation, act, act_param, backend):
+    shape = _out_shape(x, weight, stride, padding, dilation)
+    return _empty(x, shape), (x.new_empty(0) if act in activations.FROM_OUTPUT else _empty(x, shape))
 
 
 @torch.library.custom_op("fastnets::conv2d_stats", mutates_args=())
@@ -140,12 +152,13 @@ def _(x, weight, bias, stride, padding, dilation, backend):
 @torch.library.custom_op("fastnets::conv2d_backward", mutates_args=())
 def conv2d_backward(
     grad_y: Tensor, x: Tensor, weight: Tensor, y: Optional[Tensor], bias: Optional[Tensor],
-    scale: Optional[Tensor], stride: List[int], padding: List[int], dilation: List[int], relu: bool,
-    need_x: bool, need_weight: bool, need_bias: bool, need_scale: bool, need_shift: bool,
+    scale: Optional[Tensor], stride: List[int], padding: List[int], dilation: List[int], act: str,
+    act_param: float, need_x: bool, need_weight: bool, need_bias: bool, need_scale: bool, need_shift: bool,
     need_residual: bool, backend: str,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Gradients of conv2d. With g = dy masked by y > 0 (when relu):
-      grad_residual = g (returned only when relu masks it), grad_shift = sum g,
+    """Gradients of conv2d. `y` is the forward output for relu and the pre-activation for the activations
+    that need it (unused for identity). With g = dy * act'(.) (relu: dy masked where y <= 0):
+      grad_residual = g (returned only when there is an activation), grad_shift = sum g,
       dW_g = wgrad(x, g); grad_weight = dW_g * scale; grad_scale = sum_k W * dW_g + bias * sum g,
       grad_bias = scale * sum g, grad_x = dgrad(g, W * scale)
     so the scale is applied to the (small) weight, never to a full-size activation. Per-channel gradients
@@ -154,8 +167,10 @@ def conv2d_backward(
     x, cl = _checks.dense_layout(x)
     acc = acc_dtype(x)
     g = _dense(grad_y, cl)
-    if relu:
-        g = torch.where(_dense(y, cl) > 0, g, torch.zeros((), dtype=g.dtype, device=g.device))
+    if act == "relu":  # threshold_backward, as torch's relu: 0 where y <= 0
+        g = torch.ops.aten.threshold_backward(g, _dense(y, cl), 0)
+    elif act != "identity":
+        g = activations.backward(g.to(acc), _dense(y, cl).to(acc), None, act, act_param).to(grad_y.dtype)
     grad_x = grad_w = grad_b = grad_scale = grad_shift = grad_res = None
     sum_g = None
     if need_shift or need_bias or (need_scale and bias is not None):
@@ -176,13 +191,13 @@ def conv2d_backward(
     if need_x:
         w = weight if scale is None else (weight.to(acc) * scale.to(acc).view(-1, 1, 1, 1)).to(weight.dtype)
         grad_x = k.grad_input(g, w, _new_out(x, tuple(x.shape)), stride, padding, dilation)
-    if relu and need_residual:
+    if act != "identity" and need_residual:
         grad_res = _exact(g, x)
     return tuple(_nothing(x) if t is None else t for t in (grad_x, grad_w, grad_b, grad_scale, grad_shift, grad_res))
 
 
 @conv2d_backward.register_fake
-def _(grad_y, x, weight, y, bias, scale, stride, padding, dilation, relu, need_x, need_weight, need_bias,
+def _(grad_y, x, weight, y, bias, scale, stride, padding, dilation, act, act_param, need_x, need_weight, need_bias,
       need_scale, need_shift, need_residual, backend):
     c = weight.shape[0]
     acc = acc_dtype(x)
@@ -193,27 +208,31 @@ def _(grad_y, x, weight, y, bias, scale, stride, padding, dilation, relu, need_x
         vec(need_bias),
         vec(need_scale),
         vec(need_shift),
-        _empty(x, tuple(grad_y.shape)) if (relu and need_residual) else x.new_empty(0),
+        _empty(x, tuple(grad_y.shape)) if (act != "identity" and need_residual) else x.new_empty(0),
     )
 
 
 def _conv_setup(ctx, inputs, output):
-    x, weight, bias, scale, shift, residual, stride, padding, dilation, relu, backend = inputs
-    ctx.conf = (stride, padding, dilation, relu, backend)
+    x, weight, bias, scale, shift, residual, stride, padding, dilation, act, act_param, backend = inputs
+    y, pre = output
+    ctx.conf = (stride, padding, dilation, act, act_param, backend)
     ctx.dtypes = tuple(None if t is None else t.dtype for t in (bias, scale, shift))
-    ctx.save_for_backward(x, weight, output if relu else None, bias, scale)
+    saved = y if act == "relu" else (None if act == "identity" else pre)
+    ctx.save_for_backward(x, weight, saved, bias, scale)
+    ctx.mark_non_differentiable(pre)
 
 
 def _cast(t, dtype):
     return None if t is None else t.to(dtype)
 
 
-def _conv_bwd(ctx, grad_y):
+def _conv_bwd(ctx, grad_y, grad_pre):
     x, weight, y, bias, scale = ctx.saved_tensors
-    stride, padding, dilation, relu, backend = ctx.conf
+    stride, padding, dilation, act, act_param, backend = ctx.conf
     nx, nw, nb, nsc, nsh, nres = ctx.needs_input_grad[:6]
     gx, gw, gb, gsc, gsh, gres = torch.ops.fastnets.conv2d_backward(
-        grad_y, x, weight, y, bias, scale, stride, padding, dilation, relu, nx, nw, nb, nsc, nsh, nres, backend
+        grad_y, x, weight, y, bias, scale, stride, padding, dilation, act, act_param, nx, nw, nb, nsc, nsh, nres,
+        backend,
     )
     db, dsc, dsh = ctx.dtypes
     return (
@@ -222,8 +241,8 @@ def _conv_bwd(ctx, grad_y):
         _cast(gb, db) if nb else None,
         _cast(gsc, dsc) if nsc else None,
         _cast(gsh, dsh) if nsh else None,
-        (gres if relu else grad_y) if nres else None,
-        None, None, None, None, None,
+        (grad_y if act == "identity" else gres) if nres else None,
+        None, None, None, None, None, None,
     )
 
 
@@ -245,8 +264,8 @@ def _stats_bwd(ctx, grad_y, grad_mean, grad_var):
     stride, padding, dilation, backend = ctx.conf
     nx, nw, nb = ctx.needs_input_grad[:3]
     gx, gw, gb, _, _, _ = torch.ops.fastnets.conv2d_backward(
-        grad_y, x, weight, None, None, None, stride, padding, dilation, False, nx, nw, nb, False, False, False,
-        backend,
+        grad_y, x, weight, None, None, None, stride, padding, dilation, "identity", 0.0, nx, nw, nb, False, False,
+        False, backend,
     )
     return gx if nx else None, gw if nw else None, _cast(gb, ctx.bias_dtype) if nb else None, None, None, None, None
 
@@ -260,37 +279,38 @@ conv2d_stats.register_autograd(_stats_bwd, setup_context=_stats_setup)
 @torch.library.custom_op("fastnets::bn_apply_train", mutates_args=())
 def bn_apply_train(
     z: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], residual: Optional[Tensor], mean: Tensor,
-    invstd: Tensor, relu: bool, backend: str,
+    invstd: Tensor, act: str, act_param: float, backend: str,
 ) -> Tensor:
-    """[relu]((z - mean) * invstd * weight + bias [+ residual]) with batch statistics computed elsewhere
+    """act((z - mean) * invstd * weight + bias [+ residual]) with batch statistics computed elsewhere
     (conv2d_stats); its backward is BatchNorm's training-mode backward."""
     k = kernels("batch_norm", backend, z.device)
     z, cl = _checks.dense_layout(z)
     scale, shift = fold_scale_shift(weight, bias, mean, invstd)
     res = None if residual is None else _checks.match_layout(residual, z)
-    return _checks.match_layout(k.apply(z, scale, shift, res, relu, cl), z)
+    return _checks.match_layout(k.apply(z, scale, shift, res, activations.code(act), cl, act_param), z)
 
 
 @bn_apply_train.register_fake
-def _(z, weight, bias, residual, mean, invstd, relu, backend):
+def _(z, weight, bias, residual, mean, invstd, act, act_param, backend):
     return torch.empty_like(z)
 
 
 def _bn_setup(ctx, inputs, output):
-    z, weight, bias, residual, mean, invstd, relu, backend = inputs
-    ctx.relu, ctx.backend = relu, backend
-    ctx.save_for_backward(z, output if relu else None, weight, mean, invstd)
+    z, weight, bias, residual, mean, invstd, act, act_param, backend = inputs
+    ctx.act, ctx.act_param, ctx.backend = act, act_param, backend
+    save_for_act(ctx, z, output, residual, weight, bias, act, mean, invstd)
 
 
 def _bn_bwd(ctx, grad_out):
-    z, out, weight, mean, invstd = ctx.saved_tensors
+    z, out, residual, weight, bias, mean, invstd = ctx.saved_tensors
     nz, nw, nb, nres = ctx.needs_input_grad[:4]
     gz, gw, gb, gres = torch.ops.fastnets.batch_norm_backward(
-        grad_out, z, out, weight, mean, invstd, ctx.relu, True, nz, nw or nb, nres, ctx.backend,
+        grad_out, z, out, residual, weight, bias, mean, invstd, ctx.act, ctx.act_param, True, nz, nw or nb, nres,
+        ctx.backend,
     )
-    if nres and not ctx.relu:
+    if nres and ctx.act == "identity":
         gres = grad_out
-    return gz if nz else None, gw if nw else None, gb if nb else None, gres if nres else None, None, None, None, None
+    return (gz if nz else None, gw if nw else None, gb if nb else None, gres if nres else None) + (None,) * 5
 
 
 bn_apply_train.register_autograd(_bn_bwd, setup_context=_bn_setup)
@@ -359,6 +379,61 @@ def _args(input, stride, padding, dilation):
     return stride, padding, dilation
 
 
+def _string_padding(padding, weight, stride, dilation):
+    """F.conv2d's padding='valid' / 'same' as (symmetric padding, extra (right, bottom) padding): 'same'
+    with an odd total pads the extra row/column at the end, as torch does."""
+    if padding == "valid":
+        return [0, 0], (0, 0)
+    if padding != "same":
+        raise ValueError(f"padding must be 'valid', 'same', an int or a pair of ints, got {padding!r}")
+    if any(s != 1 for s in stride):
+        raise ValueError(f"padding='same' is not supported for strided convolutions (stride={tuple(stride)})")
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 4:
+        raise ValueError("padding='same' needs a 4-D weight to size the padding")
+    total = [dilation[i] * (weight.shape[2 + i] - 1) for i in range(2)]
+    return [t // 2 for t in total], (total[1] - total[1] // 2 * 2, total[0] - total[0] // 2 * 2)
+
+
+def _check_groups(groups, input, weight):
+    if isinstance(groups, bool) or not isinstance(groups, int):
+        raise TypeError(f"groups must be an int, got {type(groups).__name__}")
+    if groups < 1:
+        raise ValueError(f"groups must be >= 1, got {groups}")
+    _checks.check_float(input, "input")
+    _checks.check_float(weight, "weight")
+    _checks.check_ndim(weight, "weight", (4,))
+    if input.dim() not in (3, 4):
+        raise ValueError(f"input must be 3-D (unbatched) or 4-D, got a {input.dim()}-D tensor of shape "
+                         f"{tuple(input.shape)}")
+    if weight.shape[0] % groups:
+        raise ValueError(f"groups={groups} must divide weight's out_channels ({weight.shape[0]}, weight shape "
+                         f"{tuple(weight.shape)})")
+    cin = input.shape[-3]
+    if cin != weight.shape[1] * groups:
+        raise ValueError(
+            f"input has {cin} channels (shape {tuple(input.shape)}) but weight of shape {tuple(weight.shape)} "
+            f"with groups={groups} expects {weight.shape[1] * groups}"
+        )
+
+
+def _grouped(input, weight, bias, stride, padding, dilation, groups, scale, shift, residual, act, act_param):
+    """What the fastnets convolution cannot run (groups > 1): F.conv2d (cuDNN on a GPU), then the epilogue
+    in torch ops, so that autograd and torch's semantics are torch's own."""
+    y = F.conv2d(input, weight, bias, tuple(stride), tuple(padding), tuple(dilation), groups)
+    if scale is None and shift is None and residual is None and act == "identity":
+        return y
+    acc = acc_dtype(y)
+    v = y.to(acc)
+    view = [-1, 1, 1] if y.dim() == 3 else [1, -1, 1, 1]
+    if scale is not None:
+        v = v * scale.to(acc).view(view)
+    if shift is not None:
+        v = v + shift.to(acc).view(view)
+    if residual is not None:
+        v = v + residual.to(acc)
+    return activations.forward(v, act, act_param).to(y.dtype)
+
+
 def _autocast(input, weight, bias, residual):
     """Under torch.autocast, cast as F.conv2d's autocast rule does (custom ops get no autocast of their own):
     floating tensors other than float64 go to the autocast dtype; BatchNorm's scale and shift stay fp32."""
@@ -380,29 +455,48 @@ def _unbatched(input, residual):
 
 
 def conv2d(
-    input, weight, bias=None, stride=1, padding=0, dilation=1, scale=None, shift=None, residual=None,
-    relu=False, backend=None,
+    input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, scale=None, shift=None, residual=None,
+    relu=False, backend=None, act=None,
 ):
-    """torch.nn.functional.conv2d (groups=1, symmetric zero padding) with a fused epilogue:
-    y = [relu]((conv(input, weight) [+ bias]) [* scale] [+ shift] [+ residual]). scale/shift are per output
-    channel (any float dtype; float32 is usual). A 3-D input is treated as one unbatched image, as torch does."""
+    """torch.nn.functional.conv2d (same arguments: string padding 'valid'/'same', groups, a 3-D unbatched
+    input) with a fused epilogue: y = act((conv(input, weight) [+ bias]) [* scale] [+ shift] [+ residual]).
+    scale/shift are per output channel (any float dtype; float32 is usual); `act` is any activation of
+    fastnets.activations (it wins over `relu`). groups > 1 runs F.conv2d (cuDNN on a GPU) with the epilogue
+    in torch ops; everything else runs fastnets' convolution."""
+    act, act_param = activations.resolve(act, relu)
     backend = current_backend() if backend is None else backend
-    stride, padding, dilation = _args(input, stride, padding, dilation)
+    _check_groups(groups, input, weight)
+    stride = _pair(stride, "stride", 1)
+    dilation = _pair(dilation, "dilation", 1)
+    extra = (0, 0)
+    if isinstance(padding, str):
+        padding, extra = _string_padding(padding, weight, stride, dilation)
+    else:
+        padding = _pair(padding, "padding", 0)
+    if any(extra):  # 'same' with an odd total: the extra row/column at the end, as torch
+        input = F.pad(input, (0, extra[0], 0, extra[1]))
+    if groups != 1:
+        input, weight, bias, residual = _autocast(input, weight, bias, residual)
+        return _grouped(input, weight, bias, stride, padding, dilation, groups, scale, shift, residual, act, act_param)
     input, residual, unbatched = _unbatched(input, residual)
     input, weight, bias, residual = _autocast(input, weight, bias, residual)
     _validate(input, weight, bias, stride, padding, dilation, residual, scale, shift)
-    y = torch.ops.fastnets.conv2d(input, weight, bias, scale, shift, residual, stride, padding, dilation, bool(relu), backend)
+    y, _ = torch.ops.fastnets.conv2d(
+        input, weight, bias, scale, shift, residual, stride, padding, dilation, act, act_param, backend
+    )
     return y.squeeze(0) if unbatched else y
 
 
 def conv2d_batch_norm(
     input, weight, bias, running_mean, running_var, bn_weight=None, bn_bias=None, training=False, momentum=0.1,
-    eps=1e-5, stride=1, padding=0, dilation=1, residual=None, relu=True, backend=None,
+    eps=1e-5, stride=1, padding=0, dilation=1, residual=None, relu=True, backend=None, act=None,
 ):
-    """[relu](batch_norm(conv2d(input, weight, bias)) [+ residual]), with batch_norm following
+    """act(batch_norm(conv2d(input, weight, bias)) [+ residual]) (act: fastnets.activations; it wins over
+    `relu`), with batch_norm following
     torch.nn.functional.batch_norm's contract (running statistics, when given, updated in place in training
     as torch does). Training: the convolution's epilogue produces the batch statistics and the fused BN
-    kernel normalizes (+residual, +ReLU). Eval: the BatchNorm is folded into the convolution's epilogue."""
+    kernel normalizes (+residual, +activation). Eval: the BatchNorm is folded into the convolution's epilogue."""
+    act, act_param = activations.resolve(act, relu)
     backend = current_backend() if backend is None else backend
     stride, padding, dilation = _args(input, stride, padding, dilation)
     input, residual, unbatched = _unbatched(input, residual)
@@ -422,13 +516,13 @@ def conv2d_batch_norm(
         invstd = torch.rsqrt(var + eps)
         if running_mean is not None or running_var is not None:
             update_running_stats(running_mean, running_var, mean, var, momentum, count)
-        y = torch.ops.fastnets.bn_apply_train(z, bn_weight, bn_bias, residual, mean, invstd, bool(relu), backend)
+        y = torch.ops.fastnets.bn_apply_train(z, bn_weight, bn_bias, residual, mean, invstd, act, act_param, backend)
     else:
         if running_mean is None or running_var is None:
             raise ValueError("running_mean and running_var are required when training=False")
         acc = acc_dtype(input)
         scale, shift = fold_scale_shift(bn_weight, bn_bias, running_mean.to(acc), torch.rsqrt(running_var.to(acc) + eps))
-        y = torch.ops.fastnets.conv2d(
-            input, weight, bias, scale, shift, residual, stride, padding, dilation, bool(relu), backend
+        y, _ = torch.ops.fastnets.conv2d(
+            input, weight, bias, scale, shift, residual, stride, padding, dilation, act, act_param, backend
         )
     return y.squeeze(0) if unbatched else y

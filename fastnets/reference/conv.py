@@ -4,9 +4,10 @@ This is the CPU path, the test oracle and, on a GPU, the cuDNN half of the hybri
 implements the same primitives (see fastnets/ops/conv.py for how they compose); 2-D convolution, groups=1,
 symmetric zero padding:
 
-  forward(x, w, bias, scale, shift, residual, stride, padding, dilation, relu, out)
-        -> y = [relu]((conv(x, w) [+ bias]) [* scale] [+ shift] [+ residual]): `out`, or a tensor with
-           out's strides
+  forward(x, w, bias, scale, shift, residual, stride, padding, dilation, act, out, act_param=0.0, pre=None)
+        -> y = act((conv(x, w) [+ bias]) [* scale] [+ shift] [+ residual]): `out`, or a tensor with
+           out's strides; act is an activation code of fastnets/activations.py (a legacy bool: relu or
+           identity); `pre`, when given (out's strides), receives the pre-activation
   forward_stats(x, w, bias, stride, padding, dilation, out)
         -> (z, mean, var): z = conv(x, w) [+ bias] (`out`, or a tensor with out's strides) and its per
            output channel mean and biased variance
@@ -19,6 +20,7 @@ Per-channel vectors (bias, scale, shift, mean, var) are in the accumulation dtyp
 import torch
 import torch.nn.functional as F
 
+from .. import activations
 from .batch_norm import acc_dtype
 
 
@@ -30,10 +32,13 @@ def _conv(x, w, stride, padding, dilation):
     return F.conv2d(x, w.to(x.dtype), None, tuple(stride), tuple(padding), tuple(dilation), 1)
 
 
-def forward(x, w, bias, scale, shift, residual, stride, padding, dilation, relu, out):
+def forward(x, w, bias, scale, shift, residual, stride, padding, dilation, relu, out, act_param=0.0, pre=None):
     z = _conv(x, w, stride, padding, dilation)
-    if bias is None and scale is None and shift is None and residual is None and not relu:
+    act = activations.code(relu)
+    if bias is None and scale is None and shift is None and residual is None and act == 0:
         out.copy_(z)
+        if pre is not None:
+            pre.copy_(z)
         return out
     acc = acc_dtype(x)
     v = z.to(acc)
@@ -45,9 +50,9 @@ def forward(x, w, bias, scale, shift, residual, stride, padding, dilation, relu,
         v = v + _per_channel(shift.to(acc))
     if residual is not None:
         v = v + residual.to(acc)
-    if relu:
-        v = torch.relu(v)
-    out.copy_(v)
+    if pre is not None:
+        pre.copy_(v)
+    out.copy_(activations.forward(v, act, act_param))
     return out
 
 

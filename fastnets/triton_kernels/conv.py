@@ -27,7 +27,9 @@ import triton
 import triton.language as tl
 
 from .. import _checks
+from ..activations import code
 from ..reference.batch_norm import acc_dtype
+from .activations import act_fwd
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _INTERP_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 4}
@@ -66,15 +68,15 @@ def _tile_ids(M, NCOLS, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: t
 
 @triton.jit
 def _conv_fwd_kernel(
-    x_ptr, w_ptr, y_ptr, bias_ptr, scale_ptr, shift_ptr, res_ptr, pmean_ptr, pm2_ptr,
-    M, C, H, W, Cout, OH, OW,
+    x_ptr, w_ptr, y_ptr, bias_ptr, scale_ptr, shift_ptr, res_ptr, pmean_ptr, pm2_ptr, pre_ptr,
+    M, C, H, W, Cout, OH, OW, act_param,
     sxn, sxc, sxh, sxw,
     swk, swc, swh, sww,
     syn, syc, syh, syw,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
     KH: tl.constexpr, KW: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_RES: tl.constexpr,
-    RELU: tl.constexpr, STATS: tl.constexpr, FLAT: tl.constexpr,
+    ACT: tl.constexpr, SAVE_PRE: tl.constexpr, STATS: tl.constexpr, FLAT: tl.constexpr,
     UPCAST: tl.constexpr, FP64: tl.constexpr, PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -176,8 +178,9 @@ def _conv_fwd_kernel(
     mask = mask_m[:, None] & mask_n[None, :]
     if HAS_RES:
         v += tl.load(res_ptr + y_off, mask=mask, other=0.0).to(v.dtype)
-    if RELU:
-        v = tl.maximum(v, 0.0)
+    if SAVE_PRE:  # the pre-activation, for the backward of activations other than identity/relu
+        tl.store(pre_ptr + y_off, v.to(pre_ptr.dtype.element_ty), mask=mask)
+    v = act_fwd(v, ACT, act_param)
     tl.store(y_ptr + y_off, v.to(y_ptr.dtype.element_ty), mask=mask)
 
 
@@ -458,9 +461,11 @@ def _packed_weight(w, dtype):
     return w.to(dtype).permute(2, 3, 1, 0).contiguous()
 
 
-def _run_fwd(x, x_strides, wp, y, y_strides, dims, conv, bias, scale, shift, residual, relu, stats):
+def _run_fwd(x, x_strides, wp, y, y_strides, dims, conv, bias, scale, shift, residual, relu, stats, act_param=0.0,
+             pre=None):
     """Forward launch on explicit strides. dims = (N, C, H, W, Cout, OH, OW, KH, KW); wp is (KH, KW, C, Cout)
-    contiguous; conv = (stride_h, stride_w, pad_h, pad_w, dil_h, dil_w)."""
+    contiguous; conv = (stride_h, stride_w, pad_h, pad_w, dil_h, dil_w). `relu` is the activation code (a
+    legacy bool means relu/identity); `pre`, when given, receives the pre-activation (y's strides)."""
     n, c, h, w, cout, oh, ow, kh, kw = dims
     m = n * oh * ow
     pmean = pm2 = None
@@ -476,10 +481,12 @@ def _run_fwd(x, x_strides, wp, y, y_strides, dims, conv, bias, scale, shift, res
         x, wp, y,
         dummy if bias is None else bias, dummy if scale is None else scale, dummy if shift is None else shift,
         dummy if residual is None else residual, dummy if pmean is None else pmean, dummy if pm2 is None else pm2,
-        m, c, h, w, cout, oh, ow,
+        dummy if pre is None else pre,
+        m, c, h, w, cout, oh, ow, float(act_param),
         *x_strides, 1, cout, kw * c * cout, c * cout, *y_strides, *conv,
         KH=kh, KW=kw, HAS_BIAS=bias is not None, HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None,
-        HAS_RES=residual is not None, RELU=bool(relu), STATS=bool(stats), FLAT=c < 16 and kh * kw > 1,
+        HAS_RES=residual is not None, ACT=code(relu), SAVE_PRE=pre is not None, STATS=bool(stats),
+        FLAT=c < 16 and kh * kw > 1,
         **_math_flags(x),
     )
     if not stats:
@@ -495,13 +502,16 @@ def _run_fwd(x, x_strides, wp, y, y_strides, dims, conv, bias, scale, shift, res
     return mean, var
 
 
-def forward(x, w, bias, scale, shift, residual, stride, padding, dilation, relu, out, stats=False):
+def forward(x, w, bias, scale, shift, residual, stride, padding, dilation, relu, out, stats=False, act_param=0.0,
+            pre=None):
     n, c, h, wd = x.shape
     cout, _, kh, kw = w.shape
     oh, ow = out.shape[2:]
+    if pre is not None:
+        assert pre.stride() == out.stride()
     return_stats = _run_fwd(
         x, x.stride(), _packed_weight(w, x.dtype), out, out.stride(), (n, c, h, wd, cout, oh, ow, kh, kw),
-        (*stride, *padding, *dilation), bias, scale, shift, residual, relu, stats,
+        (*stride, *padding, *dilation), bias, scale, shift, residual, relu, stats, act_param, pre,
     )
     return (out, return_stats) if stats else out
 

@@ -94,9 +94,12 @@ def choice(prim, x, w_shape, stride, padding, dilation, *flags):
     return choices.get(_key(prim, x, w_shape, stride, padding, dilation, *flags))
 
 
-def _cudnn_forward(x, w, bias, scale, shift, residual, stride, padding, dilation, relu, out):
+def _cudnn_forward(x, w, bias, scale, shift, residual, stride, padding, dilation, relu, out, act_param=0.0,
+                   pre=None):
     z = ref._conv(x, w, stride, padding, dilation)
     if bias is None and scale is None and shift is None and residual is None and not relu:
+        if pre is not None:
+            pre.copy_(z)
         return z if z.stride() == out.stride() else out.copy_(z)
     acc = acc_dtype(x)
     cout = w.shape[0]
@@ -106,16 +109,23 @@ def _cudnn_forward(x, w, bias, scale, shift, residual, stride, padding, dilation
         sh = sh + bias.to(acc) * sc
     z, cl = _checks.dense_layout(z)
     res = None if residual is None else _checks.match_layout(residual, z)
-    y = _bn_kernels(x.device).apply(z, sc, sh, res, relu, cl)
+    bn = _bn_kernels(x.device)
+    if pre is not None:  # the pre-activation is an output of its own: one pass for it, one for the activation
+        v = bn.apply(z, sc, sh, res, 0, cl)
+        pre.copy_(v)
+        y = bn.apply(v, torch.ones_like(sc), torch.zeros_like(sh), None, relu, cl, act_param)
+    else:
+        y = bn.apply(z, sc, sh, res, relu, cl, act_param)
     return y if y.stride() == out.stride() else out.copy_(y)
 
 
-def forward(x, w, bias, scale, shift, residual, stride, padding, dilation, relu, out):
+def forward(x, w, bias, scale, shift, residual, stride, padding, dilation, relu, out, act_param=0.0, pre=None):
     key = _key("fwd", x, w.shape, stride, padding, dilation,
-               bias is not None, scale is not None, shift is not None, residual is not None, relu)
+               bias is not None, scale is not None, shift is not None, residual is not None, relu != 0)
     args = (x, w, bias, scale, shift, residual, stride, padding, dilation, relu, out)
-    c = _choose(key, x.device, lambda: tri.forward(*args), lambda: _cudnn_forward(*args))
-    return tri.forward(*args) if c == "triton" else _cudnn_forward(*args)
+    kw = dict(act_param=act_param, pre=pre)
+    c = _choose(key, x.device, lambda: tri.forward(*args, **kw), lambda: _cudnn_forward(*args, **kw))
+    return tri.forward(*args, **kw) if c == "triton" else _cudnn_forward(*args, **kw)
 
 
 def _cudnn_stats(x, w, bias, stride, padding, dilation, out):

@@ -394,6 +394,37 @@ def test_a_rank_that_never_joins_times_out():
     assert "timed out" in out.lower() or "timeout" in out.lower(), out
 
 
+def scenario_compile(rank, world_size, extra):
+    """torch.compile (not fullgraph) of a fused SyncBN in training at 2 ranks: the collective path is a
+    graph break and gives eager's numbers."""
+    m = SyncBatchNormReLU2d(4).double()
+    _randomize(m, 3)
+    ref = copy.deepcopy(m)
+    f = torch.compile(m, backend="aot_eager")
+    sizes = [3, 5]
+    for step in range(2):
+        full, res = _global_batch((8, 4, 3, 3), step), _global_batch((8, 4, 3, 3), 10 + step)
+        x, r = _split(full, sizes, rank), _split(res, sizes, rank)
+        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+        ya, yb = f(xa, r), ref(xb, r)
+        ya.square().sum().backward()
+        yb.square().sum().backward()
+        assert_rel(ya, yb, msg=f"compiled step {step}")
+        assert_rel(xa.grad, xb.grad, msg=f"compiled grad step {step}")
+    assert_rel(m.running_var, ref.running_var)
+    return "ok"
+
+
+SCENARIOS["compile"] = scenario_compile
+
+
+@pytest.mark.skipif(os.environ.get("FASTNETS_DIST_COMPILE") != "1",
+                    reason="about a minute on a 2-core machine; FASTNETS_DIST_COMPILE=1 runs it")
+@pytest.mark.timeout(SPAWN_DEADLINE + 30)
+def test_compile_two_ranks_training_matches_eager():
+    expect_ok(run_group("compile", 2), 2)
+
+
 # ---------------------------------------------------------------- NCCL (GPUs only)
 NGPU = torch.cuda.device_count() if torch.cuda.is_available() else 0
 

@@ -21,7 +21,8 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from conftest import assert_rel
-from fastnets.nn import BatchNorm2d, BatchNormReLU2d, SyncBatchNorm, SyncBatchNormReLU2d
+from fastnets.nn import (BatchNorm2d, BatchNormAct2d, BatchNormReLU2d, SyncBatchNorm, SyncBatchNormAct2d,
+                         SyncBatchNormReLU2d, bn_act, conv_bn_act)
 
 # The gloo groups start from one forkserver that imported torch, fastnets, this module and torch._dynamo
 # (which DDP and the compile-disabled collective path import on first use) once: a fresh interpreter per
@@ -124,7 +125,7 @@ def _all_sum(t):
 
 
 def _compare_step(name, ours, ref, sizes, rank, shape, seed, fused=False, channels_last=False,
-                  dtype=torch.float64, bound_dtype=None, steps=2):
+                  dtype=torch.float64, bound_dtype=None, steps=2, act=torch.relu):
     """`steps` training steps of `ours` on this rank's slice and of `ref` (torch, float64) on the whole
     batch: output, grad input (and residual), grad weight/bias (summed over ranks, as DDP would), running
     statistics and num_batches_tracked after every step."""
@@ -135,7 +136,7 @@ def _compare_step(name, ours, ref, sizes, rank, shape, seed, fused=False, channe
         grad_out = _global_batch(full.shape, seed + 200 + step, mean=0.5)
         x_ref = full.clone().requires_grad_()
         res_ref = full_res.clone().requires_grad_() if fused else None
-        y_ref = ref(x_ref) if not fused else torch.relu(ref(x_ref) + res_ref)
+        y_ref = ref(x_ref) if not fused else act(ref(x_ref) + res_ref)
         y_ref.backward(grad_out)
 
         x = _split(full, sizes, rank).to(dtype)
@@ -172,10 +173,11 @@ def _compare_step(name, ours, ref, sizes, rank, shape, seed, fused=False, channe
             assert ours.running_mean is None and ours.running_var is None, tag
 
 
-def _pair(ctor_kwargs, channels, seed, ours_cls=SyncBatchNorm, ref_cls=nn.BatchNorm2d, param_dtype=torch.float64):
+def _pair(ctor_kwargs, channels, seed, ours_cls=SyncBatchNorm, ref_cls=nn.BatchNorm2d, param_dtype=torch.float64,
+          act=None):
     ref = ref_cls(channels, **ctor_kwargs).double()
     _randomize(ref, seed)
-    ours = ours_cls(channels, **ctor_kwargs).to(param_dtype)
+    ours = ours_cls(channels, **ctor_kwargs, **({} if act is None else {"act": act})).to(param_dtype)
     ours.load_state_dict(ref.state_dict())
     return ours, ref
 
@@ -206,6 +208,22 @@ def scenario_checks(rank, world_size, extra):
     for cl in (False, True):
         ours, ref = _pair({}, c, 7, ours_cls=SyncBatchNormReLU2d)
         _compare_step(f"fused cl={cl}", ours, ref, sizes, rank, (c, 3, 5), 70, fused=True, channels_last=cl)
+    # any fused activation: the ones that recompute their pre-activation in the backward
+    for act_arg, fn in (("silu", nn.functional.silu), (nn.LeakyReLU(0.2), lambda v: nn.functional.leaky_relu(v, 0.2))):
+        ours, ref = _pair({}, c, 14, ours_cls=SyncBatchNormAct2d, act=act_arg)
+        _compare_step(f"fused {act_arg}", ours, ref, sizes, rank, (c, 2, 3), 140, fused=True, act=fn,
+                      channels_last=True)
+    # the functional entry points the model zoo and fastnets.convert call: conv_bn_act and bn_act
+    conv = nn.Conv2d(3, c, 3, padding=1, bias=False).double()
+    ours, ref = _pair({}, c, 15)
+    ours2, ref2 = _pair({}, c, 16)
+    full = _global_batch((sum(sizes), 3, 5, 4), 150)
+    y = bn_act(ours2, conv_bn_act(conv, ours, _split(full, sizes, rank), relu=True), act="silu")
+    y_ref = nn.functional.silu(ref2(torch.relu(ref(conv(full)))))
+    if sizes[rank]:
+        assert_rel(y, _split(y_ref, sizes, rank), msg="conv_bn_act + bn_act")
+    for a, b in ((ours, ref), (ours2, ref2)):
+        assert_rel(a.running_var, b.running_var, msg="conv_bn_act + bn_act running_var")
     # fp32 and bf16 activations (AMP's layout: fp32 parameters and statistics) against float64 torch
     ours, ref = _pair({}, c, 8, param_dtype=torch.float32)
     _compare_step("fp32", ours, ref, sizes, rank, (c, 3, 3), 80, dtype=torch.float32)
@@ -518,13 +536,15 @@ def test_convert_sync_batchnorm_keeps_parameters_and_fusion():
     pg = object()  # any process-group handle is stored as given
     model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), BatchNorm2d(4, momentum=None),
                           nn.Sequential(BatchNormReLU2d(4, eps=1e-3)), nn.BatchNorm1d(4, affine=False),
-                          nn.SyncBatchNorm(4, track_running_stats=False), nn.InstanceNorm2d(4))
+                          nn.SyncBatchNorm(4, track_running_stats=False), nn.InstanceNorm2d(4),
+                          BatchNormAct2d(4, act=nn.LeakyReLU(0.3)))
     model[1].running_mean.fill_(2.0)
     params = {n: p for n, p in model.named_parameters()}
     out = SyncBatchNorm.convert_sync_batchnorm(model, pg)
-    kinds = [type(m) for m in (out[1], out[2], out[3][0], out[4], out[5], out[6])]
+    kinds = [type(m) for m in (out[1], out[2], out[3][0], out[4], out[5], out[6], out[7])]
     assert kinds == [SyncBatchNorm, SyncBatchNorm, SyncBatchNormReLU2d, SyncBatchNorm, SyncBatchNorm,
-                     nn.InstanceNorm2d]
+                     nn.InstanceNorm2d, SyncBatchNormAct2d]
+    assert (out[7].act_name, out[7].act_param) == ("leaky_relu", 0.3) and "act=leaky_relu(0.3)" in repr(out[7])
     assert all(m.process_group is pg for m in out.modules() if isinstance(m, SyncBatchNorm))
     assert out[2].momentum is None and out[3][0].eps == 1e-3 and out[4].weight is None
     assert out[5].running_mean is None and not out[5].track_running_stats
@@ -535,6 +555,7 @@ def test_convert_sync_batchnorm_keeps_parameters_and_fusion():
     assert type(single) is SyncBatchNorm and not single.training
     # asking for the fused class never fuses a plain BatchNorm
     assert type(SyncBatchNormReLU2d.convert_sync_batchnorm(nn.BatchNorm2d(3))) is SyncBatchNorm
+    assert type(SyncBatchNormAct2d.convert_sync_batchnorm(BatchNormReLU2d(3))) is SyncBatchNormReLU2d
 
 
 @pytest.mark.timeout(300)

@@ -72,8 +72,8 @@ def conv_bn_act(conv, bn, x, residual=None, relu=True, act=None):
         if padding is None:  # grouped, non-zero padding modes: torch's convolution, fastnets' epilogue
             return _torch_epilogue(conv(x), residual, act)
         return conv2d(x, conv.weight, conv.bias, conv.stride, padding, conv.dilation, residual=residual, act=act)
-    if padding is None:
-        return bn_act(bn, conv(x), residual=residual, act=act)
+    if padding is None or (getattr(bn, "sync_statistics", None) is not None and bn.sync_statistics()):
+        return bn_act(bn, conv(x), residual=residual, act=act)  # (SyncBatchNorm: statistics across ranks)
     running_mean, running_var, use_batch_stats, factor = batch_stats_args(bn)
     return conv2d_batch_norm(
         x, conv.weight, conv.bias, running_mean, running_var, bn.weight, bn.bias,

@@ -1,4 +1,5 @@
-"""Drop-in torch.nn.SyncBatchNorm on fastnets kernels, and SyncBatchNormReLU2d (SyncBN + add + ReLU fused).
+"""Drop-in torch.nn.SyncBatchNorm on fastnets kernels, and the fused SyncBatchNormReLU2d / SyncBatchNormAct2d
+(SyncBN + residual add + ReLU / any activation of fastnets.activations, in one pass each way).
 
 Same constructor (process_group included), attributes, state_dict keys and `convert_sync_batchnorm` as
 torch.nn.SyncBatchNorm. In training with more than one rank in the group, the statistics of the whole
@@ -15,9 +16,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .. import _checks
+from .. import _checks, activations
 from ..ops.sync_batch_norm import check_group_agrees, sync_batch_norm
-from .batch_norm import BatchNormReLU2d, bn_act
+from .batch_norm import BatchNormAct2d, BatchNormReLU2d, bn_act
 
 _BatchNorm = nn.modules.batchnorm._BatchNorm
 # torch added the `bias` keyword to the BatchNorm constructors recently; older ones get it emulated
@@ -77,8 +78,13 @@ class SyncBatchNorm(_BatchNorm):
             return False
         return dist.get_world_size(self.group()) > 1
 
-    def sync_forward(self, input, residual=None, relu=False):
-        """The cross-rank training forward (call when sync_statistics() is True)."""
+    def sync_forward(self, input, residual=None, relu=False, act=None):
+        """act(sync_batch_norm(input) [+ residual]) across ranks, for when sync_statistics() is True
+        (fastnets.nn.bn_act and conv_bn_act call it for a SyncBatchNorm `bn`)."""
+        self._check(input, residual)
+        return self._sync(input, residual, activations.resolve(act, relu))
+
+    def _sync(self, input, residual, act):
         if input.device.type not in _sync_devices():
             raise ValueError(f"SyncBatchNorm expected input tensor to be on GPU or XPU or "
                              f"{torch._C._get_privateuse1_backend_name()} or CPU")
@@ -95,34 +101,40 @@ class SyncBatchNorm(_BatchNorm):
         running_mean = self.running_mean if self.track_running_stats else None
         running_var = self.running_var if self.track_running_stats else None
         return sync_batch_norm(input, running_mean, running_var, self.weight, self.bias, factor, self.eps,
-                               group, world_size, residual=residual, relu=relu)
+                               group, world_size, residual=residual, act=act)
 
-    def _forward(self, input, residual, relu):
+    def _forward(self, input, residual, act):
         self._check(input, residual)
         if self.sync_statistics():
-            return self.sync_forward(input, residual=residual, relu=relu)
+            return self._sync(input, residual, act)
         if input.numel() == 0:  # torch's behaviour: an empty output in eval, its ValueError in training
             return _BatchNorm.forward(self, input)
-        return bn_act(self, input, residual=residual, relu=relu)
+        return bn_act(self, input, residual=residual, act=act)
 
     def forward(self, input):
-        return self._forward(input, None, False)
+        return self._forward(input, None, ("identity", 0.0))
 
     @classmethod
     def convert_sync_batchnorm(cls, module, process_group=None):
         """Every BatchNorm layer of `module` (torch's BatchNorm1d/2d/3d and SyncBatchNorm, fastnets'
         BatchNorm1d/2d, any _BatchNorm subclass) becomes a fastnets SyncBatchNorm sharing its parameters and
-        buffers; fastnets' fused BatchNormReLU2d becomes SyncBatchNormReLU2d (still fused). Returns
-        `module` converted in place, or the new layer when `module` itself is a BatchNorm (torch's contract)."""
+        buffers; the fused BatchNormReLU2d and BatchNormAct2d become SyncBatchNormReLU2d and SyncBatchNormAct2d
+        (same activation, still fused). Returns `module` converted in place, or the new layer when `module`
+        itself is a BatchNorm (torch's contract)."""
         module_output = module
         if isinstance(module, _BatchNorm) and not isinstance(module, nn.modules.lazy.LazyModuleMixin):
+            kw = {}
             if isinstance(module, (BatchNormReLU2d, SyncBatchNormReLU2d)):
-                target = cls if issubclass(cls, SyncBatchNormReLU2d) else SyncBatchNormReLU2d
+                target = SyncBatchNormReLU2d
+            elif isinstance(module, (BatchNormAct2d, SyncBatchNormAct2d)):
+                target, kw = SyncBatchNormAct2d, {"act": (module.act_name, module.act_param)}
             else:  # never turn a plain BatchNorm into a fused one
-                target = SyncBatchNorm if issubclass(cls, SyncBatchNormReLU2d) else cls
+                target = SyncBatchNorm
+            if issubclass(cls, target) and (target is not SyncBatchNorm or not issubclass(cls, _FUSED)):
+                target = cls  # a user's subclass of the target (never a fused class for a plain BatchNorm)
             module_output = target(
                 module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats,
-                process_group, bias=module.bias is not None,
+                process_group, bias=module.bias is not None, **kw,
             )
             if module.affine:
                 with torch.no_grad():
@@ -148,4 +160,30 @@ class SyncBatchNormReLU2d(SyncBatchNorm):
             raise ValueError(f"expected 4D input (got {input.dim()}D input)")
 
     def forward(self, input, residual=None):
-        return self._forward(input, residual, True)
+        return self._forward(input, residual, ("relu", 0.0))
+
+
+class SyncBatchNormAct2d(SyncBatchNorm):
+    """act(sync_batch_norm(x) [+ residual]) fused, for any activation of fastnets.activations (`act`: a
+    name, a (name, param) pair, an nn.Module or a torch function), as fastnets.nn.BatchNormAct2d;
+    state_dict of a BatchNorm2d."""
+
+    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True,
+                 process_group=None, act="relu", device=None, dtype=None, *, bias=True):
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, process_group, device, dtype,
+                         bias=bias)
+        self.act_name, self.act_param = activations.canonical(act, "act")
+
+    def _check_input_dim(self, input):
+        if input.dim() != 4:
+            raise ValueError(f"expected 4D input (got {input.dim()}D input)")
+
+    def forward(self, input, residual=None):
+        return self._forward(input, residual, (self.act_name, self.act_param))
+
+    def extra_repr(self):
+        act = self.act_name if self.act_name != "leaky_relu" else f"leaky_relu({self.act_param})"
+        return super().extra_repr() + f", act={act}"
+
+
+_FUSED = (SyncBatchNormReLU2d, SyncBatchNormAct2d)

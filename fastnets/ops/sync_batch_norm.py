@@ -1,6 +1,7 @@
-"""SyncBatchNorm (+ residual add + ReLU) across the ranks of a torch.distributed process group.
+"""SyncBatchNorm (+ residual add + activation) across the ranks of a torch.distributed process group.
 
-  y = [relu](batch_norm(x) [+ residual]), with the batch statistics of the whole group's batch.
+  y = act(batch_norm(x) [+ residual]), with the batch statistics of the whole group's batch; `act` is any
+  activation of fastnets/activations.py (identity, relu, silu, ...), fused as in the single-GPU op.
 
 Each rank's work runs on fastnets' single-GPU BatchNorm primitives through the backend registry (the
 `stats`, `apply`, `backward_reduce` and `backward_apply` of fastnets/reference/batch_norm.py: Triton or
@@ -18,7 +19,7 @@ exactly as torch.nn.SyncBatchNorm does (unbiased with the global count).
 import torch
 import torch.distributed as dist
 
-from .. import _checks
+from .. import _checks, activations
 from ..backends import current_backend
 from ..reference.batch_norm import acc_dtype
 from ._registry import kernels
@@ -98,7 +99,7 @@ def merge_moments(gathered, channels):
 
 class SyncBatchNormFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, residual, relu, eps, group, world_size, backend):
+    def forward(ctx, x, weight, bias, residual, act, act_param, eps, group, world_size, backend):
         k = kernels("batch_norm", backend, x.device)
         x, cl = _checks.dense_layout(x)
         c = x.shape[1]
@@ -108,34 +109,42 @@ class SyncBatchNormFunction(torch.autograd.Function):
         if x.numel() > 0:
             scale, shift = fold_scale_shift(weight, bias, mean, invstd)
             res = None if residual is None else _checks.match_layout(residual, x)
-            y = _checks.match_layout(k.apply(x, scale, shift, res, relu, cl), x)
+            y = _checks.match_layout(k.apply(x, scale, shift, res, activations.code(act), cl, act_param), x)
         else:
             y = torch.empty_like(x)
-        ctx.relu, ctx.backend, ctx.group, ctx.world_size = relu, backend, group, world_size
-        ctx.save_for_backward(x, y if relu else None, weight, mean, invstd, count)
+        ctx.act, ctx.act_param, ctx.backend, ctx.group, ctx.world_size = act, act_param, backend, group, world_size
+        # relu's gradient mask comes from y; the other activations recompute x * scale + shift [+ residual]
+        pre = act not in activations.FROM_OUTPUT
+        ctx.save_for_backward(x, y if act == "relu" else None, residual if pre else None, weight,
+                              bias if pre else None, mean, invstd, count)
         ctx.mark_non_differentiable(mean, var, count)
         return y, mean, var, count
 
     @staticmethod
     def backward(ctx, grad_y, _grad_mean, _grad_var, _grad_count):
-        x, y, weight, mean, invstd, count = ctx.saved_tensors
+        x, y, residual, weight, bias, mean, invstd, count = ctx.saved_tensors
         need_x, need_w, need_b, need_res = ctx.needs_input_grad[:4]
-        relu = ctx.relu
+        code = activations.code(ctx.act)
         k = kernels("batch_norm", ctx.backend, x.device)
-        x, cl, dy, y = _checks.grad_layouts(grad_y, x, y, relu)
+        x, cl, dy, y = _checks.grad_layouts(grad_y, x, y, code == 1)
         c = x.shape[1]
         empty = x.numel() == 0
+        extra = {}
+        if ctx.act not in activations.FROM_OUTPUT and not empty:
+            scale, shift = fold_scale_shift(weight, bias, mean, invstd)
+            res = None if residual is None else _checks.match_layout(residual, x)
+            extra = dict(act_param=ctx.act_param, scale=scale, shift=shift, residual=res)
         if empty:
             sum_g = sum_gxmu = mean.new_zeros(c)
         else:
-            sum_g, sum_gxmu = k.backward_reduce(dy, x, y, mean, relu, cl)
+            sum_g, sum_gxmu = k.backward_reduce(dy, x, y, mean, code, cl, **extra)
         grad_w = grad_b = None
         if weight is not None:
             # zeros rather than None on an empty rank, so DDP's gradient hooks fire on every rank
             grad_w = (sum_gxmu * invstd).to(weight.dtype) if need_w else None
             grad_b = sum_g.to(weight.dtype) if need_b else None
         grad_x = grad_res = None
-        write_g = relu and need_res
+        write_g = code != 0 and need_res
         if need_x:
             packed = _all_reduce(torch.cat([sum_g, sum_gxmu]), ctx.group, ctx.world_size)
             sum_g, sum_gxmu = packed[:c], packed[c:]
@@ -144,14 +153,14 @@ class SyncBatchNormFunction(torch.autograd.Function):
             # dx = a * (g - sum_g / M - xhat * sum(g * xhat) / M) with M and both sums over all ranks
             b = -a * invstd * invstd * sum_gxmu / count
             d = -a * sum_g / count
-            grad_x, grad_res = k.backward_apply(dy, x, y, a, b, d, mean, relu, True, write_g, cl)
+            grad_x, grad_res = k.backward_apply(dy, x, y, a, b, d, mean, code, True, write_g, cl, **extra)
         elif empty:
             grad_x = torch.zeros_like(x) if need_x else None
             grad_res = torch.zeros_like(x) if write_g else None
-        if need_res and not relu:
+        if need_res and code == 0:
             grad_res = grad_y
         return (grad_x if need_x else None, grad_w, grad_b, grad_res if need_res else None,
-                None, None, None, None, None)
+                None, None, None, None, None, None)
 
 
 def update_running_stats(running_mean, running_var, mean, var, count, factor):
@@ -168,12 +177,14 @@ def update_running_stats(running_mean, running_var, mean, var, count, factor):
 
 
 def sync_batch_norm(input, running_mean, running_var, weight, bias, factor, eps, group, world_size,
-                    residual=None, relu=False, backend=None):
-    """Training-mode BatchNorm over `group` (world_size > 1); running statistics (when given) updated in
-    place with `factor` as torch.nn.SyncBatchNorm does. Validation is the caller's (fastnets.nn)."""
+                    residual=None, relu=False, act=None, backend=None):
+    """Training-mode act(BatchNorm(x) [+ residual]) over `group` (world_size > 1); running statistics
+    (when given) updated in place with `factor` as torch.nn.SyncBatchNorm does. `act` as in
+    fastnets.ops.batch_norm (wins over `relu`). Validation is the caller's (fastnets.nn)."""
     backend = current_backend() if backend is None else backend
-    y, mean, var, count = _sync_apply(input, weight, bias, residual, bool(relu), float(eps), group,
-                                      world_size, backend)
+    act_name, act_param = activations.resolve(act, relu)
+    y, mean, var, count = _sync_apply(input, weight, bias, residual, act_name, float(act_param), float(eps),
+                                      group, world_size, backend)
     if running_mean is not None or running_var is not None:
         update_running_stats(running_mean, running_var, mean, var, count, factor)
     return y

@@ -23,7 +23,6 @@ Written for a 2-core machine: run with -j 1 (the default); each mutant's tests a
 followed by its family's test file (so a mutant the new tests miss still meets the old ones).
 """
 import argparse
-import concurrent.futures
 import dataclasses
 import fnmatch
 import json
@@ -33,7 +32,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -377,7 +375,7 @@ def make_copy(dest, root=ROOT):
     return dest
 
 
-GUARD = '''
+GUARD = """
 import json, os, sys
 
 def pytest_unconfigure(config):
@@ -385,7 +383,7 @@ def pytest_unconfigure(config):
             if name == "fastnets" or name.startswith("fastnets.")}
     with open(os.environ["FASTNETS_MUTATION_REPORT"], "w") as f:
         json.dump(mods, f)
-'''
+"""
 
 
 def module_name(path):
@@ -393,39 +391,105 @@ def module_name(path):
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
+def preload():
+    """Fork mode: import what every run imports and that fastnets does not define (torch, and torch._dynamo,
+    which the first custom-op call imports: about half of a short run's CPU time), once, in the parent."""
+    import pytest  # noqa: F401
+    import torch  # noqa: F401
+    import torch._dynamo  # noqa: F401
+
+
+class Run:
+    """One pytest process on a worker's copy: spawned (a fresh interpreter) or forked from the preloaded
+    harness. poll() is None while it runs, then its exit status."""
+
+    def __init__(self, worker, args, timeout, fork):
+        self.worker, self.deadline, self.start = worker, time.time() + timeout, time.time()
+        self.out_path = worker.dir / "pytest.out"
+        if worker.report.exists():
+            worker.report.unlink()
+        env = {"FASTNETS_MUTATION_REPORT": str(worker.report), "PYTHONDONTWRITEBYTECODE": "1"}
+        pytest_args = ["-x", "-q", "-rf", "--no-header", "-p", "no:cacheprovider", "-p", "_fastnets_mutation_guard",
+                       *args]
+        plugins, tree = str(worker.dir / "plugins"), str(worker.tree)
+        self.timed_out, self.rc = False, None
+        out = open(self.out_path, "w")
+        if not fork:
+            full = dict(os.environ, **env, PYTHONPATH=os.pathsep.join([plugins, tree]))
+            self.proc = subprocess.Popen([sys.executable, "-m", "pytest", *pytest_args], cwd=tree, env=full,
+                                         stdout=out, stderr=subprocess.STDOUT)
+            self.pid = None
+            out.close()
+            return
+        sys.stdout.flush(), sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:  # the child: the copy first on sys.path, nothing of the original tree
+            code = 3
+            try:
+                os.dup2(out.fileno(), 1)
+                os.dup2(out.fileno(), 2)
+                os.chdir(tree)
+                os.environ.update(env)
+                sys.dont_write_bytecode = True
+                here = {str(ROOT), str(ROOT / "tests"), ""}
+                sys.path[:] = [plugins, tree] + [q for q in sys.path if q not in here and os.path.realpath(q) not in here]
+                import pytest
+
+                code = int(pytest.main(pytest_args))
+            finally:
+                sys.stdout.flush(), sys.stderr.flush()
+                os._exit(code)
+        out.close()
+        self.proc, self.pid = None, pid
+
+    def poll(self):
+        if self.rc is not None:
+            return self.rc
+        if time.time() > self.deadline:
+            self.kill()
+            self.timed_out = True
+        if self.proc is not None:
+            rc = self.proc.wait() if self.timed_out else self.proc.poll()
+        else:
+            pid, status = os.waitpid(self.pid, 0 if self.timed_out else os.WNOHANG)
+            rc = None if pid == 0 else os.waitstatus_to_exitcode(status)
+        if rc is not None:
+            self.rc = rc
+            self.seconds = time.time() - self.start
+        return rc
+
+    def kill(self):
+        try:
+            if self.proc is not None:
+                self.proc.kill()
+            else:
+                os.kill(self.pid, 9)
+        except (OSError, ProcessLookupError):
+            pass
+
+    def result(self):
+        """(exit status or None on timeout, output, {module: file} of the fastnets modules imported)."""
+        out = self.out_path.read_text(errors="replace")
+        imported = json.loads(self.worker.report.read_text()) if self.worker.report.exists() else None
+        return (None if self.timed_out else self.rc), out, imported
+
+
 class Worker:
-    """A copy of the tree, the guard plugin next to it, and a lock-free life: one mutant at a time."""
+    """A copy of the tree and the guard plugin next to it; one run at a time."""
 
     def __init__(self, base):
-        self.dir = Path(tempfile.mkdtemp(prefix="fastnets-mutation-", dir=base))
+        self.dir = Path(tempfile.mkdtemp(prefix="worker-", dir=base))
         self.tree = make_copy(self.dir / "tree")
         (self.dir / "plugins").mkdir()
         (self.dir / "plugins" / "_fastnets_mutation_guard.py").write_text(GUARD)
         self.report = self.dir / "imported.json"
-
-    def run(self, args, timeout):
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join([str(self.dir / "plugins"), str(self.tree)])
-        env["PYTHONDONTWRITEBYTECODE"] = "1"  # a mutated and a restored file of one size and second: no stale .pyc
-        env["FASTNETS_MUTATION_REPORT"] = str(self.report)
-        if self.report.exists():
-            self.report.unlink()
-        cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-rf", "--no-header", "-p", "no:cacheprovider",
-               "-p", "_fastnets_mutation_guard", *args]
-        start = time.time()
-        try:
-            proc = subprocess.run(cmd, cwd=self.tree, env=env, capture_output=True, text=True, timeout=timeout)
-            rc, out = proc.returncode, proc.stdout + proc.stderr
-        except subprocess.TimeoutExpired as e:
-            rc, out = None, (e.stdout or b"").decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or "")
-        imported = json.loads(self.report.read_text()) if self.report.exists() else None
-        return rc, out, imported, time.time() - start
+        self.restore = None
 
     def check_imports(self, imported, mutated=None):
         """None when every fastnets module came from the copy (and the mutated one was imported), else why."""
         if imported is None:
             return "pytest did not report its imports"
-        tree = str(self.tree.resolve()) + os.sep
+        tree = os.path.realpath(self.tree) + os.sep
         stray = [f"{n} from {f}" for n, f in imported.items() if f and not os.path.realpath(f).startswith(tree)]
         if stray or "fastnets" not in imported:
             return "fastnets was not imported from the copy: " + ("; ".join(stray[:3]) or "not imported")
@@ -433,29 +497,32 @@ class Worker:
             return f"the mutated module {module_name(mutated)} was never imported by these tests"
         return None
 
-    def mutate(self, mutant):
+    def apply(self, mutant):
         path, why = locate(mutant, self.tree)
         if path is None:
             raise RuntimeError(f"{mutant.name}: {why}")
         target = self.tree / path
         original = target.read_text()
         target.write_text(original.replace(mutant.old, mutant.new))
-        return path, target, original
+        self.restore = (target, original)
+        return path
+
+    def unapply(self):
+        if self.restore is not None:
+            target, original = self.restore
+            target.write_text(original)
+            self.restore = None
 
 
 FAILED = re.compile(r"^FAILED (\S+?)(?: - .*)?$", re.M)
 
 
-def run_mutant(worker, mutant, timeout):
-    path, target, original = worker.mutate(mutant)
-    try:
-        rc, out, imported, secs = worker.run(list(mutant.tests), timeout)
-    finally:
-        target.write_text(original)
+def outcome(worker, mutant, path, run):
+    rc, out, imported = run.result()
     killers = FAILED.findall(out)
     problem = worker.check_imports(imported, path)
     if rc is None:
-        status = "timeout"
+        status, problem = "timeout", "ran past --timeout (not counted as a kill)"
     elif problem is not None:
         status = "error"
     elif rc == 1 and killers:
@@ -463,20 +530,50 @@ def run_mutant(worker, mutant, timeout):
     elif rc == 0:
         status = "survived"
     else:
-        status = "error"
         last = out.strip().splitlines()[-1][:200] if out.strip() else ""
-        problem = f"pytest exit status {rc} (a collection or usage error, not a kill): {last}"
-    return {"name": mutant.name, "file": path, "status": status, "seconds": round(secs, 1),
+        status, problem = "error", f"pytest exit status {rc} (a collection or usage error, not a kill): {last}"
+    return {"name": mutant.name, "file": path, "status": status, "seconds": round(run.seconds, 1),
             "killed_by": killers[:1], "problem": problem, "tail": "" if status == "killed" else out[-3000:]}
 
 
-def confirm(worker, killers, timeout):
-    """Run every killing test on the unmutated copy: each must pass. Returns (ok, output)."""
-    if not killers:
-        return True, ""
-    rc, out, imported, _ = worker.run(sorted(set(killers)), timeout)
-    problem = worker.check_imports(imported)
-    return rc == 0 and problem is None, (problem or "") + out[-3000:]
+def run_all(mutants, jobs, timeout, fork, report):
+    """Run each mutant on a free worker (at most `jobs` at once); then confirm the kills. Returns
+    (results, confirmed, confirmation output)."""
+    base = Path(tempfile.mkdtemp(prefix="fastnets-mutation-"))
+    free, running, results = [], [], []
+    pending = list(mutants)
+    try:
+        while pending or running:
+            while pending and len(running) < jobs:
+                worker = free.pop() if free else Worker(base)
+                mutant = pending.pop(0)
+                path = worker.apply(mutant)
+                running.append((worker, mutant, path, Run(worker, mutant.tests, timeout, fork)))
+            time.sleep(0.2)
+            for item in list(running):
+                worker, mutant, path, run = item
+                if run.poll() is None:
+                    continue
+                running.remove(item)
+                worker.unapply()
+                free.append(worker)
+                results.append(outcome(worker, mutant, path, run))
+                report(results[-1], len(results))
+        killers = sorted({k for r in results if r["status"] == "killed" for k in r["killed_by"]})
+        if not killers:
+            return results, True, ""
+        worker = free[0] if free else Worker(base)
+        run = Run(worker, killers, timeout, fork)
+        while run.poll() is None:
+            time.sleep(0.2)
+        rc, out, imported = run.result()
+        problem = worker.check_imports(imported)
+        return results, rc == 0 and problem is None, (problem or "") + "\n" + out[-3000:]
+    finally:
+        for worker, _, _, run in running:
+            run.kill()
+            worker.unapply()
+        shutil.rmtree(base, ignore_errors=True)
 
 
 # ------------------------------------------------------------------------------------------------ main
@@ -502,6 +599,8 @@ def main(argv=None):
     ap.add_argument("--list", action="store_true", help="list the mutants and whether each snippet is found once")
     ap.add_argument("-j", "--jobs", type=int, default=1, help="mutants run in parallel (default 1)")
     ap.add_argument("--timeout", type=float, default=900, help="seconds per mutant (default 900)")
+    ap.add_argument("--spawn", action="store_true",
+                    help="a fresh interpreter per run instead of forking the preloaded harness (slower)")
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args(argv)
     mutants = select(args)
@@ -518,32 +617,19 @@ def main(argv=None):
     if problems:
         print("mutation: the catalogue is stale:\n  " + "\n  ".join(problems), file=sys.stderr)
         return 2
+    if not mutants:
+        sys.exit("mutation: no mutant selected")
 
+    fork = hasattr(os, "fork") and not args.spawn
     start = time.time()
-    base = Path(tempfile.mkdtemp(prefix="fastnets-mutation-"))
-    workers, lock, results = [], threading.Lock(), []
-    local = threading.local()
+    if fork:
+        preload()
 
-    def job(m):
-        if not hasattr(local, "worker"):
-            local.worker = Worker(base)
-            with lock:
-                workers.append(local.worker)
-        r = run_mutant(local.worker, m, args.timeout)
-        with lock:
-            results.append(r)
-            done = len(results)
+    def report(r, done):
         extra = f" by {r['killed_by'][0]}" if r["killed_by"] else (f": {r['problem']}" if r["problem"] else "")
-        print(f"[{done:>2}/{len(mutants)}] {r['status']:<8} {r['seconds']:>6.1f}s  {m.name}{extra}", flush=True)
-        return r
+        print(f"[{done:>2}/{len(mutants)}] {r['status']:<8} {r['seconds']:>6.1f}s  {r['name']}{extra}", flush=True)
 
-    try:
-        with concurrent.futures.ThreadPoolExecutor(max(1, args.jobs)) as pool:
-            list(pool.map(job, mutants))
-        killers = [k for r in results if r["status"] == "killed" for k in r["killed_by"]]
-        ok, out = confirm(workers[0] if workers else Worker(base), killers, args.timeout)
-    finally:
-        shutil.rmtree(base, ignore_errors=True)
+    results, ok, out = run_all(mutants, max(1, args.jobs), args.timeout, fork, report)
     order = {m.name: i for i, m in enumerate(mutants)}
     results.sort(key=lambda r: order[r["name"]])
     killed = sum(r["status"] == "killed" for r in results)
@@ -553,8 +639,8 @@ def main(argv=None):
             print(f"\n--- {r['name']} ({r['file']}): {r['status']} {r['problem'] or ''}\n{r['tail']}")
     if not ok:
         print("\nmutation: a test that killed a mutant also fails on the unmutated tree:\n" + out)
-    print(f"\nmutation: killed {killed}/{len(results)} mutants in {elapsed:.0f} s (-j {args.jobs})"
-          + ("" if ok else "; the kills are NOT confirmed"))
+    print(f"\nmutation: killed {killed}/{len(results)} mutants in {elapsed:.0f} s (-j {args.jobs}, "
+          f"{'fork' if fork else 'spawn'}); kills {'confirmed on the unmutated tree' if ok else 'NOT confirmed'}")
     if args.json:
         Path(args.json).write_text(json.dumps({"killed": killed, "total": len(results), "seconds": round(elapsed),
                                                "confirmed": ok, "results": results}, indent=1))

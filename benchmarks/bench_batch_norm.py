@@ -94,8 +94,11 @@ def run(shapes, out_dir, families=("bn", "bn_add_relu"), device="cuda", which="a
     print(f"ceilings: copy {copy_gbs:.0f} GB/s, bf16 matmul {ceilings['bf16_matmul_TFLOPs']:.0f} TFLOP/s")
     batch = 2 if dry_run else 256
     rows = LiveRows(out_dir, "batch_norm", ceilings, part=None if which == "all" else which)
+    configs = CONFIGS
+    if which == "compile" and len(shapes) <= len(QUICK_SHAPES):  # --quick: inductor compiles are slow
+        configs, shapes = {"bf16-nhwc": CONFIGS["bf16-nhwc"]}, shapes[:2]
     for family in families:
-        for cfg, (dtype, fmt) in CONFIGS.items():
+        for cfg, (dtype, fmt) in configs.items():
             for (c, h, w) in shapes:
                 x = torch.randn(batch, c, h, w, device=device, dtype=dtype).to(memory_format=fmt).requires_grad_()
                 res = torch.randn_like(x) if family != "bn" else None

@@ -3,7 +3,8 @@
 # pytest-xdist, pytest-timeout there) gives a verdict in at most 360 s, the build included.
 #
 #   bash benchmarks/gpu_check.sh OUT [steps...]
-#   steps, in order of value: build info warmup plan sanitizer slow bn se conv compile models
+#   steps, in order of value: build info warmup plan sanitizer slow bn se conv bn_compile se_compile
+#   conv_compile models
 #
 # Each step has its own limit and gets at most what the whole budget (FASTNETS_GPU_CHECK_SECONDS, default
 # 345 s) leaves; at its limit it is sent SIGINT (then SIGKILL 10 s later), so pytest still writes its summary
@@ -28,7 +29,7 @@ else
   IN_STEP=
   OUT=${1:?usage: bash benchmarks/gpu_check.sh OUT [steps...]}
   shift
-  STEPS=${*:-build info warmup plan sanitizer slow bn se conv compile models}
+  STEPS=${*:-build info warmup plan sanitizer slow bn se conv bn_compile se_compile conv_compile models}
   mkdir -p "$OUT"
   OUT=$(cd "$OUT" && pwd)
   WORK=$(mktemp -d "${TMPDIR:-/tmp}/fastnets-gpu-check.XXXXXX")
@@ -127,10 +128,11 @@ PY
   true
 }
 
-PYTEST=("$PY" -m pytest -q -rfE -p no:cacheprovider)
+PYTEST=("$PY" -m pytest -q -rfE -p no:cacheprovider -o junit_family=xunit1)  # xunit1: keeps record_property
 
-sanitize() {  # sanitize TOOL: the plan's small shapes of every CUDA C++ kernel (the cuda backend) under TOOL
+sanitize() {  # sanitize TOOL DEADLINE: the plan's small shapes of every CUDA C++ kernel (the cuda backend) under TOOL
   local tool=$1
+  export FASTNETS_PLAN_DEADLINE=$2
   if [ "$DRY" = 1 ]; then
     # no GPU: the same pytest selection without the sanitizer, on the dry tier (the plain conv family's cuda
   # backend is cuDNN with torch's epilogue: no CUDA C++ kernel of ours to check)
@@ -149,9 +151,10 @@ sanitizer() {
     echo "compute-sanitizer not found"
     return 3
   fi
-  local rc=0
-  sanitize memcheck || rc=$?
-  sanitize racecheck || rc=$?
+  local rc=0 t0
+  t0=$(date +%s)
+  sanitize memcheck $(( t0 + ${STEP_LIMIT:-70} * 55 / 100 )) || rc=$?
+  sanitize racecheck $(( t0 + ${STEP_LIMIT:-70} - 12 )) || rc=$?
   return $rc
 }
 
@@ -165,13 +168,6 @@ slow() {
 
 BENCH_ARGS=(--out "$WORK/bench" --quick)
 [ "$DRY" = 1 ] && BENCH_ARGS+=(--dry-run)
-compile_baselines() {
-  local rc=0
-  "$PY" benchmarks/bench_batch_norm.py "${BENCH_ARGS[@]}" --variants compile || rc=$?
-  "$PY" benchmarks/bench_squeeze_excite.py "${BENCH_ARGS[@]}" --variants compile || rc=$?
-  "$PY" benchmarks/bench_conv.py "${BENCH_ARGS[@]}" --variants compile || rc=$?
-  return $rc
-}
 
 models() {
   local args=(--no-progress --out "$WORK/models")
@@ -202,7 +198,7 @@ warmup() {
 }
 
 plan() {
-  FASTNETS_CONV_TUNE=fixed "${PYTEST[@]}" tests/test_gpu_plan.py -m gpu_plan "${PLAN_WORKERS[@]}" \
+  FASTNETS_PLAN_DEADLINE=$(( $(date +%s) + ${STEP_LIMIT:-120} - 12 )) FASTNETS_CONV_TUNE=fixed "${PYTEST[@]}" tests/test_gpu_plan.py -m gpu_plan "${PLAN_WORKERS[@]}" \
     --timeout "$PLAN_TIMEOUT" --junitxml="$WORK/plan.xml"
 }
 
@@ -220,7 +216,9 @@ step slow 50 slow
 step bn 25 "$PY" benchmarks/bench_batch_norm.py "${BENCH_ARGS[@]}" --variants fastnets
 step se 20 "$PY" benchmarks/bench_squeeze_excite.py "${BENCH_ARGS[@]}" --variants fastnets
 step conv 40 "$PY" benchmarks/bench_conv.py "${BENCH_ARGS[@]}" --variants fastnets
-step compile 60 compile_baselines
+step bn_compile 35 "$PY" benchmarks/bench_batch_norm.py "${BENCH_ARGS[@]}" --variants compile
+step se_compile 20 "$PY" benchmarks/bench_squeeze_excite.py "${BENCH_ARGS[@]}" --variants compile
+step conv_compile 30 "$PY" benchmarks/bench_conv.py "${BENCH_ARGS[@]}" --variants compile
 step models 120 models
 
 summarize --print

@@ -224,6 +224,31 @@ def scenario_checks(rank, world_size, extra):
         assert_rel(y, _split(y_ref, sizes, rank), msg="conv_bn_act + bn_act")
     for a, b in ((ours, ref), (ours2, ref2)):
         assert_rel(a.running_var, b.running_var, msg="conv_bn_act + bn_act running_var")
+    if extra.get("convert"):
+        # fastnets.convert's fused model, then convert_sync_batchnorm (how convert(sync_bn=True) is wired)
+        import fastnets
+
+        torch.manual_seed(5)
+        plain = nn.Sequential(nn.Conv2d(3, c, 3, padding=1, bias=False), nn.BatchNorm2d(c), nn.ReLU(),
+                              nn.Conv2d(c, c, 1, bias=False), nn.BatchNorm2d(c), nn.ReLU()).double()
+        for m in plain:
+            if isinstance(m, nn.BatchNorm2d):
+                _randomize(m, 17)
+        synced = SyncBatchNorm.convert_sync_batchnorm(fastnets.convert(plain))
+        assert sum(isinstance(m, SyncBatchNorm) for m in synced.modules()) == 2
+        full = _global_batch((sum(sizes), 3, 4, 5), 170)
+        g = _global_batch(full.shape[:1] + (c, 4, 5), 171)
+        x_ref = full.clone().requires_grad_()
+        plain(x_ref).backward(g)
+        x = _split(full, sizes, rank).clone().requires_grad_()
+        y = synced(x)
+        y.backward(_split(g, sizes, rank))
+        if sizes[rank]:
+            assert_rel(y, _split(plain(full).detach(), sizes, rank), msg="convert + sync output")
+            assert_rel(x.grad, _split(x_ref.grad, sizes, rank), msg="convert + sync grad input")
+        for (name, p_ours), p_ref in zip(synced.named_parameters(), plain.parameters()):
+            assert_rel(_all_sum(p_ours.grad), p_ref.grad, msg=f"convert + sync grad {name}")
+        done.append("convert")
     # fp32 and bf16 activations (AMP's layout: fp32 parameters and statistics) against float64 torch
     ours, ref = _pair({}, c, 8, param_dtype=torch.float32)
     _compare_step("fp32", ours, ref, sizes, rank, (c, 3, 3), 80, dtype=torch.float32)
@@ -370,9 +395,11 @@ SCENARIOS = {"checks": scenario_checks, "fault": scenario_fault, "never_joins": 
 @pytest.mark.parametrize("world_size,sizes,triton", [(2, [3, 5], True), (3, [2, 0, 4], False)],
                          ids=["2ranks-unequal+triton", "3ranks-empty-rank"])
 def test_matches_batch_norm_on_the_concatenated_batch(world_size, sizes, triton):
-    res = expect_ok(run_group("checks", world_size, extra={"sizes": sizes, "triton": triton}), world_size)
+    extra = {"sizes": sizes, "triton": triton, "convert": triton}
+    res = expect_ok(run_group("checks", world_size, extra=extra), world_size)
     for rank in range(world_size):
         assert res[rank][-3:] == ["autocast", "all", "mismatch raised"], res[rank]
+        assert ("convert" in res[rank]) == triton
 
 
 @pytest.mark.timeout(SPAWN_DEADLINE + 30)

@@ -42,6 +42,8 @@ def _free_port():
 def _entry(rank, world_size, port, backend, scenario, queue, pg_timeout, extra):
     try:
         torch.set_num_threads(1)
+        if backend == "nccl":
+            torch.cuda.set_device(rank)
         if rank < world_size:  # a rank index >= world_size plays no part (never-joins test)
             dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                                     world_size=world_size, timeout=datetime.timedelta(seconds=pg_timeout))
@@ -366,6 +368,7 @@ def scenario_ddp(rank, world_size, extra):
     per = batch // world_size
     local = _train(ddp, xs, ys, slice(rank * per, (rank + 1) * per))
     mean_loss = _all_sum(local) / world_size  # mean of equal shards = loss of the whole batch
+    copy.deepcopy(model)  # after training, as for an EMA copy: no process-group object held
     # the benchmark's --ddp path on the same group, tiny model (rank 0 reports)
     from fastnets.bench.ddp import run as bench_ddp
 
@@ -421,8 +424,8 @@ def test_ddp_training_matches_one_process():
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("mode", ["dies", "stalls"])
 def test_a_lost_rank_is_a_clear_error_not_a_hang(mode):
-    timeout = 4
-    res = run_group("fault", 2, pg_timeout=timeout, extra={"mode": mode, "stall": timeout + 4}, deadline=40)
+    timeout = 2
+    res = run_group("fault", 2, pg_timeout=timeout, extra={"mode": mode, "stall": timeout + 2}, deadline=40)
     status, out = res[0]
     assert status == "ok", out
     assert out["message"] is not None, "the collective succeeded without its peer"
@@ -433,7 +436,7 @@ def test_a_lost_rank_is_a_clear_error_not_a_hang(mode):
 @pytest.mark.timeout(60)
 def test_a_rank_that_never_joins_times_out():
     # one process of a world of 2: init_process_group must fail within its timeout
-    res = run_group("never_joins", 2, pg_timeout=3, nprocs=1, deadline=40)
+    res = run_group("never_joins", 2, pg_timeout=2, nprocs=1, deadline=40)
     status, out = res[0]
     assert status == "error", out
     assert "timed out" in out.lower() or "timeout" in out.lower(), out
@@ -501,11 +504,12 @@ def scenario_nccl(rank, world_size, extra):
         yb.backward(g)
         tag = f"nccl {dtype} cl={cl} fused={fused}"
         assert_rel(ya, yb, dtype, scale=2, msg=tag)
-        assert_rel(xa.grad, xb.grad, dtype, scale=2, ref=g, msg=tag + " grad")
-        if fused:
-            assert_rel(ra.grad, rb.grad, dtype, scale=2, msg=tag + " grad residual")
-        assert_rel(ours.weight.grad, torch_bn.weight.grad, torch.float32, scale=2 if dtype == torch.float32 else 200,
-                   msg=tag + " grad weight")
+        if sizes[rank]:  # torch's SyncBatchNorm leaves the gradients of an empty rank None
+            assert_rel(xa.grad, xb.grad, dtype, scale=2, ref=g, msg=tag + " grad")
+            if fused:
+                assert_rel(ra.grad, rb.grad, dtype, scale=2, msg=tag + " grad residual")
+            assert_rel(ours.weight.grad, torch_bn.weight.grad, torch.float32,
+                       scale=2 if dtype == torch.float32 else 200, msg=tag + " grad weight")
         assert_rel(ours.running_mean, torch_bn.running_mean, torch.float32, msg=tag + " running_mean")
         assert_rel(ours.running_var, torch_bn.running_var, torch.float32, msg=tag + " running_var")
     return "ok"

@@ -42,7 +42,9 @@ class SyncBatchNorm(_BatchNorm):
         if not _TORCH_HAS_BIAS_ARG and affine and not bias:
             self.register_parameter("bias", None)
         self.process_group = process_group
-        self._agreed_group = None  # the group whose ranks were checked to agree on the channel count
+        # id of the group whose ranks were checked to agree on the channel count (an id, not the group
+        # object, so that copy.deepcopy and pickling of the module keep working as for torch's class)
+        self._agreed_group = None
 
     def _check_input_dim(self, input):
         if input.dim() < 2:
@@ -90,9 +92,9 @@ class SyncBatchNorm(_BatchNorm):
                              f"{torch._C._get_privateuse1_backend_name()} or CPU")
         group = self.group()
         world_size = dist.get_world_size(group)
-        if self._agreed_group is not group:
+        if self._agreed_group != id(group):
             check_group_agrees(input, group, world_size)
-            self._agreed_group = group
+            self._agreed_group = id(group)
         factor = 0.0 if self.momentum is None else self.momentum
         if self.track_running_stats:
             self.num_batches_tracked.add_(1)

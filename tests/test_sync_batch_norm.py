@@ -512,6 +512,17 @@ def scenario_nccl(rank, world_size, extra):
                        scale=2 if dtype == torch.float32 else 200, msg=tag + " grad weight")
         assert_rel(ours.running_mean, torch_bn.running_mean, torch.float32, msg=tag + " running_mean")
         assert_rel(ours.running_var, torch_bn.running_var, torch.float32, msg=tag + " running_var")
+    # no host synchronisation in a training step after the first (which checks the channel counts once)
+    # (momentum=None only across ranks: the one-rank fallback reads num_batches_tracked as torch's BatchNorm does)
+    bn = SyncBatchNorm(7, momentum=None if world_size > 1 else 0.1).to(dev)
+    x = torch.randn(sizes[rank], 7, 5, 5, device=dev, requires_grad=True)
+    bn(x).sum().backward()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        bn(x).sum().backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
     return "ok"
 
 

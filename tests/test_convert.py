@@ -86,7 +86,7 @@ TORCHVISION = {
     "resnet18": (32, {"conv_bn_relu": 9, "conv_bn_add_relu": 8, "conv_bn": 3}),
     "resnet50": (32, {"conv_bn_relu": 33, "conv_bn_add_relu": 16, "conv_bn": 4}),
     "vgg11_bn": (32, {"conv_bn_relu": 8}),
-    "alexnet": (64, {}),
+    "alexnet": (64, {"conv_relu": 5}),
     "googlenet": (32, {"conv_bn_relu": 59}),
     "densenet121": (32, {"conv_bn_relu": 59, "bn_relu": 62}),
 }
@@ -206,7 +206,8 @@ def test_convert_keeps_hooked_modules_unfused():
     model.block.bn1.register_forward_hook(lambda m, i, o: calls.append(1))
     converted, report = fastnets.convert(model, return_report=True)
     assert "block.conv1+bn1" not in report.fused["conv_bn_relu"]
-    assert any(w == "block.bn1" and "hooks" in r for w, r in report.skipped)
+    assert [(k, r) for k, n, r in report.unfused if n == "block.bn1"] == [
+        ("batchnorm", "has hooks (they would not run if fused)")]
     converted.eval()(torch.randn(2, 3, 8, 8, dtype=torch.float64))
     assert calls  # the hook still runs
 
@@ -333,3 +334,120 @@ def test_convert_keeps_each_module_mode_and_converts_inside_hooked_blocks():
     sd_a, sd_b = converted.state_dict(), original.state_dict()
     for k in sd_b:
         assert_close(sd_a[k].double(), sd_b[k].double(), msg=lambda m, k=k: f"{k}: {m}")
+
+
+# ---- no side effects; bad input
+
+
+@pytest.mark.skipif(timm is None, reason="timm not importable")
+@pytest.mark.parametrize("inplace", [False, True])
+def test_convert_changes_nothing_in_the_model(inplace):
+    """timm's BatchNormAct2d counts num_batches_tracked in its forward's Python: tracing the model itself
+    used to advance it. Tracing now runs on a meta copy, under a restored RNG state."""
+    model = randomize(timm.create_model("resnext26ts", num_classes=10)).double()
+    model.stem.conv1.bn.eval()  # a frozen BatchNorm inside a training model
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    modes = [m.training for m in model.modules()]
+    rng = torch.get_rng_state()
+    converted, report = fastnets.convert(model, inplace=inplace, return_report=True)
+    assert (converted is model) == inplace
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert [m.training for m in model.modules()] == modes
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, state[k]), k
+    assert report.shares()["batchnorm"] == (31, 31)
+
+
+def test_convert_rejects_torchscript():
+    scripted = torch.jit.script(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU()))
+    with pytest.raises(TypeError, match="TorchScript"):
+        fastnets.convert(scripted)
+    # a scripted submodule of an eager model is left as it is, and said so
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), scripted)
+    converted, report = fastnets.convert(model, return_report=True)
+    assert isinstance(converted[3], torch.jit.ScriptModule)
+    assert any("TorchScript" in why for _, why in report.skipped)
+    assert report.fused["conv_bn_relu"] == ["0+1"]
+
+
+def test_convert_is_idempotent():
+    model = randomize(Hand()).double()
+    once = fastnets.convert(model)
+    twice, report = fastnets.convert(once, return_report=True)
+    assert twice is once and not report.changed
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    assert torch.equal(twice.eval()(x), once.eval()(x))
+
+
+def test_convert_meta_model():
+    """A model on the meta device (built before its weights are loaded) converts to a meta model with the
+    same state_dict keys; materialised and loaded it equals the converted real model."""
+    real = randomize(tv("resnet18", num_classes=10)).eval()
+    with torch.device("meta"):
+        meta = torchvision.models.resnet18(weights=None, num_classes=10).double()
+    converted, report = fastnets.convert(meta, return_report=True)
+    assert report.fused["conv_bn_add_relu"] and all(p.is_meta for p in converted.parameters())
+    assert list(converted.state_dict()) == list(real.state_dict())
+    converted.to_empty(device="cpu").load_state_dict(real.state_dict())
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    assert_close(converted.eval()(x), real(x), scale=100)
+
+
+# ---- patterns
+
+
+@pytest.mark.skipif(timm is None, reason="timm not importable")
+def test_timm_batch_norm_act_and_drop_path():
+    """Conv -> BatchNormAct2d (ReLU) fuses with the module's act; a DropPath (train/eval-dependent) stays a
+    leaf and the block around it fuses; a BatchNormAct2d with a DropBlock keeps its drop after the fused BN."""
+    from timm.layers import BatchNormAct2d, DropBlock2d, DropPath
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv1 = nn.Conv2d(4, 4, 3, padding=1, bias=False)
+            self.bn1 = BatchNormAct2d(4, act_layer=nn.ReLU)
+            self.conv2 = nn.Conv2d(4, 4, 3, padding=1, bias=False)
+            self.bn2 = BatchNormAct2d(4, act_layer=nn.ReLU, drop_layer=lambda: DropBlock2d(0.3, 3))
+            self.conv3 = nn.Conv2d(4, 4, 1, bias=False)
+            self.bn3 = BatchNormAct2d(4, apply_act=False)
+            self.drop_path = DropPath(0.5)
+
+        def forward(self, x):
+            y = self.bn3(self.conv3(self.bn2(self.conv2(self.bn1(self.conv1(x))))))
+            return torch.relu(self.drop_path(y) + x)
+
+    original = randomize(Block()).double()
+    converted, report = fastnets.convert(original, return_report=True)
+    assert report.traced == [""]
+    counts = {k: len(v) for k, v in report.fused.items() if v}
+    assert counts == {"conv_bn_relu": 1, "conv_bn": 2}, report
+    assert report.layers["activation"]["bn2.act"].startswith("after the BatchNormAct2d's drop")
+    check_equivalent(original, converted, torch.randn(4, 4, 8, 8, dtype=torch.float64) + 0.3,
+                     torch.tensor([0, 1, 2, 3]))
+
+
+def test_conv_relu_without_batch_norm():
+    """Conv(+bias) -> ReLU with no BatchNorm (AlexNet, VGG, SqueezeNet) runs on the conv epilogue; a grouped
+    conv -> ReLU is left, with its reason."""
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(inplace=True),
+                          nn.Conv2d(8, 8, 3, padding=1, groups=2), nn.ReLU(),
+                          nn.Flatten(), nn.Linear(8 * 36, 4)).double()
+    converted, report = fastnets.convert(model, return_report=True)
+    assert report.fused["conv_relu"] == ["0"]
+    assert "grouped" in report.layers["activation"]["3"]
+    check_equivalent(model, converted, torch.randn(4, 3, 6, 6, dtype=torch.float64), torch.tensor([0, 1, 2, 3]))
+
+
+def test_torchvision_squeeze_excitation():
+    """torchvision's SqueezeExcitation (ReLU inner activation, sigmoid gate) in a MobileNet-style block."""
+    from torchvision.ops import Conv2dNormActivation, SqueezeExcitation
+
+    model = nn.Sequential(Conv2dNormActivation(3, 16, 3), SqueezeExcitation(16, 4),
+                          Conv2dNormActivation(16, 16, 1, activation_layer=None),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 4)).double()
+    randomize(model)
+    converted, report = fastnets.convert(model, return_report=True)
+    assert report.fused["conv_bn_relu"] == ["0.0+1"] and report.fused["se"] == ["1"]
+    assert report.layers["se"] == {"1": None}
+    check_equivalent(model, converted, torch.randn(4, 3, 8, 8, dtype=torch.float64), torch.tensor([0, 1, 2, 3]))

@@ -31,11 +31,13 @@ report (ConversionReport), runtime (the fused calls that rewritten graphs make).
 """
 import copy
 
+import torch
 from torch import nn
 
 from ..nn.batch_norm import BatchNorm2d as FastBatchNorm2d
 from ..nn.conv import Conv2d as FastConv2d
-from .fx_rewrite import _has_hooks, _install_forward, _is_fastnets, _rewrite, _trace
+from . import acts
+from .fx_rewrite import _cuda_devices, _has_hooks, _install_forward, _is_fastnets, _rewrite, _trace
 from .registry import _REGISTRY, _ensure_registry, register_block
 from .report import ConversionReport
 
@@ -58,20 +60,24 @@ def _registry_forward(module, cache):
 
 
 def _convert(module, prefix, report, cache):
-    if _is_fastnets(module) or not list(module.children()):
-        return  # fastnets' own modules, and leaf layers (swapped later when they are BatchNorm2d/Conv2d)
+    if isinstance(module, torch.jit.ScriptModule):
+        report.skipped.append((prefix or "<model>", "a TorchScript module (left as it is)"))
+        return
+    if _is_fastnets(module) or not list(module.children()) or acts.is_mode_dependent_leaf(module):
+        return  # fastnets' own modules, leaf layers (swapped later when they are BatchNorm2d/Conv2d), drop-path
     fwd = _registry_forward(module, cache)
     if fwd is not None:
         if callable(fwd):
             _install_forward(module, fwd, "registry")
             report.registry.append((prefix, f"{type(module).__module__.split('.')[0]} {type(module).__name__}"))
+            _record_registry_block(module, prefix, report)
             return
         report.skipped.append((prefix or "<model>", f"registry block not converted: {fwd}"))
     elif _has_forward(module):
         # known blocks that do not trace are leaves of the trace, converted from the registry
         leaves = [(n, m) for n, m in module.named_modules()
                   if m is not module and type(m) in _REGISTRY and callable(_registry_forward(m, cache))]
-        called = _rewrite(module, prefix, report, extra_leaves=[m for _, m in leaves])
+        called = _rewrite(module, prefix, report, leaf_names=[n for n, _ in leaves])
         if called is not None:
             # leaves of the trace that hold modules of their own: registry blocks, modules with hooks
             for name in called:
@@ -81,6 +87,18 @@ def _convert(module, prefix, report, cache):
             return
     for name, child in module.named_children():
         _convert(child, f"{prefix}.{name}" if prefix else name, report, cache)
+
+
+def _record_registry_block(block, prefix, report):
+    """A registry forward fuses every BatchNorm, activation and squeeze-excite of its block."""
+    for name, m in block.named_modules():
+        full = f"{prefix}.{name}" if prefix and name else prefix or name
+        if isinstance(m, nn.BatchNorm2d):
+            report.add("batchnorm", full, fused=True)
+        elif type(m) is nn.ReLU:
+            report.add("activation", full, fused=True)
+        elif acts.is_se_module(m):
+            report.add("se", full, fused=True)
 
 
 def _swap_layers(model, report):
@@ -98,13 +116,18 @@ def convert(model, inplace=False, return_report=False, verbose=False):
     squeeze-excite patterns on fastnets kernels (see the module docstring). `inplace=False` converts a deep
     copy (the original is untouched); a model with nothing to replace is returned as it is (the same object).
     `return_report=True` returns (model, ConversionReport); `verbose=True` prints the report."""
+    if isinstance(model, torch.jit.ScriptModule):
+        raise TypeError("convert expects an eager torch.nn.Module, got a TorchScript module "
+                        f"({type(model).__name__}); convert the eager model first, then script the result")
     if not isinstance(model, nn.Module):
         raise TypeError(f"convert expects a torch.nn.Module, got {type(model).__name__}")
     _ensure_registry()
-    work = model if inplace else copy.deepcopy(model)
-    report = ConversionReport(type(model).__name__)
-    _convert(work, "", report, {})
-    _swap_layers(work, report)
+    with torch.random.fork_rng(devices=_cuda_devices()):  # nothing here may draw from the user's RNG
+        work = model if inplace else copy.deepcopy(model)
+        report = ConversionReport(type(model).__name__)
+        _convert(work, "", report, {})
+        _swap_layers(work, report)
+        report.finish(work)
     result = work if report.changed else model
     if verbose:
         print(report)

@@ -1,13 +1,11 @@
 """The block registry: fused forwards for known torchvision / timm blocks, used where torch.fx cannot
 trace them."""
-import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..nn.batch_norm import BatchNorm2d as FastBatchNorm2d
 from ..nn.conv import Conv2d as FastConv2d
 from .fx_rewrite import _has_hooks
-from .runtime import fused_bn, fused_conv_bn, fused_se
+from .runtime import fused_conv_bn, fused_se
 
 _REGISTRY = {}  # block class -> function(module) -> fused forward function, or a string saying why not
 
@@ -36,52 +34,37 @@ def _shortcut(block, x):
 
 
 def _tv_resnet_block(m):
+    """torchvision's BasicBlock / Bottleneck run fastnets.models.resnet's own block forwards (the same
+    attribute names: conv1, bn1, ..., downsample)."""
+    from ..models import resnet
+
     names = ["conv1", "bn1", "conv2", "bn2"] + (["conv3", "bn3"] if hasattr(m, "conv3") else [])
     if not all(_conv_bn_ok(getattr(m, c), getattr(m, b)) for c, b in zip(names[::2], names[1::2])):
         return "its conv/bn layers are not plain Conv2d/BatchNorm2d"
     if not _plain(m.relu, nn.ReLU):
         return "relu is not an nn.ReLU"
-    if hasattr(m, "conv3"):
-        def forward(self, x):
-            identity = _shortcut(self, x)
-            out = fused_conv_bn(self.conv1, self.bn1, x, relu=True)
-            out = fused_conv_bn(self.conv2, self.bn2, out, relu=True)
-            return fused_conv_bn(self.conv3, self.bn3, out, residual=identity, relu=True)
-    else:
-        def forward(self, x):
-            identity = _shortcut(self, x)
-            out = fused_conv_bn(self.conv1, self.bn1, x, relu=True)
-            return fused_conv_bn(self.conv2, self.bn2, out, residual=identity, relu=True)
-    return forward
+    return resnet.Bottleneck.forward if hasattr(m, "conv3") else resnet.BasicBlock.forward
 
 
 def _tv_dense_layer(m):
+    """torchvision's _DenseLayer runs fastnets.models.densenet's _DenseLayer forward."""
+    from ..models import densenet
+
     if not (_conv_bn_ok(m.conv1, m.norm2) and _plain(m.norm1, nn.BatchNorm2d, FastBatchNorm2d)
             and _plain(m.conv2, nn.Conv2d, FastConv2d) and _plain(m.relu1, nn.ReLU) and _plain(m.relu2, nn.ReLU)):
         return "unexpected layers"
     if getattr(m, "memory_efficient", False):
         return "memory_efficient=True (checkpointed) is not supported"
-
-    def forward(self, input):
-        x = input if isinstance(input, torch.Tensor) else torch.cat(input, 1)
-        x = fused_bn(self.norm1, x, relu=True)
-        x = fused_conv_bn(self.conv1, self.norm2, x, relu=True)
-        x = self.conv2(x)
-        if self.drop_rate > 0:
-            x = F.dropout(x, p=self.drop_rate, training=self.training)
-        return x
-
-    return forward
+    return densenet._DenseLayer.forward
 
 
 def _tv_basic_conv(m):
+    """torchvision's GoogLeNet BasicConv2d runs fastnets.models.googlenet's BasicConv2d forward."""
+    from ..models import googlenet
+
     if not _conv_bn_ok(m.conv, m.bn):
         return "unexpected layers"
-
-    def forward(self, x):
-        return fused_conv_bn(self.conv, self.bn, x, relu=True)
-
-    return forward
+    return googlenet.BasicConv2d.forward
 
 
 def _is_sigmoid_module(g):

@@ -1,11 +1,18 @@
 """Run-time helpers that the rewritten graphs and the registry's block forwards call: one fused fastnets
 call per matched pattern, falling back to the unfused computation where the fused op cannot take the input
-(unbatched input, a residual of another shape or dtype)."""
+(unbatched input, a residual of another shape or dtype).
+
+Each takes the activation as `act` ((name, param) as fastnets.activations names it; None: none) or, as
+before, `relu=True`. convert only emits an activation other than relu when this build's wrapper fuses it
+(acts.why_not_fusable), so relu is passed as `relu=True` and only the others as `act=`."""
 import torch
 
 from ..nn.batch_norm import bn_act
-from ..nn.conv import conv_bn_act
+from ..nn.conv import _fastnets_padding, conv_bn_act
+from ..ops.conv import conv2d
 from ..ops.squeeze_excite import squeeze_excite
+from . import acts
+
 
 def _conv_out_shape(conv, x):
     n, _, h, w = x.shape
@@ -36,36 +43,74 @@ def _result_dtype(x):
     return x.dtype
 
 
-def _add_relu(y, residual, relu):
-    y = y + residual
-    return torch.relu(y) if relu else y
+def _act(act, relu):
+    """The activation as (name, param), None for none."""
+    if act is None:
+        return acts.RELU if relu else None
+    return None if act[0] == "identity" else tuple(act)
 
 
-def fused_conv_bn(conv, bn, x, residual=None, relu=False):
-    """[relu](bn(conv(x)) [+ residual]) with conv_bn_act; a residual that cannot be fused (another shape or
+def _act_kwargs(act):
+    """The wrapper's arguments for activation `act`: relu as the legacy bool, the others as act=."""
+    if act is None:
+        return {"relu": False}
+    if act[0] == "relu":
+        return {"relu": True}
+    return {"act": act}
+
+
+def _add_act(y, residual, act):
+    if residual is not None:
+        y = y + residual
+    return acts.apply(y, act)
+
+
+def fused_conv_bn(conv, bn, x, residual=None, relu=False, act=None):
+    """act(bn(conv(x)) [+ residual]) with conv_bn_act; a residual that cannot be fused (another shape or
     dtype: broadcasting, autocast promotion) is added after, as the original model did."""
+    act = _act(act, relu)
     if x.dim() != 4:  # unbatched input: the modules as they are
-        y = bn(conv(x))
-        y = y + residual if residual is not None else y
-        return torch.relu(y) if relu else y
+        return _add_act(bn(conv(x)), residual, act)
     if residual is not None and not _residual_fits(residual, _conv_out_shape(conv, x), _result_dtype(x), x.device):
-        return _add_relu(conv_bn_act(conv, bn, x, relu=False), residual, relu)
-    return conv_bn_act(conv, bn, x, residual=residual, relu=relu)
+        return _add_act(conv_bn_act(conv, bn, x, relu=False), residual, act)
+    return conv_bn_act(conv, bn, x, residual=residual, **_act_kwargs(act))
 
 
-def fused_bn(bn, x, residual=None, relu=False):
-    """[relu](bn(x) [+ residual]) with bn_act (same fallback for a residual that does not fit)."""
+def fused_bn(bn, x, residual=None, relu=False, act=None):
+    """act(bn(x) [+ residual]) with bn_act (same fallback for a residual that does not fit)."""
+    act = _act(act, relu)
     if x.dim() != 4:
-        y = bn(x)
-        y = y + residual if residual is not None else y
-        return torch.relu(y) if relu else y
+        return _add_act(bn(x), residual, act)
     if residual is not None and not _residual_fits(residual, x.shape, x.dtype, x.device):
-        return _add_relu(bn_act(bn, x), residual, relu)
-    return bn_act(bn, x, residual=residual, relu=relu)
+        return _add_act(bn_act(bn, x), residual, act)
+    return bn_act(bn, x, residual=residual, **_act_kwargs(act))
 
 
-def fused_se(fc1, fc2, x, residual=None, relu=False):
-    """[relu](x * sigmoid(fc2(relu(fc1(mean_hw(x))))) [+ residual]) with fastnets' fused squeeze-excite."""
+def fused_conv_act(conv, x, residual=None, act=acts.RELU):
+    """act(conv(x) [+ residual]) for a convolution with no BatchNorm (its bias and the activation in the
+    convolution's epilogue). relu runs on fastnets.ops.conv2d's epilogue in every build; other activations
+    through conv_bn_act(conv, None, x, act=...) once this build has it."""
+    act = _act(act, False)
+    fits = residual is None or _residual_fits(residual, _conv_out_shape(conv, x), _result_dtype(x), x.device)
+    if act is not None and act[0] != "relu" and x.dim() == 4 and fits:
+        return conv_bn_act(conv, None, x, residual=residual, act=act)
+    padding = _fastnets_padding(conv)
+    if x.dim() != 4 or not fits or padding is None or act is None:
+        return _add_act(conv(x), residual, act)
+    return conv2d(x, conv.weight, conv.bias, conv.stride, padding, conv.dilation, residual=residual, relu=True)
+
+
+def fused_se(fc1, fc2, x, residual=None, relu=False, act=None, inner_act=acts.RELU, gate="sigmoid"):
+    """act(x * gate(fc2(inner_act(fc1(mean_hw(x))))) [+ residual]) with fastnets' fused squeeze-excite."""
+    act = _act(act, relu)
+    extra = {}
+    if tuple(inner_act) != acts.RELU or gate != "sigmoid":
+        extra = {"inner_act": tuple(inner_act), "gate": gate}
     if residual is not None and not _residual_fits(residual, x.shape, x.dtype, x.device):
-        return _add_relu(squeeze_excite(x, fc1.weight, fc1.bias, fc2.weight, fc2.bias), residual, relu)
-    return squeeze_excite(x, fc1.weight, fc1.bias, fc2.weight, fc2.bias, residual=residual, relu=relu)
+        y = squeeze_excite(x, fc1.weight, fc1.bias, fc2.weight, fc2.bias, **extra)
+        return _add_act(y, residual, act)
+    if act is not None and act[0] != "relu":
+        y = squeeze_excite(x, fc1.weight, fc1.bias, fc2.weight, fc2.bias, residual=residual, **extra)
+        return acts.apply(y, act)
+    return squeeze_excite(x, fc1.weight, fc1.bias, fc2.weight, fc2.bias, residual=residual,
+                          relu=act is not None, **extra)

@@ -38,11 +38,13 @@ def _shortcut(block, x):
 
 
 def _tail(block, bn_conv, bn, out, identity):
-    """relu(bn(conv(out)) [-> se] + identity), fused."""
-    if block.se is None:
+    """relu(bn(conv(out)) [-> se] + identity), fused. (fastnets.convert runs these blocks' forwards on
+    torchvision's BasicBlock / Bottleneck too, which have no `se`.)"""
+    se = getattr(block, "se", None)
+    if se is None:
         return conv_bn_act(bn_conv, bn, out, residual=identity, relu=True)
     out = conv_bn_act(bn_conv, bn, out, relu=False)
-    return block.se(out, residual=identity, relu=True)
+    return se(out, residual=identity, relu=True)
 
 
 class BasicBlock(nn.Module):

@@ -290,6 +290,26 @@ def scenario_checks(rank, world_size, extra):
     if sizes[rank]:
         assert_rel(y, _split(y_ref, sizes, rank), torch.float32, scale=20, msg="mean 1e4 output")
     assert_rel(ours.running_var, ref.running_var, torch.float32, scale=20, msg="mean 1e4 running_var")
+    # no tensor value read on the host in a training step after the first (.item(), bool(tensor), ...):
+    # on a GPU each would be a synchronisation
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class HostReads(TorchDispatchMode):
+        reads = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func in (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.is_nonzero.default,
+                        torch.ops.aten.equal.default):
+                self.reads.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    bn = SyncBatchNormAct2d(c, momentum=None, act="silu")
+    x = _split(_global_batch((sum(sizes), c, 3, 3), 180), sizes, rank).requires_grad_()
+    r = torch.randn_like(x)
+    bn(x, r).sum().backward()
+    with HostReads():
+        bn(x, r).sum().backward()
+    assert HostReads.reads == [], HostReads.reads
     done.append("all")
     # ranks disagreeing on the channel count: a clear error on every rank, not a hang or garbage
     bad = SyncBatchNorm(4 + rank)

@@ -307,9 +307,29 @@ def scenario_checks(rank, world_size, extra):
     x = _split(_global_batch((sum(sizes), c, 3, 3), 180), sizes, rank).requires_grad_()
     r = torch.randn_like(x)
     bn(x, r).sum().backward()
-    with HostReads():
-        bn(x, r).sum().backward()
+    calls = []
+    originals = {n: getattr(dist, n) for n in ("all_gather", "all_gather_into_tensor", "all_reduce", "broadcast",
+                                                "all_gather_object", "barrier")}
+
+    def counting(n):
+        def f(*a, **k):
+            calls.append(n)
+            return originals[n](*a, **k)
+        return f
+
+    for n in originals:
+        setattr(dist, n, counting(n))
+    try:
+        with HostReads():
+            y = bn(x, r)
+            forward_calls, calls[:] = list(calls), []
+            y.sum().backward()
+    finally:
+        for n, f in originals.items():
+            setattr(dist, n, f)
     assert HostReads.reads == [], HostReads.reads
+    # one collective each way: the packed statistics forward, the packed gradient sums backward
+    assert forward_calls == ["all_gather"] and calls == ["all_reduce"], (forward_calls, calls)
     done.append("all")
     # ranks disagreeing on the channel count: a clear error on every rank, not a hang or garbage
     bad = SyncBatchNorm(4 + rank)

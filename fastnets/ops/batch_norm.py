@@ -205,6 +205,9 @@ def _validate(x, running_mean, running_var, weight, bias, residual, training):
     c = x.shape[1]
     for name, t in (("running_mean", running_mean), ("running_var", running_var), ("weight", weight), ("bias", bias)):
         _checks.check_channel_vector(t, name, c)
+    for name, t in (("running_mean", running_mean), ("running_var", running_var)):
+        if t is not None and t.requires_grad:  # torch refuses these too; ours would update them silently
+            raise ValueError(f"{name} must not require grad: running statistics are buffers updated in place")
     _checks.check_same_device(x, "input", running_mean=running_mean, running_var=running_var, weight=weight, bias=bias)
     if residual is not None:
         _checks.check_like(residual, "residual", x, "input")
@@ -238,7 +241,7 @@ def batch_norm(
     y, mean, invstd = torch.ops.fastnets.batch_norm_train(x, weight, bias, residual, act, act_param, float(eps), backend)
     if running_mean is not None or running_var is not None:
         # the op returns invstd (what the backward needs); var = invstd^-2 - eps is exact to fp32 rounding
-        var = invstd.pow(-2) - eps
+        var = (invstd.pow(-2) - eps).clamp_min(0)  # a zero-variance channel would round to -1e-12
         update_running_stats(running_mean, running_var, mean, var, momentum, x.numel() // x.shape[1])
     return y
 

@@ -506,6 +506,9 @@ def conv2d_batch_norm(
     for name, t in (("running_mean", running_mean), ("running_var", running_var), ("bn_weight", bn_weight),
                     ("bn_bias", bn_bias)):
         _checks.check_channel_vector(t, name, cout)
+    for name, t in (("running_mean", running_mean), ("running_var", running_var)):
+        if t is not None and t.requires_grad:  # torch refuses these too; ours would update them silently
+            raise ValueError(f"{name} must not require grad: running statistics are buffers updated in place")
     _checks.check_same_device(input, "input", running_mean=running_mean, running_var=running_var,
                               bn_weight=bn_weight, bn_bias=bn_bias)
     if training:

@@ -18,7 +18,7 @@
 set -u
 cd "$(dirname "$0")/.."
 SELF=benchmarks/gpu_check.sh
-PY=python3
+PY=${FASTNETS_PYTHON:-python3}  # the GPU image's interpreter; CI passes the one its tests run under
 DRY=${FASTNETS_GPU_CHECK_DRYRUN:-0}
 JOBS=16
 PLAN_WORKERS=(-n 4)

@@ -10,7 +10,6 @@ import copy
 import datetime
 import os
 import socket
-import sys
 import time
 import traceback
 

@@ -140,15 +140,17 @@ sanitize() {  # sanitize TOOL DEADLINE: the plan's small shapes of every CUDA C+
     return
   fi
   local filter=()
-  compute-sanitizer --help 2>/dev/null | grep -q -- "--kernel-name" && filter=(--kernel-name kns=fastnets)
-  PYTORCH_NO_CUDA_MEMORY_CACHING=1 FASTNETS_GPU_PLAN=small compute-sanitizer --tool "$tool" --error-exitcode 9 \
+  # only fastnets' own kernels are instrumented (torch's and cuDNN's run at full speed), where supported
+  "$SANITIZER" --help 2>/dev/null | grep -q -- "--kernel-name" && filter=(--kernel-name kns=fastnets)
+  PYTORCH_NO_CUDA_MEMORY_CACHING=1 FASTNETS_GPU_PLAN=small "$SANITIZER" --tool "$tool" --error-exitcode 9 \
     "${filter[@]}" "${PYTEST[@]}" tests/test_gpu_plan.py -m gpu_plan -k "cuda and not conv-cuda" \
     --junitxml="$WORK/$tool.xml"
 }
 
 sanitizer() {
-  if [ "$DRY" != 1 ] && ! command -v compute-sanitizer > /dev/null; then
-    echo "compute-sanitizer not found"
+  SANITIZER=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2> /dev/null | head -n 1)
+  if [ "$DRY" != 1 ] && [ -z "$SANITIZER" ]; then
+    echo "compute-sanitizer not found (neither on PATH nor in /usr/local/cuda*/bin)"
     return 3
   fi
   local rc=0 t0
@@ -163,7 +165,7 @@ slow() {
     "${PYTEST[@]}" tests -m slow --collect-only
     return
   fi
-  "${PYTEST[@]}" tests -m "slow and not gpu_plan" --timeout 50 --junitxml="$WORK/slow.xml"
+  "${PYTEST[@]}" tests -m "slow and not gpu_plan" --timeout 55 --junitxml="$WORK/slow.xml"
 }
 
 BENCH_ARGS=(--out "$WORK/bench" --quick)
@@ -212,7 +214,7 @@ step info 30 environment
 step warmup 60 warmup
 step plan 120 plan
 step sanitizer 70 sanitizer
-step slow 50 slow
+step slow 60 slow
 step bn 25 "$PY" benchmarks/bench_batch_norm.py "${BENCH_ARGS[@]}" --variants fastnets
 step se 20 "$PY" benchmarks/bench_squeeze_excite.py "${BENCH_ARGS[@]}" --variants fastnets
 step conv 40 "$PY" benchmarks/bench_conv.py "${BENCH_ARGS[@]}" --variants fastnets

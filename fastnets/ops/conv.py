@@ -437,7 +437,8 @@ def _grouped(input, weight, bias, stride, padding, dilation, groups, scale, shif
 def _autocast(input, weight, bias, residual):
     """Under torch.autocast, cast as F.conv2d's autocast rule does (custom ops get no autocast of their own):
     floating tensors other than float64 go to the autocast dtype; BatchNorm's scale and shift stay fp32."""
-    if not isinstance(input, torch.Tensor) or not torch.is_autocast_enabled(input.device.type):
+    # meta tensors (shape inference) have no autocast state: asking raises an internal error
+    if not isinstance(input, torch.Tensor) or input.device.type == "meta" or not torch.is_autocast_enabled(input.device.type):
         return input, weight, bias, residual
     dtype = torch.get_autocast_dtype(input.device.type)
 

@@ -229,6 +229,9 @@ def batch_norm(
     identity. In training, running statistics (when given) are updated in place as torch does:
     new = (1 - momentum) * old + momentum * batch, the variance unbiased."""
     act, act_param = activations.resolve(act, relu)
+    if isinstance(input, torch.Tensor) and input.numel() == 0 and residual is None:
+        _checks.check_float(input, "input")
+        return _empty_batch_norm(input, weight, bias, act, act_param)
     _validate(input, running_mean, running_var, weight, bias, residual, training)
     backend = current_backend() if backend is None else backend
     x, _ = _checks.dense_layout(input)
@@ -244,6 +247,17 @@ def batch_norm(
         var = (invstd.pow(-2) - eps).clamp_min(0)  # a zero-variance channel would round to -1e-12
         update_running_stats(running_mean, running_var, mean, var, momentum, x.numel() // x.shape[1])
     return y
+
+
+def _empty_batch_norm(input, weight, bias, act, act_param):
+    """F.batch_norm of an empty input, as aten computes it: a clone (not a view, so autograd keeps its
+    chain), scaled by weight[0] and shifted by bias[0] when they have elements; statistics untouched."""
+    out = input.clone()
+    if weight is not None and weight.numel() > 0:
+        out = out * weight[0]
+    if bias is not None and bias.numel() > 0:
+        out = out + bias[0]
+    return activations.forward(out, act, act_param)
 
 
 def update_running_stats(running_mean, running_var, mean, var, momentum, count):

@@ -1,0 +1,98 @@
+"""fastnets.ops.conv2d and fastnets.ops.batch_norm as drop-ins for F.conv2d and F.batch_norm, on every
+sample of torch's own OpInfo entries (torch.testing._internal.common_methods_invocations.op_db): string
+padding, groups, unbatched inputs, missing bias/weight/running statistics. Output, the gradient of every
+input that requires one, and the running statistics, against torch, on each backend here."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastnets
+from fastnets.ops import batch_norm, conv2d
+
+from conftest import assert_rel, backend_params, device_for
+
+pytest.importorskip("expecttest", reason="torch's OpInfo database needs expecttest (pip install expecttest)")
+from torch.testing._internal.common_methods_invocations import op_db  # noqa: E402
+
+
+def _samples(name, device, dtype):
+    op = next(o for o in op_db if o.name == name and o.variant_test_name == "")
+    return list(op.sample_inputs(device, dtype, requires_grad=True))
+
+
+def _clone(v):
+    if isinstance(v, torch.Tensor):
+        c = v.detach().clone()
+        return c.requires_grad_(v.requires_grad)
+    return v
+
+
+def _run(fn, sample):
+    inp = _clone(sample.input)
+    args = [_clone(a) for a in sample.args]
+    kwargs = {k: _clone(v) for k, v in sample.kwargs.items()}
+    out = fn(inp, *args, **kwargs)
+    leaves = [t for t in [inp, *args, *kwargs.values()] if isinstance(t, torch.Tensor) and t.requires_grad]
+    grads = torch.autograd.grad(out, leaves, torch.ones_like(out) + 0.1 * torch.arange(out.numel(), device=out.device,
+                                                                                       dtype=out.dtype).view_as(out).sin())
+    buffers = [t for t in [*args, *kwargs.values()] if isinstance(t, torch.Tensor) and not t.requires_grad]
+    return out, grads, buffers
+
+
+@pytest.mark.parametrize("backend", backend_params("conv"))
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+def test_conv2d_opinfo_samples(backend, dtype):
+    device = device_for(backend)
+    samples = _samples("nn.functional.conv2d", device, dtype)
+    assert len(samples) >= 20
+    kinds = set()
+    for i, s in enumerate(samples):
+        kinds.add(("str-padding" if isinstance(s.kwargs.get("padding"), str) else "int-padding",
+                   "grouped" if s.kwargs.get("groups", 1) != 1 else "dense", s.input.dim()))
+        with fastnets.use_backend(backend):
+            out, grads, _ = _run(conv2d, s)
+        want, wgrads, _ = _run(F.conv2d, s)
+        desc = f"sample {i}: input {tuple(s.input.shape)}, {s.kwargs}"
+        assert out.shape == want.shape, desc
+        assert_rel(out, want, msg=desc)
+        for j, (g, w) in enumerate(zip(grads, wgrads)):
+            assert_rel(g, w, scale=4, msg=f"{desc} grad {j}")
+    # the samples cover what the issue reported broken: string padding, groups, unbatched input
+    assert {k[0] for k in kinds} == {"str-padding", "int-padding"} and {k[1] for k in kinds} == {"grouped", "dense"}
+    assert {k[2] for k in kinds} == {3, 4}
+
+
+@pytest.mark.parametrize("backend", backend_params("batch_norm"))
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+def test_batch_norm_opinfo_samples(backend, dtype):
+    device = device_for(backend)
+    samples = _samples("nn.functional.batch_norm", device, dtype)
+    assert len(samples) >= 8
+    for i, s in enumerate(samples):
+        with fastnets.use_backend(backend):
+            out, grads, bufs = _run(batch_norm, s)
+        want, wgrads, wbufs = _run(F.batch_norm, s)
+        desc = f"sample {i}: input {tuple(s.input.shape)}, {s.kwargs}"
+        assert_rel(out, want, msg=desc)
+        for j, (g, w) in enumerate(zip(grads, wgrads)):
+            assert_rel(g, w, scale=4, ref=torch.ones_like(w) if j == 0 else None, msg=f"{desc} grad {j}")
+        for j, (b, w) in enumerate(zip(bufs, wbufs)):  # running statistics, updated in place as torch does
+            assert_rel(b, w, msg=f"{desc} buffer {j}")
+
+
+def test_conv2d_bad_arguments_name_them():
+    x, w = torch.randn(1, 4, 5, 5), torch.randn(4, 2, 3, 3)
+    with pytest.raises(ValueError, match="padding"):
+        conv2d(x, w, groups=2, padding="full")
+    with pytest.raises(ValueError, match="padding='same'"):
+        conv2d(x, w, groups=2, padding="same", stride=2)
+    with pytest.raises(ValueError, match="groups"):
+        conv2d(x, w, groups=3)
+    with pytest.raises(ValueError, match="groups"):
+        conv2d(x, w, groups=0)
+    with pytest.raises(TypeError, match="groups"):
+        conv2d(x, w, groups=2.0)
+    with pytest.raises(ValueError, match="stride"):
+        conv2d(x, w, groups=2, stride=(1, 2, 3))
+    with pytest.raises(ValueError, match="input"):
+        conv2d(x[0, 0], w, groups=2)

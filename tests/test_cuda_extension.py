@@ -23,12 +23,14 @@ from conftest import GPU, TOL
 OPS = ("cuda_bn_stats", "cuda_bn_apply", "cuda_bn_backward_reduce", "cuda_bn_backward_apply", "cuda_build_info")
 SCHEMAS = {
     "cuda_bn_stats": "fastnets::cuda_bn_stats(Tensor x, bool channels_last, float eps) -> (Tensor mean, Tensor invstd)",
-    "cuda_bn_apply": "fastnets::cuda_bn_apply(Tensor x, Tensor scale, Tensor shift, Tensor? residual, bool relu, "
-    "bool channels_last) -> Tensor",
-    "cuda_bn_backward_reduce": "fastnets::cuda_bn_backward_reduce(Tensor dy, Tensor x, Tensor? y, Tensor mean, "
-    "bool relu, bool channels_last) -> (Tensor sum_g, Tensor sum_gxmu)",
-    "cuda_bn_backward_apply": "fastnets::cuda_bn_backward_apply(Tensor dy, Tensor x, Tensor? y, Tensor a, Tensor b, "
-    "Tensor d, Tensor mean, bool relu, bool train, bool write_g, bool channels_last) -> (Tensor dx, Tensor g)",
+    "cuda_bn_apply": "fastnets::cuda_bn_apply(Tensor x, Tensor scale, Tensor shift, Tensor? residual, int act, "
+    "float act_param, bool channels_last) -> Tensor",
+    "cuda_bn_backward_reduce": "fastnets::cuda_bn_backward_reduce(Tensor dy, Tensor x, Tensor? y, Tensor? residual, "
+    "Tensor? scale, Tensor? shift, Tensor mean, int act, float act_param, bool channels_last) "
+    "-> (Tensor sum_g, Tensor sum_gxmu)",
+    "cuda_bn_backward_apply": "fastnets::cuda_bn_backward_apply(Tensor dy, Tensor x, Tensor? y, Tensor? residual, "
+    "Tensor? scale, Tensor? shift, Tensor a, Tensor b, Tensor d, Tensor mean, int act, float act_param, bool train, "
+    "bool write_g, bool channels_last) -> (Tensor dx, Tensor g)",
 }
 
 
@@ -358,17 +360,17 @@ def test_bad_arguments_name_the_argument():
     with pytest.raises(RuntimeError, match="x must be dense in contiguous"):
         k.cuda_bn_stats(x.to(memory_format=torch.channels_last), False, 1e-5)
     with pytest.raises(RuntimeError, match="scale must be"):
-        k.cuda_bn_apply(x, s.double(), s, None, False, False)
+        k.cuda_bn_apply(x, s.double(), s, None, 0, 0.0, False)
     with pytest.raises(RuntimeError, match=r"shift must have shape \(8,\)"):
-        k.cuda_bn_apply(x, s, torch.ones(7, device="cuda"), None, False, False)
+        k.cuda_bn_apply(x, s, torch.ones(7, device="cuda"), None, 0, 0.0, False)
     with pytest.raises(RuntimeError, match="residual must have x's strides"):
-        k.cuda_bn_apply(x, s, s, x.to(memory_format=torch.channels_last), False, False)
+        k.cuda_bn_apply(x, s, s, x.to(memory_format=torch.channels_last), 0, 0.0, False)
     with pytest.raises(RuntimeError, match="dy has dtype"):
-        k.cuda_bn_backward_reduce(x.half(), x, None, s, False, False)
+        k.cuda_bn_backward_reduce(x.half(), x, None, None, None, None, s, 0, 0.0, False)
     with pytest.raises(RuntimeError, match="y .the forward output. is required"):
-        k.cuda_bn_backward_apply(x, x, None, s, s, s, s, True, True, False, False)
+        k.cuda_bn_backward_apply(x, x, None, None, None, None, s, s, s, s, 1, 0.0, True, False, False)
     with pytest.raises(RuntimeError, match="mean is on"):
-        k.cuda_bn_backward_reduce(x, x, None, s.cpu(), False, False)
+        k.cuda_bn_backward_reduce(x, x, None, None, None, None, s.cpu(), 0, 0.0, False)
 
 
 def _free_gpu_bytes():

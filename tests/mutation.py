@@ -393,9 +393,14 @@ def module_name(path):
 
 def preload():
     """Fork mode: import what every run imports and that fastnets does not define (torch, and torch._dynamo,
-    which the first custom-op call imports: about half of a short run's CPU time), once, in the parent."""
+    which the first custom-op call imports: about half of a short run's CPU time), once, in the parent.
+    torch._dynamo imports Triton, whose own @jit helpers (tl.zeros, ...) are interpreted only if
+    TRITON_INTERPRET is set when Triton is imported: set it first, by tests/conftest.py's rule."""
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
     import pytest  # noqa: F401
-    import torch  # noqa: F401
     import torch._dynamo  # noqa: F401
 
 

@@ -59,7 +59,8 @@ class GateTwoUsers(nn.Module):
 
 
 class ModeDependent(nn.Module):
-    """A forward with a train-only ReLU: a trace in one mode would freeze that mode's branch."""
+    """A forward with an eval-only ReLU: a trace in one mode would freeze that mode's branch (and the eval
+    trace, the last one taken, has a BN -> ReLU to fuse)."""
 
     def __init__(self):
         super().__init__()
@@ -67,8 +68,8 @@ class ModeDependent(nn.Module):
 
     def forward(self, x):
         if self.training:
-            return F.relu(self.bn(x))
-        return self.bn(x)
+            return self.bn(x)
+        return F.relu(self.bn(x))
 
 
 MODELS = {"bn-two-users": BNTwoUsers, "conv-two-users": ConvTwoUsers, "gate-two-users": GateTwoUsers,

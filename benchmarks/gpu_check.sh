@@ -200,6 +200,8 @@ warmup() {
 }
 
 plan() {
+  # four xdist workers share the GPU: expandable segments keep each one's cached blocks from fragmenting it
+  PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True} \
   FASTNETS_PLAN_DEADLINE=$(( $(date +%s) + ${STEP_LIMIT:-120} - 12 )) FASTNETS_CONV_TUNE=fixed "${PYTEST[@]}" tests/test_gpu_plan.py -m gpu_plan "${PLAN_WORKERS[@]}" \
     --timeout "$PLAN_TIMEOUT" --junitxml="$WORK/plan.xml"
 }

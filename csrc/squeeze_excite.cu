@@ -25,13 +25,12 @@
 #include <torch/library.h>
 
 #include "activations.cuh"
+#include "common.cuh"
 
 namespace fastnets {
 namespace se {
 namespace {
 
-constexpr int kWarp = 32;
-constexpr unsigned kFullMask = 0xffffffffu;
 constexpr int kThreads = 256;
 constexpr int kClChannels = 32;  // channels_last reduction block: 32 channels x 8 spatial rows
 constexpr int kClRows = kThreads / kClChannels;
@@ -48,18 +47,9 @@ __device__ __forceinline__ T warp_sum(T v) {
   return v;
 }
 
-// ReLU that propagates NaN like torch.relu (fmax would turn NaN into 0).
-template <typename T>
-__device__ __forceinline__ T relu_nan(T v) {
-  return v < T(0) ? T(0) : v;
-}
-
 // The sigmoid gate: act::dsigmoid (activations.cuh), 1 / (1 + e) through the correctly rounded reciprocal.
 
 __device__ __forceinline__ int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
-
-__device__ __forceinline__ float div_rn(float a, float b) { return __fdiv_rn(a, b); }
-__device__ __forceinline__ double div_rn(double a, double b) { return a / b; }
 
 // One term of a reduction: x (pool) or g * x (backward).
 template <typename scalar_t, typename acc_t>
@@ -212,11 +202,6 @@ __global__ void excite_kernel(const acc_t* __restrict__ pooled, const w_t* __res
 // Elementwise pass: each thread takes V consecutive elements (one 16-byte load per tensor when VEC), works
 // out the (n, c) of the first one with one division, then steps through the others.
 
-template <typename T, int V>
-struct alignas(sizeof(T) * V) Pack {
-  T v[V];
-};
-
 struct ApplyFlags {
   bool grad, has_add, relu, write_g, channels_last;
 };
@@ -332,14 +317,6 @@ __global__ void apply_kernel(const scalar_t* __restrict__ src, const acc_t* __re
 // ---------------------------------------------------------------------------------------------------
 // Host side: checks and launches
 
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-at::ScalarType acc_type_of(const at::Tensor& x) {
-  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-}
-
-bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
-
 void check_x(const at::Tensor& x, bool channels_last, const char* op) {
   TORCH_CHECK(x.defined(), op, ": x is undefined");
   TORCH_CHECK(x.is_cuda(), op, ": x must be a CUDA tensor, got ", x.device());
@@ -352,29 +329,6 @@ void check_x(const at::Tensor& x, bool channels_last, const char* op) {
   TORCH_CHECK(dense, op, ": x must be dense in ", channels_last ? "channels_last" : "contiguous (NCHW)",
               " order as channels_last=", channels_last, " says; got shape ", x.sizes(), " and strides ",
               x.strides());
-}
-
-// dy, y, residual, outputs: x's shape, dtype, device and strides.
-void check_like_x(const at::Tensor& t, const char* name, const at::Tensor& x, const char* op) {
-  TORCH_CHECK(t.defined(), op, ": ", name, " is undefined");
-  TORCH_CHECK(t.device() == x.device(), op, ": ", name, " is on ", t.device(), " but x is on ", x.device());
-  TORCH_CHECK(t.scalar_type() == x.scalar_type(), op, ": ", name, " has dtype ", t.scalar_type(),
-              " but x has dtype ", x.scalar_type());
-  TORCH_CHECK(t.sizes() == x.sizes(), op, ": ", name, " has shape ", t.sizes(), " but x has shape ", x.sizes());
-  for (int64_t d = 0; d < x.dim(); ++d) {
-    TORCH_CHECK(x.size(d) == 1 || t.stride(d) == x.stride(d), op, ": ", name, " must have x's strides ",
-                x.strides(), ", got ", t.strides());
-  }
-}
-
-// A contiguous tensor of the given shape and dtype on `dev`.
-void check_vec(const at::Tensor& t, const char* name, at::IntArrayRef shape, at::ScalarType dtype,
-               const at::Device& dev, const char* op) {
-  TORCH_CHECK(t.defined(), op, ": ", name, " is undefined");
-  TORCH_CHECK(t.device() == dev, op, ": ", name, " is on ", t.device(), " but x is on ", dev);
-  TORCH_CHECK(t.scalar_type() == dtype, op, ": ", name, " must be ", dtype, ", got ", t.scalar_type());
-  TORCH_CHECK(t.sizes() == shape, op, ": ", name, " must have shape ", shape, ", got ", t.sizes());
-  TORCH_CHECK(t.is_contiguous(), op, ": ", name, " must be contiguous");
 }
 
 void se_reduce(const at::Tensor& x, const std::optional<at::Tensor>& dy, const std::optional<at::Tensor>& y,

@@ -1,4 +1,12 @@
-"""Backend selection: `reference` (pure PyTorch, any device), `triton`, `cuda` (compiled extension), `auto`.
+"""Backend selection: `native` (torch's native CPU kernels), `reference` (pure PyTorch, any device), `triton`,
+`cuda` (compiled extension), `auto`.
+
+`auto` is `native` on CPU tensors and the fastest fastnets kernels on a GPU. `native` is dispatched at the
+Python wrapper level (fastnets.ops.batch_norm / conv2d / conv2d_batch_norm / squeeze_excite and the nn
+modules): F.batch_norm (running statistics updated natively, torch's semantics), oneDNN convolution with
+BatchNorm folded into it in inference, in-place add/activation where autograd allows; autograd is torch's
+own. fastnets' custom ops (torch.ops.fastnets.*) have no native kernels: given `native` or `auto` on a CPU
+tensor they run the `reference` backend, which stays the pure-PyTorch oracle the tests compare against.
 
 The selection is process-wide state set by `use_backend(...)` (a function and a context manager) or the
 environment variable FASTNETS_BACKEND. Ops receive the selected name as a plain string argument, so
@@ -11,8 +19,8 @@ import torch
 
 from . import _extension
 
-NAMES = ("auto", "reference", "triton", "cuda")
-CONCRETE = ("reference", "triton", "cuda")
+NAMES = ("auto", "native", "reference", "triton", "cuda")
+CONCRETE = ("native", "reference", "triton", "cuda")
 
 
 class BackendUnavailableError(RuntimeError):
@@ -70,6 +78,8 @@ def _triton_import_problem():
 def unavailable_reason(name, device):
     """None when backend `name` can run on `device`, else a sentence saying why not."""
     device = torch.device(device)
+    if name == "native":
+        return None if device.type == "cpu" else f"the native backend is fastnets' CPU path; got a {device.type} tensor"
     if name == "reference":
         if device.type == "cuda" and not torch.cuda.is_available():
             return "no CUDA GPU is available to torch"
@@ -107,16 +117,22 @@ def resolve(name, device, implemented=CONCRETE, auto_order=("cuda", "triton", "r
     """Turn a requested name into the concrete backend that runs an op on `device`.
 
     `implemented` lists the backends this op has; `auto_order` is its preference on a GPU.
-    `auto` is the reference on the CPU.
+    `auto` is native on the CPU where the op implements it, else the reference; `native` asked of an op
+    without native kernels (fastnets' custom ops: native is dispatched before them) runs the reference.
     """
     device = torch.device(device)
     _check_name(name)
     if name == "auto":
         if device.type != "cuda":
-            return "reference"
+            return "native" if (device.type == "cpu" and "native" in implemented) else "reference"
         for cand in auto_order:
             if cand in implemented and unavailable_reason(cand, device) is None:
                 return cand
+        return "reference"
+    if name == "native" and "native" not in implemented:
+        why = unavailable_reason(name, device)
+        if why is not None:
+            raise BackendUnavailableError(f"fastnets backend 'native' is unavailable: {why}")
         return "reference"
     if name not in implemented:
         raise BackendUnavailableError(f"this op has no {name!r} implementation; it has {tuple(implemented)}")

@@ -85,6 +85,7 @@ def conv_bn_act(conv, bn, x, residual=None, relu=True, act=None):
         dilation=conv.dilation,
         residual=residual,
         act=act,
+        cache_owner=conv,
     )
 
 

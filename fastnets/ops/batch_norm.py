@@ -21,6 +21,7 @@ from torch import Tensor
 from .. import _checks, activations
 from ..backends import current_backend
 from ..reference.batch_norm import acc_dtype
+from . import _native_cpu
 from ._registry import kernels, register_family
 
 register_family(
@@ -234,6 +235,9 @@ def batch_norm(
         return _empty_batch_norm(input, weight, bias, act, act_param)
     _validate(input, running_mean, running_var, weight, bias, residual, training)
     backend = current_backend() if backend is None else backend
+    if _native_cpu.active(backend, input):  # torch's F.batch_norm: its own running-statistics update and autograd
+        return _native_cpu.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps,
+                                      residual, act, act_param)
     x, _ = _checks.dense_layout(input)
     if residual is not None:
         residual = _checks.match_layout(residual, x)

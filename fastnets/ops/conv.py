@@ -32,6 +32,7 @@ from .. import _checks, activations, backends
 from ..backends import current_backend
 from ..reference.batch_norm import acc_dtype
 from .batch_norm import fold_scale_shift, save_for_act, update_running_stats
+from . import _native_cpu
 from ._registry import kernels, register_family
 
 # `auto` on a GPU is the measured hybrid (Triton or cuDNN per shape, see _conv_kernels); the registry's
@@ -476,6 +477,10 @@ def conv2d(
         padding = _pair(padding, "padding", 0)
     if any(extra):  # 'same' with an odd total: the extra row/column at the end, as torch
         input = F.pad(input, (0, extra[0], 0, extra[1]))
+    if _native_cpu.active(backend, input):  # torch's F.conv2d / oneDNN with the epilogue fused or in place
+        input, weight, bias, residual = _autocast(input, weight, bias, residual)
+        return _native_cpu.conv2d(input, weight, bias, stride, padding, dilation, groups, scale, shift, residual,
+                                  act, act_param)
     if groups != 1:
         input, weight, bias, residual = _autocast(input, weight, bias, residual)
         return _grouped(input, weight, bias, stride, padding, dilation, groups, scale, shift, residual, act, act_param)
@@ -490,13 +495,15 @@ def conv2d(
 
 def conv2d_batch_norm(
     input, weight, bias, running_mean, running_var, bn_weight=None, bn_bias=None, training=False, momentum=0.1,
-    eps=1e-5, stride=1, padding=0, dilation=1, residual=None, relu=True, backend=None, act=None,
+    eps=1e-5, stride=1, padding=0, dilation=1, residual=None, relu=True, backend=None, act=None, cache_owner=None,
 ):
     """act(batch_norm(conv2d(input, weight, bias)) [+ residual]) (act: fastnets.activations; it wins over
     `relu`), with batch_norm following
     torch.nn.functional.batch_norm's contract (running statistics, when given, updated in place in training
     as torch does). Training: the convolution's epilogue produces the batch statistics and the fused BN
-    kernel normalizes (+residual, +activation). Eval: the BatchNorm is folded into the convolution's epilogue."""
+    kernel normalizes (+residual, +activation). Eval: the BatchNorm is folded into the convolution's epilogue.
+    On the native backend (auto on CPU) eval folds BN into the weights of one oneDNN convolution;
+    `cache_owner` (the conv module, from conv_bn_act) caches that fold (see ops/_native_cpu.py)."""
     act, act_param = activations.resolve(act, relu)
     backend = current_backend() if backend is None else backend
     stride, padding, dilation = _args(input, stride, padding, dilation)
@@ -516,6 +523,11 @@ def conv2d_batch_norm(
         count = shape[0] * shape[2] * shape[3]
         if count <= 1:
             raise ValueError(f"Expected more than 1 value per channel when training, got output size {shape}")
+        if _native_cpu.active(backend, input):  # F.conv2d, then F.batch_norm (running statistics natively)
+            z = F.conv2d(input, weight, bias, tuple(stride), tuple(padding), tuple(dilation))
+            y = _native_cpu.batch_norm(z, running_mean, running_var, bn_weight, bn_bias, True, momentum, eps,
+                                       residual, act, act_param)
+            return y.squeeze(0) if unbatched else y
         z, mean, var = torch.ops.fastnets.conv2d_stats(input, weight, bias, stride, padding, dilation, backend)
         invstd = torch.rsqrt(var + eps)
         if running_mean is not None or running_var is not None:
@@ -524,6 +536,10 @@ def conv2d_batch_norm(
     else:
         if running_mean is None or running_var is None:
             raise ValueError("running_mean and running_var are required when training=False")
+        if _native_cpu.active(backend, input):  # one oneDNN convolution of the folded weights
+            y = _native_cpu.conv_bn_eval(input, weight, bias, running_mean, running_var, bn_weight, bn_bias, eps,
+                                         stride, padding, dilation, residual, act, act_param, cache_owner)
+            return y.squeeze(0) if unbatched else y
         acc = acc_dtype(input)
         scale, shift = fold_scale_shift(bn_weight, bn_bias, running_mean.to(acc), torch.rsqrt(running_var.to(acc) + eps))
         y, _ = torch.ops.fastnets.conv2d(

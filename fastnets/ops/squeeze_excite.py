@@ -33,6 +33,7 @@ from torch import Tensor
 from .. import _checks, activations
 from ..backends import NAMES, current_backend
 from ..reference.squeeze_excite import acc_dtype
+from . import _native_cpu
 from ._registry import kernels, register_family
 
 register_family(
@@ -397,6 +398,9 @@ def squeeze_excite(x, w1, b1, w2, b2, residual=None, relu=False, backend=None, i
     if residual is not None:
         _checks.check_like(residual, "residual", x, "input")
     backend = _backend(backend)
+    if _native_cpu.active(backend, x):  # torch's own ops and autograd
+        return _native_cpu.squeeze_excite(x, _mat(w1), b1, _mat(w2), b2, residual, bool(relu), inner, inner_param,
+                                          gate)
     x, _ = _checks.dense_layout(x)
     if residual is not None:
         residual = _checks.match_layout(residual, x)

@@ -1,0 +1,248 @@
+"""The `native` backend (auto on CPU tensors): torch's native kernels at the wrapper level, BatchNorm folded
+into one oneDNN convolution in eval, the fold cache. Checked against torch.nn in float64 and against the
+reference backend (the oracle), every gradient and running statistic included."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import fastnets
+from fastnets.nn.batch_norm import bn_act
+from fastnets.nn.conv import conv_bn_act
+from fastnets.ops import _native_cpu
+from fastnets.ops.batch_norm import batch_norm
+from fastnets.ops.squeeze_excite import squeeze_excite
+
+from conftest import assert_rel
+
+
+def _pair(cin=5, cout=7, k=3, stride=1, padding=1, bias=False, dtype=torch.float64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    conv = nn.Conv2d(cin, cout, k, stride=stride, padding=padding, bias=bias).to(dtype)
+    bn = nn.BatchNorm2d(cout).to(dtype)
+    with torch.no_grad():
+        conv.weight.copy_(torch.randn(conv.weight.shape, generator=g, dtype=dtype) * 0.3)
+        if bias:
+            conv.bias.copy_(torch.randn(cout, generator=g, dtype=dtype))
+        bn.weight.copy_(torch.rand(cout, generator=g, dtype=dtype) + 0.5)
+        bn.bias.copy_(torch.randn(cout, generator=g, dtype=dtype))
+        bn.running_mean.copy_(torch.randn(cout, generator=g, dtype=dtype) * 2 + 1)
+        bn.running_var.copy_(torch.rand(cout, generator=g, dtype=dtype) * 3 + 0.2)
+    return conv, bn
+
+
+def _x(shape, dtype=torch.float64, cl=False, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(shape, generator=g, dtype=torch.float64) * 2 + 3).to(dtype)  # non-zero mean
+    return x.contiguous(memory_format=torch.channels_last) if cl else x
+
+
+def _torch_block(conv, bn, x, residual, act):
+    y = bn(conv(x))
+    if residual is not None:
+        y = y + residual
+    return fastnets.activations.forward(y, *fastnets.activations.canonical(act))
+
+
+def test_auto_is_native_on_cpu_and_reported():
+    assert "native" in fastnets.available_backends("cpu")
+    from fastnets import info
+    assert "native" in info.report()
+    from fastnets import backends
+    assert backends.resolve("auto", "cpu", implemented=("native", "reference")) == "native"
+    # fastnets' custom ops have no native kernels: auto/native inside them is the reference
+    assert backends.resolve("auto", "cpu", implemented=("reference", "triton")) == "reference"
+    assert backends.resolve("native", "cpu", implemented=("reference", "triton")) == "reference"
+    with pytest.raises(fastnets.BackendUnavailableError, match="native"):
+        backends.resolve("native", "meta", implemented=("reference",))
+
+
+@pytest.mark.parametrize("cl", [False, True], ids=["nchw", "cl"])
+@pytest.mark.parametrize("act", ["relu", "identity", "silu", "leaky_relu"])
+@pytest.mark.parametrize("with_res", [False, True], ids=["", "res"])
+def test_conv_bn_eval_matches_torch_float64_and_reference(cl, act, with_res):
+    conv, bn = _pair(bias=True)
+    conv.eval(), bn.eval()
+    x = _x((2, 5, 9, 7), cl=cl)
+    res = _x((2, 7, 9, 7), cl=cl, seed=2) if with_res else None
+    want = _torch_block(conv, bn, x, res, act)
+    with fastnets.use_backend("auto"):
+        got = conv_bn_act(conv, bn, x, residual=res, act=act)
+    assert_rel(got, want)
+    with fastnets.use_backend("reference"):
+        ref = conv_bn_act(conv, bn, x, residual=res, act=act)
+    assert_rel(got, ref)
+
+
+@pytest.mark.parametrize("cl", [False, True], ids=["nchw", "cl"])
+@pytest.mark.parametrize("act", ["relu", "relu6", "hardswish", "gelu", "silu"])
+@pytest.mark.parametrize("with_res", [False, True], ids=["", "res"])
+def test_onednn_fused_inference_fp32(cl, act, with_res):
+    """The no-grad fp32 path is oneDNN's fused convolution: each post-op against torch (float64 truth)."""
+    conv, bn = _pair(cin=8, cout=13, stride=2, dtype=torch.float32)
+    conv.eval(), bn.eval()
+    x = _x((3, 8, 11, 10), dtype=torch.float32, cl=cl)
+    out_hw = (6, 5)
+    res = _x((3, 13) + out_hw, dtype=torch.float32, cl=cl, seed=3) if with_res else None
+    c64, b64 = copy.deepcopy(conv).double(), copy.deepcopy(bn).double()
+    want = _torch_block(c64, b64, x.double(), None if res is None else res.double(), act)
+    with torch.no_grad():
+        got = conv_bn_act(conv, bn, x, residual=res, act=act)
+    assert got.dtype == torch.float32
+    assert_rel(got, want)
+
+
+def test_frozen_bn_gradients_exact():
+    """Eval-mode BN with autograd (frozen-BN fine-tuning): every gradient as torch's unfolded chain."""
+    conv, bn = _pair(bias=True)
+    conv.eval(), bn.eval()
+    x = _x((2, 5, 8, 8)).requires_grad_()
+    res = _x((2, 7, 8, 8), seed=4).requires_grad_()
+    gy = _x((2, 7, 8, 8), seed=5)
+    c2, b2 = copy.deepcopy(conv), copy.deepcopy(bn)
+    x2, r2 = x.detach().clone().requires_grad_(), res.detach().clone().requires_grad_()
+    conv_bn_act(conv, bn, x, residual=res, act="relu").backward(gy)
+    _torch_block(c2, b2, x2, r2, "relu").backward(gy)
+    for a, b in ((x.grad, x2.grad), (res.grad, r2.grad), (conv.weight.grad, c2.weight.grad),
+                 (conv.bias.grad, c2.bias.grad), (bn.weight.grad, b2.weight.grad), (bn.bias.grad, b2.bias.grad)):
+        assert_rel(a, b)
+    assert torch.equal(bn.running_mean, b2.running_mean) and torch.equal(bn.running_var, b2.running_var)
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+@pytest.mark.parametrize("cl", [False, True], ids=["nchw", "cl"])
+def test_train_running_stats_identical_to_torch(momentum, cl):
+    conv, bn = _pair(cin=3, cout=6, dtype=torch.float32)
+    bn.momentum = momentum
+    c2, b2 = copy.deepcopy(conv), copy.deepcopy(bn)
+    conv.train(), bn.train(), c2.train(), b2.train()
+    for step in range(3):
+        x = _x((4, 3, 7, 5), dtype=torch.float32, cl=cl, seed=10 + step)
+        y = conv_bn_act(conv, bn, x, act="relu")
+        y2 = torch.relu(b2(c2(x)))
+        torch.testing.assert_close(y, y2, rtol=1e-5, atol=1e-5)
+        y.sum().backward()
+        y2.sum().backward()
+    # F.batch_norm itself updates them: bit-identical to torch.nn
+    assert torch.equal(bn.running_mean, b2.running_mean)
+    assert torch.equal(bn.running_var, b2.running_var)
+    assert int(bn.num_batches_tracked) == int(b2.num_batches_tracked) == 3
+    for a, b in ((conv.weight.grad, c2.weight.grad), (bn.weight.grad, b2.weight.grad), (bn.bias.grad, b2.bias.grad)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_bn_act_and_functional_match_torch_and_reference():
+    bn = nn.BatchNorm2d(7).double()
+    _, bn_src = _pair()
+    bn.load_state_dict(bn_src.state_dict())
+    x = _x((3, 7, 4, 5)).requires_grad_()
+    res = _x((3, 7, 4, 5), seed=7)
+    b2 = copy.deepcopy(bn)
+    x2 = x.detach().clone().requires_grad_()
+    y = bn_act(bn, x, residual=res, relu=True)
+    y2 = torch.relu(b2(x2) + res)
+    assert_rel(y, y2)
+    y.sum().backward()
+    y2.sum().backward()
+    assert_rel(x.grad, x2.grad)
+    assert_rel(bn.weight.grad, b2.weight.grad)
+    assert torch.equal(bn.running_var, b2.running_var) and int(bn.num_batches_tracked) == 1
+    rm, rv = bn.running_mean.clone(), bn.running_var.clone()
+    with fastnets.use_backend("reference"):
+        ref = batch_norm(x.detach(), rm.clone(), rv.clone(), bn.weight, bn.bias, True, 0.1, 1e-5, residual=res,
+                         relu=True)
+    got = batch_norm(x.detach(), rm.clone(), rv.clone(), bn.weight, bn.bias, True, 0.1, 1e-5, residual=res,
+                     relu=True, backend="native")
+    assert_rel(got, ref)
+
+
+def test_squeeze_excite_native_matches_reference():
+    x = _x((2, 6, 5, 3)).requires_grad_()
+    g = torch.Generator().manual_seed(3)
+    w1, b1 = torch.randn(3, 6, 1, 1, generator=g, dtype=torch.float64), torch.randn(3, generator=g, dtype=torch.float64)
+    w2, b2 = torch.randn(6, 3, 1, 1, generator=g, dtype=torch.float64), torch.randn(6, generator=g, dtype=torch.float64)
+    res = _x((2, 6, 5, 3), seed=8)
+    got = squeeze_excite(x, w1, b1, w2, b2, residual=res, relu=True, backend="auto", inner_act="silu")
+    x2 = x.detach().clone().requires_grad_()
+    ref = squeeze_excite(x2, w1, b1, w2, b2, residual=res, relu=True, backend="reference", inner_act="silu")
+    assert_rel(got, ref)
+    got.sum().backward()
+    ref.sum().backward()
+    assert_rel(x.grad, x2.grad)
+
+
+def test_fold_cache_invalidation_and_module_untouched():
+    conv, bn = _pair(cin=4, cout=6, dtype=torch.float32)
+    conv.eval(), bn.eval()
+    x = _x((2, 4, 6, 6), dtype=torch.float32)
+    before = {k: v.clone() for k, v in {**conv.state_dict(), **bn.state_dict()}.items()}
+
+    def check():
+        with torch.no_grad():
+            got = conv_bn_act(conv, bn, x, act="relu")
+            want = torch.relu(bn(conv(x)))
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+    check()
+    assert conv in _native_cpu._FOLDS
+    key = _native_cpu._FOLDS[conv][0]
+    check()
+    assert _native_cpu._FOLDS[conv][0] == key  # a hit
+    for k, v in {**conv.state_dict(), **bn.state_dict()}.items():
+        assert torch.equal(v, before[k]), k  # the modules' tensors are never modified
+    with torch.no_grad():
+        conv.weight.mul_(1.5)  # in place: the version counter moves
+    check()
+    with torch.no_grad():
+        bn.running_var.add_(0.7)
+        bn.running_mean.sub_(0.3)
+    check()
+    _, bn_new = _pair(cin=4, cout=6, dtype=torch.float32, seed=9)
+    bn.load_state_dict(bn_new.state_dict())
+    check()
+    conv.weight.data = conv.weight.data * 0.5  # a new tensor: data_ptr moves
+    check()
+    with torch.inference_mode():
+        with torch.no_grad():
+            got = conv_bn_act(conv, bn, x, act="relu")
+    torch.testing.assert_close(got, torch.relu(bn(conv(x))).detach(), rtol=1e-5, atol=1e-5)
+    check()  # a fold computed under inference_mode stays usable outside it
+
+
+def test_grad_enabled_eval_does_not_cache_graph():
+    conv, bn = _pair(cin=4, cout=6, dtype=torch.float32, seed=11)
+    conv.eval(), bn.eval()
+    x = _x((2, 4, 6, 6), dtype=torch.float32)
+    y = conv_bn_act(conv, bn, x, act="relu")
+    assert y.requires_grad  # weights require grad: folded differentiably, not from the cache
+    assert conv not in _native_cpu._FOLDS
+
+
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+def test_bf16(train):
+    conv, bn = _pair(cin=6, cout=8, dtype=torch.float32, seed=12)
+    conv.train(train), bn.train(train)
+    x = _x((2, 6, 7, 7), dtype=torch.float32)
+    c64, b64 = copy.deepcopy(conv).double(), copy.deepcopy(bn).double()
+    want = torch.relu(b64(c64(x.double())))
+    convb, bnb = copy.deepcopy(conv).bfloat16(), copy.deepcopy(bn).bfloat16()
+    with torch.no_grad():
+        got = conv_bn_act(convb, bnb, x.bfloat16(), act="relu")
+    assert got.dtype == torch.bfloat16
+    assert_rel(got, want)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        got = conv_bn_act(conv, bn, x, act="relu")
+    assert_rel(got, want)
+
+
+def test_explicit_backends_still_run_their_kernels():
+    """use_backend('reference') still goes through fastnets' custom ops (the oracle), not torch's."""
+    conv, bn = _pair(dtype=torch.float32)
+    conv.eval(), bn.eval()
+    x = _x((1, 5, 4, 4), dtype=torch.float32)
+    with fastnets.use_backend("reference"), torch.no_grad():
+        y = conv_bn_act(conv, bn, x)
+    assert conv not in _native_cpu._FOLDS
+    with torch.no_grad():
+        assert_rel(y, torch.relu(bn(conv(x))), scale=10)

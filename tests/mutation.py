@@ -125,7 +125,7 @@ MUTANTS = [
       "running_var.copy_((1 - momentum) * unbiased + momentum * running_var.to(unbiased.dtype))",
       RUNNING_BF16 + (BN_FILE,)),
     M("bn-running-var-keeps-eps", "fastnets/ops/batch_norm.py",
-      "var = invstd.pow(-2) - eps", "var = invstd.pow(-2)",
+      "invstd.pow(-2) - eps", "invstd.pow(-2)",
       RUNNING + (BN_FILE,)),
     M("bn-eval-backward-zero-mean", "fastnets/ops/batch_norm.py",
       "mean, invstd = running_mean.to(acc), torch.rsqrt(running_var.to(acc) + ctx.eps)",

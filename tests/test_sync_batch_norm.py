@@ -651,3 +651,40 @@ def test_compile_fullgraph_world_size_one_and_eval():
         x, r = _global_batch((2, 4, 3, 3), 1), _global_batch((2, 4, 3, 3), 2)
         assert_rel(f(x, r), ref(x, r))
     assert_rel(m.running_mean, ref.running_mean)
+
+
+def test_convert_sync_bn_fuses_then_synchronises_every_batch_norm():
+    """fastnets.convert(model, sync_bn=True, process_group=pg): fused where it can, every BatchNorm a
+    SyncBatchNorm holding pg, the user's model untouched, and (one process: the single-GPU fallback) the same
+    numbers as the torch model in training, running statistics included."""
+    import fastnets
+    from torchvision.models import resnet18
+
+    torch.manual_seed(0)
+    ref = resnet18(num_classes=7).double()
+    for i, bn in enumerate(m for m in ref.modules() if isinstance(m, nn.BatchNorm2d)):
+        _randomize(bn, 3 + i)
+    before = {k: v.clone() for k, v in ref.state_dict().items()}
+    pg = object()
+    model, report = fastnets.convert(ref, sync_bn=True, process_group=pg, return_report=True)
+    assert model is not ref and all(torch.equal(before[k], v) for k, v in ref.state_dict().items())
+    assert not any(isinstance(m, SyncBatchNorm) for m in ref.modules())
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    assert len(bns) == 20 and all(isinstance(m, SyncBatchNorm) and m.process_group is pg for m in bns)
+    assert len(report.synced) == 20 and report.n_fused() > 0
+    assert list(model.state_dict()) == list(ref.state_dict())
+    x = _global_batch((2, 3, 32, 32), 5)
+    ya, yb = model(x), ref(x)
+    assert_rel(ya, yb)
+    for k, v in ref.state_dict().items():
+        assert_rel(model.state_dict()[k].double(), v.double(), msg=k)
+
+    class OwnForward(nn.BatchNorm2d):  # a subclass whose forward adds something: never silently per-rank
+        def forward(self, x):
+            return super().forward(x) * 2
+
+    with pytest.raises(ValueError, match="cannot synchronise these BatchNorm layers.*OwnForward"):
+        fastnets.convert(nn.Sequential(nn.Conv2d(3, 4, 3), nn.Identity(), OwnForward(4), nn.Flatten()),
+                         sync_bn=True)
+    single = fastnets.convert(nn.BatchNorm2d(3), sync_bn=True)
+    assert type(single) is SyncBatchNorm

@@ -111,11 +111,13 @@ def _swap_layers(model, report):
             report.swapped["Conv2d"].append(name)
 
 
-def convert(model, inplace=False, return_report=False, verbose=False):
+def convert(model, inplace=False, return_report=False, verbose=False, sync_bn=False, process_group=None):
     """Return `model` with its BatchNorm2d, Conv -> BN (-> ReLU), BN -> ReLU, BN -> add -> ReLU and
     squeeze-excite patterns on fastnets kernels (see the module docstring). `inplace=False` converts a deep
     copy (the original is untouched); a model with nothing to replace is returned as it is (the same object).
-    `return_report=True` returns (model, ConversionReport); `verbose=True` prints the report."""
+    `return_report=True` returns (model, ConversionReport); `verbose=True` prints the report.
+    `sync_bn=True` then turns every BatchNorm into fastnets.nn.SyncBatchNorm (fused ones keep their fusion)
+    reducing over `process_group` (default: the whole world), for training under DDP."""
     if isinstance(model, torch.jit.ScriptModule):
         raise TypeError("convert expects an eager torch.nn.Module, got a TorchScript module "
                         f"({type(model).__name__}); convert the eager model first, then script the result")
@@ -128,7 +130,44 @@ def convert(model, inplace=False, return_report=False, verbose=False):
         _convert(work, "", report, {})
         _swap_layers(work, report)
         report.finish(work)
-    result = work if report.changed else model
+        synced = _sync_batch_norms(work, process_group, report) if sync_bn else []
+        if sync_bn and isinstance(work, nn.modules.batchnorm._BatchNorm):
+            from ..nn.sync_batch_norm import SyncBatchNorm
+
+            work, synced = SyncBatchNorm.convert_sync_batchnorm(work, process_group), [""]
+    result = work if report.changed or synced else model
     if verbose:
         print(report)
     return (result, report) if return_report else result
+
+
+def _sync_batch_norms(model, process_group, report):
+    """convert(sync_bn=True): every BatchNorm whose own forward is torch's or fastnets' BatchNorm forward,
+    or whose forward no longer runs because a fused call uses it as its state, becomes a SyncBatchNorm
+    sharing its parameters and buffers. A BatchNorm subclass with a forward of its own that still runs
+    (it would lose what that forward adds) is refused, never left silently per-rank."""
+    from ..nn.sync_batch_norm import SyncBatchNorm
+
+    known = (nn.BatchNorm1d.forward, nn.BatchNorm2d.forward, nn.BatchNorm3d.forward,
+             nn.SyncBatchNorm.forward)
+    targets, refused = [], []
+    for name, m in model.named_modules():
+        if not name or not isinstance(m, nn.modules.batchnorm._BatchNorm) or isinstance(m, SyncBatchNorm):
+            continue  # (a model that is itself a BatchNorm is converted by convert())
+        runs_fused = name in report.layers["batchnorm"] and report.layers["batchnorm"][name] is None
+        if runs_fused or type(m).forward in known or _is_fastnets(m):
+            targets.append(name)
+        else:
+            refused.append(f"{name} ({type(m).__module__}.{type(m).__name__})")
+    if refused:
+        raise ValueError(
+            "convert(sync_bn=True) cannot synchronise these BatchNorm layers, whose classes have their own "
+            f"forward that still runs unfused: {', '.join(refused)}; convert them with their library's own "
+            "SyncBatchNorm conversion first (e.g. timm.layers.convert_sync_batchnorm)"
+        )
+    for name in targets:
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, attr, SyncBatchNorm.convert_sync_batchnorm(getattr(parent, attr), process_group))
+    report.synced = targets
+    return targets

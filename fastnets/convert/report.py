@@ -29,6 +29,7 @@ class ConversionReport:
         self.registry = []
         self.untraced = []
         self.skipped = []
+        self.synced = []  # BatchNorms made SyncBatchNorm by convert(sync_bn=True)
         self.layers = {k: OrderedDict() for k in KINDS}
 
     # ---- recording (used by the rewriter, the registry and convert)

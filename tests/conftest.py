@@ -122,10 +122,13 @@ def randomize(model, seed=1):
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-                m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
-                m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.2)
-                m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.1)
-                m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
+                c = m.num_features
+                new = {"weight": torch.rand(c, generator=g) + 0.5, "bias": torch.randn(c, generator=g) * 0.2,
+                       "running_mean": torch.randn(c, generator=g) * 0.1, "running_var": torch.rand(c, generator=g) + 0.5}
+                for name, value in new.items():
+                    t = getattr(m, name, None)
+                    if t is not None:  # affine=False / bias=False / track_running_stats=False leave None
+                        t.copy_(value)
     return model
 
 

@@ -1,7 +1,13 @@
 """Build fastnets, with its CUDA C++ extension `fastnets._C` when a CUDA toolkit and a CUDA torch are present.
 
+`fastnets._C` is built on the LibTorch stable ABI (torch/csrc/stable + torch/headeronly headers only,
+TORCH_TARGET_VERSION = torch 2.10) with the static CUDA runtime and Python's limited API, so that ONE
+`cp310-abi3` wheel loads on every torch from 2.10 on (tools/wheel_matrix.sh checks 2.10, 2.11, 2.14, 2.15).
+
 FASTNETS_BUILD_CUDA=0 forces a pure-Python install (reference and Triton backends only).
-TORCH_CUDA_ARCH_LIST is honoured; without it we build sm_80 and sm_90 only, not every arch torch knows.
+TORCH_CUDA_ARCH_LIST is honoured. Without it a wheel (bdist_wheel: `pip wheel`, `python -m build`) gets
+sm_80, sm_90, sm_100, sm_110 and sm_120 cubins plus compute_120 PTX for later GPUs; an in-place
+development build (`pip install -e .`) gets sm_80 and sm_90 only, which compiles in a third of the time.
 """
 import glob
 import os
@@ -12,7 +18,12 @@ import sys
 from setuptools import find_packages, setup
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-DEFAULT_ARCHS = "8.0;9.0"
+DEV_ARCHS = "8.0;9.0"
+WHEEL_ARCHS = "8.0;9.0;10.0;11.0;12.0+PTX"
+# The oldest torch whose stable ABI the extension targets; fastnets/_extension.py reads it from the built
+# library's stamp (build_info.cpp) to refuse a torch below it with a clear message.
+ABI_TARGET = (2, 10)
+ABI_TARGET_HEX = "0x%02x%02x000000000000" % ABI_TARGET
 
 
 def _version():
@@ -85,7 +96,8 @@ def _cuda_extension():
         print("fastnets: no CUDA toolkit (nvcc + libcudart) found, pure-Python install", file=sys.stderr)
         return None, {}
     os.environ["CUDA_HOME"] = cuda_home
-    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCHS)
+    building_wheel = any(a in ("bdist_wheel", "bdist") for a in sys.argv)
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", WHEEL_ARCHS if building_wheel else DEV_ARCHS)
     import torch.utils.cpp_extension as cpp_ext
 
     cpp_ext.CUDA_HOME = cuda_home  # torch resolved it at import time, possibly wrongly
@@ -94,17 +106,35 @@ def _cuda_extension():
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "*.cu")))
     # The toolkit's own headers first; pip's nvidia include folders only fill in what it lacks.
     include_dirs = [os.path.join(HERE, "csrc"), os.path.join(cuda_home, "include")] + _pip_cuda_include_dirs()
-    defines = [f'-DFASTNETS_CUDA_ARCHS="{archs}"']
+    stamp = (
+        f"abi_target={ABI_TARGET[0]}.{ABI_TARGET[1]},torch={torch.__version__},"
+        f"cuda={torch.version.cuda},archs={archs}"
+    )
+    defines = [
+        f'-DFASTNETS_CUDA_ARCHS="{archs}"',
+        f'-DFASTNETS_BUILD_STAMP="{stamp}"',
+        # The stable ABI: only shims that torch 2.10 has (newer APIs are compiled out), and the CUDA parts
+        # of the shim headers (aoti_torch_get_current_cuda_stream).
+        f"-DTORCH_TARGET_VERSION={ABI_TARGET_HEX}",
+        "-DUSE_CUDA",
+        "-DPy_LIMITED_API=0x030a0000",
+    ]
     ext = cpp_ext.CUDAExtension(
         name="fastnets._C",
         sources=sources,
         include_dirs=include_dirs,
+        py_limited_api=True,
         extra_compile_args={
             # No -std flag: BuildExtension adds the one this torch's headers need (c++17 on older torch, c++20 on newer).
             "cxx": ["-O3"] + defines,
             "nvcc": ["-O3", "--use_fast_math", "-lineinfo"] + defines,
         },
+        # The static CUDA runtime: a libcudart.so.13 dependency would not load next to torch 2.10's CUDA 12.8.
+        extra_link_args=["-l:libcudart_static.a", "-ldl", "-lrt", "-lpthread"],
     )
+    # CUDAExtension links the shared cudart and torch_python; the ops need neither (no Python binding:
+    # they register through the stable torch.library C shims).
+    ext.libraries = [lib for lib in ext.libraries if lib not in ("cudart", "torch_python")]
     return ext, {"build_ext": cpp_ext.BuildExtension.with_options(use_ninja=True)}
 
 
@@ -115,4 +145,7 @@ setup(
     packages=find_packages(include=["fastnets", "fastnets.*"]),
     ext_modules=[ext] if ext is not None else [],
     cmdclass=cmdclass,
+    # One wheel for CPython >= 3.10 (the library holds no Python C-API code; Py_LIMITED_API guards that);
+    # a pure-Python build stays py3-none-any.
+    options={"bdist_wheel": {"py_limited_api": "cp310"}} if ext is not None else {},
 )

@@ -23,16 +23,7 @@
 #include <limits>
 #include <vector>
 
-#include <ATen/AccumulateType.h>
-#include <ATen/Dispatch.h>
-#include <ATen/core/Tensor.h>
-#include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <torch/library.h>
 
-#include <ATen/ops/empty.h>
-#include <ATen/ops/empty_like.h>
 
 #include "activations.cuh"
 #include "common.cuh"
@@ -546,53 +537,24 @@ struct Dims {
   int64_t N, C, S;
 };
 
-// x is dense in (N, C, S) order (channels_last false) or (N, S, C) order; strides of size-1 dims are
-// free, as in torch's is_contiguous.
-void check_x(const at::Tensor& x, bool channels_last, const char* op) {
-  TORCH_CHECK(x.defined(), op, ": x is undefined");
-  TORCH_CHECK(x.is_cuda(), op, ": x must be a CUDA tensor, got ", x.device());
-  const auto st = x.scalar_type();
-  TORCH_CHECK(st == at::kFloat || st == at::kHalf || st == at::kBFloat16 || st == at::kDouble, op,
-              ": x must be float32, float16, bfloat16 or float64, got ", st);
-  TORCH_CHECK(x.dim() >= 2, op, ": x must have at least 2 dims (N, C, ...), got shape ", x.sizes());
-  TORCH_CHECK(x.size(1) <= std::numeric_limits<int32_t>::max(), op, ": too many channels: ", x.size(1));
-  const int64_t nd = x.dim();
-  std::vector<int64_t> expected(nd);
-  int64_t run = 1;
-  if (!channels_last) {
-    for (int64_t d = nd - 1; d >= 0; --d) {
-      expected[d] = run;
-      run *= x.size(d);
-    }
-  } else {
-    expected[1] = 1;
-    run = x.size(1);
-    for (int64_t d = nd - 1; d >= 2; --d) {
-      expected[d] = run;
-      run *= x.size(d);
-    }
-    expected[0] = run;
-  }
-  for (int64_t d = 0; d < nd; ++d) {
-    TORCH_CHECK(x.size(d) == 1 || x.stride(d) == expected[d], op, ": x must be dense in ",
-                channels_last ? "channels_last (N, spatial, C)" : "contiguous (N, C, spatial)",
-                " order as channels_last=", channels_last, " says; got shape ", x.sizes(), " and strides ",
-                x.strides());
-  }
+// x as fastnets::check_x (common.cuh) says, with a channel count that fits the kernels' int32 grid math.
+void check_bn_x(const Tensor& x, bool channels_last, const char* op) {
+  check_x(x, channels_last, op);
+  STD_TORCH_CHECK(x.size(1) <= std::numeric_limits<int32_t>::max(), op, ": too many channels: ", x.size(1));
 }
 
 // Per-channel vector: C elements in the accumulation dtype, on x's device. Returned contiguous.
-at::Tensor channel_vector(const at::Tensor& v, const char* name, const at::Tensor& x, const char* op) {
-  TORCH_CHECK(v.defined(), op, ": ", name, " is undefined");
-  TORCH_CHECK(v.device() == x.device(), op, ": ", name, " is on ", v.device(), " but x is on ", x.device());
-  TORCH_CHECK(v.scalar_type() == acc_type_of(x), op, ": ", name, " must be ", acc_type_of(x), " for ",
+Tensor channel_vector(const Tensor& v, const char* name, const Tensor& x, const char* op) {
+  STD_TORCH_CHECK(v.defined(), op, ": ", name, " is undefined");
+  STD_TORCH_CHECK(same_device(v, x), op, ": ", name, " is on ", device_of(v), " but x is on ", device_of(x));
+  STD_TORCH_CHECK(v.scalar_type() == acc_type_of(x), op, ": ", name, " must be ", acc_type_of(x), " for ",
               x.scalar_type(), " x, got ", v.scalar_type());
-  TORCH_CHECK(v.dim() == 1 && v.size(0) == x.size(1), op, ": ", name, " must have shape (", x.size(1),
-              ",), got ", v.sizes());
-  return v.contiguous();
+  STD_TORCH_CHECK(v.dim() == 1 && v.size(0) == x.size(1), op, ": ", name, " must have shape (", x.size(1),
+              ",), got ", str_of(v.sizes()));
+  return torch::stable::contiguous(v);
 }
 
-Dims dims_of(const at::Tensor& x) {
+Dims dims_of(const Tensor& x) {
   const int64_t N = x.size(0), C = x.size(1);
   int64_t S = 1;
   for (int64_t d = 2; d < x.dim(); ++d) S *= x.size(d);
@@ -603,11 +565,13 @@ Dims dims_of(const at::Tensor& x) {
 // Host side: launchers
 
 int target_blocks(int threads_per_block) {
-  const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
+  int device = 0;
+  STD_CUDA_CHECK(cudaGetDevice(&device));  // the DeviceGuard's: x's device
+  const DeviceLimits prop = device_limits(device);
   // One full wave at the thread-count occupancy limit (register limits may lower it; a second
   // partial wave then costs little for these memory-bound kernels).
-  const int per_sm = std::max(1, std::min(prop->maxThreadsPerMultiProcessor / threads_per_block, 32));
-  return prop->multiProcessorCount * per_sm;
+  const int per_sm = std::max(1, std::min(prop.max_threads_per_sm / threads_per_block, 32));
+  return prop.sms * per_sm;
 }
 
 int64_t next_pow2(int64_t v) {
@@ -627,14 +591,13 @@ int64_t balanced_splits(int64_t units, int64_t wanted) {
 // Runs the two-stage reduction of `op` over x's (N, C, S) elements. `vec_ok`: every pointer the op
 // loads from is 16-byte aligned.
 template <typename Op>
-void launch_reduce(const Op& op, const Dims& dm, bool channels_last, bool vec_ok, const at::Tensor& x) {
+void launch_reduce(const Op& op, const Dims& dm, bool channels_last, bool vec_ok, const Tensor& x) {
   using State = typename Op::State;
   using acc_t = typename Op::acc_t;
   constexpr int VEC = 16 / sizeof(typename Op::scalar_t);
   const int64_t N = dm.N, C = dm.C, S = dm.S;
-  const auto stream = at::cuda::getCurrentCUDAStream();
-  const auto acc_options = x.options().dtype(acc_type_of(x));
-  at::Tensor partial;
+  const cudaStream_t stream = current_stream(x);
+  Tensor partial;
   int64_t splits = 1;
 
   if (channels_last || S == 1) {
@@ -646,27 +609,27 @@ void launch_reduce(const Op& op, const Dims& dm, bool channels_last, bool vec_ok
     const int64_t gx = ceil_div(cols, bx);
     // Enough splits of the rows to fill the GPU; the unit of work is `by` rows (one per thread row).
     splits = balanced_splits(ceil_div(rows, by), ceil_div(target_blocks(256), gx));
-    partial = at::empty({State::kFields * splits * C}, acc_options);
+    partial = new_empty_like_device(x, {State::kFields * splits * C}, acc_type_of(x));
     const dim3 grid(static_cast<unsigned>(gx), static_cast<unsigned>(splits));
     const dim3 block(bx, by);
     const size_t smem = sizeof(State) * 256;
     if (V == VEC) {
-      reduce_cl_kernel<Op, VEC><<<grid, block, smem, stream>>>(op, rows, C, partial.data_ptr<acc_t>());
+      reduce_cl_kernel<Op, VEC><<<grid, block, smem, stream>>>(op, rows, C, mptr<acc_t>(partial));
     } else {
-      reduce_cl_kernel<Op, 1><<<grid, block, smem, stream>>>(op, rows, C, partial.data_ptr<acc_t>());
+      reduce_cl_kernel<Op, 1><<<grid, block, smem, stream>>>(op, rows, C, mptr<acc_t>(partial));
     }
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    STD_CUDA_KERNEL_LAUNCH_CHECK();
   } else if (S <= kTileMax) {
     const int CB = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(C, kTileMax / S)));
     const int threads = static_cast<int>(ceil_div(int64_t(CB) * S, kWarp) * kWarp);
     const int64_t gx = ceil_div(C, CB);
     splits = balanced_splits(N, ceil_div(target_blocks(threads), gx));
-    partial = at::empty({State::kFields * splits * C}, acc_options);
+    partial = new_empty_like_device(x, {State::kFields * splits * C}, acc_type_of(x));
     const dim3 grid(static_cast<unsigned>(gx), static_cast<unsigned>(splits));
     const size_t smem = sizeof(State) * threads;
     reduce_nchw_tile_kernel<Op><<<grid, threads, smem, stream>>>(op, N, C, static_cast<int>(S), CB,
-                                                                  partial.data_ptr<acc_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+                                                                  mptr<acc_t>(partial));
+    STD_CUDA_KERNEL_LAUNCH_CHECK();
   } else {
     const int V = (vec_ok && S % VEC == 0) ? VEC : 1;
     constexpr int threads = kPlaneWarps * kWarp;
@@ -678,26 +641,27 @@ void launch_reduce(const Op& op, const Dims& dm, bool channels_last, bool vec_ok
     const int64_t chunk_len = ceil_div(ceil_div(S, nchunks), V) * V;
     nchunks = ceil_div(S, chunk_len);
     splits = balanced_splits(ceil_div(N * nchunks, kPlaneWarps), wanted);
-    partial = at::empty({State::kFields * splits * C}, acc_options);
+    partial = new_empty_like_device(x, {State::kFields * splits * C}, acc_type_of(x));
     const dim3 grid(static_cast<unsigned>(C), static_cast<unsigned>(splits));
     if (V == VEC) {
       reduce_nchw_plane_kernel<Op, VEC>
-          <<<grid, threads, 0, stream>>>(op, N, C, S, nchunks, chunk_len, partial.data_ptr<acc_t>());
+          <<<grid, threads, 0, stream>>>(op, N, C, S, nchunks, chunk_len, mptr<acc_t>(partial));
     } else {
       reduce_nchw_plane_kernel<Op, 1>
-          <<<grid, threads, 0, stream>>>(op, N, C, S, nchunks, chunk_len, partial.data_ptr<acc_t>());
+          <<<grid, threads, 0, stream>>>(op, N, C, S, nchunks, chunk_len, mptr<acc_t>(partial));
     }
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    STD_CUDA_KERNEL_LAUNCH_CHECK();
   }
 
   const int64_t fblocks = ceil_div(C, kFinalizeWarps);
   reduce_finalize_kernel<Op><<<static_cast<unsigned>(fblocks), kFinalizeWarps * kWarp, 0, stream>>>(
-      op, partial.data_ptr<acc_t>(), C, splits);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+      op, mptr<acc_t>(partial), C, splits);
+  STD_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 template <typename Op>
-void launch_elementwise(const Op& op, int64_t numel, const Dims& dm, bool channels_last, bool vec_ok) {
+void launch_elementwise(const Op& op, int64_t numel, const Dims& dm, bool channels_last, bool vec_ok,
+                        cudaStream_t stream) {
   constexpr int VEC = 16 / sizeof(typename Op::scalar_t);
   const int64_t inner = channels_last ? 1 : dm.S;
   const int V = vec_ok ? VEC : 1;
@@ -705,68 +669,68 @@ void launch_elementwise(const Op& op, int64_t numel, const Dims& dm, bool channe
   // Grid-stride: a few waves at most, so each thread handles several vectors.
   const int64_t max_blocks = int64_t(target_blocks(kElementwiseThreads)) * 4;
   const int64_t blocks = std::max<int64_t>(1, std::min(ceil_div(nvec, kElementwiseThreads), max_blocks));
-  const auto stream = at::cuda::getCurrentCUDAStream();
   const unsigned grid = static_cast<unsigned>(blocks);
   if (V == VEC) {
     elementwise_kernel<Op, VEC><<<grid, kElementwiseThreads, 0, stream>>>(op, numel, inner, dm.C);
   } else {
     elementwise_kernel<Op, 1><<<grid, kElementwiseThreads, 0, stream>>>(op, numel, inner, dm.C);
   }
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  STD_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 // ---------------------------------------------------------------------------------------------------
 // Ops
 
-std::tuple<at::Tensor, at::Tensor> bn_stats(const at::Tensor& x, bool channels_last, double eps) {
+std::tuple<Tensor, Tensor> bn_stats(const Tensor& x, bool channels_last, double eps) {
   const char* op = "fastnets::cuda_bn_stats";
-  check_x(x, channels_last, op);
-  const c10::cuda::CUDAGuard guard(x.device());
+  check_bn_x(x, channels_last, op);
+  const torch::stable::accelerator::DeviceGuard guard(x.get_device_index());
   const Dims dm = dims_of(x);
-  const auto acc_options = x.options().dtype(acc_type_of(x));
-  at::Tensor mean = new_output(at::empty({dm.C}, acc_options));
-  at::Tensor invstd = new_output(at::empty({dm.C}, acc_options));
+  Tensor mean = new_output(new_empty_like_device(x, {dm.C}, acc_type_of(x)));
+  Tensor invstd = new_output(new_empty_like_device(x, {dm.C}, acc_type_of(x)));
   if (dm.C == 0) return {mean, invstd};
   if (x.numel() == 0) {  // torch.var_mean of nothing is NaN
-    mean.fill_(std::numeric_limits<double>::quiet_NaN());
-    invstd.fill_(std::numeric_limits<double>::quiet_NaN());
+    torch::stable::fill_(mean, std::numeric_limits<double>::quiet_NaN());
+    torch::stable::fill_(invstd, std::numeric_limits<double>::quiet_NaN());
     return {mean, invstd};
   }
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::ScalarType::Half, at::ScalarType::BFloat16, x.scalar_type(), "cuda_bn_stats", [&] {
-    using acc_t = at::acc_type<scalar_t, true>;
-    StatsOp<scalar_t, acc_t> sop{x.const_data_ptr<scalar_t>(), mean.mutable_data_ptr<acc_t>(),
-                                 invstd.mutable_data_ptr<acc_t>(), static_cast<acc_t>(eps)};
+  dispatch_floating(x.scalar_type(), op, [&](auto tag) {
+    using scalar_t = decltype(tag);
+    using acc_t = acc_type<scalar_t>;
+    StatsOp<scalar_t, acc_t> sop{cptr<scalar_t>(x), mptr<acc_t>(mean),
+                                 mptr<acc_t>(invstd), static_cast<acc_t>(eps)};
     launch_reduce(sop, dm, channels_last, aligned16(x.const_data_ptr()), x);
   });
   return {mean, invstd};
 }
 
 void check_act(int64_t act_code, const char* op) {
-  TORCH_CHECK(act_code >= 0 && act_code < act::kNumCodes, op, ": act must be an activation code in [0, ", act::kNumCodes,
+  STD_TORCH_CHECK(act_code >= 0 && act_code < act::kNumCodes, op, ": act must be an activation code in [0, ", act::kNumCodes,
               "), got ", act_code);
 }
 
-at::Tensor bn_apply(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& shift,
-                    const std::optional<at::Tensor>& residual, int64_t act_code, double act_param, bool channels_last) {
+Tensor bn_apply(const Tensor& x, const Tensor& scale, const Tensor& shift,
+                    const std::optional<Tensor>& residual, int64_t act_code, double act_param, bool channels_last) {
   const char* op = "fastnets::cuda_bn_apply";
   check_x(x, channels_last, op);
   check_act(act_code, op);
-  const c10::cuda::CUDAGuard guard(x.device());
-  const at::Tensor sc = channel_vector(scale, "scale", x, op);
-  const at::Tensor sh = channel_vector(shift, "shift", x, op);
+  const torch::stable::accelerator::DeviceGuard guard(x.get_device_index());
+  const Tensor sc = channel_vector(scale, "scale", x, op);
+  const Tensor sh = channel_vector(shift, "shift", x, op);
   const bool has_res = residual.has_value() && residual->defined();
   if (has_res) check_like_x(*residual, "residual", x, op);
-  at::Tensor y = new_output(at::empty_like(x));
+  Tensor y = new_output(torch::stable::empty_like(x));
   if (x.numel() == 0) return y;
   const Dims dm = dims_of(x);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::ScalarType::Half, at::ScalarType::BFloat16, x.scalar_type(), "cuda_bn_apply", [&] {
-    using acc_t = at::acc_type<scalar_t, true>;
-    const scalar_t* res_ptr = has_res ? residual->const_data_ptr<scalar_t>() : nullptr;
-    ApplyOp<scalar_t, acc_t> aop{x.const_data_ptr<scalar_t>(), sc.const_data_ptr<acc_t>(), sh.const_data_ptr<acc_t>(),
-                                 res_ptr, y.mutable_data_ptr<scalar_t>(), has_res, static_cast<int>(act_code),
+  dispatch_floating(x.scalar_type(), op, [&](auto tag) {
+    using scalar_t = decltype(tag);
+    using acc_t = acc_type<scalar_t>;
+    const scalar_t* res_ptr = has_res ? cptr<scalar_t>(*residual) : nullptr;
+    ApplyOp<scalar_t, acc_t> aop{cptr<scalar_t>(x), cptr<acc_t>(sc), cptr<acc_t>(sh),
+                                 res_ptr, mptr<scalar_t>(y), has_res, static_cast<int>(act_code),
                                  static_cast<acc_t>(act_param)};
     const bool vec_ok = aligned16(x.const_data_ptr()) && aligned16(y.const_data_ptr()) && (!has_res || aligned16(res_ptr));
-    launch_elementwise(aop, x.numel(), dm, channels_last, vec_ok);
+    launch_elementwise(aop, x.numel(), dm, channels_last, vec_ok, current_stream(x));
   });
   return y;
 }
@@ -774,18 +738,18 @@ at::Tensor bn_apply(const at::Tensor& x, const at::Tensor& scale, const at::Tens
 // The activation's inputs of a backward op: y for relu; scale, shift (and the residual, if any) above it.
 struct ActInputs {
   bool relu, pre, has_res;
-  at::Tensor sc, sh;
+  Tensor sc, sh;
 };
 
-ActInputs check_act_inputs(int64_t act_code, const at::Tensor& x, const std::optional<at::Tensor>& y,
-                           const std::optional<at::Tensor>& residual, const std::optional<at::Tensor>& scale,
-                           const std::optional<at::Tensor>& shift, const char* op) {
+ActInputs check_act_inputs(int64_t act_code, const Tensor& x, const std::optional<Tensor>& y,
+                           const std::optional<Tensor>& residual, const std::optional<Tensor>& scale,
+                           const std::optional<Tensor>& shift, const char* op) {
   check_act(act_code, op);
   ActInputs ai{act_code == act::kRelu, act_code > act::kRelu, false, {}, {}};
-  TORCH_CHECK(!ai.relu || (y.has_value() && y->defined()), op, ": y (the forward output) is required for relu");
+  STD_TORCH_CHECK(!ai.relu || (y.has_value() && y->defined()), op, ": y (the forward output) is required for relu");
   if (ai.relu) check_like_x(*y, "y", x, op);
   if (ai.pre) {
-    TORCH_CHECK(scale.has_value() && scale->defined() && shift.has_value() && shift->defined(), op,
+    STD_TORCH_CHECK(scale.has_value() && scale->defined() && shift.has_value() && shift->defined(), op,
                 ": scale and shift are required to recompute the pre-activation of activation code ", act_code);
     ai.sc = channel_vector(*scale, "scale", x, op);
     ai.sh = channel_vector(*shift, "shift", x, op);
@@ -795,37 +759,37 @@ ActInputs check_act_inputs(int64_t act_code, const at::Tensor& x, const std::opt
   return ai;
 }
 
-std::tuple<at::Tensor, at::Tensor> bn_backward_reduce(const at::Tensor& dy, const at::Tensor& x,
-                                                      const std::optional<at::Tensor>& y,
-                                                      const std::optional<at::Tensor>& residual,
-                                                      const std::optional<at::Tensor>& scale,
-                                                      const std::optional<at::Tensor>& shift, const at::Tensor& mean,
+std::tuple<Tensor, Tensor> bn_backward_reduce(const Tensor& dy, const Tensor& x,
+                                                      const std::optional<Tensor>& y,
+                                                      const std::optional<Tensor>& residual,
+                                                      const std::optional<Tensor>& scale,
+                                                      const std::optional<Tensor>& shift, const Tensor& mean,
                                                       int64_t act_code, double act_param, bool channels_last) {
   const char* op = "fastnets::cuda_bn_backward_reduce";
-  check_x(x, channels_last, op);
-  const c10::cuda::CUDAGuard guard(x.device());
+  check_bn_x(x, channels_last, op);
+  const torch::stable::accelerator::DeviceGuard guard(x.get_device_index());
   check_like_x(dy, "dy", x, op);
   const ActInputs ai = check_act_inputs(act_code, x, y, residual, scale, shift, op);
-  const at::Tensor mu = channel_vector(mean, "mean", x, op);
+  const Tensor mu = channel_vector(mean, "mean", x, op);
   const Dims dm = dims_of(x);
-  const auto acc_options = x.options().dtype(acc_type_of(x));
-  at::Tensor sum_g = new_output(at::empty({dm.C}, acc_options));
-  at::Tensor sum_gxmu = new_output(at::empty({dm.C}, acc_options));
+  Tensor sum_g = new_output(new_empty_like_device(x, {dm.C}, acc_type_of(x)));
+  Tensor sum_gxmu = new_output(new_empty_like_device(x, {dm.C}, acc_type_of(x)));
   if (dm.C == 0) return {sum_g, sum_gxmu};
   if (x.numel() == 0) {  // empty sums
-    sum_g.zero_();
-    sum_gxmu.zero_();
+    torch::stable::zero_(sum_g);
+    torch::stable::zero_(sum_gxmu);
     return {sum_g, sum_gxmu};
   }
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::ScalarType::Half, at::ScalarType::BFloat16, x.scalar_type(), "cuda_bn_backward_reduce", [&] {
-    using acc_t = at::acc_type<scalar_t, true>;
-    const scalar_t* y_ptr = ai.relu ? y->const_data_ptr<scalar_t>() : nullptr;
-    const scalar_t* r_ptr = ai.has_res ? residual->const_data_ptr<scalar_t>() : nullptr;
-    const acc_t* sc_ptr = ai.pre ? ai.sc.const_data_ptr<acc_t>() : nullptr;
-    const acc_t* sh_ptr = ai.pre ? ai.sh.const_data_ptr<acc_t>() : nullptr;
-    BackwardReduceOp<scalar_t, acc_t> rop{dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), y_ptr, r_ptr,
-                                          sc_ptr, sh_ptr, mu.const_data_ptr<acc_t>(), sum_g.mutable_data_ptr<acc_t>(),
-                                          sum_gxmu.mutable_data_ptr<acc_t>(), static_cast<int>(act_code),
+  dispatch_floating(x.scalar_type(), op, [&](auto tag) {
+    using scalar_t = decltype(tag);
+    using acc_t = acc_type<scalar_t>;
+    const scalar_t* y_ptr = ai.relu ? cptr<scalar_t>(*y) : nullptr;
+    const scalar_t* r_ptr = ai.has_res ? cptr<scalar_t>(*residual) : nullptr;
+    const acc_t* sc_ptr = ai.pre ? cptr<acc_t>(ai.sc) : nullptr;
+    const acc_t* sh_ptr = ai.pre ? cptr<acc_t>(ai.sh) : nullptr;
+    BackwardReduceOp<scalar_t, acc_t> rop{cptr<scalar_t>(dy), cptr<scalar_t>(x), y_ptr, r_ptr,
+                                          sc_ptr, sh_ptr, cptr<acc_t>(mu), mptr<acc_t>(sum_g),
+                                          mptr<acc_t>(sum_gxmu), static_cast<int>(act_code),
                                           static_cast<acc_t>(act_param)};
     const bool vec_ok = aligned16(dy.const_data_ptr()) && aligned16(x.const_data_ptr()) &&
                         (!ai.relu || aligned16(y_ptr)) && (!ai.has_res || aligned16(r_ptr));
@@ -834,44 +798,45 @@ std::tuple<at::Tensor, at::Tensor> bn_backward_reduce(const at::Tensor& dy, cons
   return {sum_g, sum_gxmu};
 }
 
-std::tuple<at::Tensor, at::Tensor> bn_backward_apply(const at::Tensor& dy, const at::Tensor& x,
-                                                     const std::optional<at::Tensor>& y,
-                                                     const std::optional<at::Tensor>& residual,
-                                                     const std::optional<at::Tensor>& scale,
-                                                     const std::optional<at::Tensor>& shift, const at::Tensor& a,
-                                                     const at::Tensor& b, const at::Tensor& d, const at::Tensor& mean,
+std::tuple<Tensor, Tensor> bn_backward_apply(const Tensor& dy, const Tensor& x,
+                                                     const std::optional<Tensor>& y,
+                                                     const std::optional<Tensor>& residual,
+                                                     const std::optional<Tensor>& scale,
+                                                     const std::optional<Tensor>& shift, const Tensor& a,
+                                                     const Tensor& b, const Tensor& d, const Tensor& mean,
                                                      int64_t act_code, double act_param, bool train, bool write_g,
                                                      bool channels_last) {
   const char* op = "fastnets::cuda_bn_backward_apply";
-  check_x(x, channels_last, op);
-  const c10::cuda::CUDAGuard guard(x.device());
+  check_bn_x(x, channels_last, op);
+  const torch::stable::accelerator::DeviceGuard guard(x.get_device_index());
   check_like_x(dy, "dy", x, op);
   const ActInputs ai = check_act_inputs(act_code, x, y, residual, scale, shift, op);
-  const at::Tensor av = channel_vector(a, "a", x, op);
-  const at::Tensor bv = channel_vector(b, "b", x, op);
-  const at::Tensor dv = channel_vector(d, "d", x, op);
-  const at::Tensor mu = channel_vector(mean, "mean", x, op);
-  at::Tensor dx = new_output(at::empty_like(x));
+  const Tensor av = channel_vector(a, "a", x, op);
+  const Tensor bv = channel_vector(b, "b", x, op);
+  const Tensor dv = channel_vector(d, "d", x, op);
+  const Tensor mu = channel_vector(mean, "mean", x, op);
+  Tensor dx = new_output(torch::stable::empty_like(x));
   // g is dy's dtype; an empty tensor (as the Python side returns None) when not asked for.
-  at::Tensor g = write_g ? new_output(at::empty_like(x)) : at::empty({0}, x.options());
+  Tensor g = write_g ? new_output(torch::stable::empty_like(x)) : torch::stable::new_empty(x, {0});
   if (x.numel() == 0) return {dx, g};
   const Dims dm = dims_of(x);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::ScalarType::Half, at::ScalarType::BFloat16, x.scalar_type(), "cuda_bn_backward_apply", [&] {
-    using acc_t = at::acc_type<scalar_t, true>;
-    const scalar_t* y_ptr = ai.relu ? y->const_data_ptr<scalar_t>() : nullptr;
-    const scalar_t* r_ptr = ai.has_res ? residual->const_data_ptr<scalar_t>() : nullptr;
-    const acc_t* sc_ptr = ai.pre ? ai.sc.const_data_ptr<acc_t>() : nullptr;
-    const acc_t* sh_ptr = ai.pre ? ai.sh.const_data_ptr<acc_t>() : nullptr;
-    scalar_t* g_ptr = write_g ? g.mutable_data_ptr<scalar_t>() : nullptr;
-    BackwardApplyOp<scalar_t, acc_t> bop{dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), y_ptr, r_ptr,
-                                         sc_ptr, sh_ptr, av.const_data_ptr<acc_t>(), bv.const_data_ptr<acc_t>(),
-                                         dv.const_data_ptr<acc_t>(), mu.const_data_ptr<acc_t>(),
-                                         dx.mutable_data_ptr<scalar_t>(), g_ptr, static_cast<int>(act_code),
+  dispatch_floating(x.scalar_type(), op, [&](auto tag) {
+    using scalar_t = decltype(tag);
+    using acc_t = acc_type<scalar_t>;
+    const scalar_t* y_ptr = ai.relu ? cptr<scalar_t>(*y) : nullptr;
+    const scalar_t* r_ptr = ai.has_res ? cptr<scalar_t>(*residual) : nullptr;
+    const acc_t* sc_ptr = ai.pre ? cptr<acc_t>(ai.sc) : nullptr;
+    const acc_t* sh_ptr = ai.pre ? cptr<acc_t>(ai.sh) : nullptr;
+    scalar_t* g_ptr = write_g ? mptr<scalar_t>(g) : nullptr;
+    BackwardApplyOp<scalar_t, acc_t> bop{cptr<scalar_t>(dy), cptr<scalar_t>(x), y_ptr, r_ptr,
+                                         sc_ptr, sh_ptr, cptr<acc_t>(av), cptr<acc_t>(bv),
+                                         cptr<acc_t>(dv), cptr<acc_t>(mu),
+                                         mptr<scalar_t>(dx), g_ptr, static_cast<int>(act_code),
                                          static_cast<acc_t>(act_param), train, write_g};
     const bool vec_ok = aligned16(dy.const_data_ptr()) && aligned16(x.const_data_ptr()) &&
                         aligned16(dx.const_data_ptr()) && (!ai.relu || aligned16(y_ptr)) &&
                         (!ai.has_res || aligned16(r_ptr)) && (!write_g || aligned16(g_ptr));
-    launch_elementwise(bop, x.numel(), dm, channels_last, vec_ok);
+    launch_elementwise(bop, x.numel(), dm, channels_last, vec_ok, current_stream(x));
   });
   return {dx, g};
 }
@@ -880,7 +845,7 @@ std::tuple<at::Tensor, at::Tensor> bn_backward_apply(const at::Tensor& dy, const
 }  // namespace bn
 }  // namespace fastnets
 
-TORCH_LIBRARY_FRAGMENT(fastnets, m) {
+STABLE_TORCH_LIBRARY_FRAGMENT(fastnets, m) {
   m.def("cuda_bn_stats(Tensor x, bool channels_last, float eps) -> (Tensor mean, Tensor invstd)");
   m.def(
       "cuda_bn_apply(Tensor x, Tensor scale, Tensor shift, Tensor? residual, int act, float act_param, "
@@ -894,9 +859,9 @@ TORCH_LIBRARY_FRAGMENT(fastnets, m) {
       "bool channels_last) -> (Tensor dx, Tensor g)");
 }
 
-TORCH_LIBRARY_IMPL(fastnets, CUDA, m) {
-  m.impl("cuda_bn_stats", &fastnets::bn::bn_stats);
-  m.impl("cuda_bn_apply", &fastnets::bn::bn_apply);
-  m.impl("cuda_bn_backward_reduce", &fastnets::bn::bn_backward_reduce);
-  m.impl("cuda_bn_backward_apply", &fastnets::bn::bn_backward_apply);
+STABLE_TORCH_LIBRARY_IMPL(fastnets, CUDA, m) {
+  m.impl("cuda_bn_stats", TORCH_BOX(&fastnets::bn::bn_stats));
+  m.impl("cuda_bn_apply", TORCH_BOX(&fastnets::bn::bn_apply));
+  m.impl("cuda_bn_backward_reduce", TORCH_BOX(&fastnets::bn::bn_backward_reduce));
+  m.impl("cuda_bn_backward_apply", TORCH_BOX(&fastnets::bn::bn_backward_apply));
 }

@@ -17,12 +17,6 @@
 #include <optional>
 #include <type_traits>
 
-#include <ATen/Dispatch.h>
-#include <ATen/core/Tensor.h>
-#include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <torch/library.h>
 
 #include "activations.cuh"
 #include "common.cuh"
@@ -317,78 +311,73 @@ __global__ void apply_kernel(const scalar_t* __restrict__ src, const acc_t* __re
 // ---------------------------------------------------------------------------------------------------
 // Host side: checks and launches
 
-void check_x(const at::Tensor& x, bool channels_last, const char* op) {
-  TORCH_CHECK(x.defined(), op, ": x is undefined");
-  TORCH_CHECK(x.is_cuda(), op, ": x must be a CUDA tensor, got ", x.device());
-  const auto st = x.scalar_type();
-  TORCH_CHECK(st == at::kFloat || st == at::kHalf || st == at::kBFloat16 || st == at::kDouble, op,
-              ": x must be float32, float16, bfloat16 or float64, got ", st);
-  TORCH_CHECK(x.dim() == 4, op, ": x must be 4-D (N, C, H, W), got shape ", x.sizes());
-  TORCH_CHECK(x.numel() > 0, op, ": x must be non-empty, got shape ", x.sizes());
-  const bool dense = channels_last ? x.is_contiguous(at::MemoryFormat::ChannelsLast) : x.is_contiguous();
-  TORCH_CHECK(dense, op, ": x must be dense in ", channels_last ? "channels_last" : "contiguous (NCHW)",
-              " order as channels_last=", channels_last, " says; got shape ", x.sizes(), " and strides ",
-              x.strides());
+// x: 4-D, non-empty, and as fastnets::check_x (common.cuh) says.
+void check_se_x(const Tensor& x, bool channels_last, const char* op) {
+  STD_TORCH_CHECK(x.defined(), op, ": x is undefined");
+  STD_TORCH_CHECK(x.dim() == 4, op, ": x must be 4-D (N, C, H, W), got shape ", str_of(x.sizes()));
+  STD_TORCH_CHECK(x.numel() > 0, op, ": x must be non-empty, got shape ", str_of(x.sizes()));
+  fastnets::check_x(x, channels_last, op);
 }
 
-void se_reduce(const at::Tensor& x, const std::optional<at::Tensor>& dy, const std::optional<at::Tensor>& y,
-               const at::Tensor& out, bool channels_last, bool relu, bool mean) {
+void se_reduce(const Tensor& x, const std::optional<Tensor>& dy, const std::optional<Tensor>& y,
+               const Tensor& out, bool channels_last, bool relu, bool mean) {
   const char* op = "fastnets::cuda_se_reduce";
-  check_x(x, channels_last, op);
+  check_se_x(x, channels_last, op);
   const bool grad = dy.has_value();
   if (grad) check_like_x(*dy, "dy", x, op);
-  TORCH_CHECK(!(grad && relu) || y.has_value(), op, ": y (the forward output) is required when relu");
+  STD_TORCH_CHECK(!(grad && relu) || y.has_value(), op, ": y (the forward output) is required when relu");
   if (grad && relu) check_like_x(*y, "y", x, op);
-  TORCH_CHECK(!(grad && mean), op, ": mean applies to pooling only");
+  STD_TORCH_CHECK(!(grad && mean), op, ": mean applies to pooling only");
   const int64_t N = x.size(0), C = x.size(1), S = x.size(2) * x.size(3);
-  TORCH_CHECK(out.dim() == 2 || out.dim() == 3, op, ": out must be [N, C] or [N, splits, C]");
+  STD_TORCH_CHECK(out.dim() == 2 || out.dim() == 3, op, ": out must be [N, C] or [N, splits, C]");
   const int64_t splits = out.dim() == 3 ? out.size(1) : 1;
-  TORCH_CHECK(splits >= 1 && splits <= S, op, ": splits must be in [1, H * W], got ", splits);
-  TORCH_CHECK(!(mean && splits > 1), op, ": mean needs a single split");
+  STD_TORCH_CHECK(splits >= 1 && splits <= S, op, ": splits must be in [1, H * W], got ", splits);
+  STD_TORCH_CHECK(!(mean && splits > 1), op, ": mean needs a single split");
   if (out.dim() == 2) {
-    check_vec(out, "out", {N, C}, acc_type_of(x), x.device(), op);
+    check_vec(out, "out", {N, C}, acc_type_of(x), x, op);
   } else {
-    check_vec(out, "out", {N, splits, C}, acc_type_of(x), x.device(), op);
+    check_vec(out, "out", {N, splits, C}, acc_type_of(x), x, op);
   }
   const int64_t s_per_split = ceil_div(S, splits);
-  const c10::cuda::CUDAGuard guard(x.device());
-  const auto stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::ScalarType::Half, at::ScalarType::BFloat16, x.scalar_type(), "cuda_se_reduce", [&] {
-    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-    const scalar_t* xp = x.const_data_ptr<scalar_t>();
-    const scalar_t* dyp = grad ? dy->const_data_ptr<scalar_t>() : xp;
-    const scalar_t* yp = (grad && relu) ? y->const_data_ptr<scalar_t>() : xp;
+  const torch::stable::accelerator::DeviceGuard guard(x.get_device_index());
+  const cudaStream_t stream = current_stream(x);
+  dispatch_floating(x.scalar_type(), op, [&](auto tag) {
+    using scalar_t = decltype(tag);
+    using acc_t = acc_type<scalar_t>;
+    const scalar_t* xp = cptr<scalar_t>(x);
+    const scalar_t* dyp = grad ? cptr<scalar_t>(*dy) : xp;
+    const scalar_t* yp = (grad && relu) ? cptr<scalar_t>(*y) : xp;
     acc_t* op_out = static_cast<acc_t*>(out.data_ptr());
     if (!channels_last) {
       const int64_t work = N * C * splits;
       const int64_t blocks = ceil_div(work, kThreads / kWarp);
-      TORCH_CHECK(blocks <= 0x7fffffff, op, ": too many blocks: ", blocks);
+      STD_TORCH_CHECK(blocks <= 0x7fffffff, op, ": too many blocks: ", blocks);
       reduce_nchw_kernel<scalar_t, acc_t><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
           xp, dyp, yp, op_out, N * C, C, S, splits, s_per_split, grad, relu, mean);
     } else {
       const int64_t c_blocks = ceil_div(C, kClChannels);
       const int64_t blocks = N * c_blocks * splits;
-      TORCH_CHECK(blocks <= 0x7fffffff, op, ": too many blocks: ", blocks);
+      STD_TORCH_CHECK(blocks <= 0x7fffffff, op, ": too many blocks: ", blocks);
       reduce_cl_kernel<scalar_t, acc_t><<<static_cast<unsigned>(blocks), dim3(kClChannels, kClRows), 0, stream>>>(
           xp, dyp, yp, op_out, C, S, c_blocks, splits, s_per_split, grad, relu, mean);
     }
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    STD_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
 
 template <typename acc_t, typename w_t>
-void launch_excite(const at::Tensor& pooled, const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& w2,
-                   const at::Tensor& b2, const at::Tensor& hidden, const at::Tensor& gate, int inner_act,
+void launch_excite(const Tensor& pooled, const Tensor& w1, const Tensor& b1, const Tensor& w2,
+                   const Tensor& b2, const Tensor& hidden, const Tensor& gate, int inner_act,
                    double inner_param, int gate_fn) {
   const int64_t N = pooled.size(0), C = pooled.size(1), R = w1.size(0);
   const acc_t ip = static_cast<acc_t>(inner_param);
   // The most samples per block that still leaves about one block per two SMs or more.
-  const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  const int64_t sms = device_limits(pooled.get_device_index()).sms;
   int bn = kExciteMaxSamples;
   while (bn > 1 && ceil_div(N, bn) * 2 < sms) bn /= 2;
   const int64_t blocks = ceil_div(N, bn);
-  TORCH_CHECK(blocks <= 0x7fffffff, "fastnets::cuda_se_excite: too many samples: ", N);
-  const auto stream = at::cuda::getCurrentCUDAStream();
+  STD_TORCH_CHECK(blocks <= 0x7fffffff, "fastnets::cuda_se_excite: too many samples: ", N);
+  const cudaStream_t stream = current_stream(pooled);
   const auto* pp = static_cast<const acc_t*>(pooled.const_data_ptr());
   const auto* w1p = static_cast<const w_t*>(w1.const_data_ptr());
   const auto* b1p = static_cast<const w_t*>(b1.const_data_ptr());
@@ -407,30 +396,30 @@ void launch_excite(const at::Tensor& pooled, const at::Tensor& w1, const at::Ten
     excite_kernel<acc_t, w_t, 1><<<grid, kExciteThreads, 0, stream>>>(pp, w1p, b1p, w2p, b2p, hp, gp, N, C, R, inner_act, ip,
                                                                         gate_fn);
   }
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  STD_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-void se_excite(const at::Tensor& pooled, const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& w2,
-               const at::Tensor& b2, const at::Tensor& hidden, const at::Tensor& gate, int64_t inner_act,
+void se_excite(const Tensor& pooled, const Tensor& w1, const Tensor& b1, const Tensor& w2,
+               const Tensor& b2, const Tensor& hidden, const Tensor& gate, int64_t inner_act,
                double inner_param, int64_t gate_fn) {
   const char* op = "fastnets::cuda_se_excite";
-  TORCH_CHECK(inner_act >= 0 && inner_act < act::kNumCodes, op, ": inner_act must be an activation code in [0, ",
+  STD_TORCH_CHECK(inner_act >= 0 && inner_act < act::kNumCodes, op, ": inner_act must be an activation code in [0, ",
               act::kNumCodes, "), got ", inner_act);
-  TORCH_CHECK(gate_fn == act::kSigmoid || gate_fn == act::kHardsigmoid, op,
+  STD_TORCH_CHECK(gate_fn == act::kSigmoid || gate_fn == act::kHardsigmoid, op,
               ": gate must be 0 (sigmoid) or 1 (hardsigmoid), got ", gate_fn);
   const int ia = static_cast<int>(inner_act), gf = static_cast<int>(gate_fn);
-  TORCH_CHECK(pooled.defined() && pooled.is_cuda(), op, ": pooled must be a CUDA tensor");
+  STD_TORCH_CHECK(pooled.defined() && pooled.is_cuda(), op, ": pooled must be a CUDA tensor");
   const auto acc = pooled.scalar_type();
-  TORCH_CHECK(acc == at::kFloat || acc == at::kDouble, op, ": pooled must be float32 or float64, got ", acc);
-  TORCH_CHECK(pooled.dim() == 2 && pooled.size(0) > 0 && pooled.size(1) > 0, op, ": pooled must be [N, C], got ",
-              pooled.sizes());
+  STD_TORCH_CHECK(acc == ScalarType::Float || acc == ScalarType::Double, op, ": pooled must be float32 or float64, got ", acc);
+  STD_TORCH_CHECK(pooled.dim() == 2 && pooled.size(0) > 0 && pooled.size(1) > 0, op, ": pooled must be [N, C], got ",
+              str_of(pooled.sizes()));
   const int64_t N = pooled.size(0), C = pooled.size(1);
-  TORCH_CHECK(w1.dim() == 2 && w1.size(0) > 0, op, ": w1 must be [R, C], got ", w1.sizes());
+  STD_TORCH_CHECK(w1.dim() == 2 && w1.size(0) > 0, op, ": w1 must be [R, C], got ", str_of(w1.sizes()));
   const int64_t R = w1.size(0);
   const auto wt = w1.scalar_type();
-  const bool w_ok = wt == acc || (acc == at::kFloat && (wt == at::kHalf || wt == at::kBFloat16));
-  TORCH_CHECK(w_ok, op, ": weights must be ", acc, " (or float16/bfloat16 with float32 pooled), got ", wt);
-  const auto dev = pooled.device();
+  const bool w_ok = wt == acc || (acc == ScalarType::Float && (wt == ScalarType::Half || wt == ScalarType::BFloat16));
+  STD_TORCH_CHECK(w_ok, op, ": weights must be ", acc, " (or float16/bfloat16 with float32 pooled), got ", wt);
+  const Tensor& dev = pooled;  // the device every other tensor must be on
   check_vec(pooled, "pooled", {N, C}, acc, dev, op);
   check_vec(w1, "w1", {R, C}, wt, dev, op);
   check_vec(b1, "b1", {R}, wt, dev, op);
@@ -438,55 +427,56 @@ void se_excite(const at::Tensor& pooled, const at::Tensor& w1, const at::Tensor&
   check_vec(b2, "b2", {C}, wt, dev, op);
   check_vec(hidden, "hidden", {N, R}, acc, dev, op);
   check_vec(gate, "gate", {N, C}, acc, dev, op);
-  const c10::cuda::CUDAGuard guard(dev);
-  if (acc == at::kDouble) {
+  const torch::stable::accelerator::DeviceGuard guard(pooled.get_device_index());
+  if (acc == ScalarType::Double) {
     launch_excite<double, double>(pooled, w1, b1, w2, b2, hidden, gate, ia, inner_param, gf);
-  } else if (wt == at::kFloat) {
+  } else if (wt == ScalarType::Float) {
     launch_excite<float, float>(pooled, w1, b1, w2, b2, hidden, gate, ia, inner_param, gf);
-  } else if (wt == at::kHalf) {
-    launch_excite<float, at::Half>(pooled, w1, b1, w2, b2, hidden, gate, ia, inner_param, gf);
+  } else if (wt == ScalarType::Half) {
+    launch_excite<float, Half>(pooled, w1, b1, w2, b2, hidden, gate, ia, inner_param, gf);
   } else {
-    launch_excite<float, at::BFloat16>(pooled, w1, b1, w2, b2, hidden, gate, ia, inner_param, gf);
+    launch_excite<float, BFloat16>(pooled, w1, b1, w2, b2, hidden, gate, ia, inner_param, gf);
   }
 }
 
-void se_apply(const at::Tensor& src, const at::Tensor& gate, const std::optional<at::Tensor>& aux,
-              const std::optional<at::Tensor>& gp, const at::Tensor& out, const std::optional<at::Tensor>& g_out,
+void se_apply(const Tensor& src, const Tensor& gate, const std::optional<Tensor>& aux,
+              const std::optional<Tensor>& gp, const Tensor& out, const std::optional<Tensor>& g_out,
               bool channels_last, bool grad, bool relu) {
   const char* op = "fastnets::cuda_se_apply";
-  check_x(src, channels_last, op);
+  check_se_x(src, channels_last, op);
   const int64_t N = src.size(0), C = src.size(1), S = src.size(2) * src.size(3);
   const auto acc = acc_type_of(src);
-  check_vec(gate, "gate", {N, C}, acc, src.device(), op);
+  check_vec(gate, "gate", {N, C}, acc, src, op);
   check_like_x(out, "out", src, op);
   ApplyFlags f{grad, false, relu, g_out.has_value(), channels_last};
   if (grad) {
-    TORCH_CHECK(!relu || aux.has_value(), op, ": y (the forward output) is required when relu");
+    STD_TORCH_CHECK(!relu || aux.has_value(), op, ": y (the forward output) is required when relu");
     if (relu) check_like_x(*aux, "y", src, op);
     f.has_add = gp.has_value();
-    if (f.has_add) check_vec(*gp, "gp", {N, C}, acc, src.device(), op);
+    if (f.has_add) check_vec(*gp, "gp", {N, C}, acc, src, op);
     if (f.write_g) check_like_x(*g_out, "g_out", src, op);
   } else {
-    TORCH_CHECK(!gp.has_value() && !g_out.has_value(), op, ": gp and g_out are backward-only");
+    STD_TORCH_CHECK(!gp.has_value() && !g_out.has_value(), op, ": gp and g_out are backward-only");
     f.has_add = aux.has_value();
     if (f.has_add) check_like_x(*aux, "residual", src, op);
   }
   const bool load_aux = grad ? relu : f.has_add;
   const int64_t numel = src.numel();
-  const c10::cuda::CUDAGuard guard(src.device());
-  const auto stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::ScalarType::Half, at::ScalarType::BFloat16, src.scalar_type(), "cuda_se_apply", [&] {
-    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+  const torch::stable::accelerator::DeviceGuard guard(src.get_device_index());
+  const cudaStream_t stream = current_stream(src);
+  dispatch_floating(src.scalar_type(), op, [&](auto tag) {
+    using scalar_t = decltype(tag);
+    using acc_t = acc_type<scalar_t>;
     constexpr int V = 16 / sizeof(scalar_t);
-    const scalar_t* sp = src.const_data_ptr<scalar_t>();
-    const scalar_t* ap = load_aux ? aux->const_data_ptr<scalar_t>() : sp;
+    const scalar_t* sp = cptr<scalar_t>(src);
+    const scalar_t* ap = load_aux ? cptr<scalar_t>(*aux) : sp;
     scalar_t* op_out = static_cast<scalar_t*>(out.data_ptr());
     scalar_t* gop = f.write_g ? static_cast<scalar_t*>(g_out->data_ptr()) : op_out;
     const acc_t* gtp = static_cast<const acc_t*>(gate.const_data_ptr());
     const acc_t* gpp = f.has_add && grad ? static_cast<const acc_t*>(gp->const_data_ptr()) : gtp;
     const bool vec = numel % V == 0 && aligned16(sp) && aligned16(ap) && aligned16(op_out) && aligned16(gop);
     const int64_t blocks = ceil_div(ceil_div(numel, V), kThreads);
-    TORCH_CHECK(blocks <= 0x7fffffff, op, ": too many blocks: ", blocks);
+    STD_TORCH_CHECK(blocks <= 0x7fffffff, op, ": too many blocks: ", blocks);
     if (vec) {
       apply_kernel<scalar_t, acc_t, V, true><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
           sp, gtp, ap, gpp, op_out, gop, numel, C, S, f);
@@ -494,7 +484,7 @@ void se_apply(const at::Tensor& src, const at::Tensor& gate, const std::optional
       apply_kernel<scalar_t, acc_t, V, false><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
           sp, gtp, ap, gpp, op_out, gop, numel, C, S, f);
     }
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    STD_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
 
@@ -502,7 +492,7 @@ void se_apply(const at::Tensor& src, const at::Tensor& gate, const std::optional
 }  // namespace se
 }  // namespace fastnets
 
-TORCH_LIBRARY_FRAGMENT(fastnets, m) {
+STABLE_TORCH_LIBRARY_FRAGMENT(fastnets, m) {
   m.def(
       "cuda_se_reduce(Tensor x, Tensor? dy, Tensor? y, Tensor(a!) out, bool channels_last, bool relu, "
       "bool mean) -> ()");
@@ -514,8 +504,8 @@ TORCH_LIBRARY_FRAGMENT(fastnets, m) {
       "bool channels_last, bool grad, bool relu) -> ()");
 }
 
-TORCH_LIBRARY_IMPL(fastnets, CUDA, m) {
-  m.impl("cuda_se_reduce", &fastnets::se::se_reduce);
-  m.impl("cuda_se_excite", &fastnets::se::se_excite);
-  m.impl("cuda_se_apply", &fastnets::se::se_apply);
+STABLE_TORCH_LIBRARY_IMPL(fastnets, CUDA, m) {
+  m.impl("cuda_se_reduce", TORCH_BOX(&fastnets::se::se_reduce));
+  m.impl("cuda_se_excite", TORCH_BOX(&fastnets::se::se_excite));
+  m.impl("cuda_se_apply", TORCH_BOX(&fastnets::se::se_apply));
 }

@@ -23,6 +23,13 @@ def report():
     else:
         lines.append("GPU      none visible to torch")
     lines.append(f"extension fastnets._C: {_extension.reason()}")
+    stamp = _extension.stamp()
+    if stamp:
+        ok, why = _extension.torch_supported(stamp)
+        lines.append(f"          ABI target: LibTorch stable ABI of torch {stamp.get('abi_target', '?')} (supports torch >= it)")
+        lines.append(f"          built with: torch {stamp.get('torch', '?')}, CUDA {stamp.get('cuda', '?')}")
+        lines.append(f"          archs:      {stamp.get('archs', '?')}")
+        lines.append(f"          this torch: {'supported' if ok else 'NOT supported'}: {why}")
     build = _extension.build_info()
     if build:
         lines.append(f"          compiled for: {build}")

@@ -138,7 +138,7 @@ def fused_conv(x, weight, bias, stride, padding, dilation, residual, act, param)
             and (residual is None or (residual.dtype == x.dtype and residual.shape[0] == x.shape[0]))):
         name, scalars, algo = _ONEDNN_ACTS[act]
         xd = x if (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)) else x.contiguous()
-        b = None if bias is None else bias.to(x.dtype)
+        b = bias if (bias is None or bias.dtype == x.dtype) else bias.to(x.dtype)
         if residual is None:
             return torch.ops.mkldnn._convolution_pointwise(xd, weight, b, padding, stride, dilation, 1, name,
                                                            scalars(param), algo)

@@ -179,6 +179,23 @@ BN_SHAPES = [(256, 256, 56, 56), (256, 64, 112, 112), (256, 2048, 7, 7), (32, 51
              (128, 16, 10, 10), (256, 512)]
 
 
+# Activation codes (fastnets/activations.py) compiled besides identity/relu on the sweep shape: every forward
+# in bf16 NCHW, the backward (pre-activation recomputed, with a residual) for three of them, one code in
+# channels_last, gelu in fp64.
+ACT_CODES = (2, 3, 4, 5, 6, 7)
+ACT_BWD_CODES = (4, 6, 7)
+
+
+def _act_codes(codes, cl, dtype):
+    """All `codes` (bf16, NCHW); one of them in channels_last and in float64: the activation code changes
+    only the element-wise epilogue, so a few variants per kernel show that it compiles."""
+    if FULL:
+        return codes
+    if dtype == F64:
+        return (6,)  # erf in float64
+    return codes if not cl else codes[-1:]
+
+
 def batch_norm_launches():
     import fastnets.triton_kernels.batch_norm as bn
 
@@ -201,6 +218,13 @@ def batch_norm_launches():
                             bn.backward_reduce(x, x, y, vec, relu, cl)
                         if relu or not write_g:  # the ops write g only where ReLU masks it
                             bn.backward_apply(x, x, y, vec, vec, vec, vec, relu, train, write_g, cl)
+                    if sweep and (dtype == BF16 or (dtype == F64 and not cl)):  # the other activations
+                        for act in _act_codes(ACT_CODES, cl, dtype):
+                            bn.apply(x, vec, vec, x, act, cl, 0.1)
+                        for act in _act_codes(ACT_BWD_CODES, cl, dtype):
+                            pre = dict(act_param=0.1, scale=vec, shift=vec, residual=x)
+                            bn.backward_reduce(x, x, None, vec, act, cl, **pre)
+                            bn.backward_apply(x, x, None, vec, vec, vec, vec, act, True, True, cl, **pre)
 
 
 # ------------------------------------------------------------------------------------------- squeeze_excite
@@ -229,6 +253,10 @@ def squeeze_excite_launches():
                         # weights in the model's dtype (the pooled activations are in the accumulation dtype)
                         se.excite(pooled, meta((r, c), dtype), meta((r,), dtype), meta((c, r), dtype),
                                   meta((c,), dtype))
+                        if sweep and dtype == BF16:  # other inner activations, the hardsigmoid gate
+                            for inner, gate_code in ((4, 1), (5, 0)):
+                                se.excite(pooled, meta((r, c), dtype), meta((r,), dtype), meta((c, r), dtype),
+                                          meta((c,), dtype), inner, 0.0, gate_code)
                     for res, relu in _flags(sweep, (None, x), (False, True)):
                         se.scale(x, gate, res, relu, cl)
                     for relu, gp, write_g in _flags(sweep, (False, True), (None, gate), (False, True)):
@@ -338,6 +366,10 @@ def conv_launches():
                         for b, sc, res, relu in flags if FULL else [(None, None, None, False), (bias, vec, y, True)]:
                             tuned["on"] = "forward" in tuned_calls and (FULL or relu)
                             cv.forward(x, wt, b, sc, sc, res, *conf, relu, y)
+                        if sweep and dtype in (BF16, F32):  # other activations, the pre-activation saved
+                            tuned["on"] = False
+                            for act in (5, 7):
+                                cv.forward(x, wt, bias, sc, sc, y, *conf, act, y, act_param=0.0, pre=y)
                         tuned["on"] = "forward" in tuned_calls and (FULL or sweep)
                         cv.forward_stats(x, wt, None if dtype == F64 else bias, *conf, y)
                         tuned["on"] = "grad_input" in tuned_calls

@@ -421,6 +421,7 @@ class Run:
         out = open(self.out_path, "w")
         if not fork:
             full = dict(os.environ, **env, PYTHONPATH=os.pathsep.join([plugins, tree]))
+            full.pop("PYTEST_ADDOPTS", None)  # a CI run's -n/--dist must not reach the mutant's pytest
             self.proc = subprocess.Popen([sys.executable, "-m", "pytest", *pytest_args], cwd=tree, env=full,
                                          stdout=out, stderr=subprocess.STDOUT)
             self.pid = None
@@ -435,6 +436,7 @@ class Run:
                 os.dup2(out.fileno(), 2)
                 os.chdir(tree)
                 os.environ.update(env)
+                os.environ.pop("PYTEST_ADDOPTS", None)
                 sys.dont_write_bytecode = True
                 here = {str(ROOT), str(ROOT / "tests"), ""}
                 sys.path[:] = [plugins, tree] + [q for q in sys.path if q not in here and os.path.realpath(q) not in here]

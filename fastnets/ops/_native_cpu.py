@@ -13,6 +13,7 @@ The folded weights of a (conv, bn) module pair are cached (without autograd only
 any of their parameters or buffers changes (data_ptr + version counter: in-place updates, optimizer steps,
 load_state_dict, `.data =`); the modules' own tensors are never modified.
 """
+import functools
 import weakref
 
 import torch
@@ -130,7 +131,7 @@ def _onednn_ok(x, weight):
     return False
 
 
-def fused_conv(x, weight, bias, stride, padding, dilation, residual, act, param):
+def fused_conv(x, weight, bias, stride, padding, dilation, residual, act, param, packed=None):
     """act(conv(x, W) + b [+ residual]) as one oneDNN convolution with post-ops when no autograd is needed
     and the dtype is oneDNN's, else F.conv2d and the in-place epilogue."""
     stride, padding, dilation = list(stride), list(padding), list(dilation)
@@ -138,6 +139,8 @@ def fused_conv(x, weight, bias, stride, padding, dilation, residual, act, param)
             and (residual is None or (residual.dtype == x.dtype and residual.shape[0] == x.shape[0]))):
         name, scalars, algo = _ONEDNN_ACTS[act]
         xd = x if (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)) else x.contiguous()
+        if packed is not None:  # the cached weight in oneDNN's blocked layout for this input size
+            weight = packed(xd, padding, stride, dilation)
         b = bias if (bias is None or bias.dtype == x.dtype) else bias.to(x.dtype)
         if residual is None:
             return torch.ops.mkldnn._convolution_pointwise(xd, weight, b, padding, stride, dilation, 1, name,
@@ -177,15 +180,34 @@ def conv_bn_eval(x, weight, bias, running_mean, running_var, bn_weight, bn_bias,
     (the conv module) enables the fold cache when no autograd flows through the weights."""
     params = (weight, bias, running_mean, running_var, bn_weight, bn_bias)
     dtype = x.dtype
+    packed = None
     if not _needs_grad(*params):
         if cache_owner is not None and not torch.compiler.is_compiling():
             w, b = _cached_fold(cache_owner, params, eps, dtype)
+            packed = functools.partial(_packed, cache_owner, w)
         else:
             with torch.no_grad():
                 w, b = fold(*params, eps, dtype)
     else:
         w, b = fold(*params, eps, dtype)
-    return fused_conv(x, w, b, stride, padding, dilation, residual, act, param)
+    return fused_conv(x, w, b, stride, padding, dilation, residual, act, param, packed=packed)
+
+
+def _packed(owner, w, x, padding, stride, dilation):
+    """The cached folded weight w reordered once per input size into oneDNN's layout (what inductor's
+    weight prepacking does), instead of on every call."""
+    hit = _FOLDS.get(owner)
+    if hit is None or hit[1] is not w:
+        return w
+    key = (tuple(x.shape), x.is_contiguous(), tuple(padding), tuple(stride), tuple(dilation))
+    got = hit[3].get(key)
+    if got is None:
+        with torch.inference_mode(False), torch.no_grad():
+            got = torch.ops.mkldnn._reorder_convolution_weight(w, list(padding), list(stride), list(dilation), 1,
+                                                               list(x.shape))
+        hit[3].clear()  # one input size at a time: a model sees one shape per layer in a steady state
+        hit[3][key] = got
+    return got
 
 
 # conv module -> (key, folded weight, folded bias); weak so that the cache never keeps a model alive
@@ -204,7 +226,7 @@ def _cached_fold(owner, params, eps, dtype):
         return hit[1], hit[2]
     with torch.inference_mode(False), torch.no_grad():  # normal tensors, usable outside inference_mode too
         w, b = fold(*params, eps, dtype)
-    _FOLDS[owner] = (key, w, b)
+    _FOLDS[owner] = (key, w, b, {})
     return w, b
 
 

@@ -14,6 +14,11 @@ from conftest import assert_rel, backend_params, device_for
 pytest.importorskip("expecttest", reason="torch's OpInfo database needs expecttest (pip install expecttest)")
 from torch.testing._internal.common_methods_invocations import op_db  # noqa: E402
 
+# Importing torch's internal test utilities calls torch.backends.disable_global_flags(), which makes every later
+# `torch.backends.cudnn.allow_tf32 = ...` in this process raise; the rest of the suite (and users' code under
+# test) sets those flags, so allow it again.
+torch.backends.flags_frozen.__globals__["__allow_nonbracketed_mutation_flag"] = True
+
 
 def _samples(name, device, dtype):
     op = next(o for o in op_db if o.name == name and o.variant_test_name == "")

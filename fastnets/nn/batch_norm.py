@@ -35,10 +35,10 @@ def bn_act(bn, x, residual=None, relu=False, act=None):
     fastnets.activations.canonical accepts (it wins over `relu`; without it, relu or identity). Models
     whose state_dict must stay torchvision's call this with their own `bn1`-style attributes."""
     act = activations.resolve(act, relu)
+    if getattr(bn, "sync_statistics", None) is not None and bn.sync_statistics():  # fastnets.nn.SyncBatchNorm
+        return bn.sync_forward(x, residual=residual, act=act)  # (a rank may hold an empty batch, as in torch)
     if x.numel() == 0:  # the modules reject what the functional batch_norm passes through as torch does
         raise ValueError(f"input must be non-empty, got shape {tuple(x.shape)}")
-    if getattr(bn, "sync_statistics", None) is not None and bn.sync_statistics():  # fastnets.nn.SyncBatchNorm
-        return bn.sync_forward(x, residual=residual, act=act)
     running_mean, running_var, use_batch_stats, factor = batch_stats_args(bn)
     return batch_norm(
         x, running_mean, running_var, bn.weight, bn.bias, use_batch_stats, factor, bn.eps,

@@ -479,6 +479,9 @@ def conv2d(
         input = F.pad(input, (0, extra[0], 0, extra[1]))
     if _native_cpu.active(backend, input):  # torch's F.conv2d / oneDNN with the epilogue fused or in place
         input, weight, bias, residual = _autocast(input, weight, bias, residual)
+        if groups == 1:  # the same argument checks (and messages) as every other backend
+            x4, r4, _ = _unbatched(input, residual)
+            _validate(x4, weight, bias, stride, padding, dilation, r4, scale, shift)
         return _native_cpu.conv2d(input, weight, bias, stride, padding, dilation, groups, scale, shift, residual,
                                   act, act_param)
     if groups != 1:

@@ -33,7 +33,7 @@ ACTS = {
 ACT_ARG = {"leaky_relu": ("leaky_relu", 0.1)}
 KINKED = ("relu", "leaky_relu")
 # the Triton interpreter runs three kernels per example (forward, grad input, grad weight)
-EXAMPLES_CAP = {"triton": 20, "native": 500}
+EXAMPLES_CAP = {"triton": 50, "native": 500}
 
 
 @st.composite

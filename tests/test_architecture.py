@@ -42,6 +42,8 @@ def test_registered_families_match_the_table():
     for family, places in table.items():
         importlib.import_module(f"fastnets.{places['ops'][:-3].replace('/', '.')}")
     for family, (modules, _order) in _registry._MODULES.items():
+        if family.startswith("_"):
+            continue  # registered by a test (e.g. a deliberately broken backend in test_project.py)
         assert family in table, f"family {family!r} is registered but missing from ARCHITECTURE.md's table"
         for backend, module in modules.items():
             place = {"reference": "reference", "triton": "triton_kernels", "cuda": "cuda_kernels"}.get(backend)

@@ -183,7 +183,7 @@ def run_case(case, backend):
         terms = dz.abs() + dya * gain.view(1, -1, 1, 1)
     xa, wa = d["x"].detach().abs().requires_grad_(), d["w"].detach().abs().requires_grad_()
     ref_x, ref_w = torch.autograd.grad(F.conv2d(xa, wa, None, **conv_kw), (xa, wa), terms)
-    refs = {"x": ref_x, "w": ref_w, "b": terms.sum((0, 2, 3))}
+    refs = {"x": ref_x, "w": ref_w, "b": terms.sum((0, 2, 3)), "residual": dya}  # residual: dy * act'(pre)
     if bn:  # gamma's and beta's gradients: per-channel sums of dy * act' * x_hat and of dy * act'
         if case["training"]:
             mean, var = z0.detach().mean((0, 2, 3)), z0.detach().var((0, 2, 3), unbiased=False)

@@ -286,3 +286,33 @@ def fuzz_examples(backend):
 def pytest_report_header(config):
     seed = os.environ.get("HYPOTHESIS_SEED", "derandomized (seed from each test's name)")
     return f"fastnets: hypothesis profile {HYPOTHESIS_PROFILE}, seed {seed}; TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET')}"
+
+
+def in_layout(x, layout):
+    """x laid out as "contiguous", "channels_last" (channels innermost, any rank >= 3) or "strided" (every
+    other element of a twice-as-wide buffer: dense in no layout); the fuzz files share it."""
+    if layout == "channels_last" and x.dim() >= 3:
+        perm = [0] + list(range(2, x.dim())) + [1]
+        inv = [perm.index(i) for i in range(x.dim())]
+        return x.permute(perm).contiguous().permute(inv)
+    if layout == "strided":
+        wide = torch.empty(*x.shape[:-1], 2 * x.shape[-1], dtype=x.dtype, device=x.device)
+        view = wide[..., ::2]
+        view.copy_(x)
+        return view
+    return x
+
+
+def check_bad_input_row(backend, row):
+    """One row (name, fn(device), expected) of a bad-input catalogue on `backend`: expected is None (fn checks
+    the output itself) or (exception type, message fragment)."""
+    name, fn, expected = row
+    device = device_for(backend)
+    with fastnets.use_backend(backend):
+        if expected is None:
+            fn(device)
+            return
+        exc, fragment = expected
+        with pytest.raises(exc) as info:
+            fn(device)
+    assert fragment in str(info.value), f"{name}: {fragment!r} not in {info.value}"

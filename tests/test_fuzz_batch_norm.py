@@ -18,7 +18,7 @@ from hypothesis import strategies as st  # noqa: E402
 import fastnets  # noqa: E402
 from fastnets.nn.batch_norm import bn_act  # noqa: E402
 
-from conftest import (REL_BOUND, assert_rel, away_from_kink, backend_params, biting_grad, device_for,  # noqa: E402
+from conftest import (in_layout, REL_BOUND, assert_rel, away_from_kink, backend_params, biting_grad, device_for,  # noqa: E402
                       fuzz_examples)
 
 BACKENDS = backend_params("batch_norm")
@@ -54,19 +54,6 @@ def bn_cases(draw):
     )
 
 
-def _layout(x, layout):
-    if layout == "channels_last" and x.dim() >= 3:
-        perm = [0] + list(range(2, x.dim())) + [1]
-        inv = [perm.index(i) for i in range(x.dim())]
-        return x.permute(perm).contiguous().permute(inv)
-    if layout == "strided":  # every other element of a twice-as-wide buffer: not dense in any layout
-        wide = torch.empty(*x.shape[:-1], 2 * x.shape[-1], dtype=x.dtype, device=x.device)
-        view = wide[..., ::2]
-        view.copy_(x)
-        return view
-    return x
-
-
 def run_case(case, backend):
     device = device_for(backend)
     g = torch.Generator().manual_seed(case["seed"])
@@ -93,10 +80,10 @@ def run_case(case, backend):
         truth.train(training)
         base = (torch.randn(shape, generator=g) * (torch.rand(c, generator=g) + 0.2).view([1, c] + [1] * (len(shape) - 2))
                 + case["loc"]).to(dtype)
-        x = _layout(base.to(device), case["layout"]).requires_grad_()
+        x = in_layout(base.to(device), case["layout"]).requires_grad_()
         res = None
         if case["residual"]:
-            res = _layout(torch.randn(shape, generator=g).to(dtype).to(device), case["layout"]).requires_grad_()
+            res = in_layout(torch.randn(shape, generator=g).to(dtype).to(device), case["layout"]).requires_grad_()
         with fastnets.use_backend(backend):
             y = bn_act(ours, x, residual=res, relu=case["relu"])
         assert y.shape == x.shape and y.dtype == dtype

@@ -11,7 +11,7 @@ from hypothesis import strategies as st  # noqa: E402
 
 from fastnets.ops import squeeze_excite  # noqa: E402
 
-from conftest import assert_grads, assert_rel, away_from_kink, backend_params, device_for, fuzz_examples, se_truth  # noqa: E402
+from conftest import in_layout, assert_grads, assert_rel, away_from_kink, backend_params, device_for, fuzz_examples, se_truth  # noqa: E402
 
 BACKENDS = backend_params("squeeze_excite")
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
@@ -33,24 +33,13 @@ def se_cases(draw):
     )
 
 
-def _layout(x, layout):
-    if layout == "channels_last":
-        return x.contiguous(memory_format=torch.channels_last)
-    if layout == "strided":
-        wide = torch.empty(*x.shape[:-1], 2 * x.shape[-1], dtype=x.dtype, device=x.device)
-        view = wide[..., ::2]
-        view.copy_(x)
-        return view
-    return x
-
-
 def run_case(case, backend):
     device = device_for(backend)
     g = torch.Generator().manual_seed(case["seed"])
     n, c, h, w = case["shape"]
     r, dtype = case["r"], case["dtype"]
     wdtype = torch.float32 if case["fp32_weights"] and dtype in (torch.float16, torch.bfloat16) else dtype
-    x = _layout((torch.randn(case["shape"], generator=g) + case["loc"]).to(dtype).to(device), case["layout"]).requires_grad_()
+    x = in_layout((torch.randn(case["shape"], generator=g) + case["loc"]).to(dtype).to(device), case["layout"]).requires_grad_()
     # fc1 scaled by the input's offset: a saturated gate (sigmoid' ~ 1e-6) is ill-conditioned in any fp32
     # formula, eager torch's included (1 - gate rounds), so the fuzz keeps gates away from saturation
     ws = [torch.randn(r, c, 1, 1, generator=g) / (c**0.5 * (1 + abs(case["loc"]))), torch.randn(r, generator=g) * 0.5,
@@ -58,7 +47,7 @@ def run_case(case, backend):
     ws = [t.to(wdtype).to(device).requires_grad_() for t in ws]
     res = None
     if case["residual"]:
-        res = _layout(torch.randn(case["shape"], generator=g).to(dtype).to(device), case["layout"]).requires_grad_()
+        res = in_layout(torch.randn(case["shape"], generator=g).to(dtype).to(device), case["layout"]).requires_grad_()
     y = squeeze_excite(x, *ws, residual=res, relu=case["relu"], backend=backend)
     assert y.dtype == dtype and y.shape == x.shape
     want, _ = se_truth(x, *ws, residual=res, relu=case["relu"])

@@ -262,16 +262,11 @@ def try_pretrained(name, download):
         return None
 
 
-def run(settings, show_progress=True):
-    """Run everything `settings` asks for; return the report dict (written to disk by main)."""
+def start_report(settings):
+    """The empty report, its notes (a list run's phases append to) and the time budget; sets torch's threads."""
     import torch
 
-    from . import accuracy, flops, report as R
-    from . import models as M
-    from . import throughput as T
-    from . import train as TR
-    from .data import DataError
-    from .progress import progress_bar
+    from . import report as R
 
     device = settings["device"]
     cuda = device.startswith("cuda")
@@ -286,15 +281,25 @@ def run(settings, show_progress=True):
               "environment": R.environment(device), "settings": settings, "data": {}, "models": [],
               "throughput": [], "fidelity": [], "trained": [], "targets": [], "notes": notes}
     report["run"]["started"] = report["environment"]["date"]
+    return report, budget
 
-    mnist, cifar = load_data(settings, notes, show_progress)
-    for ds in (mnist, cifar):
+
+def record_data(report, datasets):
+    """The loaded data sets' descriptions and notes into the report."""
+    notes = report["notes"]
+    for ds in datasets:
         if ds is not None:
             report["data"][ds.name] = ds.describe()
             if ds.note and ds.note not in notes:
                 notes.append(f"{ds.name}: {ds.note}")
 
-    # parameters and FLOPs
+
+def count_flops(report, settings, show_progress):
+    """Phase 1: parameters and FLOPs of every model run measures or trains."""
+    from . import flops
+    from . import models as M
+    from .progress import progress_bar
+
     all_models = list(dict.fromkeys(settings["models"] + settings["train_models"]))
     for name in progress_bar(all_models, desc="FLOPs", disable=not show_progress):
         s = M.spec(name)
@@ -309,92 +314,156 @@ def run(settings, show_progress=True):
                 "note": s.published.note, "kind": "literature value (ImageNet-1k validation), not measured here"},
         })
 
-    # throughput. With a time budget: every model with the plain backends, ResNet-50 (the targets' model) with
-    # every backend but fastnets-compile, first; the remaining compiled backends at the end, as far as the
-    # budget allows. Without a budget: everything in model order.
+
+def throughput_plan(settings):
+    """(first, later): lists of (model, backends) to measure. With a time budget: every model with the plain
+    backends, ResNet-50 (the targets' model) with every backend but fastnets-compile, first; the remaining
+    compiled backends later, as far as the budget allows. Without a budget: everything first, in model order."""
+    from . import throughput as T
+
     models = settings["models"]
     order = [m for m in PRIORITY if m in models] + [m for m in models if m not in PRIORITY]
     plain = [b for b in settings["backends"] if b not in T.COMPILED]
     compiled = [b for b in settings["backends"] if b in T.COMPILED]
     if settings["time_budget_s"] is None:
-        phase_a, phase_b = [(m, plain + compiled) for m in order], []
-    else:
-        first = {(PRIORITY[0], "compile")}
-        phase_a = [(m, plain + [b for b in compiled if (m, b) in first]) for m in order]
-        phase_b = [(m, [b for b in compiled if (m, b) not in first]) for m in order]
-        phase_b = [(m, bs) for m, bs in phase_b if bs]
-    pairs = {}
+        return [(m, plain + compiled) for m in order], []
+    first = {(PRIORITY[0], "compile")}
+    phase_a = [(m, plain + [b for b in compiled if (m, b) in first]) for m in order]
+    phase_b = [(m, [b for b in compiled if (m, b) not in first]) for m in order]
+    return phase_a, [(m, bs) for m, bs in phase_b if bs]
 
-    def model_pair(name):
-        if name not in pairs:
-            with torch.device(device):
-                pairs.clear()  # keep one model pair in memory
-                pairs[name] = M.make_pair(name, settings["seed"])
-        return pairs[name]
 
-    def measure_all(plan, desc):
-        tasks = [(m, b, mode) for m, bs in plan for b in bs for mode in settings["modes"]]
-        for name, backend, mode in progress_bar(tasks, desc=desc, disable=not show_progress):
-            estimate = (90 if mode == "train" else 45) if backend in T.COMPILED else 5
-            row_base = {"model": name, "backend": backend, "mode": mode, "batch_size": settings["batch_size"][name],
-                        "precision": settings["precision"], "device": device}
-            if not budget.allows(estimate):
-                report["throughput"].append(dict(row_base, status="skipped",
-                                                 reason=f"time budget of {settings['time_budget_s']} s"))
-                continue
-            eager, fast, why = model_pair(name)
-            row = T.measure(name, backend, mode, eager, fast, device=device, precision=settings["precision"],
-                            batch_size=settings["batch_size"][name], warmup=settings["warmup"],
-                            iters=settings["iters"], repeats=settings["repeats"],
-                            fastnets_layout=settings["fastnets_layout"])
-            if row["status"] == "unavailable":
-                row["reason"] = why
-            report["throughput"].append(row)
-            if backend in T.COMPILED:
-                torch._dynamo.reset()
+class ModelPairs:
+    """The (eager, fastnets, why-unavailable) pair of one model at a time, built on first use."""
 
-    if settings["modes"] and models:
-        measure_all(phase_a, "throughput")
+    def __init__(self, device, seed):
+        self.device, self.seed, self.pairs = device, seed, {}
 
-    # fidelity on real images (MNIST for 1-channel models, CIFAR-10 for the others when it was loaded)
+    def get(self, name):
+        import torch
+
+        from . import models as M
+
+        if name not in self.pairs:
+            with torch.device(self.device):
+                self.pairs.clear()  # keep one model pair in memory
+                self.pairs[name] = M.make_pair(name, self.seed)
+        return self.pairs[name]
+
+    def clear(self):
+        self.pairs.clear()
+
+
+def measure_throughput(report, plan, pairs, settings, budget, desc, show_progress):
+    """Phases 2 and 5: throughput rows of each (model, backends) in `plan`, for each mode."""
+    import torch
+
+    from . import throughput as T
+    from .progress import progress_bar
+
+    if not settings["modes"] or not plan:
+        return
+    device = settings["device"]
+    tasks = [(m, b, mode) for m, bs in plan for b in bs for mode in settings["modes"]]
+    for name, backend, mode in progress_bar(tasks, desc=desc, disable=not show_progress):
+        estimate = (90 if mode == "train" else 45) if backend in T.COMPILED else 5
+        row_base = {"model": name, "backend": backend, "mode": mode, "batch_size": settings["batch_size"][name],
+                    "precision": settings["precision"], "device": device}
+        if not budget.allows(estimate):
+            report["throughput"].append(dict(row_base, status="skipped",
+                                             reason=f"time budget of {settings['time_budget_s']} s"))
+            continue
+        eager, fast, why = pairs.get(name)
+        row = T.measure(name, backend, mode, eager, fast, device=device, precision=settings["precision"],
+                        batch_size=settings["batch_size"][name], warmup=settings["warmup"],
+                        iters=settings["iters"], repeats=settings["repeats"],
+                        fastnets_layout=settings["fastnets_layout"])
+        if row["status"] == "unavailable":
+            row["reason"] = why
+        report["throughput"].append(row)
+        if backend in T.COMPILED:
+            torch._dynamo.reset()
+
+
+def fidelity_images(spec, mnist, cifar, n_images):
+    """(images, mean, std, description) of real test images for `spec`'s model: MNIST for 1-channel models,
+    CIFAR-10 for the others when it was loaded; all None without images."""
+    src = mnist if spec.in_channels == 1 and mnist is not None else (cifar if cifar is not None else mnist)
+    if not n_images or src is None:
+        return None, None, None, None
+    resized = " padded/resized to the model's input" if src.test.x.shape[-1] != spec.image_size else ""
+    return src.test.x[:n_images], src.mean, src.std, f"{src.name} test images{resized}"
+
+
+def measure_fidelity(report, pairs, settings, mnist, cifar, budget, show_progress):
+    """Phase 3: fastnets against eager on real images, with published weights where they are cached."""
+    import torch
+
+    from . import accuracy
+    from . import models as M
+    from .progress import progress_bar
+
     n_fid = settings["fidelity_images"]
+    if not n_fid:
+        return
+    for name in progress_bar(settings["models"], desc="fidelity", disable=not show_progress):
+        images, mean, std, image_source = fidelity_images(M.spec(name), mnist, cifar, n_fid)
+        if images is None:
+            continue
+        if not budget.allows(10):
+            report["fidelity"] += [{"model": name, "mode": m, "status": "skipped", "weights": "-",
+                                    "reason": "time budget"} for m in ("eval", "train")]
+            continue
+        eager, fast, why = pairs.get(name)
+        sd = try_pretrained(name, settings["pretrained_download"])
+        has_bn = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in eager.modules())
+        weights = "random init (seed)" + (", BN stats calibrated" if has_bn else "")
+        e = eager
+        if sd is not None:
+            e = copy.deepcopy(eager)
+            e.load_state_dict(sd)
+            weights = M.spec(name).published.weights
+        rows = accuracy.fidelity(name, e, fast, images, mean, std, device=settings["device"],
+                                 precision=settings["precision"], batch_size=settings["fidelity_batch"],
+                                 weights=weights, image_source=image_source, calibrate=sd is None,
+                                 fastnets_layout=settings["fastnets_layout"], seed=settings["seed"])
+        for r in rows:
+            if r["status"] == "unavailable":
+                r["reason"] = why
+        report["fidelity"] += rows
 
-    def fidelity_images(spec):
-        src = mnist if spec.in_channels == 1 and mnist is not None else (cifar if cifar is not None else mnist)
-        if not n_fid or src is None:
-            return None, None, None, None
-        resized = " padded/resized to the model's input" if src.test.x.shape[-1] != spec.image_size else ""
-        return src.test.x[:n_fid], src.mean, src.std, f"{src.name} test images{resized}"
 
-    if n_fid:
-        for name in progress_bar(models, desc="fidelity", disable=not show_progress):
-            images, mean, std, image_source = fidelity_images(M.spec(name))
-            if images is None:
-                continue
-            if not budget.allows(10):
-                report["fidelity"] += [{"model": name, "mode": m, "status": "skipped", "weights": "-",
-                                        "reason": "time budget"} for m in ("eval", "train")]
-                continue
-            eager, fast, why = model_pair(name)
-            sd = try_pretrained(name, settings["pretrained_download"])
-            has_bn = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in eager.modules())
-            weights = "random init (seed)" + (", BN stats calibrated" if has_bn else "")
-            e = eager
-            if sd is not None:
-                e = copy.deepcopy(eager)
-                e.load_state_dict(sd)
-                weights = M.spec(name).published.weights
-            rows = accuracy.fidelity(name, e, fast, images, mean, std, device=device,
-                                     precision=settings["precision"], batch_size=settings["fidelity_batch"],
-                                     weights=weights, image_source=image_source, calibrate=sd is None,
-                                     fastnets_layout=settings["fastnets_layout"], seed=settings["seed"])
-            for r in rows:
-                if r["status"] == "unavailable":
-                    r["reason"] = why
-            report["fidelity"] += rows
-    pairs.clear()
+def trained_fidelity(report, name, trained_eager, ds, settings):
+    """fastnets built from a model trained here (eager) against it, on the data set's test images."""
+    import torch
 
-    # trained accuracy on real data
+    from . import accuracy
+    from . import models as M
+
+    device = settings["device"]
+    fast = None
+    why = None
+    try:
+        with torch.device(device):
+            fast = M.build_fastnets(name, like=trained_eager)
+    except Exception as ex:  # noqa: BLE001
+        why = str(ex)
+    rows = accuracy.fidelity(name, trained_eager, fast, ds.test.x, ds.mean, ds.std, device=device,
+                             precision=settings["precision"], batch_size=settings["fidelity_batch"],
+                             weights=f"trained here on {ds.name} (eager run)",
+                             image_source=f"{ds.name} test images", calibrate=False,
+                             fastnets_layout=settings["fastnets_layout"], seed=settings["seed"])
+    for r in rows:
+        if r["status"] == "unavailable":
+            r["reason"] = why
+    report["fidelity"] += rows
+
+
+def measure_trained(report, settings, mnist, cifar, budget, show_progress):
+    """Phase 4: trained accuracy on real data, per training backend, and fidelity of the trained model."""
+    from . import train as TR
+
+    device = settings["device"]
     augmented = {}
     for name in settings["train_models"]:
         ds = mnist if name == "lenet5" else cifar
@@ -418,40 +487,43 @@ def run(settings, show_progress=True):
             if backend.startswith("eager") and model is not None:
                 trained_eager = model
             report["trained"].append(row)
-        if trained_eager is not None and n_fid and budget.allows(10):
-            fast = None
-            why = None
-            try:
-                with torch.device(device):
-                    fast = M.build_fastnets(name, like=trained_eager)
-            except Exception as ex:  # noqa: BLE001
-                why = str(ex)
-            test = ds.test.x
-            rows = accuracy.fidelity(name, trained_eager, fast, test, ds.mean, ds.std, device=device,
-                                     precision=settings["precision"], batch_size=settings["fidelity_batch"],
-                                     weights=f"trained here on {ds.name} (eager run)",
-                                     image_source=f"{ds.name} test images", calibrate=False,
-                                     fastnets_layout=settings["fastnets_layout"], seed=settings["seed"])
-            for r in rows:
-                if r["status"] == "unavailable":
-                    r["reason"] = why
-            report["fidelity"] += rows
+        if trained_eager is not None and settings["fidelity_images"] and budget.allows(10):
+            trained_fidelity(report, name, trained_eager, ds, settings)
         trained_eager = None
     for name, ds in augmented.items():
         report["data"][name]["augmentation_s"] = ds.aug_s
     augmented.clear()
 
-    # compiled backends of the other models, as far as the budget allows
-    if settings["modes"] and phase_b:
-        measure_all(phase_b, "throughput (compiled)")
+
+def finish_report(report, settings, budget):
+    """The targets, the wall time and the note on skipped measurements."""
+    from . import report as R
 
     report["targets"] = R.targets(report)
     report["run"]["wall_s"] = budget.elapsed()
     if settings["time_budget_s"] is not None:
         skipped = sum(r["status"] == "skipped" for r in report["throughput"] + report["fidelity"] + report["trained"])
         if skipped:
-            notes.append(f"{skipped} measurements were skipped to stay within the {settings['time_budget_s']} s "
-                         "time budget (status 'skipped'); run --profile full for all of them")
+            report["notes"].append(f"{skipped} measurements were skipped to stay within the "
+                                   f"{settings['time_budget_s']} s time budget (status 'skipped'); run --profile "
+                                   "full for all of them")
+
+
+def run(settings, show_progress=True):
+    """Run everything `settings` asks for; return the report dict (written to disk by main)."""
+    report, budget = start_report(settings)
+    mnist, cifar = load_data(settings, report["notes"], show_progress)
+    record_data(report, (mnist, cifar))
+    count_flops(report, settings, show_progress)
+    first, later = throughput_plan(settings)
+    pairs = ModelPairs(settings["device"], settings["seed"])
+    measure_throughput(report, first, pairs, settings, budget, "throughput", show_progress)
+    measure_fidelity(report, pairs, settings, mnist, cifar, budget, show_progress)
+    pairs.clear()
+    measure_trained(report, settings, mnist, cifar, budget, show_progress)
+    # compiled backends of the other models, as far as the budget allows
+    measure_throughput(report, later, pairs, settings, budget, "throughput (compiled)", show_progress)
+    finish_report(report, settings, budget)
     return report
 
 

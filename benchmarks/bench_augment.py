@@ -16,7 +16,6 @@ import argparse
 import json
 import os
 import sys
-import time
 
 import torch
 
@@ -24,6 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import fastnets  # noqa: E402
 import fastnets.augment as A  # noqa: E402
+from fastnets._timing import time_iterations  # noqa: E402
 
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 GPU_SHAPES = [("cifar10", 256, 32, 32), ("imagenet", 128, 256, 224)]
@@ -31,25 +31,8 @@ CPU_SHAPES = [("cifar10", 64, 32, 32), ("imagenet", 8, 256, 224)]
 
 
 def timed(fn, device, reps):
-    for _ in range(2):
-        fn()
-    if device == "cuda":
-        torch.cuda.synchronize()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        times = []
-        for _ in range(reps):
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
-    else:
-        times = []
-        for _ in range(reps):
-            t = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t)
-    times.sort()
+    """Seconds per call of fn: the upper median of `reps` single calls after two warm-up calls."""
+    times = sorted(time_iterations(fn, device, warmup=2, iters=1, repeats=reps))
     return times[len(times) // 2]
 
 

@@ -11,6 +11,8 @@ import statistics
 
 import torch
 
+from fastnets._timing import time_iterations
+
 
 def require_cuda(dry_run=False):
     """The device to measure on: the GPU; with dry_run (the GPU check's CPU dry run), the CPU, where the
@@ -55,31 +57,12 @@ class LiveRows(list):
 
 
 def time_ms(fn, warmup=10, reps=50):
-    """Median milliseconds of `fn()` over `reps` runs, each timed with CUDA events, after `warmup` runs.
-    The L2 cache is not flushed: the shapes measured here are far larger than L2. Without a GPU (dry run):
-    a host timer, few repetitions."""
+    """Median milliseconds of `fn()` over `reps` runs, each timed with CUDA events, after `warmup` runs
+    (fastnets/_timing.py). The L2 cache is not flushed: the shapes measured here are far larger than L2.
+    Without a GPU (dry run): a host timer, one warm-up run, few repetitions."""
     if not torch.cuda.is_available():
-        import time
-
-        fn()
-        times = []
-        for _ in range(min(reps, 3)):
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-        return statistics.median(times)
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+        return statistics.median(time_iterations(fn, "cpu", warmup=1, iters=1, repeats=min(reps, 3))) * 1e3
+    return statistics.median(time_iterations(fn, "cuda", warmup=warmup, iters=1, repeats=reps)) * 1e3
 
 
 def time_ms_and_peak_mib(fn, warmup=5, reps=20):

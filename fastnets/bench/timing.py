@@ -1,40 +1,12 @@
 """Throughput measurement: warm-up excluded, each repeat timed with CUDA events on a GPU (or a
-synchronised perf_counter on the CPU), the median of the repeats reported."""
+synchronised perf_counter on the CPU), the median of the repeats reported. The timer itself is
+fastnets/_timing.py, shared with the kernel benchmarks and the conv family's `auto` policy."""
 import statistics
-import time
 
 import torch
 import torch.nn.functional as F
 
-
-def synchronize(device):
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def time_iterations(fn, device, warmup, iters, repeats):
-    """Run `fn` `warmup` times untimed, then `repeats` times `iters` runs; return the per-iteration seconds
-    of each repeat."""
-    for _ in range(warmup):
-        fn()
-    synchronize(device)
-    cuda = torch.device(device).type == "cuda"
-    times = []
-    for _ in range(repeats):
-        if cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(iters):
-                fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / 1e3 / iters)
-        else:
-            t0 = time.perf_counter()
-            for _ in range(iters):
-                fn()
-            times.append((time.perf_counter() - t0) / iters)
-    return times
+from .._timing import synchronize, time_iterations  # noqa: F401  (train.py and throughput.py use them from here)
 
 
 def autocast(device, precision):

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from fastnets.bench import __main__ as cli
-from fastnets.bench import data as D
+from fastnets.bench import datasets as D
 from fastnets.bench import flops
-from fastnets.bench import models as M
+from fastnets.bench import model_specs as M
 from fastnets.bench import report as R
 from fastnets.bench import throughput as T
 from fastnets.bench import timing

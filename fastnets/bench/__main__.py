@@ -37,7 +37,7 @@ def default_batch(spec, device_is_cuda, imagenet_batch=256):
 
 
 def build_parser():
-    from .models import SPECS
+    from .model_specs import SPECS
     from .throughput import BACKENDS
 
     p = argparse.ArgumentParser(
@@ -114,7 +114,7 @@ def idle_threads():
 def resolve_settings(args, parser):
     import torch
 
-    from . import models as M
+    from . import model_specs as M
     from .throughput import BACKENDS, check_backends
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -190,7 +190,7 @@ def resolve_settings(args, parser):
 
 def load_data(settings, notes, progress):
     """(mnist, cifar10) Datasets or None; raises DataError with the missing file and format."""
-    from . import data as D
+    from . import datasets as D
 
     folder, device = settings["data"], settings["device"]
     if folder is not None:
@@ -243,7 +243,7 @@ def try_pretrained(name, download):
     import torch
     import torchvision.models as tvm
 
-    from . import models as M
+    from . import model_specs as M
 
     s = M.spec(name)
     if s.cifar_stem or s.published is None or not s.published.weights.startswith("torchvision"):
@@ -297,7 +297,7 @@ def record_data(report, datasets):
 def count_flops(report, settings, show_progress):
     """Phase 1: parameters and FLOPs of every model run measures or trains."""
     from . import flops
-    from . import models as M
+    from . import model_specs as M
     from .progress import progress_bar
 
     all_models = list(dict.fromkeys(settings["models"] + settings["train_models"]))
@@ -342,7 +342,7 @@ class ModelPairs:
     def get(self, name):
         import torch
 
-        from . import models as M
+        from . import model_specs as M
 
         if name not in self.pairs:
             with torch.device(self.device):
@@ -400,7 +400,7 @@ def measure_fidelity(report, pairs, settings, mnist, cifar, budget, show_progres
     import torch
 
     from . import accuracy
-    from . import models as M
+    from . import model_specs as M
     from .progress import progress_bar
 
     n_fid = settings["fidelity_images"]
@@ -438,7 +438,7 @@ def trained_fidelity(report, name, trained_eager, ds, settings):
     import torch
 
     from . import accuracy
-    from . import models as M
+    from . import model_specs as M
 
     device = settings["device"]
     fast = None
@@ -562,8 +562,8 @@ def main(argv=None):
         from .ddp import main as ddp_main
 
         return ddp_main(args)
-    from . import models as M
-    from .data import DataError
+    from . import model_specs as M
+    from .datasets import DataError
     from .throughput import UnknownBackendError
 
     try:

@@ -11,7 +11,7 @@ import copy
 import torch
 from torchvision.transforms import v2
 
-from . import models as M
+from . import model_specs as M
 from . import timing
 
 

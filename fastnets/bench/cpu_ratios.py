@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from . import models as M
+from . import model_specs as M
 from . import timing
 
 MODELS = {"lenet5": 64, "resnet18_cifar": 8, "resnet50": 8}

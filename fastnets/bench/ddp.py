@@ -40,7 +40,7 @@ def _tiny_cnn():
 
 
 def _build(name, batch, device, generator):
-    from .models import build_eager, example_batch, spec
+    from .model_specs import build_eager, example_batch, spec
 
     if name == TINY:
         x = torch.randn(batch, 1, 28, 28, device=device, generator=generator)

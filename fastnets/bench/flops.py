@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from . import models as M
+from . import model_specs as M
 
 
 def count_flops(model, x, target=None, train=False):

@@ -13,7 +13,7 @@ import time
 
 import torch
 
-from . import models as M
+from . import model_specs as M
 from . import timing
 
 BACKENDS = ("eager", "eager-channels-last", "compile", "fastnets", "fastnets-compile")

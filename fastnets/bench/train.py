@@ -16,7 +16,7 @@ import time
 import torch
 from torchvision.transforms import v2
 
-from . import models as M
+from . import model_specs as M
 from . import timing
 from .progress import progress_bar
 from .throughput import free_memory, is_oom, memory_format

@@ -238,7 +238,7 @@ def _cifar_stem(model, arch, conv=nn.Conv2d):
 def eager_source(name):
     s = spec(name)
     if s.arch == "lenet5" or s.arch == "unet":
-        return "plain PyTorch (fastnets.bench.models)"
+        return "plain PyTorch (fastnets.bench.model_specs)"
     if s.arch == "se_resnet50":
         return "timm seresnet50" if _has_timm() else "plain PyTorch torchvision ResNet + SE (timm layout)"
     return f"torchvision.models.{s.arch}"

@@ -237,14 +237,14 @@ def main():
             torch.cuda.empty_cache()
         print(f"[{time.time() - t_start:6.1f}s] {name} done", flush=True)
 
-    from fastnets.triton_kernels import conv_hybrid
+    from fastnets.ops import _conv_auto
 
     targets = _targets(rows)
     print_table(rows, ["shape", "pass_", "variant", "ms", "tflops", "matmul_fraction", "vs_cudnn", "vs_eager", "vs_compile", "error"])
     print("\nTargets (speed ratios, higher is better):")
     for t in targets:
         print(f"  {t['target']}: {t['shape']} {t['variant']} = {t['value']:.3f} (need >= {t['need']}) {'PASS' if t['pass'] else 'FAIL'}")
-    path = rows.flush(extra={"targets": targets, "hybrid_choices": {str(k): v for k, v in conv_hybrid.choices.items()},
+    path = rows.flush(extra={"targets": targets, "hybrid_choices": {str(k): v for k, v in _conv_auto.choices.items()},
                              "seconds": time.time() - t_start})
     print(f"wrote {path} in {time.time() - t_start:.0f} s")
 

@@ -94,6 +94,11 @@ def backends_here(family="batch_norm"):
     return [b for b in implemented(family) if b in fastnets.available_backends(device)]
 
 
+# backend modules that only re-export another's primitives (ops/_cudnn_conv.py: the reference's F.conv2d,
+# i.e. cuDNN on a GPU): the same code, tested once when deduplicating
+_SAME_CODE = {".ops._cudnn_conv": ".reference.conv"}
+
+
 def backend_params(family="batch_norm", exclude=(), dedupe=True):
     """Every backend the family implements, as pytest params: one that cannot run here is SKIPPED with the
     reason (never silently dropped from the collection, so a missing Triton shows in the summary)."""
@@ -104,8 +109,9 @@ def backend_params(family="batch_norm", exclude=(), dedupe=True):
     out, seen = [], set()
     for b in implemented(family):
         module = _MODULES[family][0][b]
+        module = _SAME_CODE.get(module, module)
         if b in exclude or (dedupe and module in seen):
-            continue  # conv's `cuda` entry is the reference module (cuDNN): testing it twice compares torch with torch
+            continue  # conv's `cuda` entry is the reference's code (cuDNN): testing it twice compares torch with torch
         seen.add(module)
         why = backends.unavailable_reason(b, device)
         out.append(pytest.param(b, id=b, marks=[pytest.mark.skip(reason=f"{b} backend unavailable: {why}")] if why else []))

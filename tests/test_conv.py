@@ -16,8 +16,8 @@ import fastnets
 from fastnets.nn import Conv2d, ConvBNReLU2d, conv_bn_act
 from fastnets.ops.conv import conv2d, conv2d_batch_norm
 
-from conftest import (DTYPES, GPU, TOL, assert_rel, away_from_kink, backend_params, biting_grad, device_for,
-                      randomize)
+from conftest import (DTYPES, GPU, TOL, assert_rel, away_from_kink, backend_params, backends_here, biting_grad,
+                      device_for, randomize)
 
 # conv's `cuda` entry is the reference module (cuDNN): only the BatchNorm-fused tests run it (its BN parts
 # are the CUDA C++ kernels), the plain-convolution tests would compare F.conv2d with F.conv2d.
@@ -373,13 +373,13 @@ def test_eval_fold_leaves_module_untouched():
 
 # ------------------------------------------------------------------------------------------- hybrid (auto)
 
-@pytest.mark.skipif("triton" not in BACKENDS, reason="needs the Triton backend (GPU or interpreter)")
+@pytest.mark.skipif("triton" not in backends_here("conv"), reason="needs the Triton backend (GPU or interpreter)")
 @pytest.mark.parametrize("winner", ["triton", "cudnn"])
 def test_hybrid_runs_the_measured_winner(monkeypatch, winner):
-    """`auto`'s hybrid: measured once per key, cached, and either winner gives the right answer (on the CPU
+    """`auto`'s measured policy (ops/_conv_auto.py): measured once per key, cached, and either winner gives the right answer (on the CPU
     the timer is replaced, so both branches run under the interpreter / the CPU reference)."""
     from fastnets.triton_kernels import conv as tri
-    from fastnets.triton_kernels import conv_hybrid as hy
+    from fastnets.ops import _conv_auto as hy
 
     timed = []
 
@@ -414,6 +414,23 @@ def test_hybrid_runs_the_measured_winner(monkeypatch, winner):
     torch.testing.assert_close(var.double(), vr, atol=1e-4, rtol=1e-4)
 
 
+def test_auto_on_a_gpu_is_the_measured_policy(monkeypatch):
+    """The registry picks conv's registered `auto` policy on a CUDA device where Triton runs, the family's
+    order where it does not, and never for a backend asked for by name."""
+    from fastnets import backends
+    from fastnets.ops import _conv_auto, _cudnn_conv, _registry
+    from fastnets.reference import conv as ref
+
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(backends, "unavailable_reason", lambda name, device: None)
+    assert _registry.kernels("conv", "auto", cuda) is _conv_auto
+    assert _registry.kernels("conv", "cuda", cuda) is _cudnn_conv
+    assert _registry.kernels("conv", "auto", "cpu") is ref
+    monkeypatch.setattr(backends, "unavailable_reason", lambda name, device: "no" if name == "triton" else None)
+    assert _registry.kernels("conv", "auto", cuda) is ref
+    assert _cudnn_conv.forward is ref.forward and _cudnn_conv.grad_weight is ref.grad_weight
+
+
 def test_fp32_follows_cudnn_tf32_flag(monkeypatch):
     from fastnets.triton_kernels import conv as tri
 
@@ -425,10 +442,10 @@ def test_fp32_follows_cudnn_tf32_flag(monkeypatch):
     assert tri._math_flags(x.bfloat16())["UPCAST"] is False  # never upcast bf16 on a GPU
 
 
-@pytest.mark.skipif("triton" not in BACKENDS, reason="needs the Triton backend (GPU or interpreter)")
+@pytest.mark.skipif("triton" not in backends_here("conv"), reason="needs the Triton backend (GPU or interpreter)")
 def test_hybrid_falls_back_to_cudnn_when_triton_fails(monkeypatch):
     from fastnets.triton_kernels import conv as tri
-    from fastnets.triton_kernels import conv_hybrid as hy
+    from fastnets.ops import _conv_auto as hy
 
     def boom(*a, **k):
         raise RuntimeError("out of resources")

@@ -17,9 +17,9 @@ convolutions through F.conv2d).
                  (fastnets::batch_norm_backward), the normalize pass of the fused BN family.
 
 Ops (namespace `fastnets`): conv2d, conv2d_stats, conv2d_backward, bn_apply_train. Each takes a trailing
-`backend` string, resolved inside the op at run time. For the conv family, `auto` on a GPU is the hybrid:
-per shape it runs the Triton kernel or cuDNN, whichever was measured faster (fastnets/triton_kernels/
-conv_hybrid.py); the fused parts around the convolution are fastnets kernels either way.
+`backend` string, resolved inside the op at run time. For the conv family, `auto` on a GPU is the measured
+policy: per shape it runs the Triton kernel or cuDNN, whichever was measured faster (fastnets/ops/
+_conv_auto.py); the fused parts around the convolution are fastnets kernels either way.
 """
 from typing import List, Optional, Tuple
 
@@ -28,32 +28,25 @@ from torch import Tensor
 
 import torch.nn.functional as F
 
-from .. import _checks, activations, backends
+from .. import _checks, activations
 from ..backends import current_backend
 from ..reference.batch_norm import acc_dtype
 from .batch_norm import fold_scale_shift, save_for_act, update_running_stats
 from . import _native_cpu
 from ._registry import kernels, register_family
 
-# `auto` on a GPU is the measured hybrid (Triton or cuDNN per shape, see _conv_kernels); the registry's
-# order is what `auto` means where the hybrid cannot run.
-# There is no hand-written CUDA C++ convolution: the family's `cuda` backend is cuDNN (the reference's
-# F.conv2d on a GPU) with the fused BatchNorm parts on the CUDA C++ kernels, so that use_backend("cuda")
-# runs whole models.
+# `auto` on a GPU where Triton runs is the measured policy (Triton or cuDNN per shape, ops/_conv_auto.py);
+# the order is what `auto` means where it cannot run.
+# There is no hand-written CUDA C++ convolution: the family's `cuda` backend is cuDNN (ops/_cudnn_conv.py:
+# the reference's F.conv2d on a GPU) with the fused BatchNorm parts on the CUDA C++ kernels, so that
+# use_backend("cuda") runs whole models.
 register_family(
     "conv",
-    {"reference": ".reference.conv", "triton": ".triton_kernels.conv", "cuda": ".reference.conv"},
+    {"reference": ".reference.conv", "triton": ".triton_kernels.conv", "cuda": ".ops._cudnn_conv"},
     auto_order=("triton", "reference"),
+    auto_policy=".ops._conv_auto",
+    auto_needs=("triton",),
 )
-
-
-def _conv_kernels(backend, device):
-    device = torch.device(device)
-    if backend == "auto" and device.type == "cuda" and backends.unavailable_reason("triton", device) is None:
-        from ..triton_kernels import conv_hybrid
-
-        return conv_hybrid
-    return kernels("conv", backend, device)
 
 
 # ----------------------------------------------------------------------------------------------- shapes
@@ -115,7 +108,7 @@ def conv2d_op(
     residual: Optional[Tensor], stride: List[int], padding: List[int], dilation: List[int], act: str,
     act_param: float, backend: str,
 ) -> Tuple[Tensor, Tensor]:
-    k = _conv_kernels(backend, x.device)
+    k = kernels("conv", backend, x.device)
     x, _ = _checks.dense_layout(x)
     shape = _out_shape(x, weight, stride, padding, dilation)
     out = _new_out(x, shape)
@@ -137,7 +130,7 @@ def conv2d_stats(
     x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: List[int], padding: List[int],
     dilation: List[int], backend: str,
 ) -> Tuple[Tensor, Tensor, Tensor]:
-    k = _conv_kernels(backend, x.device)
+    k = kernels("conv", backend, x.device)
     x, _ = _checks.dense_layout(x)
     out = _new_out(x, _out_shape(x, weight, stride, padding, dilation))
     return k.forward_stats(x, weight, bias, stride, padding, dilation, out)
@@ -164,7 +157,7 @@ def conv2d_backward(
       grad_bias = scale * sum g, grad_x = dgrad(g, W * scale)
     so the scale is applied to the (small) weight, never to a full-size activation. Per-channel gradients
     are in the accumulation dtype; unneeded outputs are empty tensors."""
-    k = _conv_kernels(backend, x.device)
+    k = kernels("conv", backend, x.device)
     x, cl = _checks.dense_layout(x)
     acc = acc_dtype(x)
     g = _dense(grad_y, cl)

@@ -1,12 +1,16 @@
-"""`auto` on a GPU for the conv family: per shape, the Triton convolution or cuDNN, whichever was measured
-faster; the work fused around the convolution stays on fastnets kernels either way.
+"""The conv family's `auto` policy on a GPU: per shape, the Triton convolution or cuDNN, whichever was measured
+faster; the work fused around the convolution stays on fastnets kernels either way. It is registered with
+the family (ops/conv.py: `register_family(..., auto_policy=...)`) and picked by the registry for `auto` on a
+CUDA device where Triton can run; elsewhere `auto` follows the family's order. It is dispatch policy, not a
+kernel, so it sits in ops/ and takes its halves from the layers below: triton_kernels/conv.py and
+ops/_cudnn_conv.py (the `cuda` backend), with the BatchNorm kernels from the registry.
 
 Each primitive (forward with its epilogue, forward with the BN-statistics epilogue, grad input, grad weight)
 is timed once per key (primitive, shapes, stride, padding, dilation, dtype, layout, epilogue) on the first
 call with both implementations, CUDA events around a few runs after a warm-up run that includes Triton's
-autotuning; the winner is cached in `choices` (and, with FASTNETS_CONV_CACHE=path.json, in that file, so
-later processes skip the measurement). During CUDA-graph capture nothing is measured: an unseen key runs
-cuDNN.
+autotuning (fastnets/_timing.py); the winner is cached in `choices` (and, with FASTNETS_CONV_CACHE=path.json,
+in that file, so later processes skip the measurement; the conv benchmark reports `choices`). During
+CUDA-graph capture nothing is measured: an unseen key runs cuDNN.
 
 The cuDNN forward is F.conv2d followed by the fused BN family's `apply` kernel (bias folded into the
 shift): y = [relu](z * scale + shift [+ residual]) in one pass. The cuDNN statistics variant is F.conv2d
@@ -18,10 +22,11 @@ import threading
 
 import torch
 
-from .. import _checks
-from ..reference import conv as ref
+from .. import _checks, _timing
 from ..reference.batch_norm import acc_dtype
-from . import conv as tri
+from ..triton_kernels import conv as tri
+from . import _cudnn_conv as cudnn
+from ._registry import kernels
 
 choices = {}
 _lock = threading.Lock()
@@ -35,8 +40,6 @@ if _CACHE_PATH and os.path.exists(_CACHE_PATH):
 
 
 def _bn_kernels(device):
-    from ..ops._registry import kernels
-
     return kernels("batch_norm", "auto", device)
 
 
@@ -51,15 +54,9 @@ def _key(prim, x, w_shape, stride, padding, dilation, *flags):
 
 
 def _time_ms(fn, reps=5):
-    fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(reps):
-        fn()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) / reps
+    """Milliseconds per run of `fn` on the current CUDA device: one warm-up run, then `reps` runs between
+    two CUDA events."""
+    return _timing.time_iterations(fn, "cuda", warmup=1, iters=reps, repeats=1)[0] * 1e3
 
 
 def _choose(key, device, run_triton, run_cudnn):
@@ -89,14 +86,9 @@ def _choose(key, device, run_triton, run_cudnn):
     return c
 
 
-def choice(prim, x, w_shape, stride, padding, dilation, *flags):
-    """The measured choice for a key, or None before it was measured (used by the benchmark's report)."""
-    return choices.get(_key(prim, x, w_shape, stride, padding, dilation, *flags))
-
-
 def _cudnn_forward(x, w, bias, scale, shift, residual, stride, padding, dilation, relu, out, act_param=0.0,
                    pre=None):
-    z = ref._conv(x, w, stride, padding, dilation)
+    z = cudnn.conv(x, w, stride, padding, dilation)
     if bias is None and scale is None and shift is None and residual is None and not relu:
         if pre is not None:
             pre.copy_(z)
@@ -129,7 +121,7 @@ def forward(x, w, bias, scale, shift, residual, stride, padding, dilation, relu,
 
 
 def _cudnn_stats(x, w, bias, stride, padding, dilation, out):
-    z = ref._conv(x, w, stride, padding, dilation)
+    z = cudnn.conv(x, w, stride, padding, dilation)
     if bias is not None:
         z = z + bias.to(z.dtype).view(1, -1, 1, 1)
     if z.stride() != out.stride():
@@ -148,12 +140,12 @@ def forward_stats(x, w, bias, stride, padding, dilation, out):
 def grad_input(g, w, out, stride, padding, dilation):
     key = _key("dgrad", out, w.shape, stride, padding, dilation)
     args = (g, w, out, stride, padding, dilation)
-    c = _choose(key, g.device, lambda: tri.grad_input(*args), lambda: ref.grad_input(*args))
-    return (tri if c == "triton" else ref).grad_input(*args)
+    c = _choose(key, g.device, lambda: tri.grad_input(*args), lambda: cudnn.grad_input(*args))
+    return (tri if c == "triton" else cudnn).grad_input(*args)
 
 
 def grad_weight(g, x, w_shape, stride, padding, dilation):
     key = _key("wgrad", x, w_shape, stride, padding, dilation)
     args = (g, x, w_shape, stride, padding, dilation)
-    c = _choose(key, x.device, lambda: tri.grad_weight(*args), lambda: ref.grad_weight(*args))
-    return (tri if c == "triton" else ref).grad_weight(*args)
+    c = _choose(key, x.device, lambda: tri.grad_weight(*args), lambda: cudnn.grad_weight(*args))
+    return (tri if c == "triton" else cudnn).grad_weight(*args)

@@ -83,6 +83,9 @@ def build_parser():
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--ddp", action="store_true", help="data-parallel training with SyncBatchNorm under torchrun "
                    "(images/s per rank, scaling efficiency, SyncBN time per step); see fastnets/bench/ddp.py")
+    p.add_argument("--augment", action="store_true", help="images/s of per-sample augmentation: fastnets' fused "
+                   "kernel against torchvision v2 per image, kornia, DALI; see fastnets/bench/augment_throughput.py")
+    p.add_argument("--augment-sizes", help="with --augment: comma-separated sizes, cifar10 and/or imagenet (default both)")
     return p
 
 
@@ -562,6 +565,10 @@ def main(argv=None):
         from .ddp import main as ddp_main
 
         return ddp_main(args)
+    if args.augment:
+        from .augment_throughput import main as augment_main
+
+        return augment_main(args, parser)
     from . import model_specs as M
     from .datasets import DataError
     from .throughput import UnknownBackendError

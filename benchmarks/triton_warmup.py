@@ -7,8 +7,9 @@ Run on the GPU machine before `pytest tests/test_gpu_plan.py`, with the same TRI
      16-byte alignment, ints equal to 1 or divisible by 16) is kept once.
   2. compile: a fresh process (one that never touched CUDA) replays each variant through the original
      JITFunction.run(..., warmup=True) for the GPU's target in forked children, --jobs at a time, on meta
-     tensors with an offline driver (as tests/triton_aot.py does). Triton writes each compiled kernel to
-     its on-disk cache under the same key the tests' launches look up, so they load instead of compiling.
+     tensors with the offline driver of tests/triton_offline.py (shared with tests/triton_aot.py). Triton
+     writes each compiled kernel to its on-disk cache under the same key the tests' launches look up, so they
+     load instead of compiling.
 With FASTNETS_GPU_CHECK_DRYRUN=1 (the CPU dry run) it records the `dry` tier on the CPU and compiles at most
 --max-variants of them for sm_90: the plumbing, not the speed.
 
@@ -38,16 +39,16 @@ def _spec(v):
 
 
 def _key(fn, args, kwargs):
+    from triton_offline import int_specialization, variant_key
+
     def k(v):
         if isinstance(v, tuple) and v and v[0] == "__tensor__":
             return v
         if isinstance(v, int) and not isinstance(v, bool):
-            return ("int", v == 1, v % 16 == 0, -2**31 <= v < 2**31)
+            return int_specialization(v)
         return ("v", repr(v))
 
-    const = [p.is_constexpr for p in fn.params]
-    return (fn.__module__, fn.__name__, tuple(repr(a) if c else k(a) for a, c in zip(args, const)),
-            tuple(sorted((n, repr(v)) for n, v in kwargs.items())))
+    return variant_key(fn, args, kwargs, k)
 
 
 def record():
@@ -113,24 +114,7 @@ def _compile_one(i, capability):
     import torch
     from triton.backends.compiler import GPUTarget
     from triton.runtime.driver import driver
-
-    target = GPUTarget("cuda", capability, 32)
-
-    class Offline:
-        def is_active(self):
-            return True
-
-        def get_current_device(self):
-            return 0
-
-        def get_current_stream(self, device=None):
-            return 0
-
-        def get_current_target(self):
-            return target
-
-        def __getattr__(self, name):
-            raise AttributeError(name)
+    from triton_offline import OfflineDriver
 
     module, name, args, kwargs = _WORK[i]
 
@@ -140,7 +124,7 @@ def _compile_one(i, capability):
         return v
 
     t0 = time.time()
-    driver.set_active(Offline())
+    driver.set_active(OfflineDriver(GPUTarget("cuda", capability, 32)))
     fn = _find(module, name)
     fn.run(*map(real, args), grid=None, warmup=True, **{k: real(v) for k, v in kwargs.items()})
     return time.time() - t0
@@ -149,6 +133,7 @@ def _compile_one(i, capability):
 def compile_all(path, jobs, capability):
     """Child process: compile every variant in `path` (a pickle), `jobs` forked children at a time."""
     os.environ["TRITON_INTERPRET"] = "0"
+    sys.path.insert(0, os.path.join(ROOT, "tests"))  # triton_offline, shared with tests/triton_aot.py
     sys.path.insert(0, ROOT)
     with open(path, "rb") as f:
         _WORK[:] = pickle.load(f)

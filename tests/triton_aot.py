@@ -48,6 +48,7 @@ if not _KEEP_CACHE:
     atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
 
 import torch  # noqa: E402
+from triton_offline import OfflineDriver, int_specialization, variant_key  # noqa: E402
 
 H100_SMS = 132
 H100_SHARED = 232448  # bytes of shared memory a block may opt in to on sm_90 (227 KiB)
@@ -79,26 +80,6 @@ try:
     get_ptxas_version()  # runs ptxas --version: Triton's own ptxas, or TRITON_PTXAS_PATH
 except Exception as e:
     _unavailable(f"no ptxas for sm_90 (Triton ships one; else set TRITON_PTXAS_PATH): {type(e).__name__}: {e}")
-
-
-class _OfflineDriver:
-    """Enough of a Triton driver for JITFunction.run(..., warmup=True) to specialize and compile a launch for
-    TARGET without a GPU (warmup never launches or loads the kernel)."""
-
-    def is_active(self):
-        return True
-
-    def get_current_device(self):
-        return 0
-
-    def get_current_stream(self, device=None):
-        return 0
-
-    def get_current_target(self):
-        return TARGET
-
-    def __getattr__(self, name):
-        raise AttributeError(f"the offline sm_90 driver has no {name} (Triton wanted a GPU for this)")
 
 
 # ------------------------------------------------------------------------------------------- recording
@@ -390,12 +371,10 @@ def _variant_key(fn, args, kwargs):
         if isinstance(v, torch.Tensor):
             return ("tensor", str(v.dtype), v.data_ptr() % 16 == 0)
         if isinstance(v, int) and not isinstance(v, bool):
-            return ("int", v == 1, v % 16 == 0, -2**31 <= v < 2**31)
+            return int_specialization(v)
         return (type(v).__name__,)
 
-    const = [p.is_constexpr for p in fn.params]
-    return (fn.__module__, fn.__name__, tuple(repr(v) if c else spec(v) for v, c in zip(args, const)),
-            tuple(sorted((k, repr(v)) for k, v in kwargs.items())))
+    return variant_key(fn, args, kwargs, spec)
 
 
 _VERBOSE = False
@@ -406,7 +385,7 @@ def _compile(i):
     """Specialize and compile one launch as JITFunction.run does on a GPU, for TARGET, without launching."""
     fn, args, kwargs = _WORK[i]
     t0 = time.time()
-    driver.set_active(_OfflineDriver())
+    driver.set_active(OfflineDriver(TARGET))
     try:
         k = _launch_run(fn, *args, grid=None, warmup=True, **kwargs)
         return {"shared": k.metadata.shared, "seconds": time.time() - t0, "name": fn.__name__}

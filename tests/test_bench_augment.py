@@ -64,3 +64,80 @@ def test_measure_bad_input():
         AT.measure("cpu", rounds=0)
     with pytest.raises(ValueError, match="variants"):
         AT.measure("cpu", sizes=("cifar10",), batch=1, rounds=1, warmup=0, variants=("albumentations",))
+
+
+# ------------------------------------------------------------- training with fastnets.augment per batch
+
+def _tiny_cifar(n_train=48, n_test=24):
+    import torch
+
+    from fastnets.bench.datasets import Dataset, Split
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (n_train + n_test, 3, 32, 32), dtype=torch.uint8, generator=g)
+    y = torch.arange(n_train + n_test) % 10
+    return Dataset("cifar10", Split(x[:n_train], y[:n_train], "synthetic"), Split(x[n_train:], y[n_train:], "synthetic"),
+                   "synthetic")
+
+
+def test_fastnets_mode_is_a_padded_crop_and_flip_per_sample():
+    import torch
+    import torch.nn.functional as F
+
+    from fastnets.bench import train as TR
+
+    ds = _tiny_cifar()
+    data = TR.AugmentedEpochs(ds, "cpu", seed=3, augment="fastnets", show_progress=False)
+    x = ds.train.x[:6]
+    assert data.epoch(0) is data.x  # no per-epoch copy: augmentation happens per batch
+    out = data.batch(x, ds.mean, ds.std, torch.contiguous_format)
+    assert out.shape == (6, 3, 32, 32) and out.dtype == torch.float32
+    mean, std = torch.tensor(ds.mean).view(3, 1, 1), torch.tensor(ds.std).view(3, 1, 1)
+    padded = F.pad(x.double() / 255, (4, 4, 4, 4))  # v2.Pad(4): fill 0 before normalisation
+    seen = set()
+    for i in range(6):  # each output is exactly one of the 81 crops x 2 flips of its padded image
+        best = min(((float((((c.flip(-1) if f else c) - mean) / std - out[i]).abs().max()), (t, l, f))
+                    for t in range(9) for l in range(9) for f in (False, True)
+                    for c in [padded[i, :, t:t + 32, l:l + 32]]), key=lambda r: r[0])
+        assert best[0] < 1e-5, (i, best)
+        seen.add(best[1])
+    assert len(seen) > 1  # not one parameter set for the whole batch
+    data.epoch(0)
+    assert torch.equal(data.batch(x, ds.mean, ds.std, torch.contiguous_format), out)  # replayed per epoch
+    data.epoch(1)
+    assert not torch.equal(data.batch(x, ds.mean, ds.std, torch.contiguous_format), out)
+    plain = TR.AugmentedEpochs(ds, "cpu", 3, augment="none", show_progress=False)
+    assert torch.equal(plain.batch(x, ds.mean, ds.std, torch.contiguous_format), TR.normalize(x, ds.mean, ds.std))
+    with pytest.raises(ValueError, match="augment"):
+        TR.AugmentedEpochs(ds, "cpu", 0, augment="kornia")
+
+
+def test_compare_same_budget_with_and_without_augmentation():
+    from fastnets.bench import augment_training as AG
+
+    rows = AG.compare(_tiny_cifar(), modes=("none", "fastnets"), epochs=1, batch_size=16, seed=0)
+    assert [r["augment_mode"] for r in rows] == ["none", "fastnets"]
+    for r in rows:
+        assert r["status"] == "ok", r
+        assert r["steps"] == 3 and r["train_images"] == 48 and r["test_images"] == 24
+        assert 0 <= r["test_accuracy"] <= 1 and r["seconds_per_epoch"] > 0
+    assert "fastnets.augment" in rows[1]["augmentation"] and rows[0]["augmentation"] == "none"
+    with pytest.raises(ValueError, match="modes"):
+        AG.compare(_tiny_cifar(), modes=("autoaugment",))
+
+
+@pytest.mark.parametrize("extra, flag", [
+    (["--modes", "none,cutmix"], "--modes"),
+    (["--epochs", "0"], "--epochs"),
+    (["--batch-size", "1"], "--batch-size"),
+    (["--max-train-images", "0"], "--max-train-images"),
+    (["--model", "lenet5"], "--model"),
+    (["--data", "/nonexistent/folder"], "--data"),
+])
+def test_augment_training_bad_arguments(tmp_path, capsys, extra, flag):
+    from fastnets.bench import augment_training as AG
+
+    with pytest.raises(SystemExit) as e:
+        AG.main(["--out", str(tmp_path)] + extra)
+    assert e.value.code == 2
+    assert flag in capsys.readouterr().err

@@ -60,6 +60,9 @@ def build_parser():
     p.add_argument("--train-backends", help="backends to train with (default: eager[-channels-last] and fastnets)")
     p.add_argument("--epochs", type=int, help="training epochs (default per profile and data set)")
     p.add_argument("--train-batch-size", type=int)
+    p.add_argument("--train-augment", default="v2", choices=("v2", "fastnets", "none"),
+                   help="CIFAR-10 training augmentation (random crop, pad 4, + flip): v2 (torchvision, per image, "
+                   "once per epoch; default), fastnets (fastnets.augment, per batch on the device) or none")
     p.add_argument("--max-train-images", type=int, help="train on the first N training images only")
     p.add_argument("--max-test-images", type=int, help="evaluate on a fixed random N test images only "
                    "(default: all on a GPU, 1,000 on the CPU)")
@@ -178,6 +181,7 @@ def resolve_settings(args, parser):
         "train_backends": train_backends,
         "epochs": {k: (args.epochs or v) for k, v in P["epochs"].items()},
         "train_batch_size": args.train_batch_size or P["train_batch"],
+        "train_augment": args.train_augment,
         "max_train_images": args.max_train_images or P["max_train_images"],
         "max_test_images": args.max_test_images or P.get("max_test_images") or (None if cuda else 1000),
         "data": os.path.abspath(args.data) if args.data else None,
@@ -473,7 +477,8 @@ def measure_trained(report, settings, mnist, cifar, budget, show_progress):
         if ds is None:
             continue
         if ds.name not in augmented:
-            augmented[ds.name] = TR.AugmentedEpochs(ds, device, settings["seed"], augment=ds.name == "cifar10",
+            mode = settings.get("train_augment", "v2") if ds.name == "cifar10" else "none"
+            augmented[ds.name] = TR.AugmentedEpochs(ds, device, settings["seed"], augment=mode,
                                                     show_progress=show_progress)
         epochs = settings["epochs"][ds.name]
         trained_eager = None

@@ -4,7 +4,8 @@ seed (same initial weights), the same data order, the same augmentation and the 
 Augmentation (CIFAR-10): torchvision transforms v2 on GPU tensors, per image, a random 32x32 crop of the
 image padded by 4 and a random horizontal flip; each epoch's augmented copy is made once from a seeded RNG
 and used by every model and backend, so all runs see identical data; its time is reported apart from the
-training time. MNIST (LeNet-5) is not augmented. Optimizer: SGD, Nesterov momentum 0.9, weight decay 5e-4,
+training time. `--train-augment fastnets`: the same crop and flip drawn per batch on the device by
+fastnets.augment (counted in the training time); `none`: no augmentation. MNIST (LeNet-5) is not augmented. Optimizer: SGD, Nesterov momentum 0.9, weight decay 5e-4,
 peak learning rate 0.1 x batch/256 (CIFAR-10) or 0.1 (MNIST), linear warm-up over the first 15% of steps then linear decay to 0.
 Training time counts the training steps only (synchronised at the end of each epoch); one-time warm-up
 (kernel compilation, autotuning, torch.compile) is run on a throwaway copy first and reported apart; test
@@ -22,12 +23,29 @@ from .progress import progress_bar
 from .throughput import free_memory, is_oom, memory_format
 
 
+AUGMENT_MODES = ("v2", "fastnets", "none")
+AUGMENT_LABELS = {
+    "v2": "random crop 32 (pad 4) + horizontal flip, torchvision v2, per image",
+    "fastnets": "random crop 32 (pad 4) + horizontal flip, fastnets.augment, per batch on the device",
+    "none": "none",
+}
+
+
 class AugmentedEpochs:
-    """The training images of each epoch, augmented once per epoch from seed (seed, epoch), on `device`."""
+    """The training images of each epoch, on `device`. augment="v2" (or True): augmented once per epoch from
+    seed (seed, epoch) with torchvision v2, image by image; "fastnets": the same crop and flip drawn per batch
+    on the device by fastnets.augment (one fused call that also normalises; its generator restarts from
+    (seed, epoch) each epoch, so every backend sees the same images); "none" (or False): not augmented."""
 
     def __init__(self, dataset, device, seed, augment, show_progress=True):
-        self.ds, self.device, self.seed, self.augment = dataset, device, seed, augment
+        if augment is True or augment is False:
+            augment = "v2" if augment else "none"
+        if augment not in AUGMENT_MODES:
+            raise ValueError(f"augment must be one of {AUGMENT_MODES} (or a bool), got {augment!r}")
+        self.ds, self.device, self.seed, self.mode = dataset, device, seed, augment
+        self.augment = augment != "none"
         self.show_progress = show_progress
+        self._fused, self._gen = {}, None
         x = dataset.train.x.to(device)
         if x.shape[-1] == 28:  # MNIST -> LeNet-5's 32x32
             x = v2.Pad(2)(x)
@@ -37,7 +55,9 @@ class AugmentedEpochs:
         self.aug_s = 0.0
 
     def epoch(self, e):
-        if not self.augment:
+        if self.mode == "fastnets":
+            self._gen = torch.Generator(device=self.device).manual_seed(self.seed * 1000 + e)
+        if self.mode != "v2":
             return self.x
         if e not in self.cache:
             t0 = time.perf_counter()
@@ -59,6 +79,21 @@ class AugmentedEpochs:
     def order(self, e):
         g = torch.Generator().manual_seed(self.seed * 1000 + e)
         return torch.randperm(len(self.y), generator=g).to(self.device)
+
+    def batch(self, x_u8, mean, std, fmt):
+        """A training batch: uint8 images -> the model's normalised float input (augmented per batch in
+        "fastnets" mode; the time counts as training time, as it would in a real training loop)."""
+        if self.mode != "fastnets":
+            return normalize(x_u8, mean, std).contiguous(memory_format=fmt)
+        key = (tuple(mean), tuple(std), fmt)
+        if key not in self._fused:
+            import fastnets.augment as A
+
+            self._fused[key] = A.Augment([A.RandomCrop(tuple(x_u8.shape[-2:]), padding=4), A.RandomHorizontalFlip(),
+                                          A.Normalize(list(mean), list(std))], memory_format=fmt)
+        if self._gen is None:
+            self._gen = torch.Generator(device=self.device).manual_seed(self.seed * 1000)
+        return self._fused[key](x_u8, generator=self._gen)
 
 
 def _test_input(dataset, device):
@@ -96,18 +131,22 @@ def build_for_backend(name, backend, seed, fastnets_layout, device):
 
 
 def train_run(name, backend, data, dataset, *, device, precision, epochs, batch_size, seed,
-              fastnets_layout="channels_last", base_lr=0.1, show_progress=True):
-    """Train model `name` with `backend`; return a result row (test accuracy, training time, history)."""
+              fastnets_layout="channels_last", base_lr=0.1, show_progress=True, build=None):
+    """Train model `name` with `backend`; return a result row (test accuracy, training time, history).
+    `build(seed, device)` -> (model, memory format): a model that is not in the registry (named `name`)."""
     import fastnets
 
     row = {"model": name, "dataset": dataset.name, "data_source": dataset.source, "backend": backend,
            "epochs": epochs, "batch_size": batch_size, "precision": precision, "seed": seed, "device": str(device),
-           "augmentation": "random crop 32 (pad 4) + horizontal flip, torchvision v2, per image" if data.augment else "none",
+           "augmentation": AUGMENT_LABELS[data.mode],
            "status": "ok"}
     model = None
     try:
         with fastnets.use_backend("auto"):
-            model, fmt = build_for_backend(name, backend, seed, fastnets_layout, device)
+            if build is None:
+                model, fmt = build_for_backend(name, backend, seed, fastnets_layout, device)
+            else:
+                model, fmt = build(seed, device)
             if backend.endswith("compile"):
                 model = torch.compile(model)
             n = len(data.y)
@@ -162,7 +201,7 @@ def train_run(name, backend, data, dataset, *, device, precision, epochs, batch_
                                    disable=not show_progress, leave=False)
                 for i in bar:
                     idx = order[i * batch_size:(i + 1) * batch_size]
-                    x = normalize(xs[idx], mean, std).contiguous(memory_format=fmt)
+                    x = data.batch(xs[idx], mean, std, fmt)
                     last_loss = step(model, opt, sched, x, data.y[idx]).detach()
                 timing.synchronize(device)
                 train_s += time.perf_counter() - t0

@@ -44,6 +44,16 @@ def _gmean(values):
     return math.exp(sum(map(math.log, values)) / len(values)) if values else None
 
 
+def _read_json(path):
+    """The JSON in `path`, or None when the file is missing or not (yet) whole JSON: a step killed at its
+    limit may leave any of them absent or half written."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
 # ---------------------------------------------------------------------------------------------- steps
 
 
@@ -117,10 +127,8 @@ def read_benchmarks(work):
     """Every row of the kernel benchmarks' JSON, with the environment and ceilings of each file."""
     rows, meta = [], {}
     for path in sorted(glob.glob(os.path.join(work, "bench", "*.json"))):
-        try:
-            with open(path) as f:
-                data = json.load(f)
-        except (OSError, ValueError):
+        data = _read_json(path)
+        if data is None:
             continue  # a file being rewritten at the moment of a kill: the next summary reads it
         name = data.get("benchmark", os.path.basename(path))
         meta.setdefault(name, {"environment": data.get("environment"), "ceilings": data.get("ceilings")})
@@ -196,13 +204,9 @@ def build(work):
     # ok: no step failed or timed out (a step the budget left out is listed in `skipped`, not a failure)
     summary = {"steps": steps, "ok": bool(steps) and all(s["verdict"] in ("PASS", "SKIP(budget)") for s in steps),
                "skipped": [s["step"] for s in steps if s["verdict"] == "SKIP(budget)"]}
-    env_path = os.path.join(work, "environment.json")
-    if os.path.exists(env_path):
-        try:
-            with open(env_path) as f:
-                summary["environment"] = json.load(f)
-        except ValueError:
-            pass
+    environment = _read_json(os.path.join(work, "environment.json"))
+    if environment is not None:
+        summary["environment"] = environment
     problems = []
     for label, pattern in (("plan", "plan.xml"), ("sanitizer_memcheck", "memcheck.xml"),
                            ("sanitizer_racecheck", "racecheck.xml"), ("slow", "slow.xml")):
@@ -216,13 +220,9 @@ def build(work):
         summary[label] = counts(cases)
         if label == "plan":
             summary["plan_by_family"] = plan_table(cases)
-    warm = os.path.join(work, "warmup.json")
-    if os.path.exists(warm):
-        try:
-            with open(warm) as f:
-                summary["triton_warmup"] = json.load(f)
-        except ValueError:
-            pass
+    warmup = _read_json(os.path.join(work, "warmup.json"))
+    if warmup is not None:
+        summary["triton_warmup"] = warmup
     rows, meta = read_benchmarks(work)
     rows = add_ratios_and_targets(rows)
     summary["benchmarks"] = {"meta": meta, "targets": target_table(rows), "rows": rows}

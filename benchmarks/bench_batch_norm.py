@@ -7,7 +7,6 @@ like with like), the fraction of the device-to-device copy bandwidth measured in
 
     python benchmarks/bench_batch_norm.py --out benchmarks/results [--quick]
 """
-import argparse
 import os
 import sys
 
@@ -15,7 +14,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.common import LiveRows, add_common_args, add_speedups, bf16_matmul_tflops, compile_module, copy_bandwidth_gbs, print_table, require_cuda, time_ms_and_peak_mib  # noqa: E402
+from benchmarks.common import LiveRows, add_speedups, bf16_matmul_tflops, compile_module, copy_bandwidth_gbs, kernel_bench_parser, print_table, require_cuda, time_ms_and_peak_mib  # noqa: E402
 
 import fastnets  # noqa: E402
 from fastnets.nn import BatchNorm2d, BatchNormReLU2d  # noqa: E402
@@ -135,11 +134,7 @@ def run(shapes, out_dir, families=("bn", "bn_add_relu"), device="cuda", which="a
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default="benchmarks/results")
-    parser.add_argument("--quick", action="store_true", help="four representative shapes instead of all twelve")
-    add_common_args(parser)
-    args = parser.parse_args()
+    args = kernel_bench_parser(__doc__, "four representative shapes instead of all twelve").parse_args()
     device = require_cuda(args.dry_run)
     shapes = DRY_SHAPES if args.dry_run else QUICK_SHAPES if args.quick else RESNET50_BN_SHAPES
     run(shapes, args.out, device=device, which=args.variants, dry_run=args.dry_run)

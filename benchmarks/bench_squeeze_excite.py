@@ -18,7 +18,6 @@ stage-4 tensors, slow strided reductions) count. torch.compile can reach the sam
 
     python benchmarks/bench_squeeze_excite.py --out benchmarks/results [--quick]
 """
-import argparse
 import os
 import sys
 
@@ -26,7 +25,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.common import LiveRows, add_common_args, add_speedups, compile_module, copy_bandwidth_gbs, print_table, require_cuda, time_ms_and_peak_mib  # noqa: E402
+from benchmarks.common import LiveRows, add_speedups, compile_module, copy_bandwidth_gbs, kernel_bench_parser, print_table, require_cuda, time_ms_and_peak_mib  # noqa: E402
 
 import fastnets  # noqa: E402
 from fastnets.nn import SqueezeExcite  # noqa: E402
@@ -167,11 +166,7 @@ def _network_totals(rows, shapes):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default="benchmarks/results")
-    parser.add_argument("--quick", action="store_true", help="the first and last stage's shapes, fewer repetitions")
-    add_common_args(parser)
-    args = parser.parse_args()
+    args = kernel_bench_parser(__doc__, "the first and last stage's shapes, fewer repetitions").parse_args()
     device = require_cuda(args.dry_run)
     shapes = DRY_SHAPES if args.dry_run else QUICK_SHAPES if args.quick else SE_RESNET50_SHAPES
     run(shapes, args.out, reps=10 if args.quick else 30, device=device, which=args.variants, dry_run=args.dry_run)

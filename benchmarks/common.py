@@ -32,6 +32,17 @@ def add_common_args(parser):
                         help="tiny shapes on the CPU, torch.compile with the eager backend: the plumbing only")
 
 
+def kernel_bench_parser(description, quick_help):
+    """The command line of a bench_<family>.py: --out, --quick and add_common_args' --variants, --dry-run."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--quick", action="store_true", help=quick_help)
+    add_common_args(parser)
+    return parser
+
+
 def compile_module(mod, dry_run=False, **kwargs):
     return torch.compile(mod, backend="eager", **kwargs) if dry_run else torch.compile(mod, **kwargs)
 

@@ -52,7 +52,7 @@ from triton_offline import OfflineDriver, int_specialization, variant_key  # noq
 
 H100_SMS = 132
 H100_SHARED = 232448  # bytes of shared memory a block may opt in to on sm_90 (227 KiB)
-FAMILIES = ("batch_norm", "squeeze_excite", "conv")
+FAMILIES = ("batch_norm", "squeeze_excite", "conv_prologue", "conv", "augment")  # conv_prologue restores conv._launch
 F16, BF16, F32, F64 = torch.float16, torch.bfloat16, torch.float32, torch.float64
 
 
@@ -360,7 +360,113 @@ def conv_launches():
     torch.backends.cudnn.allow_tf32 = True
 
 
+# ------------------------------------------------------------------------------------------- conv_prologue
+
+# BatchNorm-apply + ReLU in the next convolution's prologue (fastnets/triton_kernels/conv_prologue.py: the conv
+# kernels with PRO / EPI): ResNet-50 bottleneck convolutions. The sweep shape compiles bf16/fp32/fp64 with the
+# fixed configuration (forward with and without the statistics epilogue, grad input with its epilogue, grad
+# weight), silu in bf16, and the bf16 forward with every autotuned configuration the pruning keeps.
+CONV_PROLOGUE_SHAPES = [
+    (32, 64, 56, 56, 64, 3, 1, 1),
+    (32, 256, 56, 56, 64, 1, 1, 0),
+    (32, 128, 56, 56, 128, 3, 2, 1),
+    (32, 256, 56, 56, 512, 1, 2, 0),
+]
+
+
+def conv_prologue_launches():
+    import fastnets.triton_kernels.conv as cv
+    import fastnets.triton_kernels.conv_prologue as cp
+
+    _with_cuda_device(cv, "_num_sms")
+    launch = cv._launch
+    tuned = {"on": False}
+
+    def each_config(autotuner, raw, grid, *args, **kwargs):
+        what = _context["what"]
+        os.environ["FASTNETS_CONV_TUNE"] = "fixed"
+        try:
+            _context["what"] = f"{what} {raw.__name__} fixed config"
+            cfg = launch(autotuner, raw, grid, *args, **kwargs)
+        finally:
+            os.environ.pop("FASTNETS_CONV_TUNE", None)
+        if tuned["on"] and not kwargs["FP64"]:
+            named = dict(zip(raw.arg_names, args))
+            _context["what"] = f"{what} {raw.__name__} autotuned"
+            _context["group"] = (len(_records), "autotuned")
+            for c in autotuner.early_config_prune(autotuner.configs, named):
+                raw[grid(c.kwargs)](*args, **kwargs, **c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
+            _context["group"] = None
+        _context["what"] = what
+        return cfg
+
+    cv._launch = each_config
+    try:
+        for shape in CONV_PROLOGUE_SHAPES:
+            n, c, h, w, cout, k, s, p = shape
+            oh, ow = (h + 2 * p - k) // s + 1, (w + 2 * p - k) // s + 1
+            sweep = _sweep(shape, CONV_PROLOGUE_SHAPES[0])
+            for dtype in ((BF16, F32, F64) if sweep else (BF16,)):
+                z = meta((n, c, h, w), dtype, True)
+                wt = meta((cout, c, k, k), dtype)
+                out = meta((n, cout, oh, ow), dtype, True)
+                vec = meta((c,), acc_of(dtype))
+                bias = meta((cout,), dtype)
+                conf = ((s, s), (p, p), (1, 1))
+                with launches(f"conv_prologue {(n, c, h, w)} -> {cout} k{k} s{s} p{p} {dtype} channels_last"):
+                    tuned["on"] = sweep and dtype == BF16
+                    cp.forward(z, vec, vec, wt, bias, *conf, 1, "relu", 0.0, out, stats=True)
+                    tuned["on"] = False
+                    if sweep:
+                        cp.forward(z, vec, vec, wt, None, *conf, 1, "relu", 0.0, out)
+                    cp.grad_input(out, wt, z, vec, vec, *conf, 1, "relu", 0.0, meta((n, c, h, w), dtype, True))
+                    cp.grad_weight(out, z, vec, vec, (cout, c, k, k), *conf, 1, "relu", 0.0)
+                    if sweep and dtype == BF16:  # another activation: the smooth act / act_grad branches
+                        cp.forward(z, vec, vec, wt, bias, *conf, 1, "silu", 0.0, out)
+                        cp.grad_input(out, wt, z, vec, vec, *conf, 1, "silu", 0.0, meta((n, c, h, w), dtype, True))
+                        cp.grad_weight(out, z, vec, vec, (cout, c, k, k), *conf, 1, "silu", 0.0)
+    finally:
+        cv._launch = launch
+
+
 # ------------------------------------------------------------------------------------------- compiling
+
+
+U8 = torch.uint8
+# (input shape, output size): CIFAR-10 training batches (crop/flip at 32x32), ImageNet-sized decoded images
+# to a 224x224 RandomResizedCrop, MNIST (one channel).
+AUG_SHAPES = [((256, 3, 32, 32), (32, 32)), ((128, 3, 375, 500), (224, 224)), ((256, 1, 28, 28), (28, 28))]
+
+
+def augment_launches():
+    import fastnets.triton_kernels.augment as aug
+
+    for (shape, (oh, ow)) in AUG_SHAPES:
+        n, c = shape[:2]
+        mat = meta((n, 3, 3), F32)
+        box = meta((n, 4), F32)
+        col = meta((n, 3), F32)
+        seed = meta((1,), torch.int64)
+        vec = meta((c,), F32)
+        sweep = shape == AUG_SHAPES[0][0]
+        if FULL:  # every input/output dtype and layout and both interpolations on every shape
+            combos = [(i, o, nr) for i in ((U8, False), (U8, True), (F32, False), (F16, True))
+                      for o in ((BF16, True), (F32, False)) for nr in (False, True)]
+        elif sweep:  # a few representative combinations (each variant takes seconds of ptxas on 2 cores)
+            combos = [((U8, False), (BF16, True), False), ((U8, False), (BF16, True), True),
+                      ((F16, True), (F32, False), False)]
+        else:
+            combos = [((U8, False), (BF16, True), False)]
+        for (in_dtype, in_cl), (out_dtype, out_cl), nearest in combos:
+            x = meta(shape, in_dtype, in_cl)
+            out = meta((n, c, oh, ow), out_dtype, out_cl)
+            with launches(f"augment {shape}->{(oh, ow)} {in_dtype} cl={in_cl} -> {out_dtype} cl={out_cl} "
+                          f"nearest={nearest}"):
+                # everything on (the contrast statistics pass included), then the plain resample
+                aug.apply(x, mat, box, col, True, True, True, seed, 0.0, 0.1, True, vec, vec, nearest, 0.0, out)
+                if sweep or FULL:
+                    aug.apply(x, mat, None, None, False, False, False, None, 0.0, 0.0, True, None, None, nearest,
+                              0.0, out)
 
 
 def _variant_key(fn, args, kwargs):

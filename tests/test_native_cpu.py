@@ -10,7 +10,7 @@ from torch import nn
 import fastnets
 from fastnets.nn.batch_norm import bn_act
 from fastnets.nn.conv import conv_bn_act
-from fastnets.ops import _native_cpu
+from fastnets.ops import _native_cpu, _native_fast
 from fastnets.ops.batch_norm import batch_norm
 from fastnets.ops.squeeze_excite import squeeze_excite
 
@@ -246,3 +246,124 @@ def test_explicit_backends_still_run_their_kernels():
     assert conv not in _native_cpu._FOLDS
     with torch.no_grad():
         assert_rel(y, torch.relu(bn(conv(x))), scale=10)
+
+
+# ------------------------------------------------------------------ module-level fast paths (auto on CPU)
+
+from fastnets.nn.conv import Conv2d as FastConv2d  # noqa: E402
+from fastnets.nn.pooling import AvgPool2d as FastAvgPool2d  # noqa: E402
+
+
+def _grads(y, leaves, gy):
+    return torch.autograd.grad(y, [t for t in leaves if t is not None], gy)
+
+
+@pytest.mark.parametrize("cl", [False, True], ids=["nchw", "cl"])
+@pytest.mark.parametrize("conf", [dict(), dict(stride=2, padding=1, bias=False), dict(groups=3, padding="same"),
+                                  dict(padding=2, padding_mode="reflect", dilation=2)],
+                         ids=["plain", "strided", "grouped-same", "reflect"])
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+def test_conv2d_module_fast_path_matches_torch_and_reference(cl, conf, train, monkeypatch):
+    """Conv2d under auto on a CPU tensor is torch.nn.Conv2d's own call: output and every gradient against
+    torch.nn in float64 and against the reference backend; no fastnets wrapper is reached."""
+    g = torch.Generator().manual_seed(21)
+    ref = nn.Conv2d(6, 9, 3, **conf).double()
+    fast = FastConv2d(6, 9, 3, **conf).double()
+    fast.load_state_dict(ref.state_dict())
+    fast.train(train), ref.train(train)
+    x = _x((2, 6, 9, 7), cl=cl).requires_grad_()
+    gy = torch.randn(ref(x).shape, generator=g, dtype=torch.float64)
+    with fastnets.use_backend("reference"):
+        oracle = fast(x)
+        oracle_grads = _grads(oracle, [x, fast.weight, fast.bias], gy)
+
+    def boom(*a, **k):
+        raise AssertionError("the fast path must not reach fastnets' conv2d wrapper")
+
+    monkeypatch.setattr("fastnets.nn.conv.conv2d", boom)
+    with fastnets.use_backend("auto"):
+        y = fast(x)
+        grads = _grads(y, [x, fast.weight, fast.bias], gy)
+    want = ref(x)
+    want_grads = _grads(want, [x, ref.weight, ref.bias], gy)
+    assert_rel(y, want)
+    assert_rel(y, oracle)
+    for a, b, c in zip(grads, want_grads, oracle_grads):
+        assert_rel(a, b)
+        assert_rel(a, c)
+    with torch.no_grad(), fastnets.use_backend("auto"):
+        assert_rel(fast(x), want)
+
+
+def test_conv2d_module_fast_path_bad_input_still_named():
+    conv = FastConv2d(3, 4, 3)
+    with fastnets.use_backend("auto"):
+        with pytest.raises(ValueError, match="input has 5 channels"):
+            conv(torch.randn(2, 5, 8, 8))
+        with pytest.raises(TypeError, match="input must be float"):
+            conv(torch.ones(2, 3, 8, 8, dtype=torch.long))
+        with pytest.raises(ValueError, match="larger than the padded input"):
+            conv(torch.randn(2, 3, 2, 8))
+        with pytest.raises(ValueError, match="non-empty"):
+            conv(torch.randn(0, 3, 8, 8))
+        with pytest.raises(TypeError, match="weight has dtype torch.float16"):
+            FastConv2d(3, 4, 3).half()(torch.randn(2, 3, 8, 8))
+
+
+@pytest.mark.parametrize("cl", [False, True], ids=["nchw", "cl"])
+@pytest.mark.parametrize("shape", [(2, 3, 8, 6), (1, 1, 2, 2), (3, 5, 14, 10)])
+def test_avg_pool2x2_fast_path_matches_torch(cl, shape):
+    """AvgPool2d(2, 2) under auto on the CPU (two strided adds): output, gradient and layout against
+    torch.nn.AvgPool2d in float64, and fp32 against the float64 truth."""
+    x = _x(shape, cl=cl).requires_grad_()
+    gy = _x((shape[0], shape[1], shape[2] // 2, shape[3] // 2), cl=cl, seed=5)
+    pool = FastAvgPool2d(2, stride=2)
+    assert _native_fast.avg_pool2x2_ok(pool, x)
+    with fastnets.use_backend("auto"):
+        y = pool(x)
+        (gx,) = torch.autograd.grad(y, x, gy)
+    want = nn.AvgPool2d(2, stride=2)(x)
+    (want_gx,) = torch.autograd.grad(want, x, gy)
+    assert_rel(y, want)
+    assert_rel(gx, want_gx)
+    assert y.is_contiguous(memory_format=torch.channels_last if cl else torch.contiguous_format)
+    assert gx.stride() == x.stride()
+    x32 = x.detach().float()
+    with fastnets.use_backend("auto"):
+        assert_rel(pool(x32), want)
+
+
+@pytest.mark.parametrize("conf,shape,dtype", [
+    (dict(kernel_size=2), (2, 3, 7, 6), torch.float32),                      # odd height: aten's floor mode
+    (dict(kernel_size=2, ceil_mode=True), (2, 3, 8, 6), torch.float32),
+    (dict(kernel_size=3, stride=2, padding=1), (2, 3, 8, 6), torch.float32),
+    (dict(kernel_size=2, divisor_override=3), (2, 3, 8, 6), torch.float32),
+    (dict(kernel_size=2), (2, 3, 8, 6), torch.bfloat16),                      # aten accumulates in fp32
+    (dict(kernel_size=2), (3, 8, 6), torch.float32),                          # unbatched
+])
+def test_avg_pool2d_other_configurations_are_torch(conf, shape, dtype):
+    fast, ref = FastAvgPool2d(**conf), nn.AvgPool2d(**conf)
+    x = _x(shape).to(dtype)
+    assert not _native_fast.avg_pool2x2_ok(fast, x)
+    with fastnets.use_backend("auto"):
+        assert torch.equal(fast(x), ref(x))
+
+
+def test_lenet5_auto_matches_reference_backend():
+    """The whole LeNet-5 (Conv2d and AvgPool2d fast paths) under auto against the reference backend in
+    float64: logits and every parameter's gradient."""
+    import fastnets.models as fm
+
+    torch.manual_seed(0)
+    model = fm.lenet5().double()
+    x = _x((3, 1, 32, 32))
+    outs = {}
+    for backend in ("auto", "reference"):
+        model.zero_grad()
+        with fastnets.use_backend(backend):
+            y = model(x)
+        y.square().sum().backward()
+        outs[backend] = (y.detach(), [p.grad.clone() for p in model.parameters()])
+    assert_rel(outs["auto"][0], outs["reference"][0])
+    for a, b in zip(outs["auto"][1], outs["reference"][1]):
+        assert_rel(a, b)

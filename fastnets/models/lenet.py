@@ -6,15 +6,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..nn.conv import Conv2d
+from ..nn.pooling import AvgPool2d
 
 
 class LeNet5(nn.Module):
     def __init__(self, num_classes=10, in_channels=1):
         super().__init__()
         self.conv1 = Conv2d(in_channels, 6, 5)
-        self.pool1 = nn.AvgPool2d(2, stride=2)
+        self.pool1 = AvgPool2d(2, stride=2)
         self.conv2 = Conv2d(6, 16, 5)
-        self.pool2 = nn.AvgPool2d(2, stride=2)
+        self.pool2 = AvgPool2d(2, stride=2)
         self.fc1 = nn.Linear(16 * 5 * 5, 120)
         self.fc2 = nn.Linear(120, 84)
         self.fc3 = nn.Linear(84, num_classes)

@@ -14,6 +14,7 @@ With bn=None it is act(conv(x) [+ residual]) with the conv's bias and the activa
 from torch import nn
 
 from .. import _checks, activations
+from ..ops import _native_fast
 from ..ops.conv import conv2d, conv2d_batch_norm
 from .batch_norm import batch_stats_args, bn_act
 
@@ -36,6 +37,12 @@ class Conv2d(nn.Conv2d):
     """torch.nn.Conv2d on fastnets kernels (NCHW or channels_last input)."""
 
     def forward(self, input):
+        if _native_fast.fast_auto(input) and input.numel():
+            # auto on a CPU tensor: torch.nn.Conv2d's own call, nothing in front of it (as fast as eager)
+            try:
+                return self._conv_forward(input, self.weight, self.bias)
+            except RuntimeError:
+                pass  # torch rejected the input: fastnets' checks below name the bad argument
         padding = _fastnets_padding(self)
         if padding is None:
             return super().forward(input)

@@ -9,7 +9,7 @@ if not torch.cuda.is_available():
     # The tests' tensors are tiny: OpenMP synchronisation dominates, and on a shared 2-core machine two
     # intra-op threads made the suite several times slower than one.
     torch.set_num_threads(1)
-os.environ.setdefault("FASTNETS_POISON_OUTPUTS", "1")  # see fastnets._checks.new_output
+os.environ.setdefault("FASTNETS_POISON_OUTPUTS", "1")  # see fastnets._tensors.new_output
 # Convolution tests use one fixed Triton tile configuration instead of autotuning every tiny shape.
 os.environ.setdefault("FASTNETS_CONV_TUNE", "fixed")
 

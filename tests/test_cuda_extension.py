@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import fastnets
-from fastnets import _checks, _extension
+from fastnets import _extension, _tensors
 from fastnets.ops.batch_norm import batch_norm
 from fastnets.reference import batch_norm as ref
 
@@ -159,7 +159,7 @@ def _f64_stats(x):
 @pytest.mark.parametrize("shape", [s for s, _ in SHAPES], ids=SHAPE_IDS)
 def test_stats_matches_float64(shape, channels_last, dtype):
     x = _rand(shape, dtype, channels_last, loc=0.5, scale=2.0)
-    x, cl = _checks.dense_layout(x)
+    x, cl = _tensors.dense_layout(x)
     mean, invstd = _cuda().stats(x, cl, 1e-5)
     rmean, rinvstd = ref.stats(x, cl, 1e-5)
     assert mean.dtype == rmean.dtype and invstd.dtype == rinvstd.dtype and mean.shape == (shape[1],)
@@ -177,7 +177,7 @@ def test_stats_matches_float64(shape, channels_last, dtype):
 def test_stats_of_large_mean_small_std(shape, channels_last, dtype):
     """mean 1e3, std 1: E[x^2] - E[x]^2 in float32 would lose every digit of the variance."""
     x = _rand(shape, dtype, channels_last, loc=1e3, scale=1.0)
-    x, cl = _checks.dense_layout(x)
+    x, cl = _tensors.dense_layout(x)
     mean, invstd = _cuda().stats(x, cl, 1e-5)
     tmean, tvar = _f64_stats(x)
     _close(mean, tmean, 0.0, 1e-6, "mean")
@@ -196,7 +196,7 @@ def test_stats_is_deterministic():
 
 
 def _scale_shift(c, dtype):
-    acc = ref.acc_dtype(torch.empty(0, dtype=dtype))
+    acc = _tensors.acc_dtype(dtype)
     scale = torch.rand(c, device="cuda", dtype=acc) + 0.5
     shift = torch.randn(c, device="cuda", dtype=acc)
     return scale, shift
@@ -210,7 +210,7 @@ def _scale_shift(c, dtype):
 @pytest.mark.parametrize("shape", [s for s, _ in SHAPES], ids=SHAPE_IDS)
 def test_apply_matches_reference(shape, channels_last, dtype, mode):
     relu, has_res = "relu" in mode, "residual" in mode
-    x, cl = _checks.dense_layout(_rand(shape, dtype, channels_last))
+    x, cl = _tensors.dense_layout(_rand(shape, dtype, channels_last))
     res = _rand(shape, dtype, channels_last) if has_res else None
     scale, shift = _scale_shift(shape[1], dtype)
     y = _cuda().apply(x, scale, shift, res, relu, cl)
@@ -244,7 +244,7 @@ def _misaligned(shape, dtype, channels_last):
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 @pytest.mark.parametrize("shape", [(3, 16, 8, 8), (2, 8, 40, 40), (64, 256), (5, 24, 7, 7)], ids=str)
 def test_unaligned_pointers_use_the_scalar_paths(shape, channels_last, dtype):
-    x, cl = _checks.dense_layout(_misaligned(shape, dtype, channels_last))
+    x, cl = _tensors.dense_layout(_misaligned(shape, dtype, channels_last))
     dy = _layout(torch.randn(shape, device="cuda").to(dtype), cl)
     dy = _misaligned(shape, dtype, cl).copy_(dy)
     mean, invstd = _cuda().stats(x, cl, 1e-5)
@@ -284,10 +284,10 @@ def _check_sums(sums, dy, x, y, mean, relu):
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 @pytest.mark.parametrize("shape", [s for s, _ in SHAPES], ids=SHAPE_IDS)
 def test_backward_primitives_match_reference(shape, channels_last, dtype, relu):
-    x, cl = _checks.dense_layout(_rand(shape, dtype, channels_last))
+    x, cl = _tensors.dense_layout(_rand(shape, dtype, channels_last))
     dy = _layout(torch.randn(shape, device="cuda").to(dtype), cl)
     mean, invstd = ref.stats(x, cl, 1e-5)
-    y = _checks.match_layout(ref.apply(x, invstd, -mean * invstd, None, True, cl), x) if relu else None
+    y = _tensors.match_layout(ref.apply(x, invstd, -mean * invstd, None, True, cl), x) if relu else None
     k = _cuda()
 
     sums = k.backward_reduce(dy, x, y, mean, relu, cl)
@@ -395,7 +395,7 @@ def test_apply_over_2_31_elements(channels_last):
         pytest.skip(f"needs {need / 2**30:.1f} GiB of free GPU memory")
     x = _layout(torch.empty(shape, device="cuda", dtype=torch.bfloat16).normal_(), channels_last)
     res = _layout(torch.empty(shape, device="cuda", dtype=torch.bfloat16).normal_(), channels_last)
-    x, cl = _checks.dense_layout(x)
+    x, cl = _tensors.dense_layout(x)
     scale = torch.tensor([0.5, 2.0, -1.0], device="cuda")
     shift = torch.tensor([1.0, -3.0, 0.25], device="cuda")
     y = _cuda().apply(x, scale, shift, res, True, cl)

@@ -1,7 +1,7 @@
 """The `cuda` backend of the batch_norm op family: the four primitives of fastnets/reference/batch_norm.py
 (same signatures, semantics and output dtypes), run by the CUDA C++ kernels in csrc/batch_norm.cu.
 
-The layout arguments are those of fastnets._checks.dense_layout: x is (N, C, S) or (N, S, C) in memory,
+The layout arguments are those of fastnets._tensors.dense_layout: x is (N, C, S) or (N, S, C) in memory,
 and dy, y and residual have x's strides; the kernels check this and raise otherwise.
 """
 import torch

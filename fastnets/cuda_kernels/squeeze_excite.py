@@ -1,14 +1,14 @@
 """The `cuda` backend of the squeeze_excite op family: the primitives of fastnets/reference/squeeze_excite.py
 (same signatures, semantics and output dtypes), run by the CUDA C++ kernels in csrc/squeeze_excite.cu.
 
-Outputs are allocated here with fastnets._checks.new_output (NaN-poisoned under the tests) and written in
-place by the `cuda_se_*` ops. The layout arguments are those of fastnets._checks.dense_layout; the kernels
+Outputs are allocated here with fastnets._tensors.new_output (NaN-poisoned under the tests) and written in
+place by the `cuda_se_*` ops. The layout arguments are those of fastnets._tensors.dense_layout; the kernels
 check them and raise otherwise.
 """
 import torch
 
-from .. import _checks, _extension
-from ..reference.squeeze_excite import acc_dtype
+from .. import _extension, _tensors
+from .._tensors import acc_dtype
 
 if not _extension.load():  # the registry imports this module only when the backend is available
     raise ImportError(f"fastnets cuda backend: {_extension.reason()}")
@@ -44,7 +44,7 @@ def _reduce(x, dy, y, relu, channels_last, split):
     splits = _splits(x, channels_last, split)
     grad = dy is not None
     shape = (n, c) if splits == 1 else (n, splits, c)
-    out = _checks.new_output(x, dtype=acc_dtype(x), shape=shape)
+    out = _tensors.new_output(x, dtype=acc_dtype(x), shape=shape)
     _ops.cuda_se_reduce(x, dy, y if (grad and relu) else None, out, bool(channels_last), bool(relu), not grad and splits == 1)
     if splits == 1:
         return out
@@ -63,8 +63,8 @@ def backward_reduce(dy, x, y, relu, channels_last, split=None):
 def excite(pooled, w1, b1, w2, b2, inner_act=1, inner_param=0.0, gate=0):
     n, c = pooled.shape
     r = w1.shape[0]
-    hidden = _checks.new_output(pooled, shape=(n, r))
-    gate_out = _checks.new_output(pooled, shape=(n, c))
+    hidden = _tensors.new_output(pooled, shape=(n, r))
+    gate_out = _tensors.new_output(pooled, shape=(n, c))
     _ops.cuda_se_excite(pooled.contiguous(), w1.contiguous(), b1.contiguous(), w2.contiguous(), b2.contiguous(),
                         hidden, gate_out, int(inner_act), float(inner_param), int(gate))
     gate = gate_out
@@ -72,14 +72,14 @@ def excite(pooled, w1, b1, w2, b2, inner_act=1, inner_param=0.0, gate=0):
 
 
 def scale(x, gate, residual, relu, channels_last):
-    y = _checks.new_output(x)
+    y = _tensors.new_output(x)
     _ops.cuda_se_apply(x, gate.contiguous(), residual, None, y, None, bool(channels_last), False, bool(relu))
     return y
 
 
 def backward_apply(dy, y, gate, gp, relu, write_g, channels_last):
-    dx = _checks.new_output(dy)
-    g = _checks.new_output(dy) if write_g else None
+    dx = _tensors.new_output(dy)
+    g = _tensors.new_output(dy) if write_g else None
     _ops.cuda_se_apply(
         dy, gate.contiguous(), y if relu else None, gp, dx, g, bool(channels_last), True, bool(relu)
     )

@@ -22,8 +22,8 @@ import threading
 
 import torch
 
-from .. import _checks, _timing
-from ..reference.batch_norm import acc_dtype
+from .. import _tensors, _timing
+from .._tensors import acc_dtype
 from ..triton_kernels import conv as tri
 from . import _cudnn_conv as cudnn
 from ._registry import kernels
@@ -99,8 +99,8 @@ def _cudnn_forward(x, w, bias, scale, shift, residual, stride, padding, dilation
     sh = torch.zeros(cout, dtype=acc, device=x.device) if shift is None else shift.to(acc)
     if bias is not None:
         sh = sh + bias.to(acc) * sc
-    z, cl = _checks.dense_layout(z)
-    res = None if residual is None else _checks.match_layout(residual, z)
+    z, cl = _tensors.dense_layout(z)
+    res = None if residual is None else _tensors.match_layout(residual, z)
     bn = _bn_kernels(x.device)
     if pre is not None:  # the pre-activation is an output of its own: one pass for it, one for the activation
         v = bn.apply(z, sc, sh, res, 0, cl)
@@ -126,7 +126,7 @@ def _cudnn_stats(x, w, bias, stride, padding, dilation, out):
         z = z + bias.to(z.dtype).view(1, -1, 1, 1)
     if z.stride() != out.stride():
         z = out.copy_(z)
-    mean, invstd = _bn_kernels(x.device).stats(z, _checks.dense_layout(z)[1], 0.0)
+    mean, invstd = _bn_kernels(x.device).stats(z, _tensors.dense_layout(z)[1], 0.0)
     return z, mean, invstd.pow(-2)
 
 

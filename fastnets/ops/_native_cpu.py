@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import activations
+from .._tensors import acc_dtype
 from ..backends import BackendUnavailableError, unavailable_reason
 
 
@@ -78,7 +79,7 @@ def conv2d(x, weight, bias, stride, padding, dilation, groups, scale, shift, res
         return fused_conv(x, weight, bias, stride, padding, dilation, residual, act, param)
     y = F.conv2d(x, weight, bias, tuple(stride), tuple(padding), tuple(dilation), groups)
     if scale is not None or shift is not None:
-        acc = torch.float64 if y.dtype == torch.float64 else torch.float32
+        acc = acc_dtype(y)
         view = [1, -1, 1, 1]
         v = y.to(acc)
         if scale is not None:
@@ -95,7 +96,7 @@ def conv2d(x, weight, bias, stride, padding, dilation, groups, scale, shift, res
 def squeeze_excite(x, w1, b1, w2, b2, residual, relu, inner_act, inner_param, gate):
     """[relu](x * gate(fc2(inner_act(fc1(mean_hw(x))))) [+ residual]) in torch ops; the small network in
     fp32 (fp64 for fp64 x) as the reference computes it, weights [R, C] / [C, R]."""
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    acc = acc_dtype(x)
     pooled = x.mean(dim=(2, 3), dtype=acc)
     hidden = activations.forward(F.linear(pooled, w1.to(acc), None if b1 is None else b1.to(acc)), inner_act,
                                  inner_param)
@@ -161,7 +162,7 @@ def fused_conv(x, weight, bias, stride, padding, dilation, residual, act, param,
 def fold(weight, bias, running_mean, running_var, bn_weight, bn_bias, eps, dtype):
     """(W', b') with conv(x, W') + b' == batch_norm(conv(x, W) + b) in eval, computed in fp32 (fp64 for
     fp64) and returned in `dtype`; differentiable in every argument."""
-    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    acc = acc_dtype(dtype)
     scale = torch.rsqrt(running_var.to(acc) + eps)
     if bn_weight is not None:
         scale = scale * bn_weight.to(acc)

@@ -18,9 +18,9 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from .. import _checks, activations
+from .. import _checks, _tensors, activations
 from ..backends import current_backend
-from ..reference.batch_norm import acc_dtype
+from .._tensors import acc_dtype
 from . import _native_cpu
 from ._registry import kernels, register_family
 
@@ -58,12 +58,12 @@ def batch_norm_train(
     act: str, act_param: float, eps: float, backend: str,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     k = kernels("batch_norm", backend, x.device)
-    x, cl = _checks.dense_layout(x)
+    x, cl = _tensors.dense_layout(x)
     mean, invstd = k.stats(x, cl, eps)
     scale, shift = fold_scale_shift(weight, bias, mean, invstd)
-    res = None if residual is None else _checks.match_layout(residual, x)
+    res = None if residual is None else _tensors.match_layout(residual, x)
     y = k.apply(x, scale, shift, res, activations.code(act), cl, act_param)
-    return _checks.match_layout(y, x), mean, invstd
+    return _tensors.match_layout(y, x), mean, invstd
 
 
 @batch_norm_train.register_fake
@@ -78,11 +78,11 @@ def batch_norm_eval(
     running_mean: Tensor, running_var: Tensor, act: str, act_param: float, eps: float, backend: str,
 ) -> Tensor:
     k = kernels("batch_norm", backend, x.device)
-    x, cl = _checks.dense_layout(x)
+    x, cl = _tensors.dense_layout(x)
     acc = acc_dtype(x)
     scale, shift = fold_scale_shift(weight, bias, running_mean.to(acc), torch.rsqrt(running_var.to(acc) + eps))
-    res = None if residual is None else _checks.match_layout(residual, x)
-    return _checks.match_layout(k.apply(x, scale, shift, res, activations.code(act), cl, act_param), x)
+    res = None if residual is None else _tensors.match_layout(residual, x)
+    return _tensors.match_layout(k.apply(x, scale, shift, res, activations.code(act), cl, act_param), x)
 
 
 @batch_norm_eval.register_fake
@@ -103,11 +103,11 @@ def batch_norm_backward(
     mean and invstd."""
     k = kernels("batch_norm", backend, x.device)
     code = activations.code(act)
-    x, cl, dy, y = _checks.grad_layouts(grad_y, x, y, code == 1)
+    x, cl, dy, y = _tensors.grad_layouts(grad_y, x, y, code == 1)
     extra = {}
     if _needs_pre(act):
         scale, shift = fold_scale_shift(weight, bias, mean, invstd)
-        res = None if residual is None else _checks.match_layout(residual, x)
+        res = None if residual is None else _tensors.match_layout(residual, x)
         extra = dict(act_param=act_param, scale=scale, shift=shift, residual=res)
     count = x.numel() // x.shape[1]
     grad_w = grad_b = grad_x = grad_res = None
@@ -238,9 +238,9 @@ def batch_norm(
     if _native_cpu.active(backend, input):  # torch's F.batch_norm: its own running-statistics update and autograd
         return _native_cpu.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps,
                                       residual, act, act_param)
-    x, _ = _checks.dense_layout(input)
+    x, _ = _tensors.dense_layout(input)
     if residual is not None:
-        residual = _checks.match_layout(residual, x)
+        residual = _tensors.match_layout(residual, x)
     if not training:
         return torch.ops.fastnets.batch_norm_eval(
             x, weight, bias, residual, running_mean, running_var, act, act_param, float(eps), backend

@@ -28,9 +28,9 @@ from torch import Tensor
 
 import torch.nn.functional as F
 
-from .. import _checks, activations
+from .. import _checks, _tensors, activations
 from ..backends import current_backend
-from ..reference.batch_norm import acc_dtype
+from .._tensors import acc_dtype
 from .batch_norm import fold_scale_shift, save_for_act, update_running_stats
 from . import _native_cpu
 from ._registry import kernels, register_family
@@ -77,7 +77,7 @@ def _empty(x, shape, dtype=None):
 
 def _new_out(x, shape, dtype=None):
     """An output of `shape` in x's layout (NCHW or channels_last), NaN-poisoned under tests."""
-    return _checks.new_output(_empty(x, shape, dtype))
+    return _tensors.new_output(_empty(x, shape, dtype))
 
 
 def _exact(t, x):
@@ -109,11 +109,11 @@ def conv2d_op(
     act_param: float, backend: str,
 ) -> Tuple[Tensor, Tensor]:
     k = kernels("conv", backend, x.device)
-    x, _ = _checks.dense_layout(x)
+    x, _ = _tensors.dense_layout(x)
     shape = _out_shape(x, weight, stride, padding, dilation)
     out = _new_out(x, shape)
     pre = _new_out(x, shape) if act not in activations.FROM_OUTPUT else None
-    res = None if residual is None else _checks.match_layout(residual, out)
+    res = None if residual is None else _tensors.match_layout(residual, out)
     y = k.forward(x, weight, bias, scale, shift, res, stride, padding, dilation, activations.code(act), out,
                   act_param=act_param, pre=pre)
     return y, (_nothing(x) if pre is None else pre)
@@ -131,7 +131,7 @@ def conv2d_stats(
     dilation: List[int], backend: str,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     k = kernels("conv", backend, x.device)
-    x, _ = _checks.dense_layout(x)
+    x, _ = _tensors.dense_layout(x)
     out = _new_out(x, _out_shape(x, weight, stride, padding, dilation))
     return k.forward_stats(x, weight, bias, stride, padding, dilation, out)
 
@@ -158,7 +158,7 @@ def conv2d_backward(
     so the scale is applied to the (small) weight, never to a full-size activation. Per-channel gradients
     are in the accumulation dtype; unneeded outputs are empty tensors."""
     k = kernels("conv", backend, x.device)
-    x, cl = _checks.dense_layout(x)
+    x, cl = _tensors.dense_layout(x)
     acc = acc_dtype(x)
     g = _dense(grad_y, cl)
     if act == "relu":  # threshold_backward, as torch's relu: 0 where y <= 0
@@ -173,7 +173,7 @@ def conv2d_backward(
         dwg = k.grad_weight(g, x, tuple(weight.shape), stride, padding, dilation)
         if need_weight:
             grad_w = (dwg if scale is None else dwg * scale.to(acc).view(-1, 1, 1, 1)).to(weight.dtype)
-            grad_w = _checks.match_layout(grad_w, weight)
+            grad_w = _tensors.match_layout(grad_w, weight)
         if need_scale:
             grad_scale = (dwg * weight.to(acc)).sum(dim=(1, 2, 3))
             if bias is not None:
@@ -278,10 +278,10 @@ def bn_apply_train(
     """act((z - mean) * invstd * weight + bias [+ residual]) with batch statistics computed elsewhere
     (conv2d_stats); its backward is BatchNorm's training-mode backward."""
     k = kernels("batch_norm", backend, z.device)
-    z, cl = _checks.dense_layout(z)
+    z, cl = _tensors.dense_layout(z)
     scale, shift = fold_scale_shift(weight, bias, mean, invstd)
-    res = None if residual is None else _checks.match_layout(residual, z)
-    return _checks.match_layout(k.apply(z, scale, shift, res, activations.code(act), cl, act_param), z)
+    res = None if residual is None else _tensors.match_layout(residual, z)
+    return _tensors.match_layout(k.apply(z, scale, shift, res, activations.code(act), cl, act_param), z)
 
 
 @bn_apply_train.register_fake

@@ -32,9 +32,9 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from .. import _checks, activations, backends
+from .. import _checks, _tensors, activations, backends
 from ..backends import BackendUnavailableError, current_backend
-from ..reference.batch_norm import acc_dtype
+from .._tensors import acc_dtype
 from ._registry import kernels, register_family
 from .conv import _alloc_like_layout, _autocast, _exact, _new_out, _out_shape, _pair, _placeholder
 
@@ -63,7 +63,7 @@ def bn_act_conv2d_op(
     padding: List[int], dilation: List[int], groups: int, act: str, act_param: float, stats: bool, backend: str,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     k = _kernels(backend, z.device, groups)
-    z, _ = _checks.dense_layout(z)
+    z, _ = _tensors.dense_layout(z)
     out = _new_out(z, _out_shape(z, weight, stride, padding, dilation))
     if stats:
         return k.forward(z, scale, shift, weight, bias, stride, padding, dilation, groups, act, act_param, out,
@@ -89,7 +89,7 @@ def bn_act_conv2d_backward(
     """(grad_z, grad_scale, grad_shift, grad_weight, grad_bias); grad_scale/shift/bias in the accumulation
     dtype; unneeded outputs are empty tensors. y is recomputed from z, scale and shift by each primitive."""
     k = _kernels(backend, z.device, groups)
-    z, _ = _checks.dense_layout(z)
+    z, _ = _tensors.dense_layout(z)
     g = _exact(grad_out, z)  # z's layout
     acc = acc_dtype(z)
     gz = gsc = gsh = gw = gb = None
@@ -99,7 +99,7 @@ def bn_act_conv2d_backward(
     if need_weight:
         gw = k.grad_weight(g, z, scale, shift, tuple(weight.shape), stride, padding, dilation, groups, act,
                            act_param)
-        gw = _checks.match_layout(gw.to(weight.dtype), weight)
+        gw = _tensors.match_layout(gw.to(weight.dtype), weight)
     if need_bias:
         gb = g.sum(dim=(0, 2, 3), dtype=acc)
     return tuple(_placeholder(z) if (t is None or not need) else t for t, need in

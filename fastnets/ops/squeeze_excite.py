@@ -30,9 +30,9 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from .. import _checks, activations
+from .. import _checks, _tensors, activations
 from ..backends import NAMES, current_backend
-from ..reference.squeeze_excite import acc_dtype
+from .._tensors import acc_dtype
 from . import _native_cpu
 from ._registry import kernels, register_family
 
@@ -53,10 +53,6 @@ def _empty(like):
 def _mat(w):
     """A 1x1 conv weight [O, I, 1, 1] (or a linear weight [O, I]) as a contiguous [O, I] matrix."""
     return w.reshape(w.shape[0], -1).contiguous()
-
-
-def _vec_acc(t):
-    return t.to(torch.float64 if t.dtype == torch.float64 else torch.float32)
 
 
 def excite_backward(grad_gate, grad_hidden, pooled, hidden, gate, w1, w2, b1=None, b2=None, inner_act="relu",
@@ -95,13 +91,13 @@ def squeeze_excite_op(
     inner_act: str = "relu", inner_param: float = 0.0, gate: str = "sigmoid",
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     k = kernels("squeeze_excite", backend, x.device)
-    x, cl = _checks.dense_layout(x)
+    x, cl = _tensors.dense_layout(x)
     pooled = k.pool(x, cl)
     hidden, gate = k.excite(pooled, _mat(w1), b1.contiguous(), _mat(w2), b2.contiguous(),
                             activations.code(inner_act), inner_param, activations.GATE_CODES[gate])
-    res = None if residual is None else _checks.match_layout(residual, x)
+    res = None if residual is None else _tensors.match_layout(residual, x)
     y = k.scale(x, gate, res, relu, cl)
-    return _checks.match_layout(y, x), pooled, hidden, gate
+    return _tensors.match_layout(y, x), pooled, hidden, gate
 
 
 @squeeze_excite_op.register_fake
@@ -122,7 +118,7 @@ def squeeze_excite_backward(
     it (else it is grad_y itself, passed on by the autograd formula without a copy). Unneeded outputs are
     empty tensors. Weight gradients have the weights' shapes and dtype."""
     k = kernels("squeeze_excite", backend, x.device)
-    x, cl, dy, y = _checks.grad_layouts(grad_y, x, y, relu)
+    x, cl, dy, y = _tensors.grad_layouts(grad_y, x, y, relu)
     grad_x = grad_res = grad_p = None
     grads_w = (None,) * 4
     if need_grad_x or need_grad_weights:
@@ -202,7 +198,7 @@ squeeze_excite_op.register_autograd(_se_backward, setup_context=_se_setup_contex
 @torch.library.custom_op("fastnets::se_squeeze", mutates_args=())
 def se_squeeze_op(x: Tensor, backend: str) -> Tensor:
     k = kernels("squeeze_excite", backend, x.device)
-    x, cl = _checks.dense_layout(x)
+    x, cl = _tensors.dense_layout(x)
     return k.pool(x, cl)
 
 
@@ -231,13 +227,13 @@ def se_excite_op(
     inner_param: float = 0.0, gate: str = "sigmoid",
 ) -> Tuple[Tensor, Tensor]:
     k = kernels("squeeze_excite", backend, pooled.device)
-    return k.excite(_vec_acc(pooled).contiguous(), _mat(w1), b1.contiguous(), _mat(w2), b2.contiguous(),
+    return k.excite(pooled.to(acc_dtype(pooled)).contiguous(), _mat(w1), b1.contiguous(), _mat(w2), b2.contiguous(),
                     activations.code(inner_act), inner_param, activations.GATE_CODES[gate])
 
 
 @se_excite_op.register_fake
 def _(pooled, w1, b1, w2, b2, backend, inner_act="relu", inner_param=0.0, gate="sigmoid"):
-    acc = torch.float64 if pooled.dtype == torch.float64 else torch.float32
+    acc = acc_dtype(pooled)
     n = pooled.shape[0]
     return pooled.new_empty((n, w1.shape[0]), dtype=acc), pooled.new_empty((n, w2.shape[0]), dtype=acc)
 
@@ -255,7 +251,7 @@ def _excite_backward(ctx, grad_hidden, grad_gate):
     if grad_gate is None:
         grad_gate = torch.zeros_like(gate)
     gp, gw1, gb1, gw2, gb2 = excite_backward(
-        grad_gate, grad_hidden, _vec_acc(pooled), hidden, gate, _mat(w1), _mat(w2), b1, b2, *ctx.act
+        grad_gate, grad_hidden, pooled.to(acc_dtype(pooled)), hidden, gate, _mat(w1), _mat(w2), b1, b2, *ctx.act
     )
     p_dtype, b1_dtype, b2_dtype = ctx.dtypes
     return (
@@ -273,10 +269,10 @@ se_excite_op.register_autograd(_excite_backward, setup_context=_excite_setup_con
 @torch.library.custom_op("fastnets::se_scale", mutates_args=())
 def se_scale_op(x: Tensor, gate: Tensor, residual: Optional[Tensor], relu: bool, backend: str) -> Tensor:
     k = kernels("squeeze_excite", backend, x.device)
-    x, cl = _checks.dense_layout(x)
-    res = None if residual is None else _checks.match_layout(residual, x)
+    x, cl = _tensors.dense_layout(x)
+    res = None if residual is None else _tensors.match_layout(residual, x)
     y = k.scale(x, gate.to(acc_dtype(x)).contiguous(), res, relu, cl)
-    return _checks.match_layout(y, x)
+    return _tensors.match_layout(y, x)
 
 
 @se_scale_op.register_fake
@@ -291,7 +287,7 @@ def se_scale_backward(
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """(grad_x, grad_gate, grad_residual); grad_residual only when relu masks it; unneeded ones empty."""
     k = kernels("squeeze_excite", backend, x.device)
-    x, cl, dy, y = _checks.grad_layouts(grad_y, x, y, relu)
+    x, cl, dy, y = _tensors.grad_layouts(grad_y, x, y, relu)
     grad_x = grad_gate = grad_res = None
     if need_grad_gate:
         grad_gate = k.backward_reduce(dy, x, y, relu, cl).to(gate.dtype)
@@ -401,9 +397,9 @@ def squeeze_excite(x, w1, b1, w2, b2, residual=None, relu=False, backend=None, i
     if _native_cpu.active(backend, x):  # torch's own ops and autograd
         return _native_cpu.squeeze_excite(x, _mat(w1), b1, _mat(w2), b2, residual, bool(relu), inner, inner_param,
                                           gate)
-    x, _ = _checks.dense_layout(x)
+    x, _ = _tensors.dense_layout(x)
     if residual is not None:
-        residual = _checks.match_layout(residual, x)
+        residual = _tensors.match_layout(residual, x)
     y, _, _, _ = torch.ops.fastnets.squeeze_excite(x, w1, b1, w2, b2, residual, bool(relu), backend, inner,
                                                    inner_param, gate)
     return y
@@ -413,7 +409,7 @@ def se_squeeze(x, backend=None):
     """Per-(sample, channel) mean over H and W of a 4-D x, accumulated in float32: [N, C]."""
     _check_input(x)
     backend = _backend(backend)
-    x, _ = _checks.dense_layout(x)
+    x, _ = _tensors.dense_layout(x)
     return torch.ops.fastnets.se_squeeze(x, backend)
 
 
@@ -445,7 +441,7 @@ def se_scale(x, gate, residual=None, relu=False, backend=None):
     if residual is not None:
         _checks.check_like(residual, "residual", x, "input")
     backend = _backend(backend)
-    x, _ = _checks.dense_layout(x)
+    x, _ = _tensors.dense_layout(x)
     if residual is not None:
-        residual = _checks.match_layout(residual, x)
+        residual = _tensors.match_layout(residual, x)
     return torch.ops.fastnets.se_scale(x, gate, residual, bool(relu), backend)

@@ -19,9 +19,9 @@ exactly as torch.nn.SyncBatchNorm does (unbiased with the global count).
 import torch
 import torch.distributed as dist
 
-from .. import _checks, activations
+from .. import _tensors, activations
 from ..backends import current_backend
-from ..reference.batch_norm import acc_dtype
+from .._tensors import acc_dtype
 from ._registry import kernels
 from .batch_norm import fold_scale_shift
 
@@ -101,15 +101,15 @@ class SyncBatchNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, residual, act, act_param, eps, group, world_size, backend):
         k = kernels("batch_norm", backend, x.device)
-        x, cl = _checks.dense_layout(x)
+        x, cl = _tensors.dense_layout(x)
         c = x.shape[1]
         gathered = _all_gather(local_moments(k, x, cl), group, world_size)
         count, mean, var = merge_moments(gathered, c)
         invstd = torch.rsqrt(var + eps)
         if x.numel() > 0:
             scale, shift = fold_scale_shift(weight, bias, mean, invstd)
-            res = None if residual is None else _checks.match_layout(residual, x)
-            y = _checks.match_layout(k.apply(x, scale, shift, res, activations.code(act), cl, act_param), x)
+            res = None if residual is None else _tensors.match_layout(residual, x)
+            y = _tensors.match_layout(k.apply(x, scale, shift, res, activations.code(act), cl, act_param), x)
         else:
             y = torch.empty_like(x)
         ctx.act, ctx.act_param, ctx.backend, ctx.group, ctx.world_size = act, act_param, backend, group, world_size
@@ -126,13 +126,13 @@ class SyncBatchNormFunction(torch.autograd.Function):
         need_x, need_w, need_b, need_res = ctx.needs_input_grad[:4]
         code = activations.code(ctx.act)
         k = kernels("batch_norm", ctx.backend, x.device)
-        x, cl, dy, y = _checks.grad_layouts(grad_y, x, y, code == 1)
+        x, cl, dy, y = _tensors.grad_layouts(grad_y, x, y, code == 1)
         c = x.shape[1]
         empty = x.numel() == 0
         extra = {}
         if ctx.act not in activations.FROM_OUTPUT and not empty:
             scale, shift = fold_scale_shift(weight, bias, mean, invstd)
-            res = None if residual is None else _checks.match_layout(residual, x)
+            res = None if residual is None else _tensors.match_layout(residual, x)
             extra = dict(act_param=ctx.act_param, scale=scale, shift=shift, residual=res)
         if empty:
             sum_g = sum_gxmu = mean.new_zeros(c)

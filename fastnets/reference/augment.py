@@ -17,11 +17,9 @@ weights, img the zero-padded grid_sample) and fill where mask < 0.5 for nearest:
 import torch
 import torch.nn.functional as F
 
+from .._tensors import acc_dtype
+
 GRAY = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale weights
-
-
-def acc_dtype(x):
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 def source_positions(matrix, box, out_h, out_w, acc):

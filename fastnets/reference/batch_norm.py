@@ -17,10 +17,7 @@ Per-channel vectors are in the accumulation dtype: float64 for float64 inputs, f
 import torch
 
 from .. import activations
-
-
-def acc_dtype(x):
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
+from .._tensors import acc_dtype
 
 
 def _per_channel(v, x):

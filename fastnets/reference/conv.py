@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import activations
-from .batch_norm import acc_dtype
+from .._tensors import acc_dtype
 
 
 def _per_channel(v):

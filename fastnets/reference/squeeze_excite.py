@@ -18,10 +18,7 @@ float64 inputs, float32 otherwise; weights may be float32 with float16/bfloat16 
 import torch
 
 from .. import activations
-
-
-def acc_dtype(x):
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
+from .._tensors import acc_dtype
 
 
 def _nc(v):

@@ -19,9 +19,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import _checks
+from .. import _tensors
 from ..activations import code
-from ..reference.batch_norm import acc_dtype
+from .._tensors import acc_dtype
 from .activations import act_fwd, act_grad, relu_grad
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -348,8 +348,8 @@ def stats(x, channels_last, eps):
         _stats_cl_kernel[grid](x, *partial, c, *args, ACC=_tl_acc(x), **blocks)
     else:
         _stats_nchw_kernel[grid](x, *partial, *args, ACC=_tl_acc(x), **blocks)
-    mean = _checks.new_output(x, dtype=acc, shape=(c,))
-    invstd = _checks.new_output(x, dtype=acc, shape=(c,))
+    mean = _tensors.new_output(x, dtype=acc, shape=(c,))
+    invstd = _tensors.new_output(x, dtype=acc, shape=(c,))
     fin_block = min(1024, triton.next_power_of_2(c))
     _stats_finalize_kernel[(triton.cdiv(c, fin_block),)](
         *partial, mean, invstd, c, grid[1], eps, ACC=_tl_acc(x), BLOCK_C=fin_block,
@@ -358,7 +358,7 @@ def stats(x, channels_last, eps):
 
 
 def apply(x, scale, shift, residual, act, channels_last, act_param=0.0):
-    y = _checks.new_output(x)
+    y = _tensors.new_output(x)
     args, grid, blocks = _elementwise_plan(x, channels_last)
     _apply_kernel[grid](
         x, scale, shift, x if residual is None else residual, y, *args, float(act_param),
@@ -399,8 +399,8 @@ def backward_reduce(dy, x, y, mean, act, channels_last, act_param=0.0, scale=Non
 
 def backward_apply(dy, x, y, a, b, d, mean, act, train, write_g, channels_last, act_param=0.0, scale=None,
                    shift=None, residual=None):
-    dx = _checks.new_output(x)
-    g = _checks.new_output(dy) if write_g else None
+    dx = _tensors.new_output(x)
+    g = _tensors.new_output(dy) if write_g else None
     args, grid, blocks = _elementwise_plan(x, channels_last)
     y, res, sc, sh, has_res = _act_args(x, y, act, scale, shift, residual, mean)
     _bwd_apply_kernel[grid](

@@ -26,9 +26,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import _checks
+from .. import _tensors
 from ..activations import code
-from ..reference.batch_norm import acc_dtype
+from .._tensors import acc_dtype
 from .activations import act_fwd
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -492,8 +492,8 @@ def _run_fwd(x, x_strides, wp, y, y_strides, dims, conv, bias, scale, shift, res
     if not stats:
         return None
     tiles = triton.cdiv(m, cfg["BLOCK_M"])
-    mean = _checks.new_output(x, dtype=acc, shape=(cout,))
-    var = _checks.new_output(x, dtype=acc, shape=(cout,))
+    mean = _tensors.new_output(x, dtype=acc, shape=(cout,))
+    var = _tensors.new_output(x, dtype=acc, shape=(cout,))
     block_c = 32 if _INTERPRET else 64
     _stats_merge_kernel[(triton.cdiv(cout, block_c),)](
         pmean, pm2, mean, var, tiles, cout, m, cfg["BLOCK_M"], m - (tiles - 1) * cfg["BLOCK_M"],
@@ -569,7 +569,7 @@ def grad_weight(g, x, w_shape, stride, padding, dilation):
     rows_per_split = triton.cdiv(triton.cdiv(m, splits), 128) * 128
     splits = triton.cdiv(m, rows_per_split)
     acc = acc_dtype(x)
-    part = _checks.new_output(x, dtype=acc, shape=(splits, kh * kw, cout, c))
+    part = _tensors.new_output(x, dtype=acc, shape=(splits, kh * kw, cout, c))
 
     def grid(meta):
         return (triton.cdiv(cout, meta["BLOCK_M"]) * triton.cdiv(c, meta["BLOCK_N"]), kh * kw, splits)

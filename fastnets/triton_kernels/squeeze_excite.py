@@ -15,8 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import _checks
-from ..reference.squeeze_excite import acc_dtype
+from .. import _tensors
+from .._tensors import acc_dtype
 from .activations import act_fwd, relu_grad
 
 
@@ -190,9 +190,9 @@ def _reduce(x, dy, y, relu, channels_last, grad, split):
     num_splits = triton.cdiv(s, s_per_split)
     acc = acc_dtype(x)
     if num_splits == 1:
-        out = _checks.new_output(x, dtype=acc, shape=(n, c))
+        out = _tensors.new_output(x, dtype=acc, shape=(n, c))
     else:
-        out = _checks.new_output(x, dtype=acc, shape=(n, num_splits, c))
+        out = _tensors.new_output(x, dtype=acc, shape=(n, num_splits, c))
     _reduce_kernel[(n * c_blocks * num_splits,)](
         x, dy if grad else x, y if (grad and relu) else x, out, c, s, stride_c, stride_s, c_blocks, s_per_split,
         num_splits, GRAD=grad, RELU=relu, MEAN=(not grad and num_splits == 1), ACC=_tl(acc),
@@ -216,8 +216,8 @@ def _apply(src, gate, aux, gp, relu, write_g, channels_last, grad):
     n, c, s, stride_c, stride_s = _geometry(src, channels_last)
     bc, bs = _tiles(c, s, channels_last)
     c_blocks, s_blocks = triton.cdiv(c, bc), triton.cdiv(s, bs)
-    out = _checks.new_output(src)
-    g_out = _checks.new_output(src) if write_g else None
+    out = _tensors.new_output(src)
+    g_out = _tensors.new_output(src) if write_g else None
     has_add = (gp is not None) if grad else (aux is not None)
     _apply_kernel[(n * c_blocks * s_blocks,)](
         src, gate, aux if aux is not None else src, gp if gp is not None else gate, out,
@@ -240,8 +240,8 @@ def excite(pooled, w1, b1, w2, b2, inner_act=1, inner_param=0.0, gate=0, block_n
     n, c = pooled.shape
     r = w1.shape[0]
     acc = pooled.dtype
-    hidden = _checks.new_output(pooled, shape=(n, r))
-    gate_out = _checks.new_output(pooled, shape=(n, c))
+    hidden = _tensors.new_output(pooled, shape=(n, r))
+    gate_out = _tensors.new_output(pooled, shape=(n, c))
     if block_n is None:
         # The most samples per program that still leaves about one program per two SMs: each program reads
         # both weight matrices once, so fewer programs mean less L2 traffic but fewer busy SMs.

@@ -1,0 +1,70 @@
+"""Tensor helpers every layer shares (reference, Triton, CUDA and ops alike), so that no backend imports
+another backend or the oracle for them: the accumulation dtype, the dense layouts the kernels take, output
+allocation, and the SM count launch plans are sized by. Argument validation is fastnets/_checks.py."""
+import os
+
+import torch
+
+
+def acc_dtype(x):
+    """The dtype sums and per-channel vectors are kept in for `x` (a tensor or a dtype): float64 for
+    float64, float32 otherwise."""
+    dtype = x if isinstance(x, torch.dtype) else x.dtype
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def dense_layout(x):
+    """Return (x, channels_last) with x laid out as (N, C, S) or (N, S, C) in memory, copying only when it
+    is neither. S is the product of the spatial sizes (1 for a 2-D input)."""
+    if x.is_contiguous():
+        return x, False
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
+        return x, True
+    if x.dim() == 3 and x.transpose(1, 2).is_contiguous():
+        return x, True
+    if x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d):
+        return x, True
+    return x.contiguous(), False
+
+
+def match_layout(t, like):
+    """`t` with exactly `like`'s strides (a copy only when they differ)."""
+    if t.stride() == like.stride():
+        return t
+    out = torch.empty_like(like, dtype=t.dtype)
+    out.copy_(t)
+    return out
+
+
+def grad_layouts(grad_y, x, y, relu):
+    """A backward op's inputs in one dense layout: (x, channels_last, grad_y, y), with grad_y (and y, which
+    carries the ReLU mask, when relu) given exactly x's strides."""
+    x, channels_last = dense_layout(x)
+    grad_y = match_layout(grad_y, x)
+    if relu:
+        y = match_layout(y, x)
+    return x, channels_last, grad_y, y
+
+
+def new_output(like, dtype=None, shape=None):
+    """An output buffer shaped like `like` (same strides when `shape` is None). With
+    FASTNETS_POISON_OUTPUTS=1 (the test suite sets it) it is filled with NaN, so an element that a kernel
+    forgot to write shows up instead of passing by luck."""
+    if shape is None:
+        out = torch.empty_like(like, dtype=dtype)
+    else:
+        out = like.new_empty(shape, dtype=dtype or like.dtype)
+    if os.environ.get("FASTNETS_POISON_OUTPUTS", "0") == "1" and out.is_floating_point():
+        out.fill_(float("nan"))
+    return out
+
+
+def sm_count(device):
+    """The number of streaming multiprocessors of a CUDA `device`; 1 on any other device. Off a GPU the
+    only kernels that run are Triton's under the interpreter, which runs programs one after another, as a
+    single SM would: plans sized by this stay small there. A plan that wants several programs under the
+    interpreter (so that the tests run its cross-program merge) says so where it is made."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return 1
+    return torch.cuda.get_device_properties(device).multi_processor_count

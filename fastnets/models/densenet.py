@@ -2,14 +2,17 @@
 state_dict keys and shapes, same outputs. Its pre-activation layers are BN -> ReLU -> Conv: each dense layer
 runs as bn_act(norm1, relu) -> conv_bn_act(conv1, norm2, relu) -> conv2, i.e. two fused kernels and one
 convolution; the stem's conv0 -> norm0 -> relu0, each transition's norm -> relu and the final norm5 -> ReLU
-are fused too."""
+are fused too. In training the layers are chained (fastnets.nn.conv_chain): norm1 -> relu1 on the
+concatenated features runs in conv1's prologue and norm2 -> relu2 in conv2's (each transition's norm -> relu
+in its conv's, the stem's inside pool0), so BN-ReLU of the concatenation, the part of eager's memory that
+grows quadratically with depth, is never stored: only the concatenation itself (conv1's input) is."""
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..nn.batch_norm import BatchNorm2d, bn_act
-from ..nn.conv import Conv2d, conv_bn_act
-from ._common import FusedSequential
+from ..nn.batch_norm import BatchNorm2d
+from ..nn.conv import Conv2d
+from ..nn.conv_chain import ChainedSequential, bn_deferred, conv_bn_deferred, conv_chained
 
 
 class _DenseLayer(nn.Module):
@@ -25,12 +28,15 @@ class _DenseLayer(nn.Module):
 
     def forward(self, input):
         x = torch.cat(input, 1) if isinstance(input, (list, tuple)) else input
-        x = bn_act(self.norm1, x, relu=True)
-        x = conv_bn_act(self.conv1, self.norm2, x, relu=True)
-        x = self.conv2(x)
+        x = bn_deferred(self.norm1, x, act="relu")  # training: applied in conv1's prologue
+        x = conv_bn_deferred(self.conv1, self.norm2, x, act="relu")  # ... and this one in conv2's
+        x = conv_chained(self.conv2, x)
         if self.drop_rate > 0:
             x = F.dropout(x, p=self.drop_rate, training=self.training)
         return x
+
+
+_DenseLayer.forward.chains = (("norm1", "conv1"), ("norm2", "conv2"))  # (read by fastnets.convert's report)
 
 
 class _DenseBlock(nn.ModuleDict):
@@ -49,7 +55,7 @@ class _DenseBlock(nn.ModuleDict):
         return torch.cat(features, 1)
 
 
-class _Transition(FusedSequential):
+class _Transition(ChainedSequential):
     def __init__(self, num_input_features, num_output_features):
         super().__init__()
         self.norm = BatchNorm2d(num_input_features)
@@ -62,7 +68,7 @@ class DenseNet(nn.Module):
     def __init__(self, growth_rate=32, block_config=(6, 12, 24, 16), num_init_features=64, bn_size=4,
                  drop_rate=0.0, num_classes=1000, in_channels=3):
         super().__init__()
-        self.features = FusedSequential()
+        self.features = ChainedSequential()
         self.features.add_module("conv0", Conv2d(in_channels, num_init_features, kernel_size=7, stride=2,
                                                  padding=3, bias=False))
         self.features.add_module("norm0", BatchNorm2d(num_init_features))

@@ -1,6 +1,9 @@
 """ResNet-18/34/50/101 in torchvision's layout (`torchvision.models.resnet*`): same state_dict keys and
 shapes, same outputs. Every Conv -> BN [-> add] [-> ReLU] of a block runs as one fused `conv_bn_act` call
 (the residual add and ReLU fused into the second/third BatchNorm's pass), the downsample Conv -> BN too.
+In training the blocks are chained (fastnets.nn.conv_chain): bn1's (and bn2's) apply + ReLU run in the next
+convolution's prologue and the stem's BN-ReLU inside the max-pool, so those activations are never stored;
+the last BatchNorm stays fused with the add and ReLU. Eval: the folded convolutions, as before.
 
 `cifar_stem=True` swaps the 7x7 stride-2 stem and its max-pool for a 3x3 stride-1 convolution and no
 max-pool, for 32x32 inputs (CIFAR-10); `conv1.weight` is then (64, in_channels, 3, 3).
@@ -11,6 +14,7 @@ from torch import nn
 
 from ..nn.batch_norm import BatchNorm2d
 from ..nn.conv import Conv2d, conv_bn_act
+from ..nn.conv_chain import conv_bn_act_chained, conv_bn_deferred, max_pool_deferred
 from ..nn.squeeze_excite import SqueezeExcite
 from ._common import init_conv_bn_linear
 
@@ -38,12 +42,13 @@ def _shortcut(block, x):
 
 
 def _tail(block, bn_conv, bn, out, identity):
-    """relu(bn(conv(out)) [-> se] + identity), fused. (fastnets.convert runs these blocks' forwards on
+    """relu(bn(conv(out)) [-> se] + identity), fused; `out` may be a Deferred (the previous BatchNorm-apply
+    and ReLU then run in this convolution's prologue). (fastnets.convert runs these blocks' forwards on
     torchvision's BasicBlock / Bottleneck too, which have no `se`.)"""
     se = getattr(block, "se", None)
     if se is None:
-        return conv_bn_act(bn_conv, bn, out, residual=identity, relu=True)
-    out = conv_bn_act(bn_conv, bn, out, relu=False)
+        return conv_bn_act_chained(bn_conv, bn, out, residual=identity, act="relu")
+    out = conv_bn_act_chained(bn_conv, bn, out, act=None)
     return se(out, residual=identity, relu=True)
 
 
@@ -62,7 +67,7 @@ class BasicBlock(nn.Module):
 
     def forward(self, x):
         identity = _shortcut(self, x)
-        out = conv_bn_act(self.conv1, self.bn1, x, relu=True)
+        out = conv_bn_deferred(self.conv1, self.bn1, x, act="relu")  # in training: applied in conv2's prologue
         return _tail(self, self.conv2, self.bn2, out, identity)
 
 
@@ -86,9 +91,15 @@ class Bottleneck(nn.Module):
 
     def forward(self, x):
         identity = _shortcut(self, x)
-        out = conv_bn_act(self.conv1, self.bn1, x, relu=True)
-        out = conv_bn_act(self.conv2, self.bn2, out, relu=True)
+        out = conv_bn_deferred(self.conv1, self.bn1, x, act="relu")  # in training: applied in conv2's prologue
+        out = conv_bn_deferred(self.conv2, self.bn2, out, act="relu")  # ... and in conv3's
         return _tail(self, self.conv3, self.bn3, out, identity)
+
+
+# The BatchNorm -> convolution pairs whose BN-apply + ReLU run in the next convolution's prologue in training
+# (read by fastnets.convert's report for the torchvision blocks it runs on these forwards).
+BasicBlock.forward.chains = (("bn1", "conv2"),)
+Bottleneck.forward.chains = (("bn1", "conv2"), ("bn2", "conv3"))
 
 
 class ResNet(nn.Module):
@@ -137,8 +148,10 @@ class ResNet(nn.Module):
         return nn.Sequential(*layers)
 
     def forward_features(self, x):
-        x = conv_bn_act(self.conv1, self.bn1, x, relu=True)
-        x = self.maxpool(x)
+        if type(self.maxpool) is nn.MaxPool2d:  # in training the stem's BN-ReLU is pooled, never stored
+            x = max_pool_deferred(self.maxpool, conv_bn_deferred(self.conv1, self.bn1, x, act="relu"))
+        else:
+            x = self.maxpool(conv_bn_act(self.conv1, self.bn1, x, relu=True))
         x = self.layer1(x)
         x = self.layer2(x)
         x = self.layer3(x)

@@ -1,11 +1,14 @@
 """VGG-11/16, with and without BatchNorm, in torchvision's layout (`torchvision.models.vgg11`, `vgg16`,
 `vgg11_bn`, `vgg16_bn`): same state_dict keys and shapes. With BatchNorm every Conv -> BN -> ReLU of
-`features` runs as one fused kernel call."""
+`features` runs as one fused kernel call, and in training `features` is chained (fastnets.nn.conv_chain):
+each BN-ReLU runs in the next convolution's prologue, or inside the max-pool that follows it, so no BN-ReLU
+output is stored for backward."""
 import torch
 from torch import nn
 
 from ..nn.batch_norm import BatchNorm2d
 from ..nn.conv import Conv2d
+from ..nn.conv_chain import ChainedSequential
 from ._common import FusedSequential, init_conv_bn_linear
 
 CFGS = {
@@ -25,7 +28,7 @@ def make_layers(cfg, batch_norm=False, in_channels=3):
                 layers.append(BatchNorm2d(v))
             layers.append(nn.ReLU(inplace=True))
             in_channels = v
-    return FusedSequential(*layers)
+    return ChainedSequential(*layers) if batch_norm else FusedSequential(*layers)
 
 
 class VGG(nn.Module):

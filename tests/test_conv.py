@@ -434,7 +434,7 @@ def test_auto_on_a_gpu_is_the_measured_policy(monkeypatch):
 def test_fp32_follows_cudnn_tf32_flag(monkeypatch):
     from fastnets.triton_kernels import conv as tri
 
-    monkeypatch.setattr(tri, "_INTERPRET", False)
+    monkeypatch.setattr(tri, "INTERPRET", False)
     x = torch.empty(1, dtype=torch.float32)
     for flag, prec in ((True, "tf32"), (False, "ieee")):
         monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", flag)

@@ -217,7 +217,7 @@ SE_SHAPES = [(256, 256, 56, 56), (256, 2048, 7, 7), (32, 512, 28, 28), (1, 1024,
 def squeeze_excite_launches():
     import fastnets.triton_kernels.squeeze_excite as se
 
-    _with_cuda_device(se, "_num_sms")
+    _with_cuda_device(se, "sm_count")
     _with_cuda_device(se, "_split")
     for shape in SE_SHAPES:
         sweep = _sweep(shape, SE_SHAPES[0])
@@ -287,7 +287,7 @@ def _config_lists_under(tune):
 def conv_launches():
     import fastnets.triton_kernels.conv as cv
 
-    _with_cuda_device(cv, "_num_sms")
+    _with_cuda_device(cv, "_wgrad_target_programs")
     quick_gemm, quick_wgrad = _config_lists_under("quick")
     launch = cv._launch
     tuned = {"on": True}
@@ -378,7 +378,7 @@ def conv_prologue_launches():
     import fastnets.triton_kernels.conv as cv
     import fastnets.triton_kernels.conv_prologue as cp
 
-    _with_cuda_device(cv, "_num_sms")
+    _with_cuda_device(cv, "_wgrad_target_programs")
     launch = cv._launch
     tuned = {"on": False}
 

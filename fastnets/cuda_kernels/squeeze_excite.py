@@ -30,7 +30,7 @@ def _splits(x, channels_last, split):
     s = h * w
     if split is not None:
         return max(1, min(int(split), s))
-    sms = torch.cuda.get_device_properties(x.device).multi_processor_count
+    sms = _tensors.sm_count(x.device)
     blocks = n * -(-c // _CL_CHANNELS) if channels_last else -(-(n * c) // _WARPS_PER_BLOCK)
     want = 8 * sms
     if blocks >= want:

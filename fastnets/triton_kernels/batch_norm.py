@@ -13,22 +13,15 @@ small-spatial shapes with many channels (N x 2048 x 7 x 7) and few-channel, larg
 the GPU. Each program keeps exact two-pass statistics inside a tile and merges tiles, then splits, with
 Chan's parallel-variance formula; never E[x^2] - E[x]^2. Offsets are int64.
 """
-import os
-
 import torch
 import triton
 import triton.language as tl
 
 from .. import _tensors
 from ..activations import code
-from .._tensors import acc_dtype
+from .._tensors import acc_dtype, sm_count
+from ._common import INTERPRET, tl_acc_dtype
 from .activations import act_fwd, act_grad, relu_grad
-
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def _tl_acc(x):
-    return tl.float64 if x.dtype == torch.float64 else tl.float32
 
 
 def _geometry(x):
@@ -292,12 +285,14 @@ def _bwd_apply_kernel(
 
 def _target_programs(device):
     if device.type == "cuda":
-        return 4 * torch.cuda.get_device_properties(device).multi_processor_count
-    return 2  # the interpreter runs programs one after another: few, large ones
+        return 4 * sm_count(device)
+    # the interpreter runs programs one after another: few, large ones; two, so that the tests run the
+    # cross-program merge
+    return 2
 
 
 def _tile_budget():
-    return 16384 if _INTERPRET else 2048  # elements per tile
+    return 16384 if INTERPRET else 2048  # elements per tile
 
 
 def _reduction_plan(x, channels_last):
@@ -345,14 +340,14 @@ def stats(x, channels_last, eps):
     args, grid, blocks = _reduction_plan(x, channels_last)
     partial = [torch.empty((grid[1], c), dtype=acc, device=x.device) for _ in range(3)]
     if channels_last:
-        _stats_cl_kernel[grid](x, *partial, c, *args, ACC=_tl_acc(x), **blocks)
+        _stats_cl_kernel[grid](x, *partial, c, *args, ACC=tl_acc_dtype(x), **blocks)
     else:
-        _stats_nchw_kernel[grid](x, *partial, *args, ACC=_tl_acc(x), **blocks)
+        _stats_nchw_kernel[grid](x, *partial, *args, ACC=tl_acc_dtype(x), **blocks)
     mean = _tensors.new_output(x, dtype=acc, shape=(c,))
     invstd = _tensors.new_output(x, dtype=acc, shape=(c,))
     fin_block = min(1024, triton.next_power_of_2(c))
     _stats_finalize_kernel[(triton.cdiv(c, fin_block),)](
-        *partial, mean, invstd, c, grid[1], eps, ACC=_tl_acc(x), BLOCK_C=fin_block,
+        *partial, mean, invstd, c, grid[1], eps, ACC=tl_acc_dtype(x), BLOCK_C=fin_block,
     )
     return mean, invstd
 
@@ -362,7 +357,7 @@ def apply(x, scale, shift, residual, act, channels_last, act_param=0.0):
     args, grid, blocks = _elementwise_plan(x, channels_last)
     _apply_kernel[grid](
         x, scale, shift, x if residual is None else residual, y, *args, float(act_param),
-        CL=channels_last, HAS_RES=residual is not None, ACT=code(act), ACC=_tl_acc(x), **blocks,
+        CL=channels_last, HAS_RES=residual is not None, ACT=code(act), ACC=tl_acc_dtype(x), **blocks,
     )
     return y
 
@@ -388,7 +383,7 @@ def backward_reduce(dy, x, y, mean, act, channels_last, act_param=0.0, scale=Non
     psum_g = torch.empty((grid[1], c), dtype=mean.dtype, device=x.device)
     psum_gx = torch.empty((grid[1], c), dtype=mean.dtype, device=x.device)
     y, res, sc, sh, has_res = _act_args(x, y, act, scale, shift, residual, mean)
-    kw = dict(ACT=code(act), HAS_RES=has_res, ACC=_tl_acc(x), **blocks)
+    kw = dict(ACT=code(act), HAS_RES=has_res, ACC=tl_acc_dtype(x), **blocks)
     if channels_last:
         _bwd_reduce_cl_kernel[grid](dy, x, y, res, sc, sh, mean, psum_g, psum_gx, c, *args, float(act_param), **kw)
     else:
@@ -405,6 +400,6 @@ def backward_apply(dy, x, y, a, b, d, mean, act, train, write_g, channels_last, 
     y, res, sc, sh, has_res = _act_args(x, y, act, scale, shift, residual, mean)
     _bwd_apply_kernel[grid](
         dy, x, y, res, sc, sh, a, b, d, mean, dx, dx if g is None else g, *args, float(act_param),
-        CL=channels_last, ACT=code(act), HAS_RES=has_res, TRAIN=train, WRITE_G=write_g, ACC=_tl_acc(x), **blocks,
+        CL=channels_last, ACT=code(act), HAS_RES=has_res, TRAIN=train, WRITE_G=write_g, ACC=tl_acc_dtype(x), **blocks,
     )
     return dx, g

@@ -28,10 +28,10 @@ import triton.language as tl
 
 from .. import _tensors
 from ..activations import code
-from .._tensors import acc_dtype
+from .._tensors import acc_dtype, sm_count
+from ._common import INTERPRET
 from .activations import act_fwd
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _INTERP_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 4}
 # float64 (gradcheck, not a speed path) reduces with a broadcast product instead of tl.dot: small tiles.
 _FP64_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 8, "GROUP_M": 4}
@@ -431,7 +431,7 @@ _FIXED_GPU_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8}
 def _launch(tuned, raw, grid, *args, **kwargs):
     """Autotuned on a GPU; one fixed small configuration under the interpreter, for float64, and with
     FASTNETS_CONV_TUNE=fixed (the test suite on a GPU: many tiny shapes, no autotuning cost)."""
-    if _INTERPRET or kwargs["FP64"]:
+    if INTERPRET or kwargs["FP64"]:
         cfg = _FP64_CONFIG if kwargs["FP64"] else _INTERP_CONFIG
         raw[grid(cfg)](*args, **kwargs, **cfg)
         return cfg
@@ -445,11 +445,11 @@ def _launch(tuned, raw, grid, *args, **kwargs):
 
 def _math_flags(x):
     fp64 = x.dtype == torch.float64
-    if x.dtype == torch.float32 and not _INTERPRET:
+    if x.dtype == torch.float32 and not INTERPRET:
         prec = "tf32" if torch.backends.cudnn.allow_tf32 else "ieee"
     else:
         prec = "ieee" if x.dtype == torch.float32 else "tf32"
-    return {"UPCAST": _INTERPRET and x.dtype == torch.bfloat16, "FP64": fp64, "PREC": prec}
+    return {"UPCAST": INTERPRET and x.dtype == torch.bfloat16, "FP64": fp64, "PREC": prec}
 
 
 def _gemm_grid(rows, cols):
@@ -494,7 +494,7 @@ def _run_fwd(x, x_strides, wp, y, y_strides, dims, conv, bias, scale, shift, res
     tiles = triton.cdiv(m, cfg["BLOCK_M"])
     mean = _tensors.new_output(x, dtype=acc, shape=(cout,))
     var = _tensors.new_output(x, dtype=acc, shape=(cout,))
-    block_c = 32 if _INTERPRET else 64
+    block_c = 32 if INTERPRET else 64
     _stats_merge_kernel[(triton.cdiv(cout, block_c),)](
         pmean, pm2, mean, var, tiles, cout, m, cfg["BLOCK_M"], m - (tiles - 1) * cfg["BLOCK_M"],
         BLOCK_T=32, BLOCK_C=block_c,
@@ -549,10 +549,10 @@ def grad_input(g, w, out, stride, padding, dilation):
     return out
 
 
-def _num_sms(device):
-    if device.type != "cuda":
-        return 4
-    return torch.cuda.get_device_properties(device).multi_processor_count
+def _wgrad_target_programs(device):
+    """Programs the split weight-gradient reduction aims for: two waves on a GPU; under the interpreter (a
+    CPU tensor) 8, with at most 2 splits (grad_weight), so that the tests run the split reduction."""
+    return 2 * sm_count(device) if device.type == "cuda" else 8
 
 
 def grad_weight(g, x, w_shape, stride, padding, dilation):
@@ -563,8 +563,8 @@ def grad_weight(g, x, w_shape, stride, padding, dilation):
     # Split the N*OH*OW reduction so that about two waves of programs run (assuming 128x128 tiles);
     # each split keeps at least 1024 rows so the partial sums stay a small fraction of the work.
     tiles = triton.cdiv(cout, 128) * triton.cdiv(c, 128) * kh * kw
-    splits = max(1, min(triton.cdiv(2 * _num_sms(x.device), tiles), triton.cdiv(m, 1024)))
-    if _INTERPRET:
+    splits = max(1, min(triton.cdiv(_wgrad_target_programs(x.device), tiles), triton.cdiv(m, 1024)))
+    if INTERPRET:
         splits = min(splits, 2)
     rows_per_split = triton.cdiv(triton.cdiv(m, splits), 128) * 128
     splits = triton.cdiv(m, rows_per_split)

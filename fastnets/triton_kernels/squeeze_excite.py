@@ -11,17 +11,13 @@ one sample n as a C x S matrix with strides (stride_c, stride_s) = (S, 1) or (1,
     bf16 tl.dot is wrong); the hidden layer goes through the `hidden` output, behind a barrier.
 Offsets are int64.
 """
-import torch
 import triton
 import triton.language as tl
 
 from .. import _tensors
-from .._tensors import acc_dtype
+from .._tensors import acc_dtype, sm_count
+from ._common import tl_acc_dtype
 from .activations import act_fwd, relu_grad
-
-
-def _tl(dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
 
 
 def _geometry(x, channels_last):
@@ -41,16 +37,10 @@ def _tiles(c, s, channels_last, elems=4096):
     return bc, bs
 
 
-def _num_sms(device):
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 1
-
-
 def _split(n, c_blocks, s, bs, device, split):
     if split is not None:
         return max(1, min(int(split), triton.cdiv(s, bs)))
-    want = 4 * _num_sms(device)
+    want = 4 * sm_count(device)
     have = n * c_blocks
     if device.type != "cuda" or have >= want:
         return 1
@@ -195,7 +185,7 @@ def _reduce(x, dy, y, relu, channels_last, grad, split):
         out = _tensors.new_output(x, dtype=acc, shape=(n, num_splits, c))
     _reduce_kernel[(n * c_blocks * num_splits,)](
         x, dy if grad else x, y if (grad and relu) else x, out, c, s, stride_c, stride_s, c_blocks, s_per_split,
-        num_splits, GRAD=grad, RELU=relu, MEAN=(not grad and num_splits == 1), ACC=_tl(acc),
+        num_splits, GRAD=grad, RELU=relu, MEAN=(not grad and num_splits == 1), ACC=tl_acc_dtype(acc),
         BLOCK_C=bc, BLOCK_S=bs, num_warps=4,
     )
     if num_splits == 1:
@@ -222,7 +212,7 @@ def _apply(src, gate, aux, gp, relu, write_g, channels_last, grad):
     _apply_kernel[(n * c_blocks * s_blocks,)](
         src, gate, aux if aux is not None else src, gp if gp is not None else gate, out,
         g_out if g_out is not None else out, c, s, stride_c, stride_s, c_blocks, s_blocks,
-        GRAD=grad, HAS_ADD=has_add, RELU=relu, WRITE_G=write_g, ACC=_tl(gate.dtype),
+        GRAD=grad, HAS_ADD=has_add, RELU=relu, WRITE_G=write_g, ACC=tl_acc_dtype(gate.dtype),
         BLOCK_C=bc, BLOCK_S=bs, num_warps=4,
     )
     return out, g_out
@@ -245,7 +235,7 @@ def excite(pooled, w1, b1, w2, b2, inner_act=1, inner_param=0.0, gate=0, block_n
     if block_n is None:
         # The most samples per program that still leaves about one program per two SMs: each program reads
         # both weight matrices once, so fewer programs mean less L2 traffic but fewer busy SMs.
-        sms = _num_sms(pooled.device)
+        sms = sm_count(pooled.device)
         block_n = 8
         while block_n > 1 and triton.cdiv(n, block_n) * 2 < sms:
             block_n //= 2
@@ -255,6 +245,6 @@ def excite(pooled, w1, b1, w2, b2, inner_act=1, inner_param=0.0, gate=0, block_n
     bc = max(1, min(triton.next_power_of_2(c), 8192 // (bn * br)))
     _excite_kernel[(triton.cdiv(n, bn),)](
         pooled, w1, b1, w2, b2, hidden, gate_out, n, c, r, float(inner_param), INNER=int(inner_act), GATE=int(gate),
-        ACC=_tl(acc), BLOCK_N=bn, BLOCK_R=br, BLOCK_K=bk, BLOCK_C=bc, num_warps=4,
+        ACC=tl_acc_dtype(acc), BLOCK_N=bn, BLOCK_R=br, BLOCK_K=bk, BLOCK_C=bc, num_warps=4,
     )
     return hidden, gate_out

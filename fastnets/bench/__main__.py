@@ -7,9 +7,12 @@ import sys
 import time
 
 PROFILES = {
-    # CPU default: the whole pipeline in a few minutes on a small machine, on fastnets' reference backend
-    "cpu": dict(models=["lenet5", "resnet18_cifar"], backends=["eager", "fastnets"], precision="fp32",
-                warmup=1, iters=1, repeats=3, batch={"lenet5": 64, "resnet18_cifar": 8},
+    # CPU default: the whole pipeline on a small machine, fastnets on its native backend (auto on the CPU);
+    # throughput timed interleaved, same-run ratios (fastnets/bench/cpu_ratios.py); torch.compile of the
+    # models in compile_models only (minutes per model and mode on 2 cores)
+    "cpu": dict(models=["lenet5", "resnet18_cifar", "resnet50"], backends=["eager", "compile", "fastnets",
+                "fastnets-compile"], precision="fp32", warmup=2, iters=1, repeats=7,
+                batch={"lenet5": 64, "resnet18_cifar": 8, "resnet50": 8}, compile_models=["lenet5", "resnet18_cifar"],
                 fidelity_images=64, fidelity_batch=32, train_models=["lenet5"], epochs={"mnist": 5, "cifar10": 1},
                 train_batch=64, max_train_images=None, max_test_images=1000, time_budget=None),
     # the smallest run, for tests: one model, a few iterations, a small training subset
@@ -174,6 +177,7 @@ def resolve_settings(args, parser):
         "warmup": args.warmup if args.warmup is not None else P["warmup"],
         "iters": args.iters or P["iters"],
         "repeats": args.repeats or P["repeats"],
+        "compile_models": None if args.models is not None else P.get("compile_models"),
         "fidelity_images": P["fidelity_images"] if args.fidelity_images is None else args.fidelity_images,
         "fidelity_batch": P["fidelity_batch"],
         "train_models": train_models,
@@ -280,8 +284,9 @@ def start_report(settings):
     torch.set_num_threads(settings["cpu_threads"])
     notes = []
     if not cuda:
-        notes.append("CPU run: no GPU was used; fastnets runs its reference backend (auto = reference on the CPU). "
-                     "These numbers show the pipeline working, not GPU performance.")
+        notes.append("CPU run: no GPU was used; fastnets runs its native backend (auto = native on the CPU: torch's "
+                     "CPU kernels, BatchNorm folded into oneDNN convolutions in inference). Throughput variants "
+                     "timed interleaved (fastnets/bench/cpu_ratios.py); not GPU performance.")
     budget = Budget(settings["time_budget_s"])
     torch.backends.cudnn.benchmark = True
     report = {"schema": R.SCHEMA, "run": {"cpu_run": not cuda, "started": None, "wall_s": None},
@@ -364,6 +369,11 @@ class ModelPairs:
 def measure_throughput(report, plan, pairs, settings, budget, desc, show_progress):
     """Phases 2 and 5: throughput rows of each (model, backends) in `plan`, for each mode."""
     import torch
+
+    if not settings["device"].startswith("cuda"):  # CPU: interleaved, same-run ratios
+        from . import cpu_ratios
+
+        return cpu_ratios.measure_throughput(report, plan, pairs, settings, budget, desc, show_progress)
 
     from . import throughput as T
     from .progress import progress_bar
@@ -584,7 +594,7 @@ def main(argv=None):
         parser.error(str(e))
     show = not args.no_progress
     print(f"fastnets.bench: profile {settings['profile']} on {settings['device']}"
-          + (" (CPU run: fastnets uses its reference backend)" if not settings["device"].startswith("cuda") else ""),
+          + (" (CPU run: fastnets uses its native backend)" if not settings["device"].startswith("cuda") else ""),
           file=sys.stderr)
     try:
         report = run(settings, show_progress=show)

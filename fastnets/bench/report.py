@@ -188,6 +188,9 @@ def markdown(report):
         cells += [_cell(tp.get((m["name"], b, "train"))) for b in backends]
         cells += [_cell(tp.get((m["name"], b, "infer"))) for b in backends]
         lines.append("| " + " | ".join(cells) + " |")
+    from .cpu_ratios import markdown_section
+
+    lines += markdown_section(report)  # CPU runs: the interleaved same-run ratios, targets and load
     if report["fidelity"]:
         lines += ["", "Fidelity: fastnets against eager with the same weights, on real images.", "",
                   "| model | mode | weights | images | max rel. diff | top-1 agreement | disagreements (near ties) |",

@@ -41,6 +41,13 @@ def current_backend():
     return _current
 
 
+def requested_backend(backend=None):
+    """The backend name an op wrapper's `backend=` argument asks for: the selected one when None. Every
+    public wrapper calls this first, so a misspelt name raises (ValueError) on every path, including those
+    that never reach a custom op (torch's own kernels, grouped convolutions, empty inputs)."""
+    return _current if backend is None else _check_name(backend)
+
+
 class use_backend:
     """`fastnets.use_backend("triton")` selects a backend at once; used as `with use_backend(...):` it
     restores the previous selection on exit."""

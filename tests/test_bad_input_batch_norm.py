@@ -118,7 +118,8 @@ ROWS = [
     ("residual on meta", lambda d: batch_norm(_x(2, 4, 3, 3, device=d), None, None, training=True, residual=torch.ones(2, 4, 3, 3, device="meta")), (ValueError, "residual is on meta")),
     ("all on meta: shapes only", lambda d: _meta_shapes(), None),
     # arguments
-    ("unknown backend", lambda d: batch_norm(_x(2, 4, 3, 3, device=d), None, None, training=True, backend="fast"), (ValueError, "backend")),
+    ("unknown backend", lambda d: batch_norm(_x(2, 4, 3, 3, device=d), None, None, training=True, backend="fast"), (ValueError, "fastnets backend must be one of")),
+    ("unknown backend, empty input", lambda d: batch_norm(_x(0, 4, 3, 3, device=d), None, None, training=True, backend="fast"), (ValueError, "fastnets backend must be one of")),
 ]
 
 

@@ -83,7 +83,9 @@ ROWS = [
     ("negative padding", lambda d: conv2d(_x(2, 3, 8, 8, device=d), _w(4, 3, device=d), padding=-1), (ValueError, "padding")),
     ("dilation 0", lambda d: conv2d(_x(2, 3, 8, 8, device=d), _w(4, 3, device=d), dilation=0), (ValueError, "dilation")),
     ("stride/padding/dilation mix", lambda d: _conv_matches(_x(2, 3, 11, 9, device=d), _w(4, 3, device=d), torch.randn(4, device=d), (2, 1), (2, 1), (2, 1)), None),
-    ("unknown backend", lambda d: conv2d(_x(2, 3, 8, 8, device=d), _w(4, 3, device=d), backend="fast"), (ValueError, "backend")),
+    ("unknown backend", lambda d: conv2d(_x(2, 3, 8, 8, device=d), _w(4, 3, device=d), backend="fast"), (ValueError, "fastnets backend must be one of")),
+    ("unknown backend, groups=3", lambda d: conv2d(_x(2, 3, 8, 8, device=d), _w(3, 1, device=d), groups=3, backend="fast"), (ValueError, "fastnets backend must be one of")),
+    ("unknown backend, conv + BN", lambda d: _block_train(_x(2, 3, 8, 8, device=d), _w(4, 3, device=d), None, None, backend="fast"), (ValueError, "fastnets backend must be one of")),
     # N=1 in training
     ("N=1, 1x1 output in training", lambda d: _block_train(_x(1, 3, 3, 3, device=d), _w(4, 3, device=d), torch.zeros(4, device=d), torch.ones(4, device=d)), (ValueError, "Expected more than 1 value per channel")),
     ("N=1 with spatial in training", lambda d: _block_matches(_x(1, 3, 6, 5, device=d), _w(4, 3, device=d)), None),

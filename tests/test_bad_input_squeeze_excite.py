@@ -87,6 +87,7 @@ ROWS = [
     ("weights on meta", lambda d: _call(_x(2, 8, 3, 3, device=d), [w.to("meta") for w in _ws(8, 2)]), (ValueError, "is on meta")),
     ("residual on meta", lambda d: _call(_x(2, 8, 3, 3, device=d), _ws(8, 2, device=d), residual=torch.randn(2, 8, 3, 3, device="meta")), (ValueError, "residual is on meta")),
     ("unknown backend", lambda d: _call(_x(2, 8, 3, 3, device=d), _ws(8, 2, device=d), backend="nope"), (ValueError, "fastnets backend must be one of")),
+    ("unknown backend, se_scale", lambda d: se_scale(_x(2, 8, 3, 3, device=d), torch.rand(2, 8, device=d), backend="nope"), (ValueError, "fastnets backend must be one of")),
 ]
 
 

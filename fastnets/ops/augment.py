@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..backends import NAMES, current_backend
+from ..backends import requested_backend
 from ._registry import kernels, register_family
 
 register_family("augment", {"reference": ".reference.augment", "triton": ".triton_kernels.augment"})
@@ -114,9 +114,7 @@ def augment_apply(x, matrix, out_hw, box=None, colour=None, brightness=False, co
         raise ValueError(f"interpolation must be 'bilinear' or 'nearest', got {interpolation!r}")
     if out_dtype not in OUT_DTYPES:
         raise TypeError(f"out_dtype must be a floating-point dtype, got {out_dtype}")
-    backend = current_backend() if backend is None else backend
-    if backend not in NAMES:
-        raise ValueError(f"backend must be one of {NAMES}, got {backend!r}")
+    backend = requested_backend(backend)
     fill = float(fill) / 255.0 if x.dtype == torch.uint8 else float(fill)
     return augment_apply_op(
         x, matrix.contiguous(), None if box is None else box.contiguous(), None if colour is None else colour.contiguous(),

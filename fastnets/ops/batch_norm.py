@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from .. import _checks, _tensors, activations
-from ..backends import current_backend
+from ..backends import requested_backend
 from .._tensors import acc_dtype
 from . import _native_cpu
 from ._registry import kernels, register_family
@@ -33,7 +33,8 @@ register_family(
     },
 )
 
-def _empty(like):
+def _placeholder(like):
+    """The zero-size tensor an op returns for an output nobody asked for (a custom op cannot return None)."""
     return like.new_empty(0)
 
 
@@ -53,7 +54,7 @@ def _needs_pre(act):
 
 
 @torch.library.custom_op("fastnets::batch_norm_train", mutates_args=())
-def batch_norm_train(
+def batch_norm_train_op(
     x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], residual: Optional[Tensor],
     act: str, act_param: float, eps: float, backend: str,
 ) -> Tuple[Tensor, Tensor, Tensor]:
@@ -66,14 +67,14 @@ def batch_norm_train(
     return _tensors.match_layout(y, x), mean, invstd
 
 
-@batch_norm_train.register_fake
+@batch_norm_train_op.register_fake
 def _(x, weight, bias, residual, act, act_param, eps, backend):
     c = x.shape[1]
     return torch.empty_like(x), x.new_empty(c, dtype=acc_dtype(x)), x.new_empty(c, dtype=acc_dtype(x))
 
 
 @torch.library.custom_op("fastnets::batch_norm_eval", mutates_args=())
-def batch_norm_eval(
+def batch_norm_eval_op(
     x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], residual: Optional[Tensor],
     running_mean: Tensor, running_var: Tensor, act: str, act_param: float, eps: float, backend: str,
 ) -> Tensor:
@@ -85,13 +86,13 @@ def batch_norm_eval(
     return _tensors.match_layout(k.apply(x, scale, shift, res, activations.code(act), cl, act_param), x)
 
 
-@batch_norm_eval.register_fake
+@batch_norm_eval_op.register_fake
 def _(x, weight, bias, residual, running_mean, running_var, act, act_param, eps, backend):
     return torch.empty_like(x)
 
 
 @torch.library.custom_op("fastnets::batch_norm_backward", mutates_args=())
-def batch_norm_backward(
+def batch_norm_backward_op(
     grad_y: Tensor, x: Tensor, y: Optional[Tensor], residual: Optional[Tensor], weight: Optional[Tensor],
     bias: Optional[Tensor], mean: Tensor, invstd: Tensor, act: str, act_param: float, training: bool,
     need_grad_x: bool, need_grad_affine: bool, need_grad_residual: bool, backend: str,
@@ -129,18 +130,18 @@ def batch_norm_backward(
         grad_x, grad_res = k.backward_apply(dy, x, y, a, b, d, mean, code, training, write_g, cl, **extra)
         if not need_grad_x:
             grad_x = None
-    return tuple(_empty(x) if t is None else t for t in (grad_x, grad_w, grad_b, grad_res))
+    return tuple(_placeholder(x) if t is None else t for t in (grad_x, grad_w, grad_b, grad_res))
 
 
-@batch_norm_backward.register_fake
+@batch_norm_backward_op.register_fake
 def _(grad_y, x, y, residual, weight, bias, mean, invstd, act, act_param, training, need_grad_x, need_grad_affine,
       need_grad_residual, backend):
     affine = need_grad_affine and weight is not None
     return (
-        torch.empty_like(x) if need_grad_x else x.new_empty(0),
-        torch.empty_like(weight) if affine else x.new_empty(0),
-        torch.empty_like(weight) if affine else x.new_empty(0),
-        torch.empty_like(x) if (act != "identity" and need_grad_residual) else x.new_empty(0),
+        torch.empty_like(x) if need_grad_x else _placeholder(x),
+        torch.empty_like(weight) if affine else _placeholder(x),
+        torch.empty_like(weight) if affine else _placeholder(x),
+        torch.empty_like(x) if (act != "identity" and need_grad_residual) else _placeholder(x),
     )
 
 
@@ -196,8 +197,8 @@ def _eval_backward(ctx, grad_y):
     return _backward(ctx, grad_y, False, mean, invstd) + (None,) * 6
 
 
-batch_norm_train.register_autograd(_train_backward, setup_context=_train_setup_context)
-batch_norm_eval.register_autograd(_eval_backward, setup_context=_eval_setup_context)
+batch_norm_train_op.register_autograd(_train_backward, setup_context=_train_setup_context)
+batch_norm_eval_op.register_autograd(_eval_backward, setup_context=_eval_setup_context)
 
 
 def _validate(x, running_mean, running_var, weight, bias, residual, training):
@@ -230,11 +231,11 @@ def batch_norm(
     identity. In training, running statistics (when given) are updated in place as torch does:
     new = (1 - momentum) * old + momentum * batch, the variance unbiased."""
     act, act_param = activations.resolve(act, relu)
+    backend = requested_backend(backend)
     if isinstance(input, torch.Tensor) and input.numel() == 0 and residual is None:
         _checks.check_float(input, "input")
         return _empty_batch_norm(input, weight, bias, act, act_param)
     _validate(input, running_mean, running_var, weight, bias, residual, training)
-    backend = current_backend() if backend is None else backend
     if _native_cpu.active(backend, input):  # torch's F.batch_norm: its own running-statistics update and autograd
         return _native_cpu.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps,
                                       residual, act, act_param)

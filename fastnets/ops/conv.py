@@ -29,7 +29,7 @@ from torch import Tensor
 import torch.nn.functional as F
 
 from .. import _checks, _tensors, activations
-from ..backends import current_backend
+from ..backends import requested_backend
 from .._tensors import acc_dtype
 from .batch_norm import fold_scale_shift, save_for_act, update_running_stats
 from . import _native_cpu
@@ -70,19 +70,20 @@ def _is_cl(x):
     return (not x.is_contiguous()) and x.is_contiguous(memory_format=torch.channels_last)
 
 
-def _empty(x, shape, dtype=None):
+def _alloc_like_layout(x, shape, dtype=None):
+    """An uninitialized tensor of `shape` in x's layout (NCHW or channels_last)."""
     fmt = torch.channels_last if _is_cl(x) else torch.contiguous_format
     return torch.empty(shape, dtype=dtype or x.dtype, device=x.device, memory_format=fmt)
 
 
 def _new_out(x, shape, dtype=None):
     """An output of `shape` in x's layout (NCHW or channels_last), NaN-poisoned under tests."""
-    return _tensors.new_output(_empty(x, shape, dtype))
+    return _tensors.new_output(_alloc_like_layout(x, shape, dtype))
 
 
 def _exact(t, x):
-    """t with exactly the strides _empty gives for x's layout (a copy only when they differ)."""
-    out = _empty(x, tuple(t.shape), t.dtype)
+    """t with exactly the strides _alloc_like_layout gives for x's layout (a copy only when they differ)."""
+    out = _alloc_like_layout(x, tuple(t.shape), t.dtype)
     if t.stride() == out.stride():
         return t
     out.copy_(t)
@@ -95,8 +96,9 @@ def _dense(t, like_cl):
     return t.contiguous(memory_format=torch.channels_last if like_cl else torch.contiguous_format)
 
 
-def _nothing(x):
-    return x.new_empty(0)
+def _placeholder(like):
+    """The zero-size tensor an op returns for an output nobody asked for (a custom op cannot return None)."""
+    return like.new_empty(0)
 
 
 # ----------------------------------------------------------------------------------------------- conv2d
@@ -116,17 +118,18 @@ def conv2d_op(
     res = None if residual is None else _tensors.match_layout(residual, out)
     y = k.forward(x, weight, bias, scale, shift, res, stride, padding, dilation, activations.code(act), out,
                   act_param=act_param, pre=pre)
-    return y, (_nothing(x) if pre is None else pre)
+    return y, (_placeholder(x) if pre is None else pre)
 
 
 @conv2d_op.register_fake
 def _(x, weight, bias, scale, shift, residual, stride, padding, dilation, act, act_param, backend):
     shape = _out_shape(x, weight, stride, padding, dilation)
-    return _empty(x, shape), (x.new_empty(0) if act in activations.FROM_OUTPUT else _empty(x, shape))
+    pre = _placeholder(x) if act in activations.FROM_OUTPUT else _alloc_like_layout(x, shape)
+    return _alloc_like_layout(x, shape), pre
 
 
 @torch.library.custom_op("fastnets::conv2d_stats", mutates_args=())
-def conv2d_stats(
+def conv2d_stats_op(
     x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: List[int], padding: List[int],
     dilation: List[int], backend: str,
 ) -> Tuple[Tensor, Tensor, Tensor]:
@@ -136,15 +139,16 @@ def conv2d_stats(
     return k.forward_stats(x, weight, bias, stride, padding, dilation, out)
 
 
-@conv2d_stats.register_fake
+@conv2d_stats_op.register_fake
 def _(x, weight, bias, stride, padding, dilation, backend):
     c = weight.shape[0]
     acc = acc_dtype(x)
-    return _empty(x, _out_shape(x, weight, stride, padding, dilation)), x.new_empty(c, dtype=acc), x.new_empty(c, dtype=acc)
+    z = _alloc_like_layout(x, _out_shape(x, weight, stride, padding, dilation))
+    return z, x.new_empty(c, dtype=acc), x.new_empty(c, dtype=acc)
 
 
 @torch.library.custom_op("fastnets::conv2d_backward", mutates_args=())
-def conv2d_backward(
+def conv2d_backward_op(
     grad_y: Tensor, x: Tensor, weight: Tensor, y: Optional[Tensor], bias: Optional[Tensor],
     scale: Optional[Tensor], stride: List[int], padding: List[int], dilation: List[int], act: str,
     act_param: float, need_x: bool, need_weight: bool, need_bias: bool, need_scale: bool, need_shift: bool,
@@ -187,22 +191,23 @@ def conv2d_backward(
         grad_x = k.grad_input(g, w, _new_out(x, tuple(x.shape)), stride, padding, dilation)
     if act != "identity" and need_residual:
         grad_res = _exact(g, x)
-    return tuple(_nothing(x) if t is None else t for t in (grad_x, grad_w, grad_b, grad_scale, grad_shift, grad_res))
+    grads = (grad_x, grad_w, grad_b, grad_scale, grad_shift, grad_res)
+    return tuple(_placeholder(x) if t is None else t for t in grads)
 
 
-@conv2d_backward.register_fake
+@conv2d_backward_op.register_fake
 def _(grad_y, x, weight, y, bias, scale, stride, padding, dilation, act, act_param, need_x, need_weight, need_bias,
       need_scale, need_shift, need_residual, backend):
     c = weight.shape[0]
     acc = acc_dtype(x)
-    vec = lambda need: x.new_empty(c, dtype=acc) if need else x.new_empty(0)  # noqa: E731
+    vec = lambda need: x.new_empty(c, dtype=acc) if need else _placeholder(x)  # noqa: E731
     return (
-        _empty(x, tuple(x.shape)) if need_x else x.new_empty(0),
-        torch.empty_like(weight) if need_weight else x.new_empty(0),
+        _alloc_like_layout(x, tuple(x.shape)) if need_x else _placeholder(x),
+        torch.empty_like(weight) if need_weight else _placeholder(x),
         vec(need_bias),
         vec(need_scale),
         vec(need_shift),
-        _empty(x, tuple(grad_y.shape)) if (act != "identity" and need_residual) else x.new_empty(0),
+        _alloc_like_layout(x, tuple(grad_y.shape)) if (act != "identity" and need_residual) else _placeholder(x),
     )
 
 
@@ -264,14 +269,14 @@ def _stats_bwd(ctx, grad_y, grad_mean, grad_var):
     return gx if nx else None, gw if nw else None, _cast(gb, ctx.bias_dtype) if nb else None, None, None, None, None
 
 
-conv2d_stats.register_autograd(_stats_bwd, setup_context=_stats_setup)
+conv2d_stats_op.register_autograd(_stats_bwd, setup_context=_stats_setup)
 
 
 # ------------------------------------------------------------------------------------ BN apply (training)
 
 
 @torch.library.custom_op("fastnets::bn_apply_train", mutates_args=())
-def bn_apply_train(
+def bn_apply_train_op(
     z: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], residual: Optional[Tensor], mean: Tensor,
     invstd: Tensor, act: str, act_param: float, backend: str,
 ) -> Tensor:
@@ -284,7 +289,7 @@ def bn_apply_train(
     return _tensors.match_layout(k.apply(z, scale, shift, res, activations.code(act), cl, act_param), z)
 
 
-@bn_apply_train.register_fake
+@bn_apply_train_op.register_fake
 def _(z, weight, bias, residual, mean, invstd, act, act_param, backend):
     return torch.empty_like(z)
 
@@ -307,7 +312,7 @@ def _bn_bwd(ctx, grad_out):
     return (gz if nz else None, gw if nw else None, gb if nb else None, gres if nres else None) + (None,) * 5
 
 
-bn_apply_train.register_autograd(_bn_bwd, setup_context=_bn_setup)
+bn_apply_train_op.register_autograd(_bn_bwd, setup_context=_bn_setup)
 
 
 # ------------------------------------------------------------------------------------ functional wrappers
@@ -459,7 +464,7 @@ def conv2d(
     fastnets.activations (it wins over `relu`). groups > 1 runs F.conv2d (cuDNN on a GPU) with the epilogue
     in torch ops; everything else runs fastnets' convolution."""
     act, act_param = activations.resolve(act, relu)
-    backend = current_backend() if backend is None else backend
+    backend = requested_backend(backend)
     _check_groups(groups, input, weight)
     stride = _pair(stride, "stride", 1)
     dilation = _pair(dilation, "dilation", 1)
@@ -501,7 +506,7 @@ def conv2d_batch_norm(
     On the native backend (auto on CPU) eval folds BN into the weights of one oneDNN convolution;
     `cache_owner` (the conv module, from conv_bn_act) caches that fold (see ops/_native_cpu.py)."""
     act, act_param = activations.resolve(act, relu)
-    backend = current_backend() if backend is None else backend
+    backend = requested_backend(backend)
     stride, padding, dilation = _args(input, stride, padding, dilation)
     input, residual, unbatched = _unbatched(input, residual)
     input, weight, bias, residual = _autocast(input, weight, bias, residual)

@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from .. import _checks, _tensors, activations
-from ..backends import NAMES, current_backend
+from ..backends import requested_backend
 from .._tensors import acc_dtype
 from . import _native_cpu
 from ._registry import kernels, register_family
@@ -46,7 +46,8 @@ register_family(
 )
 
 
-def _empty(like):
+def _placeholder(like):
+    """The zero-size tensor an op returns for an output nobody asked for (a custom op cannot return None)."""
     return like.new_empty(0)
 
 
@@ -108,7 +109,7 @@ def _(x, w1, b1, w2, b2, residual, relu, backend, inner_act="relu", inner_param=
 
 
 @torch.library.custom_op("fastnets::squeeze_excite_backward", mutates_args=())
-def squeeze_excite_backward(
+def squeeze_excite_backward_op(
     grad_y: Tensor, x: Tensor, y: Optional[Tensor], pooled: Tensor, hidden: Tensor, gate: Tensor, w1: Tensor,
     w2: Tensor, relu: bool, need_grad_x: bool, need_grad_weights: bool, need_grad_residual: bool, backend: str,
     b1: Optional[Tensor] = None, b2: Optional[Tensor] = None, inner_act: str = "relu", inner_param: float = 0.0,
@@ -138,21 +139,21 @@ def squeeze_excite_backward(
         grad_x, grad_res = k.backward_apply(dy, y, gate, gp, relu, write_g, cl)
         if not need_grad_x:
             grad_x = None
-    return tuple(_empty(x) if t is None else t for t in (grad_x,) + grads_w + (grad_res,))
+    return tuple(_placeholder(x) if t is None else t for t in (grad_x,) + grads_w + (grad_res,))
 
 
-@squeeze_excite_backward.register_fake
+@squeeze_excite_backward_op.register_fake
 def _(grad_y, x, y, pooled, hidden, gate, w1, w2, relu, need_grad_x, need_grad_weights, need_grad_residual, backend,
       b1=None, b2=None, inner_act="relu", inner_param=0.0, gate_fn="sigmoid"):
     if need_grad_weights:
         r, c = w1.shape[0], w2.shape[0]
         gw = (torch.empty_like(w1), w1.new_empty(r), torch.empty_like(w2), w2.new_empty(c))
     else:
-        gw = tuple(_empty(x) for _ in range(4))
+        gw = tuple(_placeholder(x) for _ in range(4))
     return (
-        (torch.empty_like(x) if need_grad_x else _empty(x),)
+        (torch.empty_like(x) if need_grad_x else _placeholder(x),)
         + gw
-        + (torch.empty_like(x) if (relu and need_grad_residual) else _empty(x),)
+        + (torch.empty_like(x) if (relu and need_grad_residual) else _placeholder(x),)
     )
 
 
@@ -281,7 +282,7 @@ def _(x, gate, residual, relu, backend):
 
 
 @torch.library.custom_op("fastnets::se_scale_backward", mutates_args=())
-def se_scale_backward(
+def se_scale_backward_op(
     grad_y: Tensor, x: Tensor, y: Optional[Tensor], gate: Tensor, relu: bool, need_grad_x: bool,
     need_grad_gate: bool, need_grad_residual: bool, backend: str,
 ) -> Tuple[Tensor, Tensor, Tensor]:
@@ -296,15 +297,15 @@ def se_scale_backward(
         grad_x, grad_res = k.backward_apply(dy, y, gate.to(acc_dtype(x)).contiguous(), None, relu, write_g, cl)
         if not need_grad_x:
             grad_x = None
-    return tuple(_empty(x) if t is None else t for t in (grad_x, grad_gate, grad_res))
+    return tuple(_placeholder(x) if t is None else t for t in (grad_x, grad_gate, grad_res))
 
 
-@se_scale_backward.register_fake
+@se_scale_backward_op.register_fake
 def _(grad_y, x, y, gate, relu, need_grad_x, need_grad_gate, need_grad_residual, backend):
     return (
-        torch.empty_like(x) if need_grad_x else _empty(x),
-        torch.empty_like(gate) if need_grad_gate else _empty(x),
-        torch.empty_like(x) if (relu and need_grad_residual) else _empty(x),
+        torch.empty_like(x) if need_grad_x else _placeholder(x),
+        torch.empty_like(gate) if need_grad_gate else _placeholder(x),
+        torch.empty_like(x) if (relu and need_grad_residual) else _placeholder(x),
     )
 
 
@@ -374,13 +375,6 @@ def _check_weights(x_dtype, device, w1, b1, w2, b2):
     return c, r
 
 
-def _backend(backend):
-    backend = current_backend() if backend is None else backend
-    if backend not in NAMES:
-        raise ValueError(f"fastnets backend must be one of {NAMES}, got {backend!r}")
-    return backend
-
-
 def squeeze_excite(x, w1, b1, w2, b2, residual=None, relu=False, backend=None, inner_act="relu", gate="sigmoid"):
     """y = [relu](x * gate(fc2(inner_act(fc1(mean_hw(x))))) [+ residual]), fused. x is (N, C, H, W), NCHW or
     channels_last; w1 [R, C, 1, 1] (or [R, C]), b1 [R], w2 [C, R, 1, 1] (or [C, R]), b2 [C]. inner_act: any
@@ -393,7 +387,7 @@ def squeeze_excite(x, w1, b1, w2, b2, residual=None, relu=False, backend=None, i
     _check_input(x, channels=c)
     if residual is not None:
         _checks.check_like(residual, "residual", x, "input")
-    backend = _backend(backend)
+    backend = requested_backend(backend)
     if _native_cpu.active(backend, x):  # torch's own ops and autograd
         return _native_cpu.squeeze_excite(x, _mat(w1), b1, _mat(w2), b2, residual, bool(relu), inner, inner_param,
                                           gate)
@@ -408,7 +402,7 @@ def squeeze_excite(x, w1, b1, w2, b2, residual=None, relu=False, backend=None, i
 def se_squeeze(x, backend=None):
     """Per-(sample, channel) mean over H and W of a 4-D x, accumulated in float32: [N, C]."""
     _check_input(x)
-    backend = _backend(backend)
+    backend = requested_backend(backend)
     x, _ = _tensors.dense_layout(x)
     return torch.ops.fastnets.se_squeeze(x, backend)
 
@@ -427,7 +421,7 @@ def se_excite(pooled, w1, b1, w2, b2, backend=None, inner_act="relu", gate="sigm
             f"pooled is {pooled.dtype} but the weights are {w1.dtype}: float64 pooled needs float64 weights, "
             "and float64 weights need float64 pooled"
         )
-    backend = _backend(backend)
+    backend = requested_backend(backend)
     return torch.ops.fastnets.se_excite(pooled, w1, b1, w2, b2, backend, inner, inner_param, gate)
 
 
@@ -440,7 +434,7 @@ def se_scale(x, gate, residual=None, relu=False, backend=None):
     _checks.check_same_device(x, "input", gate=gate)
     if residual is not None:
         _checks.check_like(residual, "residual", x, "input")
-    backend = _backend(backend)
+    backend = requested_backend(backend)
     x, _ = _tensors.dense_layout(x)
     if residual is not None:
         residual = _tensors.match_layout(residual, x)

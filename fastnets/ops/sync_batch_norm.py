@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 from .. import _tensors, activations
-from ..backends import current_backend
+from ..backends import requested_backend
 from .._tensors import acc_dtype
 from ._registry import kernels
 from .batch_norm import fold_scale_shift
@@ -181,7 +181,7 @@ def sync_batch_norm(input, running_mean, running_var, weight, bias, factor, eps,
     """Training-mode act(BatchNorm(x) [+ residual]) over `group` (world_size > 1); running statistics
     (when given) updated in place with `factor` as torch.nn.SyncBatchNorm does. `act` as in
     fastnets.ops.batch_norm (wins over `relu`). Validation is the caller's (fastnets.nn)."""
-    backend = current_backend() if backend is None else backend
+    backend = requested_backend(backend)
     act_name, act_param = activations.resolve(act, relu)
     y, mean, var, count = _sync_apply(input, weight, bias, residual, act_name, float(act_param), float(eps),
                                       group, world_size, backend)

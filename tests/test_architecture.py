@@ -50,3 +50,56 @@ def test_registered_families_match_the_table():
             expected = table[family].get(place)
             if expected and expected != "-":
                 assert module == "." + expected[:-3].replace("/", "."), (family, backend, module)
+
+
+# folder -> the fastnets folders it must not import (ARCHITECTURE.md, "The layers"): the fast backends do
+# not depend on the oracle or on the layers above them, and the oracle depends on no backend.
+FORBIDDEN_IMPORTS = {
+    "triton_kernels": ("reference", "ops", "nn", "cuda_kernels"),
+    "cuda_kernels": ("reference", "ops", "nn", "triton_kernels"),
+    "reference": ("triton_kernels", "cuda_kernels", "ops", "nn"),
+}
+
+
+def _fastnets_imports(path, package):
+    """The fastnets modules a file imports (anywhere in it, functions included), as dotted names."""
+    import ast
+
+    out = []
+    for node in ast.walk(ast.parse(open(path).read(), path)):
+        if isinstance(node, ast.Import):
+            out += [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parts = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join(parts + ([base] if base else []))
+            out += [base] + [f"{base}.{a.name}" for a in node.names]
+    return [m for m in out if m == "fastnets" or m.startswith("fastnets.")]
+
+
+def test_backend_folders_import_no_layer_above_and_not_the_oracle():
+    bad = []
+    for folder, forbidden in FORBIDDEN_IMPORTS.items():
+        root = os.path.join(ROOT, "fastnets", folder)
+        for name in sorted(os.listdir(root)):
+            if not name.endswith(".py"):
+                continue
+            for mod in _fastnets_imports(os.path.join(root, name), f"fastnets.{folder}"):
+                top = mod.split(".")[1] if "." in mod else ""
+                if top in forbidden:
+                    bad.append(f"fastnets/{folder}/{name} imports {mod}")
+    assert not bad, "imports that climb the layers or reach the oracle:\n" + "\n".join(bad)
+
+
+def test_the_layer_check_sees_relative_imports():
+    """The check above parses `from ..reference.batch_norm import x` as fastnets.reference.batch_norm."""
+    import tempfile
+
+    with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as f:
+        f.write("def f():\n    from ..reference.batch_norm import acc_dtype\n    from . import conv\n")
+    try:
+        mods = _fastnets_imports(f.name, "fastnets.triton_kernels")
+    finally:
+        os.remove(f.name)
+    assert "fastnets.reference.batch_norm" in mods and "fastnets.triton_kernels.conv" in mods

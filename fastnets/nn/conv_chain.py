@@ -36,7 +36,7 @@ from ..ops import _native_cpu
 from ..ops.batch_norm import update_running_stats
 from ..ops.conv import _autocast
 from ..ops.conv_prologue import bn_act_conv2d
-from ..reference.batch_norm import acc_dtype
+from .._tensors import acc_dtype
 from .batch_norm import batch_stats_args, bn_act
 from .conv import conv_bn_act
 

@@ -1,8 +1,9 @@
 """Convolution primitives in plain PyTorch (F.conv2d: cuDNN on a GPU, oneDNN/native on the CPU).
 
-This is the CPU path, the test oracle and, on a GPU, the cuDNN half of the hybrid path. Every conv backend
-implements the same primitives (see fastnets/ops/conv.py for how they compose); 2-D convolution, groups=1,
-symmetric zero padding:
+This is the CPU path, the test oracle and, on a GPU, cuDNN: the conv family's `cuda` backend
+(fastnets/ops/_cudnn_conv.py) and the cuDNN half of its measured `auto` (fastnets/ops/_conv_auto.py).
+Every conv backend implements the same primitives (see fastnets/ops/conv.py for how they compose); 2-D
+convolution, groups=1, symmetric zero padding:
 
   forward(x, w, bias, scale, shift, residual, stride, padding, dilation, act, out, act_param=0.0, pre=None)
         -> y = act((conv(x, w) [+ bias]) [* scale] [+ shift] [+ residual]): `out`, or a tensor with

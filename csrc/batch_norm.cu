@@ -1,9 +1,9 @@
 // BatchNorm (+ residual add + activation) primitives of the `cuda` backend; the contract (same signatures,
 // semantics and output dtypes) is fastnets/reference/batch_norm.py:
-//   cuda_bn_stats            per-channel mean and invstd = rsqrt(biased var + eps)
-//   cuda_bn_apply            y = act(x * scale[c] + shift[c] [+ residual])
-//   cuda_bn_backward_reduce  per-channel sum(g) and sum(g * (x - mean)), g = dy * act'(v)
-//   cuda_bn_backward_apply   dx = a[c] * g [+ b[c] * (x - mean[c]) + d[c]], and g itself when asked
+//   bn_stats            per-channel mean and invstd = rsqrt(biased var + eps)
+//   bn_apply            y = act(x * scale[c] + shift[c] [+ residual])
+//   bn_backward_reduce  per-channel sum(g) and sum(g * (x - mean)), g = dy * act'(v)
+//   bn_backward_apply   dx = a[c] * g [+ b[c] * (x - mean[c]) + d[c]], and g itself when asked
 // act is an activation code of csrc/activations.cuh. relu's gradient is masked by the saved output
 // (y <= 0 -> 0, as threshold_backward); codes above relu recompute v = x * scale[c] + shift[c]
 // [+ residual] in the backward (scale, shift and, when the forward had one, the residual are then given).
@@ -682,7 +682,7 @@ void launch_elementwise(const Op& op, int64_t numel, const Dims& dm, bool channe
 // Ops
 
 std::tuple<Tensor, Tensor> bn_stats(const Tensor& x, bool channels_last, double eps) {
-  const char* op = "fastnets::cuda_bn_stats";
+  const char* op = "fastnets_cuda::bn_stats";
   check_bn_x(x, channels_last, op);
   const torch::stable::accelerator::DeviceGuard guard(x.get_device_index());
   const Dims dm = dims_of(x);
@@ -711,7 +711,7 @@ void check_act(int64_t act_code, const char* op) {
 
 Tensor bn_apply(const Tensor& x, const Tensor& scale, const Tensor& shift,
                     const std::optional<Tensor>& residual, int64_t act_code, double act_param, bool channels_last) {
-  const char* op = "fastnets::cuda_bn_apply";
+  const char* op = "fastnets_cuda::bn_apply";
   check_x(x, channels_last, op);
   check_act(act_code, op);
   const torch::stable::accelerator::DeviceGuard guard(x.get_device_index());
@@ -765,7 +765,7 @@ std::tuple<Tensor, Tensor> bn_backward_reduce(const Tensor& dy, const Tensor& x,
                                                       const std::optional<Tensor>& scale,
                                                       const std::optional<Tensor>& shift, const Tensor& mean,
                                                       int64_t act_code, double act_param, bool channels_last) {
-  const char* op = "fastnets::cuda_bn_backward_reduce";
+  const char* op = "fastnets_cuda::bn_backward_reduce";
   check_bn_x(x, channels_last, op);
   const torch::stable::accelerator::DeviceGuard guard(x.get_device_index());
   check_like_x(dy, "dy", x, op);
@@ -806,7 +806,7 @@ std::tuple<Tensor, Tensor> bn_backward_apply(const Tensor& dy, const Tensor& x,
                                                      const Tensor& b, const Tensor& d, const Tensor& mean,
                                                      int64_t act_code, double act_param, bool train, bool write_g,
                                                      bool channels_last) {
-  const char* op = "fastnets::cuda_bn_backward_apply";
+  const char* op = "fastnets_cuda::bn_backward_apply";
   check_bn_x(x, channels_last, op);
   const torch::stable::accelerator::DeviceGuard guard(x.get_device_index());
   check_like_x(dy, "dy", x, op);
@@ -845,23 +845,23 @@ std::tuple<Tensor, Tensor> bn_backward_apply(const Tensor& dy, const Tensor& x,
 }  // namespace bn
 }  // namespace fastnets
 
-STABLE_TORCH_LIBRARY_FRAGMENT(fastnets, m) {
-  m.def("cuda_bn_stats(Tensor x, bool channels_last, float eps) -> (Tensor mean, Tensor invstd)");
+STABLE_TORCH_LIBRARY_FRAGMENT(fastnets_cuda, m) {
+  m.def("bn_stats(Tensor x, bool channels_last, float eps) -> (Tensor mean, Tensor invstd)");
   m.def(
-      "cuda_bn_apply(Tensor x, Tensor scale, Tensor shift, Tensor? residual, int act, float act_param, "
+      "bn_apply(Tensor x, Tensor scale, Tensor shift, Tensor? residual, int act, float act_param, "
       "bool channels_last) -> Tensor");
   m.def(
-      "cuda_bn_backward_reduce(Tensor dy, Tensor x, Tensor? y, Tensor? residual, Tensor? scale, Tensor? shift, "
+      "bn_backward_reduce(Tensor dy, Tensor x, Tensor? y, Tensor? residual, Tensor? scale, Tensor? shift, "
       "Tensor mean, int act, float act_param, bool channels_last) -> (Tensor sum_g, Tensor sum_gxmu)");
   m.def(
-      "cuda_bn_backward_apply(Tensor dy, Tensor x, Tensor? y, Tensor? residual, Tensor? scale, Tensor? shift, "
+      "bn_backward_apply(Tensor dy, Tensor x, Tensor? y, Tensor? residual, Tensor? scale, Tensor? shift, "
       "Tensor a, Tensor b, Tensor d, Tensor mean, int act, float act_param, bool train, bool write_g, "
       "bool channels_last) -> (Tensor dx, Tensor g)");
 }
 
-STABLE_TORCH_LIBRARY_IMPL(fastnets, CUDA, m) {
-  m.impl("cuda_bn_stats", TORCH_BOX(&fastnets::bn::bn_stats));
-  m.impl("cuda_bn_apply", TORCH_BOX(&fastnets::bn::bn_apply));
-  m.impl("cuda_bn_backward_reduce", TORCH_BOX(&fastnets::bn::bn_backward_reduce));
-  m.impl("cuda_bn_backward_apply", TORCH_BOX(&fastnets::bn::bn_backward_apply));
+STABLE_TORCH_LIBRARY_IMPL(fastnets_cuda, CUDA, m) {
+  m.impl("bn_stats", TORCH_BOX(&fastnets::bn::bn_stats));
+  m.impl("bn_apply", TORCH_BOX(&fastnets::bn::bn_apply));
+  m.impl("bn_backward_reduce", TORCH_BOX(&fastnets::bn::bn_backward_reduce));
+  m.impl("bn_backward_apply", TORCH_BOX(&fastnets::bn::bn_backward_apply));
 }

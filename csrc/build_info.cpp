@@ -1,4 +1,4 @@
-// fastnets::cuda_build_info() -> str: what this extension was compiled for, so that a mismatch with the
+// fastnets_cuda::build_info() -> str: what this extension was compiled for, so that a mismatch with the
 // GPU at hand (an arch that was not built, an older runtime) can be reported instead of guessed.
 //
 // The same facts, with the stable-ABI target and the torch it was built with, are also kept as a plain
@@ -22,17 +22,19 @@ namespace {
 // Kept in .rodata even though nothing reads it at run time.
 [[gnu::used]] const char kBuildStamp[] = "FASTNETS_BUILD_STAMP{" FASTNETS_BUILD_STAMP "}";
 
-std::string cuda_build_info() {
+std::string build_info() {
   return std::string("archs=") + FASTNETS_CUDA_ARCHS + " cuda_runtime=" + std::to_string(CUDART_VERSION);
 }
 
 }  // namespace
 
-STABLE_TORCH_LIBRARY_FRAGMENT(fastnets, m) {
-  m.def("cuda_build_info() -> str");
+// The one definition of the extension's namespace (the .cu files add fragments to it): the internal ops of
+// the cuda backend, apart from the user-facing torch.ops.fastnets ops that the Python package registers.
+STABLE_TORCH_LIBRARY(fastnets_cuda, m) {
+  m.def("build_info() -> str");
 }
 
 // No tensor arguments, hence no dispatch key: CompositeExplicitAutograd kernels also serve that case.
-STABLE_TORCH_LIBRARY_IMPL(fastnets, CompositeExplicitAutograd, m) {
-  m.impl("cuda_build_info", TORCH_BOX(&cuda_build_info));
+STABLE_TORCH_LIBRARY_IMPL(fastnets_cuda, CompositeExplicitAutograd, m) {
+  m.impl("build_info", TORCH_BOX(&build_info));
 }

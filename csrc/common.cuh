@@ -6,11 +6,15 @@
 // torch/csrc/stable and torch/headeronly headers, so that one binary loads on every torch from 2.10 on.
 // Nothing here may include ATen, c10 (other than through torch/headeronly) or torch/library.h.
 //
+// The ops are registered in their own namespace, `fastnets_cuda` (torch.ops.fastnets_cuda.*): they are the
+// cuda backend's internal primitives, called only by fastnets/cuda_kernels/, never by users, whose ops are
+// the Python-registered torch.ops.fastnets.*.
+//
 // Who allocates outputs (one rule for every op):
 //   - an op whose schema returns tensors allocates them here, with new_output() (NaN-poisoned under the
-//     test suite, as fastnets._checks.new_output), e.g. cuda_bn_*;
+//     test suite, as fastnets._checks.new_output), e.g. bn_*;
 //   - an op whose schema marks an argument as written (`Tensor(a!) out`) returns nothing and writes into
-//     the caller's tensor, which it checks first (check_like_x / check_vec), e.g. cuda_se_*. The Python
+//     the caller's tensor, which it checks first (check_like_x / check_vec), e.g. se_*. The Python
 //     side allocates those with fastnets._checks.new_output.
 #pragma once
 

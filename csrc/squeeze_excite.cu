@@ -1,11 +1,11 @@
 // Squeeze-and-excitation primitives of the `cuda` backend; the contract is fastnets/reference/squeeze_excite.py,
 // the Python side is fastnets/cuda_kernels/squeeze_excite.py (which allocates every output, so that the
 // test suite's NaN poisoning covers these kernels too):
-//   cuda_se_reduce  pool (sum or mean over space of x) or backward_reduce (sum over space of g * x,
+//   se_reduce       pool (sum or mean over space of x) or backward_reduce (sum over space of g * x,
 //                   g = relu ? (y <= 0 ? 0 : dy) : dy), into out [N, C] or partial sums out [N, splits, C]
-//   cuda_se_excite  hidden = inner_act(pooled @ w1.T + b1) [N, R], gate = gate(hidden @ w2.T + b2) [N, C]
+//   se_excite       hidden = inner_act(pooled @ w1.T + b1) [N, R], gate = gate(hidden @ w2.T + b2) [N, C]
 //                   (inner_act: an activation code of activations.cuh; gate: 0 sigmoid, 1 hardsigmoid)
-//   cuda_se_apply   forward:  out = [relu](x * gate[n, c] [+ residual])
+//   se_apply        forward:  out = [relu](x * gate[n, c] [+ residual])
 //                   backward: g = relu ? (y <= 0 ? 0 : dy) : dy (threshold_backward); out = g * gate[n, c] [+ gp[n, c]]; g_out = g
 //
 // x is 4-D and dense, (N, C, S) in memory (NCHW, S = H * W) or (N, S, C) (channels_last); dy, y, residual
@@ -321,7 +321,7 @@ void check_se_x(const Tensor& x, bool channels_last, const char* op) {
 
 void se_reduce(const Tensor& x, const std::optional<Tensor>& dy, const std::optional<Tensor>& y,
                const Tensor& out, bool channels_last, bool relu, bool mean) {
-  const char* op = "fastnets::cuda_se_reduce";
+  const char* op = "fastnets_cuda::se_reduce";
   check_se_x(x, channels_last, op);
   const bool grad = dy.has_value();
   if (grad) check_like_x(*dy, "dy", x, op);
@@ -376,7 +376,7 @@ void launch_excite(const Tensor& pooled, const Tensor& w1, const Tensor& b1, con
   int bn = kExciteMaxSamples;
   while (bn > 1 && ceil_div(N, bn) * 2 < sms) bn /= 2;
   const int64_t blocks = ceil_div(N, bn);
-  STD_TORCH_CHECK(blocks <= 0x7fffffff, "fastnets::cuda_se_excite: too many samples: ", N);
+  STD_TORCH_CHECK(blocks <= 0x7fffffff, "fastnets_cuda::se_excite: too many samples: ", N);
   const cudaStream_t stream = current_stream(pooled);
   const auto* pp = static_cast<const acc_t*>(pooled.const_data_ptr());
   const auto* w1p = static_cast<const w_t*>(w1.const_data_ptr());
@@ -402,7 +402,7 @@ void launch_excite(const Tensor& pooled, const Tensor& w1, const Tensor& b1, con
 void se_excite(const Tensor& pooled, const Tensor& w1, const Tensor& b1, const Tensor& w2,
                const Tensor& b2, const Tensor& hidden, const Tensor& gate, int64_t inner_act,
                double inner_param, int64_t gate_fn) {
-  const char* op = "fastnets::cuda_se_excite";
+  const char* op = "fastnets_cuda::se_excite";
   STD_TORCH_CHECK(inner_act >= 0 && inner_act < act::kNumCodes, op, ": inner_act must be an activation code in [0, ",
               act::kNumCodes, "), got ", inner_act);
   STD_TORCH_CHECK(gate_fn == act::kSigmoid || gate_fn == act::kHardsigmoid, op,
@@ -442,7 +442,7 @@ void se_excite(const Tensor& pooled, const Tensor& w1, const Tensor& b1, const T
 void se_apply(const Tensor& src, const Tensor& gate, const std::optional<Tensor>& aux,
               const std::optional<Tensor>& gp, const Tensor& out, const std::optional<Tensor>& g_out,
               bool channels_last, bool grad, bool relu) {
-  const char* op = "fastnets::cuda_se_apply";
+  const char* op = "fastnets_cuda::se_apply";
   check_se_x(src, channels_last, op);
   const int64_t N = src.size(0), C = src.size(1), S = src.size(2) * src.size(3);
   const auto acc = acc_type_of(src);
@@ -492,20 +492,20 @@ void se_apply(const Tensor& src, const Tensor& gate, const std::optional<Tensor>
 }  // namespace se
 }  // namespace fastnets
 
-STABLE_TORCH_LIBRARY_FRAGMENT(fastnets, m) {
+STABLE_TORCH_LIBRARY_FRAGMENT(fastnets_cuda, m) {
   m.def(
-      "cuda_se_reduce(Tensor x, Tensor? dy, Tensor? y, Tensor(a!) out, bool channels_last, bool relu, "
+      "se_reduce(Tensor x, Tensor? dy, Tensor? y, Tensor(a!) out, bool channels_last, bool relu, "
       "bool mean) -> ()");
   m.def(
-      "cuda_se_excite(Tensor pooled, Tensor w1, Tensor b1, Tensor w2, Tensor b2, Tensor(a!) hidden, "
+      "se_excite(Tensor pooled, Tensor w1, Tensor b1, Tensor w2, Tensor b2, Tensor(a!) hidden, "
       "Tensor(b!) gate, int inner_act=1, float inner_param=0., int gate=0) -> ()");
   m.def(
-      "cuda_se_apply(Tensor src, Tensor gate, Tensor? aux, Tensor? gp, Tensor(a!) out, Tensor(b!)? g_out, "
+      "se_apply(Tensor src, Tensor gate, Tensor? aux, Tensor? gp, Tensor(a!) out, Tensor(b!)? g_out, "
       "bool channels_last, bool grad, bool relu) -> ()");
 }
 
-STABLE_TORCH_LIBRARY_IMPL(fastnets, CUDA, m) {
-  m.impl("cuda_se_reduce", TORCH_BOX(&fastnets::se::se_reduce));
-  m.impl("cuda_se_excite", TORCH_BOX(&fastnets::se::se_excite));
-  m.impl("cuda_se_apply", TORCH_BOX(&fastnets::se::se_apply));
+STABLE_TORCH_LIBRARY_IMPL(fastnets_cuda, CUDA, m) {
+  m.impl("se_reduce", TORCH_BOX(&fastnets::se::se_reduce));
+  m.impl("se_excite", TORCH_BOX(&fastnets::se::se_excite));
+  m.impl("se_apply", TORCH_BOX(&fastnets::se::se_apply));
 }

@@ -109,4 +109,6 @@ def build_info():
     """(compiled CUDA archs, CUDA runtime version at build) as the extension reports them, or None."""
     if not load():
         return None
-    return torch.ops.fastnets.cuda_build_info()
+    if not hasattr(torch.ops.fastnets_cuda, "build_info"):  # a library built before the fastnets_cuda namespace
+        return "unknown (the library predates the fastnets_cuda namespace of its ops; rebuild it)"
+    return torch.ops.fastnets_cuda.build_info()

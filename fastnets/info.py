@@ -1,10 +1,22 @@
 """`python -m fastnets.info`: versions, the GPU, each backend and why it is (un)usable, the compiled archs."""
 import platform
+import textwrap
 
 import torch
 
 import fastnets
 from fastnets import _extension, backends
+
+
+def registered_ops(namespace):
+    """The names of the ops registered in torch.ops.<namespace>, as torch's dispatcher lists them."""
+    prefix = namespace + "::"
+    return sorted(n[len(prefix):] for n in torch._C._dispatch_get_all_op_names() if n.startswith(prefix))
+
+
+def _op_lines(title, names):
+    return textwrap.wrap(", ".join(names) or "none", 110, initial_indent=f"{title}: ", subsequent_indent="    ",
+                         break_long_words=False, break_on_hyphens=False)
 
 
 def report():
@@ -33,6 +45,10 @@ def report():
     build = _extension.build_info()
     if build:
         lines.append(f"          compiled for: {build}")
+    user, internal = registered_ops("fastnets"), registered_ops("fastnets_cuda")
+    lines += _op_lines(f"ops torch.ops.fastnets ({len(user)})", user)
+    lines += _op_lines(f"internal ops torch.ops.fastnets_cuda ({len(internal)}, fastnets._C's cuda-backend primitives; "
+                       "not for users)", internal)
     lines.append(f"selected backend: {backends.current_backend()} (FASTNETS_BACKEND or fastnets.use_backend)")
     for device in ("cpu", "cuda"):
         lines.append(f"backends on {device}:")

@@ -20,17 +20,21 @@ from fastnets.reference import batch_norm as ref
 
 from conftest import GPU, TOL, assert_rel, bn_truth
 
-OPS = ("cuda_bn_stats", "cuda_bn_apply", "cuda_bn_backward_reduce", "cuda_bn_backward_apply", "cuda_build_info")
+# The extension's ops are internal (the cuda backend's primitives): their own namespace, apart from the user
+# ops of torch.ops.fastnets. The squeeze-excite ones are checked in test_squeeze_excite.py.
+INTERNAL_OPS = ("bn_stats", "bn_apply", "bn_backward_reduce", "bn_backward_apply", "se_reduce", "se_excite",
+                "se_apply", "build_info")
 SCHEMAS = {
-    "cuda_bn_stats": "fastnets::cuda_bn_stats(Tensor x, bool channels_last, float eps) -> (Tensor mean, Tensor invstd)",
-    "cuda_bn_apply": "fastnets::cuda_bn_apply(Tensor x, Tensor scale, Tensor shift, Tensor? residual, int act, "
+    "bn_stats": "fastnets_cuda::bn_stats(Tensor x, bool channels_last, float eps) -> (Tensor mean, Tensor invstd)",
+    "bn_apply": "fastnets_cuda::bn_apply(Tensor x, Tensor scale, Tensor shift, Tensor? residual, int act, "
     "float act_param, bool channels_last) -> Tensor",
-    "cuda_bn_backward_reduce": "fastnets::cuda_bn_backward_reduce(Tensor dy, Tensor x, Tensor? y, Tensor? residual, "
+    "bn_backward_reduce": "fastnets_cuda::bn_backward_reduce(Tensor dy, Tensor x, Tensor? y, Tensor? residual, "
     "Tensor? scale, Tensor? shift, Tensor mean, int act, float act_param, bool channels_last) "
     "-> (Tensor sum_g, Tensor sum_gxmu)",
-    "cuda_bn_backward_apply": "fastnets::cuda_bn_backward_apply(Tensor dy, Tensor x, Tensor? y, Tensor? residual, "
+    "bn_backward_apply": "fastnets_cuda::bn_backward_apply(Tensor dy, Tensor x, Tensor? y, Tensor? residual, "
     "Tensor? scale, Tensor? shift, Tensor a, Tensor b, Tensor d, Tensor mean, int act, float act_param, bool train, "
     "bool write_g, bool channels_last) -> (Tensor dx, Tensor g)",
+    "build_info": "fastnets_cuda::build_info() -> str",
 }
 
 
@@ -63,18 +67,34 @@ def test_extension_is_built_and_registers_its_ops():
         "built; run `pip install --no-build-isolation -e .` and read its output"
     )
     assert _extension.is_loaded(), _extension.reason()
-    for name in OPS:
-        assert hasattr(torch.ops.fastnets, name), f"torch.ops.fastnets.{name} is not registered"
     for name, schema in SCHEMAS.items():
-        assert str(getattr(torch.ops.fastnets, name).default._schema) == schema
+        assert hasattr(torch.ops.fastnets_cuda, name), f"torch.ops.fastnets_cuda.{name} is not registered"
+        assert str(getattr(torch.ops.fastnets_cuda, name).default._schema) == schema
+
+
+def test_extension_ops_are_internal_and_apart_from_the_user_ops():
+    """The extension registers exactly its internal ops, all in torch.ops.fastnets_cuda; nothing of it lands
+    in the user-facing torch.ops.fastnets namespace (which the Python package alone fills), and fastnets.info
+    lists both."""
+    _require_built_extension()
+    assert _extension.is_loaded(), _extension.reason()
+    from fastnets import info
+
+    assert info.registered_ops("fastnets_cuda") == sorted(INTERNAL_OPS)
+    user = info.registered_ops("fastnets")
+    assert {"batch_norm_train", "conv2d", "squeeze_excite"} <= set(user), user
+    internal_only = set(INTERNAL_OPS) - {"se_excite"}  # fastnets::se_excite is also a user op (the SE stage)
+    assert not [n for n in user if n.startswith("cuda_") or n in internal_only], user
+    report = info.report()
+    assert "internal ops torch.ops.fastnets_cuda (8" in report and "bn_backward_reduce" in report, report
 
 
 def test_build_info_names_archs_and_runtime():
     _require_built_extension()
-    info = torch.ops.fastnets.cuda_build_info()
+    info = torch.ops.fastnets_cuda.build_info()
     assert _extension.build_info() == info
     m = re.fullmatch(r"archs=(\S+) cuda_runtime=(\d+)", info)
-    assert m, f"unexpected cuda_build_info(): {info!r}"
+    assert m, f"unexpected fastnets_cuda::build_info(): {info!r}"
     archs = m.group(1).split(";")
     assert archs and all(re.fullmatch(r"\d+\.\d+\+?(PTX)?a?", a) for a in archs), info
     runtime = int(m.group(2))
@@ -86,7 +106,7 @@ def test_ops_have_no_cpu_kernel():
     _require_built_extension()
     x = torch.randn(2, 3, 4)
     with pytest.raises(NotImplementedError):
-        torch.ops.fastnets.cuda_bn_stats(x, False, 1e-5)
+        torch.ops.fastnets_cuda.bn_stats(x, False, 1e-5)
 
 
 @pytest.mark.skipif(GPU, reason="checks how the backend reports itself on a machine without a GPU")
@@ -355,25 +375,25 @@ def test_op_and_all_gradients_match_reference(shape, channels_last, dtype, train
 @gpu
 @pytest.mark.gpu
 def test_bad_arguments_name_the_argument():
-    k = torch.ops.fastnets
+    k = torch.ops.fastnets_cuda
     x = torch.randn(2, 8, 4, 4, device="cuda")
     s = torch.ones(8, device="cuda")
     with pytest.raises(RuntimeError, match="x must be dense in channels_last"):
-        k.cuda_bn_stats(x, True, 1e-5)
+        k.bn_stats(x, True, 1e-5)
     with pytest.raises(RuntimeError, match="x must be dense in contiguous"):
-        k.cuda_bn_stats(x.to(memory_format=torch.channels_last), False, 1e-5)
+        k.bn_stats(x.to(memory_format=torch.channels_last), False, 1e-5)
     with pytest.raises(RuntimeError, match="scale must be"):
-        k.cuda_bn_apply(x, s.double(), s, None, 0, 0.0, False)
+        k.bn_apply(x, s.double(), s, None, 0, 0.0, False)
     with pytest.raises(RuntimeError, match=r"shift must have shape \(8,\)"):
-        k.cuda_bn_apply(x, s, torch.ones(7, device="cuda"), None, 0, 0.0, False)
+        k.bn_apply(x, s, torch.ones(7, device="cuda"), None, 0, 0.0, False)
     with pytest.raises(RuntimeError, match="residual must have x's strides"):
-        k.cuda_bn_apply(x, s, s, x.to(memory_format=torch.channels_last), 0, 0.0, False)
+        k.bn_apply(x, s, s, x.to(memory_format=torch.channels_last), 0, 0.0, False)
     with pytest.raises(RuntimeError, match="dy has dtype"):
-        k.cuda_bn_backward_reduce(x.half(), x, None, None, None, None, s, 0, 0.0, False)
+        k.bn_backward_reduce(x.half(), x, None, None, None, None, s, 0, 0.0, False)
     with pytest.raises(RuntimeError, match="y .the forward output. is required"):
-        k.cuda_bn_backward_apply(x, x, None, None, None, None, s, s, s, s, 1, 0.0, True, False, False)
+        k.bn_backward_apply(x, x, None, None, None, None, s, s, s, s, 1, 0.0, True, False, False)
     with pytest.raises(RuntimeError, match="mean is on"):
-        k.cuda_bn_backward_reduce(x, x, None, None, None, None, s.cpu(), 0, 0.0, False)
+        k.bn_backward_reduce(x, x, None, None, None, None, s.cpu(), 0, 0.0, False)
 
 
 def _free_gpu_bytes():

@@ -330,12 +330,12 @@ def test_nan_propagates_like_torch():
 # ----------------------------------------------------------------------------------------------------------
 # The compiled extension (no GPU needed to check that the ops are registered)
 
-CUDA_SCHEMAS = {
-    "cuda_se_reduce": "fastnets::cuda_se_reduce(Tensor x, Tensor? dy, Tensor? y, Tensor(a!) out, "
+CUDA_SCHEMAS = {  # internal ops of the cuda backend: their own namespace, apart from the user ops
+    "se_reduce": "fastnets_cuda::se_reduce(Tensor x, Tensor? dy, Tensor? y, Tensor(a!) out, "
     "bool channels_last, bool relu, bool mean) -> ()",
-    "cuda_se_excite": "fastnets::cuda_se_excite(Tensor pooled, Tensor w1, Tensor b1, Tensor w2, Tensor b2, "
+    "se_excite": "fastnets_cuda::se_excite(Tensor pooled, Tensor w1, Tensor b1, Tensor w2, Tensor b2, "
     "Tensor(a!) hidden, Tensor(b!) gate, int inner_act=1, float inner_param=0., int gate=0) -> ()",
-    "cuda_se_apply": "fastnets::cuda_se_apply(Tensor src, Tensor gate, Tensor? aux, Tensor? gp, Tensor(a!) out, "
+    "se_apply": "fastnets_cuda::se_apply(Tensor src, Tensor gate, Tensor? aux, Tensor? gp, Tensor(a!) out, "
     "Tensor(b!)? g_out, bool channels_last, bool grad, bool relu) -> ()",
 }
 
@@ -346,8 +346,8 @@ def test_extension_registers_squeeze_excite_ops():
     if not _extension.is_loaded():
         pytest.skip(f"the compiled extension is not loaded here: {_extension.reason()}")
     for name, schema in CUDA_SCHEMAS.items():
-        assert hasattr(torch.ops.fastnets, name), (
-            f"torch.ops.fastnets.{name} is not registered: fastnets._C was built without csrc/squeeze_excite.cu; "
+        assert hasattr(torch.ops.fastnets_cuda, name), (
+            f"torch.ops.fastnets_cuda.{name} is not registered: fastnets._C was built without csrc/squeeze_excite.cu; "
             "rebuild with `pip install --no-build-isolation -e .`"
         )
-        assert str(getattr(torch.ops.fastnets, name).default._schema) == schema
+        assert str(getattr(torch.ops.fastnets_cuda, name).default._schema) == schema

@@ -12,22 +12,24 @@ import torch
 import fastnets
 from fastnets import _extension, info
 
+# The compiled extension's internal ops (the cuda backend's primitives), in their own namespace apart from the
+# user ops of torch.ops.fastnets.
 OPS = {
-    "cuda_bn_stats": "(Tensor x, bool channels_last, float eps) -> (Tensor mean, Tensor invstd)",
-    "cuda_bn_apply": "(Tensor x, Tensor scale, Tensor shift, Tensor? residual, int act, float act_param, "
+    "bn_stats": "(Tensor x, bool channels_last, float eps) -> (Tensor mean, Tensor invstd)",
+    "bn_apply": "(Tensor x, Tensor scale, Tensor shift, Tensor? residual, int act, float act_param, "
     "bool channels_last) -> Tensor",
-    "cuda_bn_backward_reduce": "(Tensor dy, Tensor x, Tensor? y, Tensor? residual, Tensor? scale, Tensor? shift, "
+    "bn_backward_reduce": "(Tensor dy, Tensor x, Tensor? y, Tensor? residual, Tensor? scale, Tensor? shift, "
     "Tensor mean, int act, float act_param, bool channels_last) -> (Tensor sum_g, Tensor sum_gxmu)",
-    "cuda_bn_backward_apply": "(Tensor dy, Tensor x, Tensor? y, Tensor? residual, Tensor? scale, Tensor? shift, "
+    "bn_backward_apply": "(Tensor dy, Tensor x, Tensor? y, Tensor? residual, Tensor? scale, Tensor? shift, "
     "Tensor a, Tensor b, Tensor d, Tensor mean, int act, float act_param, bool train, bool write_g, "
     "bool channels_last) -> (Tensor dx, Tensor g)",
-    "cuda_se_reduce": "(Tensor x, Tensor? dy, Tensor? y, Tensor(a!) out, bool channels_last, bool relu, "
+    "se_reduce": "(Tensor x, Tensor? dy, Tensor? y, Tensor(a!) out, bool channels_last, bool relu, "
     "bool mean) -> ()",
-    "cuda_se_excite": "(Tensor pooled, Tensor w1, Tensor b1, Tensor w2, Tensor b2, Tensor(a!) hidden, "
+    "se_excite": "(Tensor pooled, Tensor w1, Tensor b1, Tensor w2, Tensor b2, Tensor(a!) hidden, "
     "Tensor(b!) gate, int inner_act=1, float inner_param=0., int gate=0) -> ()",
-    "cuda_se_apply": "(Tensor src, Tensor gate, Tensor? aux, Tensor? gp, Tensor(a!) out, Tensor(b!)? g_out, "
+    "se_apply": "(Tensor src, Tensor gate, Tensor? aux, Tensor? gp, Tensor(a!) out, Tensor(b!)? g_out, "
     "bool channels_last, bool grad, bool relu) -> ()",
-    "cuda_build_info": "() -> str",
+    "build_info": "() -> str",
 }
 
 
@@ -51,11 +53,16 @@ def main():
         print(f"| {v} | FAIL | {_extension.reason()} |")
         return 1
     for name, schema in OPS.items():
-        got = str(getattr(torch.ops.fastnets, name).default._schema)
-        if got != f"fastnets::{name}{schema}":
+        got = str(getattr(torch.ops.fastnets_cuda, name).default._schema)
+        if got != f"fastnets_cuda::{name}{schema}":
             print(f"| {v} | FAIL | schema of {name}: {got} |")
             return 1
-    build = torch.ops.fastnets.cuda_build_info()
+    # the extension's ops once sat in the user namespace as fastnets::cuda_*
+    leaked = [n for n in info.registered_ops("fastnets") if n.startswith("cuda_")]
+    if leaked:
+        print(f"| {v} | FAIL | internal ops in the user namespace torch.ops.fastnets: {leaked} |")
+        return 1
+    build = torch.ops.fastnets_cuda.build_info()
     # opcheck of the Python fake kernels (schema, FakeTensor, AOT dispatch) of the op families on the CPU
     from torch.library import opcheck
 
@@ -71,7 +78,8 @@ def main():
     for op, args in checks:
         opcheck(op, args, test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
     n_checked = len(checks)
-    print(f"| {v} | ok | loaded; {len(OPS)} ops with their schemas; {build}; opcheck on {n_checked} fake kernels |")
+    print(f"| {v} | ok | loaded; {len(OPS)} internal ops with their schemas; {build}; opcheck on {n_checked} fake "
+          "kernels |")
     return 0
 
 

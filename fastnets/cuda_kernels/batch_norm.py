@@ -11,21 +11,23 @@ from ..activations import code
 
 if not _extension.load():  # the registry imports this module only when the backend is available
     raise ImportError(f"fastnets cuda backend: {_extension.reason()}")
-if "int act" not in str(torch.ops.fastnets.cuda_bn_apply.default._schema):
+if not hasattr(torch.ops.fastnets_cuda, "bn_apply") or "int act" not in str(
+    torch.ops.fastnets_cuda.bn_apply.default._schema
+):
     raise ImportError(
-        "fastnets cuda backend: the compiled extension fastnets._C predates the fused activations (its "
-        "cuda_bn_apply takes a relu flag); rebuild with `pip install --no-build-isolation -e .`"
+        "fastnets cuda backend: the compiled extension fastnets._C predates the fused activations or the "
+        "fastnets_cuda namespace of its ops; rebuild with `pip install --no-build-isolation -e .`"
     )
 
-_ops = torch.ops.fastnets
+_ops = torch.ops.fastnets_cuda
 
 
 def stats(x, channels_last, eps):
-    return _ops.cuda_bn_stats(x, bool(channels_last), float(eps))
+    return _ops.bn_stats(x, bool(channels_last), float(eps))
 
 
 def apply(x, scale, shift, residual, act, channels_last, act_param=0.0):
-    return _ops.cuda_bn_apply(x, scale, shift, residual, code(act), float(act_param), bool(channels_last))
+    return _ops.bn_apply(x, scale, shift, residual, code(act), float(act_param), bool(channels_last))
 
 
 def _pre(act, scale, shift, residual):
@@ -37,7 +39,7 @@ def _pre(act, scale, shift, residual):
 
 def backward_reduce(dy, x, y, mean, act, channels_last, act_param=0.0, scale=None, shift=None, residual=None):
     res, sc, sh = _pre(act, scale, shift, residual)
-    return _ops.cuda_bn_backward_reduce(
+    return _ops.bn_backward_reduce(
         dy, x, y if code(act) == 1 else None, res, sc, sh, mean, code(act), float(act_param), bool(channels_last)
     )
 
@@ -45,7 +47,7 @@ def backward_reduce(dy, x, y, mean, act, channels_last, act_param=0.0, scale=Non
 def backward_apply(dy, x, y, a, b, d, mean, act, train, write_g, channels_last, act_param=0.0, scale=None,
                    shift=None, residual=None):
     res, sc, sh = _pre(act, scale, shift, residual)
-    dx, g = _ops.cuda_bn_backward_apply(
+    dx, g = _ops.bn_backward_apply(
         dy, x, y if code(act) == 1 else None, res, sc, sh, a, b, d, mean, code(act), float(act_param),
         bool(train), bool(write_g), bool(channels_last),
     )

@@ -2,8 +2,8 @@
 (same signatures, semantics and output dtypes), run by the CUDA C++ kernels in csrc/squeeze_excite.cu.
 
 Outputs are allocated here with fastnets._tensors.new_output (NaN-poisoned under the tests) and written in
-place by the `cuda_se_*` ops. The layout arguments are those of fastnets._tensors.dense_layout; the kernels
-check them and raise otherwise.
+place by the internal ops `torch.ops.fastnets_cuda.se_*`. The layout arguments are those of
+fastnets._tensors.dense_layout; the kernels check them and raise otherwise.
 """
 import torch
 
@@ -12,15 +12,15 @@ from .._tensors import acc_dtype
 
 if not _extension.load():  # the registry imports this module only when the backend is available
     raise ImportError(f"fastnets cuda backend: {_extension.reason()}")
-if not hasattr(torch.ops.fastnets, "cuda_se_apply") or "inner_act" not in str(
-    torch.ops.fastnets.cuda_se_excite.default._schema
+if not hasattr(torch.ops.fastnets_cuda, "se_apply") or "inner_act" not in str(
+    torch.ops.fastnets_cuda.se_excite.default._schema
 ):
     raise ImportError(
         "fastnets cuda backend: the compiled extension fastnets._C has no squeeze_excite kernels (it was built "
         "before csrc/squeeze_excite.cu had its activation arguments); rebuild with `pip install --no-build-isolation -e .`"
     )
 
-_ops = torch.ops.fastnets
+_ops = torch.ops.fastnets_cuda
 _CL_CHANNELS, _WARPS_PER_BLOCK = 32, 8  # csrc/squeeze_excite.cu: kClChannels, kThreads / 32
 
 
@@ -45,7 +45,7 @@ def _reduce(x, dy, y, relu, channels_last, split):
     grad = dy is not None
     shape = (n, c) if splits == 1 else (n, splits, c)
     out = _tensors.new_output(x, dtype=acc_dtype(x), shape=shape)
-    _ops.cuda_se_reduce(x, dy, y if (grad and relu) else None, out, bool(channels_last), bool(relu), not grad and splits == 1)
+    _ops.se_reduce(x, dy, y if (grad and relu) else None, out, bool(channels_last), bool(relu), not grad and splits == 1)
     if splits == 1:
         return out
     tot = out.sum(1)
@@ -65,7 +65,7 @@ def excite(pooled, w1, b1, w2, b2, inner_act=1, inner_param=0.0, gate=0):
     r = w1.shape[0]
     hidden = _tensors.new_output(pooled, shape=(n, r))
     gate_out = _tensors.new_output(pooled, shape=(n, c))
-    _ops.cuda_se_excite(pooled.contiguous(), w1.contiguous(), b1.contiguous(), w2.contiguous(), b2.contiguous(),
+    _ops.se_excite(pooled.contiguous(), w1.contiguous(), b1.contiguous(), w2.contiguous(), b2.contiguous(),
                         hidden, gate_out, int(inner_act), float(inner_param), int(gate))
     gate = gate_out
     return hidden, gate
@@ -73,14 +73,14 @@ def excite(pooled, w1, b1, w2, b2, inner_act=1, inner_param=0.0, gate=0):
 
 def scale(x, gate, residual, relu, channels_last):
     y = _tensors.new_output(x)
-    _ops.cuda_se_apply(x, gate.contiguous(), residual, None, y, None, bool(channels_last), False, bool(relu))
+    _ops.se_apply(x, gate.contiguous(), residual, None, y, None, bool(channels_last), False, bool(relu))
     return y
 
 
 def backward_apply(dy, y, gate, gp, relu, write_g, channels_last):
     dx = _tensors.new_output(dy)
     g = _tensors.new_output(dy) if write_g else None
-    _ops.cuda_se_apply(
+    _ops.se_apply(
         dy, gate.contiguous(), y if relu else None, gp, dx, g, bool(channels_last), True, bool(relu)
     )
     return dx, g

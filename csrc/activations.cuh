@@ -6,8 +6,6 @@
 // through the correctly rounded reciprocal (0 at e = inf, NaN for NaN).
 #pragma once
 
-#include <type_traits>
-
 namespace fastnets {
 namespace act {
 
@@ -25,31 +23,19 @@ enum Code : int {
 
 enum GateCode : int { kSigmoid = 0, kHardsigmoid = 1 };
 
-template <typename T>
-__device__ __forceinline__ T dexp(T v) {
-  if constexpr (std::is_same_v<T, float>) {
-    return __expf(v);
-  } else {
-    return exp(v);
-  }
-}
-
-template <typename T>
-__device__ __forceinline__ T derf(T v) {
-  if constexpr (std::is_same_v<T, float>) {
-    return erff(v);
-  } else {
-    return erf(v);
-  }
-}
+// The one precision dispatch of the formulas below (T is the accumulation type, float or double): float
+// takes the fast exponential and the correctly rounded reciprocal, double the plain functions. Overloads,
+// not a template, so that any other T fails to compile instead of silently taking the double branch.
+__device__ __forceinline__ float dexp(float v) { return __expf(v); }
+__device__ __forceinline__ double dexp(double v) { return exp(v); }
+__device__ __forceinline__ float derf(float v) { return erff(v); }
+__device__ __forceinline__ double derf(double v) { return erf(v); }
+__device__ __forceinline__ float drcp(float v) { return __frcp_rn(v); }
+__device__ __forceinline__ double drcp(double v) { return 1.0 / v; }
 
 template <typename T>
 __device__ __forceinline__ T dsigmoid(T z) {
-  if constexpr (std::is_same_v<T, float>) {
-    return __frcp_rn(1.0f + __expf(-z));
-  } else {
-    return 1.0 / (1.0 + exp(-z));
-  }
+  return drcp(T(1) + dexp(-z));
 }
 
 // (1 + tanh z, 1 - tanh^2 z) from e = exp(-2|z|), without cancellation; exact limits at +-inf.

@@ -119,6 +119,10 @@ def _cuda_extension():
         "-DUSE_CUDA",
         "-DPy_LIMITED_API=0x030a0000",
     ]
+    # The -gencode flags, explicitly: cpp_extension adds its own only when no compile flag contains "arch",
+    # and the two defines above do, so without these nvcc compiled for its default arch (sm_75) alone and the
+    # library's stamp named archs it did not hold (tests/test_wheel_abi.py reads the cubins back).
+    gencode = cpp_ext._get_cuda_arch_flags()
     ext = cpp_ext.CUDAExtension(
         name="fastnets._C",
         sources=sources,
@@ -127,7 +131,7 @@ def _cuda_extension():
         extra_compile_args={
             # No -std flag: BuildExtension adds the one this torch's headers need (c++17 on older torch, c++20 on newer).
             "cxx": ["-O3"] + defines,
-            "nvcc": ["-O3", "--use_fast_math", "-lineinfo"] + defines,
+            "nvcc": ["-O3", "--use_fast_math", "-lineinfo"] + defines + gencode,
         },
         # The static CUDA runtime: a libcudart.so.13 dependency would not load next to torch 2.10's CUDA 12.8.
         extra_link_args=["-l:libcudart_static.a", "-ldl", "-lrt", "-lpthread"],

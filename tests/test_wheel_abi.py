@@ -127,6 +127,41 @@ def test_library_stamp_names_abi_target_build_torch_cuda_archs():
     assert _extension.torch_supported(stamp)[0]
 
 
+def _cuobjdump():
+    """CUDA's cuobjdump: on the PATH, in the toolkit, or the copy Triton ships; None when there is none."""
+    found = shutil.which("cuobjdump")
+    candidates = [found] if found else []
+    candidates.append("/usr/local/cuda/bin/cuobjdump")
+    try:
+        import triton
+
+        candidates.append(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump"))
+    except ImportError:
+        pass
+    return next((c for c in candidates if c and os.access(c, os.X_OK)), None)
+
+
+def test_library_holds_machine_code_for_the_archs_its_stamp_names():
+    """Every .cu file's device code is there as a cubin for each arch of the stamp, plus PTX for the '+PTX'
+    one, and for no other arch: the stamp is read from our defines, the cubins from what nvcc really built
+    (once, a define containing "arch" made cpp_extension drop every -gencode flag: sm_75 alone was built)."""
+    lib = _library()
+    tool = _cuobjdump()
+    if tool is None:
+        pytest.skip("no cuobjdump here (CUDA toolkit or Triton's copy) to list the library's cubins")
+    out = subprocess.run([tool, "-lelf", "-lptx", lib], check=True, capture_output=True, text=True).stdout
+    cubins = set(re.findall(r"ELF file\s+\d+: (\w+)\.sm_(\w+)\.cubin", out))
+    ptx = set(re.findall(r"PTX file\s+\d+: (\w+)\.sm_(\w+)\.ptx", out))
+    sources = {name for name, _ in cubins}
+    assert sources == {"batch_norm", "squeeze_excite"}, out
+    archs = _extension.stamp(lib)["archs"].split(";")
+    want_sm = {a.split("+")[0].replace(".", "") for a in archs}
+    want_ptx = {a.split("+")[0].replace(".", "") for a in archs if a.endswith("+PTX")}
+    for source in sources:
+        assert {sm for name, sm in cubins if name == source} == want_sm, (source, archs, out)
+        assert {sm for name, sm in ptx if name == source} == want_ptx, (source, archs, out)
+
+
 def test_older_torch_is_refused_with_a_clear_message(monkeypatch):
     lib = _library()
     stamp = _extension.stamp(lib)

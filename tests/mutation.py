@@ -62,6 +62,11 @@ SE_STAGES = t(GRAD, "test_squeeze_excite_stage_ops_gradients")
 SE_MODULE = t(GRAD, "test_squeeze_excite_module_residual_relu")
 CONVERT = t(SAFE)
 
+PRO_FILE = "tests/test_conv_prologue.py"
+PRO_PAD = (f"{PRO_FILE}::test_padded_pixels_stay_zero[relu-False-triton]",)
+PRO_1X1 = (f"{PRO_FILE}::test_matches_torch_float64[1x1_nchw-triton]",)
+PRO_TILES = (f"{PRO_FILE}::test_several_tiles_in_m_n_and_k[1x1_s2_c17-triton]",)
+PRO_REF = (f"{PRO_FILE}::test_matches_torch_float64[3x3_p1_nchw-reference]",)
 BN_FILE, CONV_FILE, SE_FILE, CONVERT_FILE = (
     "tests/test_batch_norm.py", "tests/test_conv.py", "tests/test_squeeze_excite.py", "tests/test_convert.py")
 
@@ -226,6 +231,27 @@ MUTANTS = [
     M("triton-conv-k-blocks", "fastnets/triton_kernels/conv.py",
       "n_cb = tl.cdiv(C, BLOCK_K)", "n_cb = tl.cdiv(C, 2 * BLOCK_K)",
       CONV_EPI + only("triton") + (CONV_FILE,)),
+    # ---------------------------------------------------------------- conv_prologue (BN-apply + act in the conv)
+    M("triton-prologue-transforms-padding", "fastnets/triton_kernels/conv.py",
+      "return tl.where(ok, v, 0.0).to(a.dtype)", "return v.to(a.dtype)",
+      PRO_PAD + (PRO_FILE,)),
+    M("triton-prologue-wgrad-shift-is-scale", "fastnets/triton_kernels/conv.py",
+      "xt = _bn_act_tile(xt, ok[:, None] & mask_c[None, :], offs_c[None, :], mask_c[None, :], pro_scale_ptr,\n"
+      "                              pro_shift_ptr,",
+      "xt = _bn_act_tile(xt, ok[:, None] & mask_c[None, :], offs_c[None, :], mask_c[None, :], pro_scale_ptr,\n"
+      "                              pro_scale_ptr,",
+      PRO_1X1 + (PRO_FILE,)),
+    M("triton-prologue-dscale-drops-z", "fastnets/triton_kernels/conv.py",
+      "tl.store(pdscale_ptr + p_off, tl.sum(acc * zf, axis=0), mask=mask_n)",
+      "tl.store(pdscale_ptr + p_off, tl.sum(acc, axis=0), mask=mask_n)",
+      PRO_1X1 + (PRO_FILE,)),
+    M("triton-prologue-dshift-first-tile-only", "fastnets/triton_kernels/conv.py",
+      "return pds[:tiles].sum(0), pdh[:tiles].sum(0)", "return pds[:tiles].sum(0), pdh[0]",
+      PRO_TILES + (PRO_FILE,)),
+    M("ref-prologue-relu-mask-from-z", "fastnets/reference/conv_prologue.py",
+      "dpre = activations.backward(dy.to(acc), v, y.to(acc), act, act_param)",
+      "dpre = activations.backward(dy.to(acc), v, z.to(acc), act, act_param)",
+      PRO_REF + (PRO_FILE,)),
     # ---------------------------------------------------------------- ops/conv.py
     M("conv-grad-bias-ignores-scale", "fastnets/ops/conv.py",
       "grad_b = sum_g if scale is None else sum_g * scale.to(acc)", "grad_b = sum_g",

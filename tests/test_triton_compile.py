@@ -18,7 +18,7 @@ HELPER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "triton_aot.py
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
-@pytest.mark.parametrize("family", ["batch_norm", "squeeze_excite", "conv", "augment"])
+@pytest.mark.parametrize("family", ["batch_norm", "squeeze_excite", "conv", "conv_prologue", "augment"])
 def test_triton_kernels_compile_for_sm90(family):
     env = dict(os.environ, TRITON_INTERPRET="0")
     proc = subprocess.run(

@@ -32,8 +32,8 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from .. import _checks, _tensors, activations, backends
-from ..backends import BackendUnavailableError, current_backend
+from .. import _checks, _tensors, activations
+from ..backends import BackendUnavailableError, requested_backend
 from .._tensors import acc_dtype
 from ._registry import kernels, register_family
 from .conv import _alloc_like_layout, _autocast, _exact, _new_out, _out_shape, _pair, _placeholder
@@ -207,7 +207,7 @@ def bn_act_conv2d(z, scale, shift, weight, bias=None, stride=1, padding=0, dilat
     Differentiable in z, scale, shift, weight and bias. With stats=True returns (out, mean, var): out's
     per-channel batch mean and biased variance (float32; non-differentiable), from the convolution's epilogue."""
     act, act_param = activations.canonical(activation, "activation")
-    backend = current_backend() if backend is None else backends._check_name(backend, "backend")
+    backend = requested_backend(backend)
     stride = _pair(stride, "stride", 1)
     padding = _pair(padding, "padding", 0)
     dilation = _pair(dilation, "dilation", 1)

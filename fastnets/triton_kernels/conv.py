@@ -30,7 +30,7 @@ from .. import _tensors
 from ..activations import code
 from .._tensors import acc_dtype, sm_count
 from ._common import INTERPRET
-from .activations import act_fwd
+from .activations import act_fwd, act_grad, relu_grad
 
 _INTERP_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 4}
 # float64 (gradcheck, not a speed path) reduces with a broadcast product instead of tl.dot: small tiles.
@@ -63,13 +63,26 @@ def _tile_ids(M, NCOLS, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: t
     return pid_m, pid_n
 
 
+@triton.jit
+def _bn_act_tile(a, ok, c, mk, scale_ptr, shift_ptr, ACT: tl.constexpr, param):
+    """The prologue of conv_prologue (BatchNorm-apply + activation of the previous layer, fused into this
+    convolution's input load): act(a * scale[c] + shift[c]) in the accumulation dtype (scale's), rounded to
+    a's dtype as the unfused chain stores y, and exactly zero where `ok` is false: padding and rows/channels
+    out of range stay zero after the transform."""
+    sc = tl.load(scale_ptr + c, mask=mk, other=0.0)
+    sh = tl.load(shift_ptr + c, mask=mk, other=0.0)
+    v = act_fwd(a.to(sc.dtype) * sc + sh, ACT, param)
+    return tl.where(ok, v, 0.0).to(a.dtype)
+
+
 # ------------------------------------------------------------------------------------------------ forward
 
 
 @triton.jit
 def _conv_fwd_kernel(
     x_ptr, w_ptr, y_ptr, bias_ptr, scale_ptr, shift_ptr, res_ptr, pmean_ptr, pm2_ptr, pre_ptr,
-    M, C, H, W, Cout, OH, OW, act_param,
+    pro_scale_ptr, pro_shift_ptr,
+    M, C, H, W, Cout, OH, OW, act_param, pro_param,
     sxn, sxc, sxh, sxw,
     swk, swc, swh, sww,
     syn, syc, syh, syw,
@@ -77,9 +90,11 @@ def _conv_fwd_kernel(
     KH: tl.constexpr, KW: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_RES: tl.constexpr,
     ACT: tl.constexpr, SAVE_PRE: tl.constexpr, STATS: tl.constexpr, FLAT: tl.constexpr,
+    PRO: tl.constexpr, PRO_ACT: tl.constexpr,
     UPCAST: tl.constexpr, FP64: tl.constexpr, PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
+    # PRO: the input tile is act(x * pro_scale[c] + pro_shift[c]) (conv_prologue), applied as it is loaded.
     pid_m, pid_n = _tile_ids(M, Cout, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -117,6 +132,8 @@ def _conv_fwd_kernel(
                 + iw.to(tl.int64) * sxw,
                 mask=ok, other=0.0,
             )
+            if PRO:
+                a = _bn_act_tile(a, ok, c[None, :], mk[None, :], pro_scale_ptr, pro_shift_ptr, PRO_ACT, pro_param)
             w_k = r.to(tl.int64) * swh + s.to(tl.int64) * sww + c.to(tl.int64) * swc
             b = tl.load(w_ptr + w_k[:, None] + wn[None, :], mask=mk[:, None] & mask_n[None, :], other=0.0)
             acc = _mma(acc, a, b, UPCAST, FP64, PREC)
@@ -148,6 +165,9 @@ def _conv_fwd_kernel(
                 x_ptr + a_row[:, None] + offs_k[None, :].to(tl.int64) * sxc,
                 mask=ok[:, None] & mk[None, :], other=0.0,
             )
+            if PRO:
+                a = _bn_act_tile(a, ok[:, None] & mk[None, :], offs_k[None, :], mk[None, :], pro_scale_ptr,
+                                 pro_shift_ptr, PRO_ACT, pro_param)
             w_tap = r * swh + s * sww
             b = tl.load(
                 w_ptr + w_tap + offs_k[:, None].to(tl.int64) * swc + wn[None, :],
@@ -189,17 +209,20 @@ def _conv_fwd_kernel(
 
 @triton.jit
 def _conv_dgrad_kernel(
-    g_ptr, w_ptr, dx_ptr,
-    M, C, H, W, Cout, OH, OW,
+    g_ptr, w_ptr, dx_ptr, z_ptr, epi_scale_ptr, epi_shift_ptr, pdscale_ptr, pdshift_ptr,
+    M, C, H, W, Cout, OH, OW, epi_param,
     sgn, sgc, sgh, sgw,
     swk, swc, swh, sww,
     sxn, sxc, sxh, sxw,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
-    KH: tl.constexpr, KW: tl.constexpr,
+    KH: tl.constexpr, KW: tl.constexpr, EPI: tl.constexpr, EPI_ACT: tl.constexpr,
     UPCAST: tl.constexpr, FP64: tl.constexpr, PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     # rows m = (n, ih, iw) input pixels, columns = input channels, reduction over (kh, kw, cout).
+    # EPI (conv_prologue's backward): dx is the gradient of the prologue's pre-activation, multiplied by
+    # act'(z * scale + shift) read from z (x's strides) and written as dz = dpre * scale, with this tile's
+    # per-channel partial sums of dpre * z and dpre (grad scale, grad shift).
     pid_m, pid_n = _tile_ids(M, C, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -246,7 +269,23 @@ def _conv_dgrad_kernel(
     x_off = (n.to(tl.int64) * sxn + ih.to(tl.int64) * sxh + iw.to(tl.int64) * sxw)[:, None] + (
         offs_n.to(tl.int64) * sxc
     )[None, :]
-    tl.store(dx_ptr + x_off, acc.to(dx_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+    mask = mask_m[:, None] & mask_n[None, :]
+    if EPI:
+        zt = tl.load(z_ptr + x_off, mask=mask, other=0.0)
+        sc = tl.load(epi_scale_ptr + offs_n, mask=mask_n, other=0.0)
+        sh = tl.load(epi_shift_ptr + offs_n, mask=mask_n, other=0.0)
+        zf = zt.to(sc.dtype)
+        v = zf * sc[None, :] + sh[None, :]
+        if EPI_ACT == 1:  # relu: threshold_backward on y as the unfused chain stores it (z's dtype)
+            acc = relu_grad(acc, tl.where(v < 0, 0.0, v).to(zt.dtype))
+        elif EPI_ACT != 0:
+            acc = act_grad(acc, v, EPI_ACT, epi_param)
+        acc = tl.where(mask, acc, 0.0)
+        p_off = pid_m.to(tl.int64) * C + offs_n
+        tl.store(pdscale_ptr + p_off, tl.sum(acc * zf, axis=0), mask=mask_n)
+        tl.store(pdshift_ptr + p_off, tl.sum(acc, axis=0), mask=mask_n)
+        acc = acc * sc[None, :]
+    tl.store(dx_ptr + x_off, acc.to(dx_ptr.dtype.element_ty), mask=mask)
 
 
 # ------------------------------------------------------------------------------------------ grad weight
@@ -254,15 +293,16 @@ def _conv_dgrad_kernel(
 
 @triton.jit
 def _conv_wgrad_kernel(
-    g_ptr, x_ptr, part_ptr,
-    M, C, H, W, Cout, OH, OW, rows_per_split,
+    g_ptr, x_ptr, part_ptr, pro_scale_ptr, pro_shift_ptr,
+    M, C, H, W, Cout, OH, OW, rows_per_split, pro_param,
     sgn, sgc, sgh, sgw,
     sxn, sxc, sxh, sxw,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
-    KH: tl.constexpr, KW: tl.constexpr,
+    KH: tl.constexpr, KW: tl.constexpr, PRO: tl.constexpr, PRO_ACT: tl.constexpr,
     UPCAST: tl.constexpr, FP64: tl.constexpr, PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
+    # PRO: x_tap is recomputed as act(x * pro_scale[c] + pro_shift[c]) as it is loaded (conv_prologue).
     # part[split, kh*KW + kw, cout, c] = sum over this split's output pixels of g[., cout] * x_tap[., c]
     pid_m, pid_n = _tile_ids(Cout, C, BLOCK_M, BLOCK_N, GROUP_M)
     tap = tl.program_id(1)
@@ -296,6 +336,9 @@ def _conv_wgrad_kernel(
         x_row = n64 * sxn + ih.to(tl.int64) * sxh + iw.to(tl.int64) * sxw
         gt = tl.load(g_ptr + g_row[:, None] + gco[None, :], mask=mk[:, None] & mask_co[None, :], other=0.0)
         xt = tl.load(x_ptr + x_row[:, None] + xc[None, :], mask=ok[:, None] & mask_c[None, :], other=0.0)
+        if PRO:
+            xt = _bn_act_tile(xt, ok[:, None] & mask_c[None, :], offs_c[None, :], mask_c[None, :], pro_scale_ptr,
+                              pro_shift_ptr, PRO_ACT, pro_param)
         acc = _mma(acc, tl.trans(gt), xt, UPCAST, FP64, PREC)
     base = (split.to(tl.int64) * (KH * KW) + tap) * Cout * C
     p_off = base + offs_co.to(tl.int64)[:, None] * C + offs_c[None, :]
@@ -410,15 +453,15 @@ def _prune_wgrad(configs, named_args, **kwargs):
 
 
 _fwd_tuned = triton.autotune(
-    _GEMM_CONFIGS, key=["M", "C", "Cout", "H", "W", "KH", "KW", "stride_h", "stride_w", "STATS", "HAS_RES"],
+    _GEMM_CONFIGS, key=["M", "C", "Cout", "H", "W", "KH", "KW", "stride_h", "stride_w", "STATS", "HAS_RES", "PRO"],
     prune_configs_by={"early_config_prune": _prune_channels("C", "Cout")},
 )(_conv_fwd_kernel)
 _dgrad_tuned = triton.autotune(
-    _GEMM_CONFIGS, key=["M", "C", "Cout", "OH", "OW", "KH", "KW", "stride_h", "stride_w"],
+    _GEMM_CONFIGS, key=["M", "C", "Cout", "OH", "OW", "KH", "KW", "stride_h", "stride_w", "EPI"],
     prune_configs_by={"early_config_prune": _prune_channels("Cout", "C")},
 )(_conv_dgrad_kernel)
 _wgrad_tuned = triton.autotune(
-    _WGRAD_CONFIGS, key=["M", "C", "Cout", "H", "W", "KH", "KW", "stride_h", "stride_w", "rows_per_split"],
+    _WGRAD_CONFIGS, key=["M", "C", "Cout", "H", "W", "KH", "KW", "stride_h", "stride_w", "rows_per_split", "PRO"],
     prune_configs_by={"early_config_prune": _prune_wgrad},
 )(_conv_wgrad_kernel)
 
@@ -462,10 +505,12 @@ def _packed_weight(w, dtype):
 
 
 def _run_fwd(x, x_strides, wp, y, y_strides, dims, conv, bias, scale, shift, residual, relu, stats, act_param=0.0,
-             pre=None):
+             pre=None, prologue=None):
     """Forward launch on explicit strides. dims = (N, C, H, W, Cout, OH, OW, KH, KW); wp is (KH, KW, C, Cout)
     contiguous; conv = (stride_h, stride_w, pad_h, pad_w, dil_h, dil_w). `relu` is the activation code (a
-    legacy bool means relu/identity); `pre`, when given, receives the pre-activation (y's strides)."""
+    legacy bool means relu/identity); `pre`, when given, receives the pre-activation (y's strides);
+    `prologue` = (scale, shift, act code, act_param) transforms the input tile: act(x * scale + shift), the
+    vectors per input channel in the accumulation dtype (conv_prologue)."""
     n, c, h, w, cout, oh, ow, kh, kw = dims
     m = n * oh * ow
     pmean = pm2 = None
@@ -476,17 +521,18 @@ def _run_fwd(x, x_strides, wp, y, y_strides, dims, conv, bias, scale, shift, res
         pmean = torch.empty((tiles, cout), dtype=acc, device=x.device)
         pm2 = torch.empty((tiles, cout), dtype=acc, device=x.device)
     dummy = y
+    pro_scale, pro_shift, pro_act, pro_param = (dummy, dummy, 0, 0.0) if prologue is None else prologue
     cfg = _launch(
         _fwd_tuned, _conv_fwd_kernel, _gemm_grid(m, cout),
         x, wp, y,
         dummy if bias is None else bias, dummy if scale is None else scale, dummy if shift is None else shift,
         dummy if residual is None else residual, dummy if pmean is None else pmean, dummy if pm2 is None else pm2,
-        dummy if pre is None else pre,
-        m, c, h, w, cout, oh, ow, float(act_param),
+        dummy if pre is None else pre, pro_scale, pro_shift,
+        m, c, h, w, cout, oh, ow, float(act_param), float(pro_param),
         *x_strides, 1, cout, kw * c * cout, c * cout, *y_strides, *conv,
         KH=kh, KW=kw, HAS_BIAS=bias is not None, HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None,
         HAS_RES=residual is not None, ACT=code(relu), SAVE_PRE=pre is not None, STATS=bool(stats),
-        FLAT=c < 16 and kh * kw > 1,
+        FLAT=c < 16 and kh * kw > 1, PRO=prologue is not None, PRO_ACT=code(pro_act),
         **_math_flags(x),
     )
     if not stats:
@@ -538,15 +584,34 @@ def grad_input(g, w, out, stride, padding, dilation):
             None, None, None, None, False, False,
         )
         return out
-    wp = _packed_weight(w, g.dtype)  # (KH, KW, C, Cout): reduction over cout is contiguous
-    m = n * h * wd
-    _launch(
-        _dgrad_tuned, _conv_dgrad_kernel, _gemm_grid(m, c),
-        g, wp, out, m, c, h, wd, cout, oh, ow,
-        *g.stride(), 1, cout, kw * c * cout, c * cout, *out.stride(),
-        *stride, *padding, *dilation, KH=kh, KW=kw, **_math_flags(g),
-    )
+    _run_dgrad(g, _packed_weight(w, g.dtype), out, (n, c, h, wd, cout, oh, ow, kh, kw), stride, padding, dilation)
     return out
+
+
+def _run_dgrad(g, wp, out, dims, stride, padding, dilation, epilogue=None):
+    """The implicit-GEMM grad-input launch; wp is (KH, KW, C, Cout) contiguous (the reduction over cout is
+    contiguous). `epilogue` = (z, scale, shift, act code, act_param) (conv_prologue's backward; z with out's
+    strides): out receives dz = dpre * scale, and the per-channel (grad scale, grad shift) are returned."""
+    n, c, h, wd, cout, oh, ow, kh, kw = dims
+    m = n * h * wd
+    z, scale, shift, act, act_param = (out, out, out, 0, 0.0) if epilogue is None else epilogue
+    pds = pdh = out
+    if epilogue is not None:
+        assert z.stride() == out.stride()
+        tiles = triton.cdiv(m, min(_MIN_BLOCK_M, _INTERP_CONFIG["BLOCK_M"], _FP64_CONFIG["BLOCK_M"],
+                                   _FIXED_GPU_CONFIG["BLOCK_M"]))
+        pds = torch.empty((tiles, c), dtype=scale.dtype, device=out.device)
+        pdh = torch.empty((tiles, c), dtype=scale.dtype, device=out.device)
+    cfg = _launch(
+        _dgrad_tuned, _conv_dgrad_kernel, _gemm_grid(m, c),
+        g, wp, out, z, scale, shift, pds, pdh, m, c, h, wd, cout, oh, ow, float(act_param),
+        *g.stride(), 1, cout, kw * c * cout, c * cout, *out.stride(),
+        *stride, *padding, *dilation, KH=kh, KW=kw, EPI=epilogue is not None, EPI_ACT=code(act), **_math_flags(g),
+    )
+    if epilogue is None:
+        return None
+    tiles = triton.cdiv(m, cfg["BLOCK_M"])
+    return pds[:tiles].sum(0), pdh[:tiles].sum(0)
 
 
 def _wgrad_target_programs(device):
@@ -555,7 +620,9 @@ def _wgrad_target_programs(device):
     return 2 * sm_count(device) if device.type == "cuda" else 8
 
 
-def grad_weight(g, x, w_shape, stride, padding, dilation):
+def grad_weight(g, x, w_shape, stride, padding, dilation, prologue=None):
+    """dW of conv(x); with `prologue` = (scale, shift, act code, act_param), of conv(act(x * scale + shift)),
+    the transform recomputed on each loaded x tile (conv_prologue)."""
     n, c, h, wd = x.shape
     cout, _, kh, kw = w_shape
     oh, ow = g.shape[2:]
@@ -574,10 +641,12 @@ def grad_weight(g, x, w_shape, stride, padding, dilation):
     def grid(meta):
         return (triton.cdiv(cout, meta["BLOCK_M"]) * triton.cdiv(c, meta["BLOCK_N"]), kh * kw, splits)
 
+    pro_scale, pro_shift, pro_act, pro_param = (part, part, 0, 0.0) if prologue is None else prologue
     _launch(
         _wgrad_tuned, _conv_wgrad_kernel, grid,
-        g, x, part, m, c, h, wd, cout, oh, ow, rows_per_split,
-        *g.stride(), *x.stride(), *stride, *padding, *dilation, KH=kh, KW=kw, **_math_flags(x),
+        g, x, part, pro_scale, pro_shift, m, c, h, wd, cout, oh, ow, rows_per_split, float(pro_param),
+        *g.stride(), *x.stride(), *stride, *padding, *dilation, KH=kh, KW=kw, PRO=prologue is not None,
+        PRO_ACT=code(pro_act), **_math_flags(x),
     )
     dw = part[0] if splits == 1 else part.sum(0)
     return dw.view(kh, kw, cout, c).permute(2, 3, 0, 1)

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 F16, BF16, F32, F64 = torch.float16, torch.bfloat16, torch.float32, torch.float64
 DTYPE_NAMES = {F16: "fp16", BF16: "bf16", F32: "fp32", F64: "fp64"}
-FAMILIES = ("batch_norm", "bn_add_relu", "conv", "conv_bn", "squeeze_excite")
+FAMILIES = ("batch_norm", "bn_add_relu", "conv", "conv_bn", "conv_prologue", "squeeze_excite")
 CONV_EPILOGUES = ("plain", "bias", "bias_relu", "bn_fold", "bn_fold_res_relu")
 
 
@@ -128,6 +128,9 @@ def cases(t=None):
     add("conv", conv[:1], None, modes=(True,), epilogues=conv_eps)
     add("conv", conv[1:], None, modes=(True,), epilogues=("bn_fold_res_relu",))
     add("conv_bn", conv, None)
+    # BN-apply + ReLU in the convolution's prologue, with the output-statistics epilogue (train only: eval
+    # folds the BatchNorm into the weights instead)
+    add("conv_prologue", conv, None, modes=(True,))
     add("squeeze_excite", se, None)
     # interleaved: the first case of every family and backend, then the second, ... so that a step cut by
     # its deadline still has every family's most valuable cases (bf16 channels_last, the first shapes)
@@ -220,7 +223,7 @@ def run_case(case, device, compare=True):
     return [(what, rel_error, bound)]."""
     torch.manual_seed(0)
     fn = {"batch_norm": _bn, "bn_add_relu": _bn, "conv": _conv, "conv_bn": _conv_bn,
-          "squeeze_excite": _se}[case.family]
+          "conv_prologue": _conv_prologue, "squeeze_excite": _se}[case.family]
     prev = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
     # fp32 results are held to fp32 accuracy: no TF32 in fastnets' fp32 convolutions nor in the references
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
@@ -360,6 +363,45 @@ def _conv_bn(case, device, compare):
     # does: cuDNN's conv output, then BatchNorm), so they are held to that dtype's bound
     check(out, "running_mean", rm_f, rm64, case.dtype)
     check(out, "running_var", rv_f, rv64, case.dtype)
+    return out
+
+
+def _conv_prologue(case, device, compare):
+    """bn_act_conv2d: conv2d(relu(z * scale + shift)) + bias with the output's batch statistics; the input
+    is the previous convolution's output z (non-zero mean), scale/shift a folded BatchNorm (fp32)."""
+    from fastnets.ops.conv_prologue import bn_act_conv2d
+
+    g, z, weight, dy, out_shape, s, p = _conv_inputs(case, device)
+    cin, cout = z.shape[1], out_shape[1]
+    scale = _leaf(torch.rand(cin, generator=g, device=device) + 0.5)
+    shift = _leaf(torch.randn(cin, generator=g, device=device) * 0.5)
+    bias = _leaf(_randn((cout,), g, device, case.dtype, std=0.3))
+    y, mean, var = bn_act_conv2d(z, scale, shift, weight, bias, stride=s, padding=p, backend=case.backend,
+                                 stats=True)
+    y.backward(dy)
+    if not compare:
+        return []
+    rdt = conv_reference_dtype(case)
+    z64, w64, b64, sc64, sh64 = (_ref(t, rdt) for t in (z, weight, bias, scale, shift))
+    y64 = F.conv2d(torch.relu(z64 * sc64.view(1, -1, 1, 1) + sh64.view(1, -1, 1, 1)), w64, b64, s, p)
+    y64.backward(dy.to(rdt))
+    v64, m64 = torch.var_mean(y64.detach(), dim=(0, 2, 3), unbiased=False)
+    out = []
+    check(out, "y", y, y64, case.dtype)
+    check(out, "grad_z", z.grad, z64.grad, case.dtype, ref=dy)
+    check(out, "grad_weight", weight.grad, w64.grad, case.dtype)
+    check(out, "grad_bias", bias.grad, b64.grad, case.dtype)
+    # sums over N, H, W of dpre * z and dpre, where dpre may come from a grad input rounded to the activation
+    # dtype (cuDNN's, as eager's): they cancel, so the error may also be bounded by the rounding of each term,
+    # ||(sum of squared terms) ** 0.5|| per channel
+    dpre64 = z64.grad / sc64.detach().view(1, -1, 1, 1)
+    terms_scale = (dpre64 * z64.detach()).square().sum((0, 2, 3)).sqrt()
+    terms_shift = dpre64.square().sum((0, 2, 3)).sqrt()
+    check(out, "grad_scale", scale.grad, sc64.grad, case.dtype, ref=terms_scale)
+    check(out, "grad_shift", shift.grad, sh64.grad, case.dtype, ref=terms_shift)
+    # the statistics of y as stored (rounded to the activation dtype), as conv_bn's
+    check(out, "mean", mean, m64, case.dtype)
+    check(out, "var", var, v64, case.dtype)
     return out
 
 

@@ -33,7 +33,7 @@ def test_plan_case(case, record_property):
     for key in ("family", "backend", "config"):
         record_property(key, getattr(case, key))
     record_property("mode", "train" if case.train else "eval")
-    if case.family in ("conv", "conv_bn"):
+    if case.family in ("conv", "conv_bn", "conv_prologue"):
         record_property("reference", str(gpu_plan.conv_reference_dtype(case)).replace("torch.", ""))
     why = fastnets.backends.unavailable_reason(case.backend, DEVICE)
     if why is not None:
@@ -78,7 +78,7 @@ def test_plan_covers_every_family_backend_and_mode():
         assert len({c.id for c in cs}) == len(cs), f"duplicate case ids in tier {tier}"
         for fam in gpu_plan.FAMILIES:
             got = {(c.backend, c.train) for c in cs if c.family == fam}
-            modes = {True} if fam == "conv" else {True, False}
+            modes = {True} if fam in ("conv", "conv_prologue") else {True, False}  # train only
             assert got == {(b, m) for b in gpu_plan.backends_for(tier) for m in modes}, (tier, fam, got)
     full = gpu_plan.cases("full")
     assert {c.epilogue for c in full if c.family == "conv"} == set(gpu_plan.CONV_EPILOGUES)

@@ -70,7 +70,7 @@ def _convert(module, prefix, report, cache):
         if callable(fwd):
             _install_forward(module, fwd, "registry")
             report.registry.append((prefix, f"{type(module).__module__.split('.')[0]} {type(module).__name__}"))
-            _record_registry_block(module, prefix, report)
+            _record_registry_block(module, prefix, report, fwd)
             return
         report.skipped.append((prefix or "<model>", f"registry block not converted: {fwd}"))
     elif _has_forward(module):
@@ -89,8 +89,11 @@ def _convert(module, prefix, report, cache):
         _convert(child, f"{prefix}.{name}" if prefix else name, report, cache)
 
 
-def _record_registry_block(block, prefix, report):
-    """A registry forward fuses every BatchNorm, activation and squeeze-excite of its block."""
+def _record_registry_block(block, prefix, report, fwd=None):
+    """A registry forward fuses every BatchNorm, activation and squeeze-excite of its block, and chains the
+    (bn, conv) pairs its `chains` attribute names (fastnets.models' block forwards)."""
+    for bn, conv in getattr(fwd, "chains", ()):
+        report.add_chain(f"{prefix}.{bn}" if prefix else bn, f"{prefix}.{conv}" if prefix else conv)
     for name, m in block.named_modules():
         full = f"{prefix}.{name}" if prefix and name else prefix or name
         if isinstance(m, nn.BatchNorm2d):

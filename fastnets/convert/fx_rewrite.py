@@ -9,6 +9,12 @@ Patterns (each intermediate result used once, no hooks on the modules involved):
   conv(+bias) [-> + r] -> act              fused_conv_act             (no BatchNorm: AlexNet, VGG, SqueezeNet)
   x * gate(fc2(act(fc1(pool(x))))) [+ r] [-> relu]   fused_se         (torchvision / timm / hand-written SE)
 Every BatchNorm, activation and squeeze-excite seen but left unfused is recorded in the report with why.
+
+Then chains (fastnets.nn.conv_chain): a fused [conv ->] bn [-> act] with no add whose output has exactly one
+user, and that user a convolution (fused with its own BatchNorm or not) or a max-pool reading it as its
+input, becomes chain_conv_bn / chain_bn, and the user chained_conv_bn / chained_conv / chained_max_pool: in
+training the BatchNorm-apply and act run in the user's prologue and their output is never stored. Every
+other fused BatchNorm is listed in report.unchained with the reason.
 """
 import copy
 import operator
@@ -23,6 +29,7 @@ from ..nn.batch_norm import BatchNorm2d as FastBatchNorm2d
 from ..nn.conv import Conv2d as FastConv2d
 from ..nn.conv import _fastnets_padding
 from . import acts
+from . import runtime
 from .runtime import fused_bn, fused_conv_act, fused_conv_bn, fused_se
 
 _ADD_FUNCS = (operator.add, operator.iadd, torch.add)
@@ -409,6 +416,82 @@ class _Graph:
             self.report.fused_pattern(pattern_name(True, False, residual, act), self.name(conv_node.target))
             self.report.add("activation", site, fused=True)
 
+    # ---- chains
+
+    _PRODUCERS = {fused_conv_bn: runtime.chain_conv_bn, fused_bn: runtime.chain_bn}
+
+    def _chain_consumer(self, node, src):
+        """(new target, new args, new kwargs, label) when `node` can read the Deferred output of `src` in its
+        prologue (src its only input that is src), else (None, reason)."""
+        if node.op == "call_function" and node.target in (fused_conv_bn, runtime.chain_conv_bn):
+            conv_attr, bn_attr, x = node.args[:3]
+            others = list(node.args[3:]) + list(node.kwargs.values())
+            if node.kwargs.get("residual") is src:
+                return None, f"it is the residual added after {self.name(conv_attr.target)}"
+            if x is not src or any(o is src for o in others):
+                return None, "its user reads it other than as a convolution's input"
+            conv = self.gm.get_submodule(conv_attr.target)
+            if _fastnets_chain_padding(conv) is None:
+                return None, "the next convolution's padding is not one the prologue runs"
+            target = runtime.chained_conv_bn if node.target is fused_conv_bn else node.target
+            return (target, node.args, node.kwargs, self.name(conv_attr.target)), None
+        m = self.mod(node)
+        if m is None:
+            what = getattr(node.target, "__name__", str(node.target)) if node.op != "output" else "the output"
+            return None, f"its user is {what}, not a convolution or max-pool"
+        if len(node.args) != 1 or node.kwargs or node.args[0] is not src:
+            return None, f"its user {self.name(node.target)} is called with unusual arguments"
+        if _has_hooks(m):
+            return None, f"its user {self.name(node.target)} has hooks"
+        if _is_conv2d(m):
+            if _fastnets_chain_padding(m) is None:
+                return None, "the next convolution's padding is not one the prologue runs"
+            fn = runtime.chained_conv
+        elif type(m) is nn.MaxPool2d and not m.return_indices:
+            fn = runtime.chained_max_pool
+        else:
+            return None, f"its user is {type(m).__name__}, not a convolution or max-pool"
+        return (fn, None, None, self.name(node.target)), None
+
+    def chains(self):
+        """fused [conv ->] bn [-> act] -> (its only user) conv / conv_bn / max-pool  ->  chained calls."""
+        plan = []
+        for node in list(self.graph.nodes):
+            if node.op != "call_function" or node.target not in self._PRODUCERS:
+                continue
+            bn_attr = node.args[1] if node.target is fused_conv_bn else node.args[0]
+            bn_name = self.name(bn_attr.target)
+            if node.kwargs.get("residual") is not None:
+                self.report.add_chain(bn_name, None, reason="followed by an add: a chain's last BatchNorm stays "
+                                      "fused with the add and activation")
+                continue
+            if not _is_bn2d(self.gm.get_submodule(bn_attr.target)):
+                self.report.add_chain(bn_name, None, reason="not a plain BatchNorm2d")
+                continue
+            users = list(node.users)
+            if len(users) != 1:
+                self.report.add_chain(bn_name, None, reason=f"its output has {len(users)} users "
+                                      f"({', '.join(u.name for u in users[:4])})")
+                continue
+            got, why = self._chain_consumer(users[0], node)
+            if got is None:
+                self.report.add_chain(bn_name, None, reason=why)
+                continue
+            plan.append((node, users[0], got, bn_name))
+        producers = {node for node, *_ in plan}
+        for node, user, (fn, args, kwargs, label), bn_name in plan:
+            if args is None:  # a call_module conv / max-pool becomes a call of the chained function
+                with self.graph.inserting_before(user):
+                    attr = self.graph.get_attr(user.target)
+                    new = self.graph.call_function(fn, (attr, node))
+                user.replace_all_uses_with(new)
+                self.graph.erase_node(user)
+            elif user not in producers:  # (a producer's chain_conv_bn takes a Deferred input too)
+                user.target = fn
+            self.report.add_chain(bn_name, label)
+        for node in producers:
+            node.target = self._PRODUCERS[node.target]
+
     def remaining_activations(self):
         """Record each activation left in the graph as unfused, with why."""
         for node in self.graph.nodes:
@@ -436,6 +519,12 @@ class _Tracer(fx.Tracer):
                 or acts.is_mode_dependent_leaf(m) or qualname in self.leaf_names):
             return True
         return super().is_leaf_module(m, qualname)
+
+
+def _fastnets_chain_padding(conv):
+    from ..nn.conv_chain import _padding
+
+    return _padding(conv)
 
 
 def _is_fastnets(m):
@@ -507,6 +596,7 @@ def _rewrite(module, prefix, report, leaf_names=()):
     g.squeeze_excite()
     g.batch_norms()
     g.conv_activations()
+    g.chains()
     g.remaining_activations()
     if report.n_fused() == before:
         return list(called)

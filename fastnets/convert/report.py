@@ -16,7 +16,10 @@ class ConversionReport:
     traced: modules rewritten with torch.fx ("" is the model); registry: (name, block class) converted from the
     registry; untraced: (name, reason) modules that did not trace (their children were converted instead);
     skipped: (what, reason) candidates left as they were; layers: kind -> {name: None when it runs fused, else
-    the reason it does not} for every BatchNorm2d, activation (each call of one) and squeeze-excite module."""
+    the reason it does not} for every BatchNorm2d, activation (each call of one) and squeeze-excite module;
+    chained: "bn -> consumer" for every fused BatchNorm whose apply + act run, in training, in the next
+    convolution's (or max-pool's) prologue (fastnets.nn.conv_chain); unchained: (bn, reason) for every fused
+    BatchNorm that is not (its output has another user, it ends in an add, ...)."""
 
     PATTERNS = ("conv_bn_add_relu", "conv_bn_relu", "conv_bn_add", "conv_bn", "bn_add_relu", "bn_relu",
                 "bn_add", "se_add_relu", "se_add", "se")
@@ -31,6 +34,8 @@ class ConversionReport:
         self.skipped = []
         self.synced = []  # BatchNorms made SyncBatchNorm by convert(sync_bn=True)
         self.layers = {k: OrderedDict() for k in KINDS}
+        self.chained = []
+        self.unchained = []
 
     # ---- recording (used by the rewriter, the registry and convert)
 
@@ -39,6 +44,13 @@ class ConversionReport:
 
     def n_fused(self):
         return sum(len(v) for v in self.fused.values())
+
+    def add_chain(self, bn, consumer, reason=None):
+        """BatchNorm `bn`'s apply runs in `consumer`'s prologue (consumer None: it does not, because `reason`)."""
+        if consumer is not None:
+            self.chained.append(f"{bn} -> {consumer}")
+        else:
+            self.unchained.append((bn, reason))
 
     def add(self, kind, name, fused, reason=None):
         """Record that layer `name` of `kind` runs fused (or not, and why). A layer called more than once
@@ -111,6 +123,13 @@ class ConversionReport:
         shares = self.shares()
         if any(total for _, total in shares.values()):
             lines.append("  running fused: " + ", ".join(f"{k} {f}/{t}" for k, (f, t) in shares.items() if t))
+        if self.chained:
+            lines.append(f"  chained (BN-apply + act in the next conv's prologue in training) x{len(self.chained)}: "
+                         f"e.g. {', '.join(self.chained[:3])}")
+        if self.unchained:
+            lines.append(f"  not chained ({len(self.unchained)}): "
+                         + "; ".join(f"{n}: {r}" for n, r in self.unchained[:4])
+                         + (f" (+{len(self.unchained) - 4} more in report.unchained)" if len(self.unchained) > 4 else ""))
         if self.untraced:
             lines.append(f"  not traceable ({len(self.untraced)}), children converted instead: "
                          + "; ".join(f"{n or '<model>'}: {r}" for n, r in self.untraced[:4]))

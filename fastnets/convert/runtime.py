@@ -7,6 +7,7 @@ before, `relu=True`. convert only emits an activation other than relu when this 
 (acts.why_not_fusable), so relu is passed as `relu=True` and only the others as `act=`."""
 import torch
 
+from ..nn import conv_chain
 from ..nn.batch_norm import bn_act
 from ..nn.conv import _fastnets_padding, conv_bn_act
 from ..ops.conv import conv2d
@@ -114,3 +115,49 @@ def fused_se(fc1, fc2, x, residual=None, relu=False, act=None, inner_act=acts.RE
         return acts.apply(y, act)
     return squeeze_excite(x, fc1.weight, fc1.bias, fc2.weight, fc2.bias, residual=residual,
                           relu=act is not None, **extra)
+
+
+# ------------------------------------------------------------------------------------------------ chains
+# A chain's producer returns, in training, a conv_chain.Deferred (BN-apply + act not computed) that its one
+# user, a convolution or a max-pool, reads in its prologue; in eval (or where deferring cannot apply) a plain
+# tensor, and the consumers take both. The rewriter only emits these where the producer's output has that
+# single user.
+
+
+def _act_arg(act):
+    return acts.IDENTITY if act is None else tuple(act)
+
+
+def chain_conv_bn(conv, bn, x, residual=None, act=None):
+    """act(bn(conv(x))) for a chain: a Deferred in training (x may be one too), else the fused tensor.
+    (`residual` is always None: a BatchNorm followed by an add ends a chain.)"""
+    if residual is not None or (isinstance(x, torch.Tensor) and x.dim() != 4):
+        x = conv_chain.materialize(x)
+        return fused_conv_bn(conv, bn, x, residual=residual, act=act)
+    if isinstance(x, torch.Tensor) and x.dim() != 4:
+        return fused_conv_bn(conv, bn, x, act=act)
+    return conv_chain.conv_bn_deferred(conv, bn, x, act=_act_arg(act))
+
+
+def chain_bn(bn, x, residual=None, act=None):
+    """act(bn(x)) for a chain (a BatchNorm before a convolution: DenseNet's pre-activation layers)."""
+    if residual is not None or (isinstance(x, torch.Tensor) and x.dim() != 4):
+        return fused_bn(bn, conv_chain.materialize(x), residual=residual, act=act)
+    return conv_chain.bn_deferred(bn, x, act=_act_arg(act))
+
+
+def chained_conv_bn(conv, bn, x, residual=None, act=None):
+    """fused_conv_bn of an x that may be Deferred (read in this convolution's prologue): the end of a chain."""
+    if not isinstance(x, conv_chain.Deferred):
+        return fused_conv_bn(conv, bn, x, residual=residual, act=act)
+    return conv_chain.conv_bn_act_chained(conv, bn, x, residual=residual, act=_act_arg(_act(act, False)))
+
+
+def chained_conv(conv, x):
+    """conv(x) of an x that may be Deferred."""
+    return conv_chain.conv_chained(conv, x)
+
+
+def chained_max_pool(pool, x):
+    """pool(x) (an nn.MaxPool2d) of an x that may be Deferred, pooled without storing act(bn(z))."""
+    return conv_chain.max_pool_deferred(pool, x)

@@ -214,6 +214,11 @@ def conv_bn_act_chained(conv, bn, x, residual=None, act="relu"):
     act = _act(act)
     if not isinstance(x, Deferred):
         return conv_bn_act(conv, bn, x, residual=residual, act=act)
+    if residual is not None and not (isinstance(residual, Tensor) and residual.shape == _out_shape(conv, x.z)
+                                     and residual.dtype == _result_dtype(x.z) and residual.device == x.z.device):
+        # a residual the fused add cannot take (broadcasting, another dtype): added after, as unfused
+        y = conv_bn_act_chained(conv, bn, x, act=None)
+        return activations.forward(y + residual, *act)
     if not _can_defer(bn, x) or _native_cpu.active(current_backend(), x.z):
         return bn_act(bn, conv_chained(conv, x), residual=residual, act=act)  # (eval BN, SyncBN, native CPU)
     got = _prologue_conv(conv, x, stats=True)
@@ -227,12 +232,22 @@ def conv_bn_act_chained(conv, bn, x, residual=None, act="relu"):
     if running_mean is not None or running_var is not None:
         update_running_stats(running_mean, running_var, mean, var, factor, count)
     invstd = torch.rsqrt(var + bn.eps)
-    if residual is not None and (residual.shape != z.shape or residual.dtype != z.dtype):
-        y = torch.ops.fastnets.bn_apply_train(z, bn.weight, bn.bias, None, mean, invstd, "identity", 0.0,
-                                              current_backend())
-        return activations.forward(y + residual, *act)
     return torch.ops.fastnets.bn_apply_train(z, bn.weight, bn.bias, residual, mean, invstd, act[0], act[1],
                                              current_backend())
+
+
+def _out_shape(conv, z):
+    from ..ops.conv import out_size
+
+    pad = _padding(conv) or (0, 0)
+    return (z.shape[0], conv.out_channels) + tuple(
+        out_size(z.shape[2 + i], conv.kernel_size[i], conv.stride[i], pad[i], conv.dilation[i]) for i in range(2))
+
+
+def _result_dtype(z):
+    if torch.is_autocast_enabled(z.device.type):
+        return torch.get_autocast_dtype(z.device.type)
+    return z.dtype
 
 
 class _BNActMaxPool(torch.autograd.Function):

@@ -367,3 +367,34 @@ def test_lenet5_auto_matches_reference_backend():
     assert_rel(outs["auto"][0], outs["reference"][0])
     for a, b in zip(outs["auto"][1], outs["reference"][1]):
         assert_rel(a, b)
+
+
+def test_cpu_ratios_layout_decision_and_ratio_table():
+    """The CPU profile's bookkeeping (no timing): fastnets' row is the faster measured layout with both kept,
+    ratios are eager's median over the variant's, and the table states the target and by how much it is met."""
+    from fastnets.bench import cpu_ratios as C
+
+    def res(ms, cpu_ms):
+        return {"status": "ok", "ms_per_iter": ms, "cpu_ms_per_iter": cpu_ms, "images_per_s": 8e3 / ms,
+                "spread": 0.1, "ms_per_iter_repeats": [ms] * 3}
+
+    out = {"eager": res(100.0, 90.0), "fastnets-contiguous": res(80.0, 75.0),
+           "fastnets-channels_last": res(90.0, 70.0), "compile": {"status": "error", "reason": "x"}}
+    for v in ("fastnets-contiguous", "fastnets-channels_last"):
+        out[v]["vs_eager"] = 100.0 / out[v]["ms_per_iter"]
+        out[v]["vs_eager_cpu"] = 90.0 / out[v]["cpu_ms_per_iter"]
+    meta = {"model": "resnet50", "mode": "infer", "batch_size": 8, "precision": "fp32", "repeats": 3, "iters": 1,
+            "warmup": 2, "threads": 1, "load_before": [2.0, 2.0, 2.0], "load_after": [3.0, 2.0, 2.0]}
+    rows = C.rows_from_block(out, meta)
+    by = {r["backend"]: r for r in rows}
+    assert set(by) == {"eager", "compile", "fastnets"}
+    f = by["fastnets"]
+    assert f["memory_format"] == "contiguous" and f["layout_decision"]["chosen"] == "contiguous"
+    assert f["vs_eager"] == pytest.approx(1.25) and set(f["layouts"]) == {"contiguous", "channels_last"}
+    table = "\n".join(C.markdown_section({"throughput": rows}))
+    assert "| resnet50 | infer | 8 |" in table and "1.25x" in table and "| yes |" in table
+    out["fastnets-contiguous"]["vs_eager"] = 1.1
+    out["fastnets-contiguous"]["ms_per_iter"] = 100 / 1.1
+    out["fastnets-channels_last"].update(ms_per_iter=95.0, vs_eager=100 / 95)
+    table = "\n".join(C.markdown_section({"throughput": C.rows_from_block(out, meta)}))
+    assert "**no** (-4%)" in table  # 1.10 against the 1.15 inference target

@@ -11,6 +11,13 @@ the bf16 matmul rate measured in the same run, and speed-ups vs cuDNN's conv alo
 The targets of the issue are checked at the end: 1x1 conv >= 0.95x cuDNN's speed, eval block at least as fast
 as cuDNN's conv alone, training fwd+bwd >= 1.25x eager.
 
+Then a ResNet-50 bottleneck block's training step (forward + backward, bf16 channels_last, batch --batch): eager
+torchvision-style modules; fastnets unfused (conv_bn_act per Conv -> BN -> ReLU: the statistics in the conv's
+epilogue, y = relu(bn(z)) stored); fastnets with the BN-apply + ReLU in the next convolution's prologue
+(fastnets.nn.conv_chain: bn_act_conv2d, y never stored), each under `auto` and `triton`, with the bytes saved for
+backward per step (saved_tensors_hooks, each storage once). Target (issue 17): the prologue block faster than
+the unfused fastnets block.
+
     python benchmarks/bench_conv.py --out benchmarks/results [--quick] [--no-compile] [--batch 256]
 
 --quick: 3 shapes, one fixed tile configuration per kernel instead of autotuning (FASTNETS_CONV_TUNE=quick,
@@ -237,6 +244,9 @@ def main():
             torch.cuda.empty_cache()
         print(f"[{time.time() - t_start:6.1f}s] {name} done", flush=True)
 
+    if which != "compile":
+        bottleneck_rows(rows, args, device, timed)
+
     from fastnets.ops import _conv_auto
 
     targets = _targets(rows)
@@ -249,12 +259,131 @@ def main():
     print(f"wrote {path} in {time.time() - t_start:.0f} s")
 
 
+def _saved_bytes(fn):
+    """Bytes of the tensors saved for backward while fn() runs (each storage once), and fn's result."""
+    import torch
+
+    saved = {}
+
+    def pack(t):
+        st = t.untyped_storage()
+        saved[(st.device.type, st.data_ptr())] = st.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return sum(saved.values()), out
+
+
+def bottleneck_rows(rows, args, device, timed):
+    """A ResNet-50 bottleneck block's training step: eager vs fastnets unfused vs fastnets prologue-fused."""
+    import torch
+    from torch import nn
+
+    import fastnets
+    from fastnets.nn import conv_bn_act
+    from fastnets.nn.conv_chain import conv_bn_act_chained, conv_bn_deferred
+
+    dt, fmt = torch.bfloat16, torch.channels_last
+    if args.dry_run:  # the plumbing only, on the CPU (the Triton interpreter would take minutes)
+        blocks = [("dry_block", 2, 16, 4, 6, 1)]
+        backends = ("auto",)
+    else:
+        # (name, N, in = out channels, width, H, stride): stage 1's and stage 3's identity blocks
+        blocks = [("bottleneck_256-64-256@56", args.batch, 256, 64, 56, 1),
+                  ("bottleneck_1024-256-1024@14", args.batch, 1024, 256, 14, 1)]
+        backends = ("auto", "triton")
+
+    class Bottleneck(nn.Module):
+        def __init__(self, cin, width):
+            super().__init__()
+            self.conv1 = nn.Conv2d(cin, width, 1, bias=False)
+            self.bn1 = nn.BatchNorm2d(width)
+            self.conv2 = nn.Conv2d(width, width, 3, padding=1, bias=False)
+            self.bn2 = nn.BatchNorm2d(width)
+            self.conv3 = nn.Conv2d(width, cin, 1, bias=False)
+            self.bn3 = nn.BatchNorm2d(cin)
+            self.mode = "eager"
+
+        def forward(self, x):
+            if self.mode == "eager":
+                y = torch.relu(self.bn1(self.conv1(x)))
+                y = torch.relu(self.bn2(self.conv2(y)))
+                return torch.relu(self.bn3(self.conv3(y)) + x)
+            if self.mode == "unfused":
+                y = conv_bn_act(self.conv1, self.bn1, x)
+                y = conv_bn_act(self.conv2, self.bn2, y)
+                return conv_bn_act(self.conv3, self.bn3, y, residual=x)
+            d = conv_bn_deferred(self.conv1, self.bn1, x)
+            d = conv_bn_deferred(self.conv2, self.bn2, d)
+            return conv_bn_act_chained(self.conv3, self.bn3, d, residual=x)
+
+    for name, n, cin, width, h, s in blocks:
+        torch.manual_seed(0)
+        block = Bottleneck(cin, width).to(device, dt).to(memory_format=fmt).train()
+        x = torch.randn(n, cin, h, h, device=device, dtype=dt).contiguous(memory_format=fmt).requires_grad_()
+        grad = torch.randn(n, cin, h, h, device=device, dtype=dt).contiguous(memory_format=fmt)
+        flops = 2.0 * n * h * h * (cin * width + 9 * width * width + width * cin) * 3  # fwd + dgrad + wgrad
+        base = {"family": "resnet50-block", "config": "bf16-nhwc", "shape": name, "N": n, "Cin": cin, "H": h,
+                "Cout": cin, "k": 0, "stride": s, "pass_": "block_train_fwdbwd"}
+        got = {}
+        variants = [("eager", "eager", None)] + [(f"fastnets-{m}-{b}", m, b) for m in ("unfused", "prologue")
+                                                  for b in backends]
+        for variant, mode, backend in variants:
+            block.mode = mode
+
+            def step():
+                x.grad = None
+                for q in block.parameters():
+                    q.grad = None
+                block(x).backward(grad)
+
+            def run(fn=step, backend=backend):
+                if backend is None:
+                    return fn()
+                with fastnets.use_backend(backend):
+                    return fn()
+
+            r = dict(base, variant=variant)
+            try:
+                with torch.no_grad():
+                    snapshot = {k: v.clone() for k, v in block.state_dict().items()}
+                r["saved_bytes"] = _saved_bytes(lambda: run(lambda: block(x)))[0]
+                r["ms"] = timed(run)
+                r["tflops"] = flops / r["ms"] / 1e9
+                block.load_state_dict(snapshot)  # the running statistics as before each variant
+            except Exception as e:  # a variant that fails is reported, the others still run
+                if device == "cuda":
+                    torch.cuda.synchronize()
+                r["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+            rows.append(r)
+            got[variant] = r
+        te = got["eager"].get("ms")
+        for variant, r in got.items():
+            if not r.get("ms"):
+                continue
+            if te:
+                r["vs_eager"] = te / r["ms"]
+            if "-prologue-" in variant:
+                tu = got.get(variant.replace("-prologue-", "-unfused-"), {}).get("ms")
+                if tu:
+                    r["vs_unfused"] = tu / r["ms"]
+        del block, x, grad
+        if device == "cuda":
+            torch.cuda.empty_cache()
+        print(f"{name}: " + ", ".join(f"{v} {r.get('ms', float('nan')):.2f} ms saved {r.get('saved_bytes', 0) / 2**20:.1f} MiB"
+                                      for v, r in got.items()), flush=True)
+
+
 def _targets(rows):
     by = {(r["shape"], r["pass_"], r["variant"]): r for r in rows}
     out = []
     for (shape, pass_, variant), r in by.items():
         if "ms" not in r:
             continue
+        if pass_ == "block_train_fwdbwd" and r.get("vs_unfused"):
+            out.append({"target": "prologue block vs unfused fastnets block", "shape": shape, "variant": variant,
+                        "value": r["vs_unfused"], "need": 1.0})
         if pass_ == "conv" and r["k"] == 1 and variant.startswith("fastnets") and r.get("vs_cudnn"):
             out.append({"target": "1x1 conv vs cuDNN", "shape": shape, "variant": variant, "value": r["vs_cudnn"], "need": 0.95})
         if pass_ == "eval_fwd" and variant.startswith("fastnets") and r.get("vs_cudnn"):

@@ -81,7 +81,7 @@ def _(z, scale, shift, weight, bias, stride, padding, dilation, groups, act, act
 
 
 @torch.library.custom_op("fastnets::bn_act_conv2d_backward", mutates_args=())
-def bn_act_conv2d_backward(
+def bn_act_conv2d_backward_op(
     grad_out: Tensor, z: Tensor, scale: Tensor, shift: Tensor, weight: Tensor, stride: List[int],
     padding: List[int], dilation: List[int], groups: int, act: str, act_param: float, need_z: bool,
     need_scale: bool, need_shift: bool, need_weight: bool, need_bias: bool, backend: str,
@@ -106,7 +106,7 @@ def bn_act_conv2d_backward(
                  ((gz, need_z), (gsc, need_scale), (gsh, need_shift), (gw, need_weight), (gb, need_bias)))
 
 
-@bn_act_conv2d_backward.register_fake
+@bn_act_conv2d_backward_op.register_fake
 def _(grad_out, z, scale, shift, weight, stride, padding, dilation, groups, act, act_param, need_z, need_scale,
       need_shift, need_weight, need_bias, backend):
     c, cout = z.shape[1], weight.shape[0]

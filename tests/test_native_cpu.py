@@ -398,3 +398,31 @@ def test_cpu_ratios_layout_decision_and_ratio_table():
     out["fastnets-channels_last"].update(ms_per_iter=95.0, vs_eager=100 / 95)
     table = "\n".join(C.markdown_section({"throughput": C.rows_from_block(out, meta)}))
     assert "**no** (-4%)" in table  # 1.10 against the 1.15 inference target
+
+
+def test_chained_sequential_is_eager_under_auto_on_cpu(monkeypatch):
+    """ResNet's chained Conv->BN->ReLU (fastnets/nn/conv_chain.py) under auto on the CPU: no deferred
+    BatchNorm (the prologue op is the reference there), torch's conv + F.batch_norm as eager; outputs, every
+    gradient and the running statistics against torch.nn in float64."""
+    from fastnets.nn import conv_chain
+
+    def boom(*a, **k):
+        raise AssertionError("auto on the CPU must not defer into bn_act_conv2d")
+
+    monkeypatch.setattr(conv_chain, "bn_act_conv2d", boom)
+    torch.manual_seed(3)
+    ref = nn.Sequential(nn.Conv2d(3, 5, 3, padding=1, bias=False), nn.BatchNorm2d(5), nn.ReLU(),
+                        nn.Conv2d(5, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4), nn.ReLU(),
+                        nn.MaxPool2d(2)).double()
+    ours = conv_chain.ChainedSequential(*copy.deepcopy(list(ref))).train()
+    x = _x((2, 3, 6, 6))
+    with fastnets.use_backend("auto"):
+        y = ours(x)
+    want = ref(x)
+    assert_rel(y, want)
+    y.square().sum().backward()
+    want.square().sum().backward()
+    for (name, a), b in zip(ours.named_parameters(), ref.parameters()):
+        assert_rel(a.grad, b.grad, msg=name)
+    for a, b in zip(ours.buffers(), ref.buffers()):
+        assert torch.equal(a, b)

@@ -107,6 +107,8 @@ def _can_defer(bn, x):
     if getattr(bn, "sync_statistics", None) is not None and bn.sync_statistics():
         return False  # SyncBatchNorm: statistics across ranks, its own path
     z = x.z if isinstance(x, Deferred) else x
+    if isinstance(z, Tensor) and _native_cpu.active(current_backend(), z):
+        return False  # native CPU: torch's conv + F.batch_norm as eager (the prologue op is the reference there)
     return isinstance(z, Tensor) and z.dim() == 4 and z.numel() > 0
 
 

@@ -41,7 +41,12 @@ def test_cli_tiny_writes_everything(tiny_run):
     files = sorted(os.listdir(out))
     assert "fastnets-bench_cpu.json" in files and "fastnets-bench_cpu.csv" in files and "results.md" in files
     pngs = [f for f in files if f.endswith(".png")]
-    assert sorted(pngs) == ["chart-inference_cpu.png", "chart-trained_cpu.png", "chart-training_cpu.png"]
+    assert sorted(pngs) == ["chart-inference_cpu.png", "chart-memory_cpu.png", "chart-trained_cpu.png",
+                            "chart-training_cpu.png"]
+    with open(out / "fastnets-bench_cpu.json") as f:  # memory: saved bytes per image, each variant of lenet5
+        mem = {r["variant"]: r for r in json.load(f)["memory"] if r["model"] == "lenet5"}
+    assert set(mem) == {"eager", "fastnets", "fastnets-convert"} and all(r["status"] == "ok" for r in mem.values())
+    assert all(r["per_image_bytes"] > 0 for r in mem.values())
     for f in pngs:
         with open(out / f, "rb") as fh:
             assert fh.read(8) == b"\x89PNG\r\n\x1a\n"

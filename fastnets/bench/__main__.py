@@ -537,6 +537,9 @@ def run(settings, show_progress=True):
     pairs = ModelPairs(settings["device"], settings["seed"])
     measure_throughput(report, first, pairs, settings, budget, "throughput", show_progress)
     measure_fidelity(report, pairs, settings, mnist, cifar, budget, show_progress)
+    from . import memory
+
+    memory.measure(report, settings, pairs, show_progress, budget=budget)  # saved bytes/image, GPU peak, max batch
     pairs.clear()
     measure_trained(report, settings, mnist, cifar, budget, show_progress)
     # compiled backends of the other models, as far as the budget allows
@@ -566,7 +569,8 @@ def write_outputs(report, out):
         return files
     for key, fn in (("chart_inference", lambda p: charts.throughput_chart(report, "infer", p)),
                     ("chart_training", lambda p: charts.throughput_chart(report, "train", p)),
-                    ("chart_trained", lambda p: charts.trained_chart(report, p))):
+                    ("chart_trained", lambda p: charts.trained_chart(report, p)),
+                    ("chart_memory", lambda p: charts.memory_chart(report, p))):
         path = os.path.join(out, f"{key.replace('chart_', 'chart-')}_{tag}.png")
         if fn(path):
             files[key] = path

@@ -3,7 +3,9 @@
     backend, an arrow from eager to fastnets; models without an ImageNet top-1 in a strip below;
 (b) the same for training throughput;
 (c) trained test accuracy against training time on CIFAR-10 (MNIST when no CIFAR-10 run), eager and fastnets
-    joined by an arrow.
+    joined by an arrow;
+(d) memory: the bytes saved for backward per image of each model, eager against fastnets.models and
+    fastnets.convert (fastnets/bench/memory.py), with the ratio to eager on each bar.
 """
 import math
 
@@ -147,3 +149,36 @@ def _device_label(report):
 
 def _finite(v):
     return v is not None and not (isinstance(v, float) and math.isnan(v))
+
+
+def memory_chart(report, path):
+    """(d): saved-for-backward MiB per image, one group of bars per model (eager, fastnets, convert)."""
+    rows = [r for r in report.get("memory", []) if r.get("status") == "ok"]
+    if not rows:
+        return None
+    plt = _plt()
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    variants = [v for v in ("eager", "fastnets", "fastnets-convert") if any(r["variant"] == v for r in rows)]
+    colors = {"eager": COLORS["eager"], "fastnets": COLORS["fastnets"], "fastnets-convert": COLORS["fastnets-compile"]}
+    by = {(r["model"], r["variant"]): r for r in rows}
+    labels = {m["name"]: m.get("label", m["name"]) for m in report.get("models", [])}
+    width = 0.8 / len(variants)
+    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(models) + 2), 4.5))
+    for j, v in enumerate(variants):
+        xs = [i + (j - (len(variants) - 1) / 2) * width for i in range(len(models))]
+        ys = [by[(m, v)]["saved_mib_per_image"] if (m, v) in by else 0 for m in models]
+        ax.bar(xs, ys, width, label=v, color=colors.get(v, "k"), alpha=0.8, edgecolor="k", linewidth=0.5)
+        for x, y, m in zip(xs, ys, models):
+            r = by.get((m, v))
+            if r is not None and v != "eager" and r.get("per_image_vs_eager") is not None:
+                ax.annotate(f"{r['per_image_vs_eager']:.2f}x", (x, y), ha="center", va="bottom", fontsize=7)
+    ax.set_xticks(range(len(models)), [labels.get(m, m) for m in models], rotation=20, ha="right")
+    first = rows[0]
+    ax.set_ylabel("MiB saved for backward per image")
+    ax.set_title(f"Training memory: tensors saved for backward ({first.get('precision')}, "
+                 f"{first.get('image_size')} px, exact count)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

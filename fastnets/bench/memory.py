@@ -267,10 +267,11 @@ def measure_model(name, eager, fast, *, device, precision="fp32", batch_size=4, 
     return rows
 
 
-def measure(report, settings, pairs, show_progress=False, models=None):
+def measure(report, settings, pairs, show_progress=False, models=None, budget=None):
     """The benchmark's memory phase: report["memory"] rows for `models` (default: the run's models), at the
     settings' precision, batch `settings["memory_batch"]` (default 4) and image size
-    `settings["memory_image_size"]` (default: the model's), the largest batch on a GPU only."""
+    `settings["memory_image_size"]` (default: the model's), the largest batch on a GPU only. A model the
+    time budget has no room for gets a row with status "skipped"."""
     from .progress import progress_bar
 
     names = list(models if models is not None else settings["models"])
@@ -278,6 +279,10 @@ def measure(report, settings, pairs, show_progress=False, models=None):
     cuda = torch.device(device).type == "cuda"
     rows = report.setdefault("memory", [])
     for name in progress_bar(names, desc="memory", disable=not show_progress):
+        if budget is not None and not budget.allows(60 if cuda else 20):
+            rows.append({"model": name, "variant": "eager", "device": str(device), "status": "skipped",
+                         "reason": f"time budget of {settings.get('time_budget_s')} s"})
+            continue
         eager, fast, why = pairs.get(name)
         got = measure_model(name, eager, fast, device=device, precision=settings.get("precision", "fp32"),
                             batch_size=settings.get("memory_batch", 4),
@@ -308,6 +313,27 @@ def markdown_table(rows):
     return "\n".join(lines)
 
 
+def markdown_section(rows):
+    """results.md's memory section: the saved-bytes table and, from a GPU run, peak MiB per step and the
+    largest batch."""
+    ok = [r for r in rows if r.get("status") == "ok"]
+    if not ok:
+        return []
+    r0 = ok[0]
+    lines = ["", f"Memory of a training step: bytes of every tensor saved for backward per image (exact "
+             f"saved_tensors_hooks count, each storage once; {r0['precision']}, {r0['image_size']} px, batches "
+             f"{r0['batch_size']} and {max(2, r0['batch_size'] // 2)}; fastnets backend {r0.get('backend')}).", "",
+             markdown_table(ok)]
+    gpu = [r for r in ok if "peak_step_mib" in r]
+    if gpu:
+        lines += ["", "| model | variant | peak MiB per step | largest batch |", "|---|---|---|---|"]
+        lines += [f"| {r['model']} | {r['variant']} | {r['peak_step_mib']:.0f} (batch {r['batch_size']}) | "
+                  f"{r.get('largest_batch', '-')} |" for r in gpu]
+    bad = [r for r in rows if r.get("status") != "ok"]
+    lines += [f"- {r['model']} {r.get('variant')}: {r['status']} ({r.get('reason')})" for r in bad]
+    return lines
+
+
 def main(argv=None):
     """`python -m fastnets.bench.memory [--models ...] [--batch 4] [--image-size 128]`: the table, and the
     rows as JSON with --json."""
@@ -324,6 +350,7 @@ def main(argv=None):
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     p.add_argument("--backend", default="auto", help="fastnets backend (default auto: native on a CPU)")
     p.add_argument("--json")
+    p.add_argument("--chart", help="write the memory chart (PNG) here")
     a = p.parse_args(argv)
     rows = []
     for name in a.models.split(","):
@@ -336,6 +363,11 @@ def main(argv=None):
                      f"params {r['parameter_bytes'] / MIB:7.1f} MiB  x{r.get('per_image_vs_eager', 0):.3f}"
                      if r["status"] == "ok" else r.get("reason", "")), flush=True)
     print(markdown_table(rows))
+    if a.chart:
+        from .charts import memory_chart
+
+        memory_chart({"memory": rows, "models": [{"name": n, "label": M.spec(n).label} for n in a.models.split(",")]},
+                     a.chart)
     if a.json:
         with open(a.json, "w") as f:
             json.dump(rows, f, indent=2)

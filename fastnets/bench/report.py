@@ -191,6 +191,10 @@ def markdown(report):
     from .cpu_ratios import markdown_section
 
     lines += markdown_section(report)  # CPU runs: the interleaved same-run ratios, targets and load
+    if report.get("memory"):
+        from .memory import markdown_section as memory_section
+
+        lines += memory_section(report["memory"])
     if report["fidelity"]:
         lines += ["", "Fidelity: fastnets against eager with the same weights, on real images.", "",
                   "| model | mode | weights | images | max rel. diff | top-1 agreement | disagreements (near ties) |",

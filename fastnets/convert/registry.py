@@ -5,7 +5,7 @@ from torch import nn
 from ..nn.batch_norm import BatchNorm2d as FastBatchNorm2d
 from ..nn.conv import Conv2d as FastConv2d
 from .fx_rewrite import _has_hooks
-from .runtime import fused_conv_bn, fused_se
+from .runtime import chain_conv_bn, chained_conv_bn, fused_conv_bn, fused_se
 
 _REGISTRY = {}  # block class -> function(module) -> fused forward function, or a string saying why not
 
@@ -100,21 +100,25 @@ def _timm_resnet_block(m):
             return None
         return fused_se(self.se.fc1, self.se.fc2, out, residual=shortcut, relu=True)
 
+    # chained: in training bn1's (and bn2's) apply + ReLU run in the next convolution's prologue
+    relu = ("relu", 0.0)
     if bottleneck:
         def forward(self, x):
             shortcut = _shortcut(self, x)
-            out = fused_conv_bn(self.conv1, self.bn1, x, relu=True)
-            out = fused_conv_bn(self.conv2, self.bn2, out, relu=True)
+            out = chain_conv_bn(self.conv1, self.bn1, x, act=relu)
+            out = chain_conv_bn(self.conv2, self.bn2, out, act=relu)
             if self.se is None:
-                return fused_conv_bn(self.conv3, self.bn3, out, residual=shortcut, relu=True)
-            return tail(self, fused_conv_bn(self.conv3, self.bn3, out), shortcut)
+                return chained_conv_bn(self.conv3, self.bn3, out, residual=shortcut, relu=True)
+            return tail(self, chained_conv_bn(self.conv3, self.bn3, out), shortcut)
+        forward.chains = (("bn1", "conv2"), ("bn2", "conv3"))
     else:
         def forward(self, x):
             shortcut = _shortcut(self, x)
-            out = fused_conv_bn(self.conv1, self.bn1, x, relu=True)
+            out = chain_conv_bn(self.conv1, self.bn1, x, act=relu)
             if self.se is None:
-                return fused_conv_bn(self.conv2, self.bn2, out, residual=shortcut, relu=True)
-            return tail(self, fused_conv_bn(self.conv2, self.bn2, out), shortcut)
+                return chained_conv_bn(self.conv2, self.bn2, out, residual=shortcut, relu=True)
+            return tail(self, chained_conv_bn(self.conv2, self.bn2, out), shortcut)
+        forward.chains = (("bn1", "conv2"),)
     return forward
 
 

@@ -146,11 +146,11 @@ def chain_bn(bn, x, residual=None, act=None):
     return conv_chain.bn_deferred(bn, x, act=_act_arg(act))
 
 
-def chained_conv_bn(conv, bn, x, residual=None, act=None):
+def chained_conv_bn(conv, bn, x, residual=None, relu=False, act=None):
     """fused_conv_bn of an x that may be Deferred (read in this convolution's prologue): the end of a chain."""
     if not isinstance(x, conv_chain.Deferred):
-        return fused_conv_bn(conv, bn, x, residual=residual, act=act)
-    return conv_chain.conv_bn_act_chained(conv, bn, x, residual=residual, act=_act_arg(_act(act, False)))
+        return fused_conv_bn(conv, bn, x, residual=residual, relu=relu, act=act)
+    return conv_chain.conv_bn_act_chained(conv, bn, x, residual=residual, act=_act_arg(_act(act, relu)))
 
 
 def chained_conv(conv, x):

@@ -23,6 +23,10 @@ KINKS = {"relu": (0.0,), "relu6": (0.0, 6.0), "leaky_relu": (0.0,), "hardswish":
 # torch's own gradient at a NaN input differs between its scalar and vectorized CPU kernels for these two
 # (hardtanh_backward, hardswish_backward); there fastnets follows the scalar (documented) formula.
 NAN_GRAD_AMBIGUOUS = ("relu6", "hardswish")
+# fp32 activations against the float64 truth: torch's own fp32 gelu (the reference backend) is up to 5.3e-7
+# absolute (1.3e-4 relative) off at -3 with its AVX-512 erf (2-core EPYC, torch 2.14.1), 4e-5 relative on
+# AVX2; 2^-20 absolute is eight fp32 ulps of |x| = 3.
+FP32_ACT_TOL = dict(atol=2.0 ** -20, rtol=1e-4)
 
 
 def torch_act(v, act):
@@ -103,8 +107,11 @@ def test_batch_norm_act_float64_kinks_and_nan(backend):
             y = batch_norm(x, rm, rv, ones, ones * 0, False, 0.1, eps, act=(name, p), backend=backend)
             x_ref = x.detach().double()  # the truth in float64 (torch's own fp32 gelu loses digits near -3)
             want = torch_act(x_ref, (name, p)).to(dtype)
-            # fp32: torch's own fp32 gelu (the reference backend) is 4e-5 off the truth near -3
-            tol = dict(atol=1e-7, rtol=1e-4) if dtype == torch.float32 else dict(atol=1e-12, rtol=1e-12)
+            if dtype == torch.float32:  # torch's vectorised AVX-512 fp32 gelu gives NaN at +inf (the truth: inf);
+                own = torch_act(x.detach(), (name, p))  # the reference backend is torch's kernel: either is torch's
+                quirk = torch.isinf(x.detach()) & own.isnan() & ~want.isnan() & y.detach().isnan()
+                want = torch.where(quirk, own, want)
+            tol = FP32_ACT_TOL if dtype == torch.float32 else dict(atol=1e-12, rtol=1e-12)
             torch.testing.assert_close(y, want, equal_nan=True, **tol, msg=f"{name} {dtype} forward")
             (gx,) = torch.autograd.grad(y, x, torch.ones_like(y))
             # torch's own scalar-kernel gradient (a tensor shorter than one vector): one value at a time
@@ -239,7 +246,8 @@ def test_conv_epilogue_kinks(backend):
             y = fastnets.ops.conv2d(x, w, act=(name, p))
         xr = x.detach().clone().requires_grad_()
         want = torch_act(xr, (name, p))
-        torch.testing.assert_close(y, want, atol=1e-7, rtol=1e-4, msg=name)  # torch fp32 gelu: 4e-5 off near -3
+        truth = torch_act(x.detach().double(), (name, p)).float()
+        torch.testing.assert_close(y, truth, **FP32_ACT_TOL, msg=name)
         (gx,) = torch.autograd.grad(y, x, torch.ones_like(y))
         (gw,) = torch.autograd.grad(want, xr, torch.ones_like(want))
         torch.testing.assert_close(gx, gw, atol=1e-7, rtol=1e-4, msg=f"{name} gradient")

@@ -67,6 +67,11 @@ PRO_PAD = (f"{PRO_FILE}::test_padded_pixels_stay_zero[relu-False-triton]",)
 PRO_1X1 = (f"{PRO_FILE}::test_matches_torch_float64[1x1_nchw-triton]",)
 PRO_TILES = (f"{PRO_FILE}::test_several_tiles_in_m_n_and_k[1x1_s2_c17-triton]",)
 PRO_REF = (f"{PRO_FILE}::test_matches_torch_float64[3x3_p1_nchw-reference]",)
+CHAIN_FILE = "tests/test_conv_chain.py"
+CHAIN_RESNET = t(CHAIN_FILE, "test_resnet_bottleneck_matches_torchvision")
+CHAIN_VGG = t(CHAIN_FILE, "test_vgg_bn_stack_matches_torch")
+CHAIN_CONVERT = t(CHAIN_FILE, "test_convert_refuses_what_it_cannot_prove_and_says_why",
+                  "test_converted_torchvision_resnet18_matches_and_reports_chains")
 BN_FILE, CONV_FILE, SE_FILE, CONVERT_FILE = (
     "tests/test_batch_norm.py", "tests/test_conv.py", "tests/test_squeeze_excite.py", "tests/test_convert.py")
 
@@ -252,6 +257,29 @@ MUTANTS = [
       "dpre = activations.backward(dy.to(acc), v, y.to(acc), act, act_param)",
       "dpre = activations.backward(dy.to(acc), v, z.to(acc), act, act_param)",
       PRO_REF + (PRO_FILE,)),
+    # ---------------------------------------------------------------- nn/conv_chain.py (the chained models)
+    M("chain-batch-stats-grad-var-half", "fastnets/nn/conv_chain.py",
+      "_view(grad_var * (2.0 / count))", "_view(grad_var * (1.0 / count))",
+      CHAIN_RESNET + (CHAIN_FILE,)),
+    M("chain-defer-running-var-count-off-by-one", "fastnets/nn/conv_chain.py",
+      "mean.detach(), var.detach(), factor, count)", "mean.detach(), var.detach(), factor, count + 1)",
+      CHAIN_RESNET + (CHAIN_FILE,)),
+    M("chain-end-skips-running-stats", "fastnets/nn/conv_chain.py",
+      "        update_running_stats(running_mean, running_var, mean, var, factor, count)\n",
+      "        pass\n",
+      CHAIN_RESNET + (CHAIN_FILE,), fast=True),
+    M("chain-pool-offset-kernel-height", "fastnets/nn/conv_chain.py",
+      "return (rows * kernel[1] + cols).to(torch.uint8)", "return (rows * kernel[0] + cols).to(torch.uint8)",
+      CHAIN_VGG + (CHAIN_FILE,)),
+    M("chain-pool-dscale-drops-z", "fastnets/nn/conv_chain.py",
+      "dscale = (dpre * z.to(acc)).sum(dim=(0, 2, 3))", "dscale = dpre.sum(dim=(0, 2, 3))",
+      CHAIN_VGG + (CHAIN_FILE,)),
+    M("convert-chain-ignores-other-users", "fastnets/convert*",
+      "if len(users) != 1:", "if not users:",
+      CHAIN_CONVERT + (CHAIN_FILE,)),
+    M("convert-chain-residual-as-input", "fastnets/convert*",
+      'if node.kwargs.get("residual") is src:', "if False:",
+      CHAIN_CONVERT + (CHAIN_FILE,)),
     # ---------------------------------------------------------------- ops/conv.py
     M("conv-grad-bias-ignores-scale", "fastnets/ops/conv.py",
       "grad_b = sum_g if scale is None else sum_g * scale.to(acc)", "grad_b = sum_g",

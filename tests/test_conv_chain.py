@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 import fastnets
-from conftest import assert_rel, randomize
+from conftest import assert_rel, backends_here, randomize
 from fastnets.bench import memory
 from fastnets.nn import conv_chain
 
@@ -43,10 +43,10 @@ def _call(model, x):
     return model(list(x)) if isinstance(x, tuple) else model(x)
 
 
-def _leaf(x):
+def _leaf(x, dtype=None):
     if isinstance(x, tuple):
-        return tuple(t.detach().clone().requires_grad_() for t in x)
-    return x.detach().clone().requires_grad_()
+        return tuple(_leaf(t, dtype) for t in x)
+    return x.detach().to(dtype or x.dtype, copy=True).requires_grad_()
 
 
 def _grads(x):
@@ -56,16 +56,17 @@ def _grads(x):
 def _compare(ours, theirs, x, steps=2, dtype=torch.float64):
     """Two training steps and one eval step of each with the same weights and output gradient: outputs, input
     gradients, every parameter gradient (the true gradient of a conv bias before a BatchNorm is 0: bounded
-    against the norm of all gradients), every buffer after each step."""
+    against the norm of all gradients), every buffer after each step. `ours` runs in `dtype` (its bound),
+    `theirs` in x's dtype (float64: the truth)."""
     ref_grads = None
     for step, train in enumerate([True] * steps + [False]):
         ours.train(train), theirs.train(train)
-        xa, xb = _leaf(x), _leaf(x)
+        xa, xb = _leaf(x, dtype), _leaf(x)
         ya, yb = _call(ours, xa), _call(theirs, xb)
         what = f"{'train' if train else 'eval'} step {step}"
         assert_rel(ya, yb, dtype, msg=f"{what}: output")
         g = torch.randn(yb.shape, dtype=yb.dtype, generator=torch.Generator().manual_seed(step)) + 0.25
-        ya.backward(g), yb.backward(g)
+        ya.backward(g.to(ya.dtype)), yb.backward(g)
         for ga, gb in zip(_grads(xa), _grads(xb)):
             assert_rel(ga, gb, dtype, ref=g, msg=f"{what}: input gradient")
         ref_grads = torch.cat([p.grad.flatten() for p in theirs.parameters()])
@@ -129,7 +130,7 @@ def test_vgg_bn_stack_matches_torch(channels_last):
         return [
             nn.Conv2d(3, 5, 3, padding=1), nn.BatchNorm2d(5), nn.ReLU(inplace=True),
             nn.Conv2d(5, 6, 3, padding=1), nn.BatchNorm2d(6, momentum=None), nn.ReLU(inplace=True),
-            nn.MaxPool2d(2, 2),
+            nn.MaxPool2d((2, 3), (2, 1)),  # a non-square window: the saved in-window offset is row * kw + col
             nn.Conv2d(6, 4, 1), nn.BatchNorm2d(4, affine=False), nn.ReLU(inplace=True),
             nn.MaxPool2d(3, 2, 1, ceil_mode=True),
             nn.Conv2d(4, 7, 3, padding=2, dilation=2, bias=False), nn.BatchNorm2d(7), nn.ReLU(inplace=True),
@@ -163,6 +164,37 @@ def test_densenet_layer_and_transition_match_torchvision():
     ours.load_state_dict(theirs.state_dict())
     _compare(ours, theirs, torch.randn(3, 7, 6, 6, dtype=torch.float64) - 0.3)
     _saves_no_bn_output(ours, torch.randn(3, 7, 6, 6, dtype=torch.float64), 1)
+
+
+@pytest.mark.skipif("triton" not in backends_here("conv_prologue"), reason="Triton is not installed")
+def test_chains_on_triton_match_torch_float64():
+    """The chain on the Triton kernels (the interpreter here, the GPU there), in float32 against torch in float64:
+    a ResNet bottleneck (bn1, bn2 in the next prologues; bn3 with the add and ReLU) in channels_last, and a
+    VGG-BN stack whose BN-ReLU feeds a convolution and a max-pool, every gradient and running statistic."""
+    from torchvision.models.resnet import Bottleneck as TVBottleneck
+
+    from fastnets.models.resnet import Bottleneck
+
+    with fastnets.use_backend("triton"):
+        ds = lambda: nn.Sequential(nn.Conv2d(5, 8, 1, stride=2, bias=False), nn.BatchNorm2d(8))  # noqa: E731
+        theirs = _randomize_all(TVBottleneck(5, 2, stride=2, downsample=ds())).double()
+        ours = Bottleneck(5, 2, stride=2, downsample=ds()).float()
+        ours.load_state_dict(theirs.state_dict())
+        x = (torch.randn(2, 5, 7, 6, dtype=torch.float64) + 0.5).to(memory_format=torch.channels_last)
+        _compare(ours, theirs, x, steps=1, dtype=torch.float32)
+        _saves_no_bn_output(ours, x.float(), 2)
+
+        def stack():
+            return [nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+                    nn.Conv2d(4, 3, 3, padding=1, bias=False), nn.BatchNorm2d(3), nn.ReLU(),
+                    nn.MaxPool2d(2, 2)]
+
+        theirs = _randomize_all(nn.Sequential(*stack())).double()
+        ours = conv_chain.ChainedSequential(*stack()).float()
+        ours.load_state_dict(theirs.state_dict())
+        x = torch.randn(2, 3, 7, 5, dtype=torch.float64) + 0.5
+        _compare(ours, theirs, x, steps=1, dtype=torch.float32)
+        _saves_no_bn_output(ours, x.float(), 1, 1)
 
 
 def test_functions_take_plain_tensors_and_fall_back():

@@ -236,6 +236,41 @@ def test_bf16(train):
     assert_rel(got, want)
 
 
+def test_fold_cache_hits_under_autocast(monkeypatch):
+    """Under CPU autocast the eval fold is computed once from the module's fp32 parameters and reused (the
+    per-call bf16 copy of the weight must not be the cache key: that recomputed the fold and re-packed the
+    weight every call, 0.85x eager in bf16 ResNet-18 inference); the result is the float64 truth to bf16."""
+    conv, bn = _pair(cin=6, cout=8, dtype=torch.float32, seed=13)
+    conv.eval(), bn.eval()
+    x = _x((2, 6, 7, 7), dtype=torch.float32)
+    want = torch.relu(copy.deepcopy(bn).double()(copy.deepcopy(conv).double()(x.double())))
+    folds = []
+    real = _native_cpu.fold
+    monkeypatch.setattr(_native_cpu, "fold", lambda *a: folds.append(a[-1]) or real(*a))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        for _ in range(3):
+            got = conv_bn_act(conv, bn, x, act="relu")
+            assert got.dtype == torch.bfloat16
+            assert_rel(got, want)
+    assert folds == [torch.bfloat16]  # folded once, into the autocast dtype
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        bn.running_var.mul_(1.5)  # a buffer changed in place: the fold is recomputed
+        want = torch.relu(copy.deepcopy(bn).double()(copy.deepcopy(conv).double()(x.double())))
+        assert_rel(conv_bn_act(conv, bn, x, act="relu"), want)
+    assert len(folds) == 2
+    # with autograd (frozen-BN fine-tuning under autocast): the fp32 weight's gradient through the bf16 fold
+    c64, b64 = copy.deepcopy(conv).double(), copy.deepcopy(bn).double()
+    torch.relu(b64(c64(x.double()))).sum().backward()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = conv_bn_act(conv, bn, x, act="relu")
+    assert y.dtype == torch.bfloat16 and y.requires_grad
+    y.float().sum().backward()
+    assert conv.weight.grad.dtype == torch.float32
+    for name, a, b in (("conv.weight", conv.weight, c64.weight), ("bn.weight", bn.weight, b64.weight),
+                       ("bn.bias", bn.bias, b64.bias)):
+        assert_rel(a.grad, b.grad, dtype=torch.bfloat16, msg=name)
+
+
 def test_explicit_backends_still_run_their_kernels():
     """use_backend('reference') still goes through fastnets' custom ops (the oracle), not torch's."""
     conv, bn = _pair(dtype=torch.float32)

@@ -177,7 +177,8 @@ def fold(weight, bias, running_mean, running_var, bn_weight, bn_bias, eps, dtype
 
 def conv_bn_eval(x, weight, bias, running_mean, running_var, bn_weight, bn_bias, eps, stride, padding, dilation,
                  residual, act, param, cache_owner=None):
-    """The eval-mode Conv -> BN -> [add] -> [act] as one convolution of the folded weights. `cache_owner`
+    """The eval-mode Conv -> BN -> [add] -> [act] as one convolution of the folded weights, folded in fp32
+    (fp64) and rounded to x's dtype (under autocast the module's fp32 weight meets a bf16 x). `cache_owner`
     (the conv module) enables the fold cache when no autograd flows through the weights."""
     params = (weight, bias, running_mean, running_var, bn_weight, bn_bias)
     dtype = x.dtype

@@ -329,16 +329,17 @@ def _pair(v, name, minimum):
     return [int(i) for i in v]
 
 
-def _validate(x, weight, bias, stride, padding, dilation, residual, scale=None, shift=None):
+def _validate(x, weight, bias, stride, padding, dilation, residual, scale=None, shift=None, params_uncast=False):
+    """params_uncast: weight and bias were left out of _autocast (they may be what autocast would cast)."""
     _checks.check_float(x, "input")
     _checks.check_float(weight, "weight")
     _checks.check_ndim(x, "input", (4,))
     _checks.check_ndim(weight, "weight", (4,))
-    if weight.dtype != x.dtype:
+    if weight.dtype != x.dtype and not (params_uncast and _autocast_would_cast(weight, x)):
         raise TypeError(f"weight has dtype {weight.dtype} but input has dtype {x.dtype}; they must match")
     if bias is not None:
         _checks.check_float(bias, "bias")
-        if bias.dtype != x.dtype:
+        if bias.dtype != x.dtype and not (params_uncast and _autocast_would_cast(bias, x)):
             raise TypeError(f"bias has dtype {bias.dtype} but input has dtype {x.dtype}; they must match")
     _checks.check_same_device(x, "input", weight=weight, bias=bias, scale=scale, shift=shift, residual=residual)
     cout, cin = weight.shape[:2]
@@ -433,9 +434,10 @@ def _grouped(input, weight, bias, stride, padding, dilation, groups, scale, shif
     return activations.forward(v, act, act_param).to(y.dtype)
 
 
-def _autocast(input, weight, bias, residual):
+def _autocast(input, weight, bias, residual, params=True):
     """Under torch.autocast, cast as F.conv2d's autocast rule does (custom ops get no autocast of their own):
-    floating tensors other than float64 go to the autocast dtype; BatchNorm's scale and shift stay fp32."""
+    floating tensors other than float64 go to the autocast dtype; BatchNorm's scale and shift stay fp32.
+    params=False leaves weight and bias as they are (a caller that casts what it derives from them)."""
     # meta tensors (shape inference) have no autocast state: asking raises an internal error
     if not isinstance(input, torch.Tensor) or input.device.type == "meta" or not torch.is_autocast_enabled(input.device.type):
         return input, weight, bias, residual
@@ -445,7 +447,16 @@ def _autocast(input, weight, bias, residual):
         ok = isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != torch.float64
         return t.to(dtype) if ok else t
 
+    if not params:
+        return cast(input), weight, bias, cast(residual)
     return cast(input), cast(weight), cast(bias), cast(residual)
+
+
+def _autocast_would_cast(t, x):
+    """True when _autocast would have cast parameter t to the dtype of x (x already cast)."""
+    return (x.device.type != "meta" and torch.is_autocast_enabled(x.device.type)
+            and x.dtype == torch.get_autocast_dtype(x.device.type) and t.is_floating_point()
+            and t.dtype != torch.float64)
 
 
 def _unbatched(input, residual):
@@ -509,8 +520,12 @@ def conv2d_batch_norm(
     backend = requested_backend(backend)
     stride, padding, dilation = _args(input, stride, padding, dilation)
     input, residual, unbatched = _unbatched(input, residual)
-    input, weight, bias, residual = _autocast(input, weight, bias, residual)
-    shape = _validate(input, weight, bias, stride, padding, dilation, residual)
+    # native eval folds the BatchNorm into the module's own (uncast) weight and bias, in fp32, and rounds the
+    # cached fold once to the autocast dtype: casting them here would make a new tensor every call (no cache
+    # hit, a copy per layer)
+    native_eval = not training and _native_cpu.active(backend, input)
+    input, weight, bias, residual = _autocast(input, weight, bias, residual, params=not native_eval)
+    shape = _validate(input, weight, bias, stride, padding, dilation, residual, params_uncast=native_eval)
     cout = weight.shape[0]
     for name, t in (("running_mean", running_mean), ("running_var", running_var), ("bn_weight", bn_weight),
                     ("bn_bias", bn_bias)):
@@ -537,7 +552,7 @@ def conv2d_batch_norm(
     else:
         if running_mean is None or running_var is None:
             raise ValueError("running_mean and running_var are required when training=False")
-        if _native_cpu.active(backend, input):  # one oneDNN convolution of the folded weights
+        if native_eval:  # one oneDNN convolution of the folded weights (folded into input's dtype)
             y = _native_cpu.conv_bn_eval(input, weight, bias, running_mean, running_var, bn_weight, bn_bias, eps,
                                          stride, padding, dilation, residual, act, act_param, cache_owner)
             return y.squeeze(0) if unbatched else y

@@ -300,11 +300,12 @@ def markdown_table(rows):
     """The README's table: saved MiB per image, eager against each fastnets variant."""
     by = {(r["model"], r["variant"]): r for r in rows if r["status"] == "ok"}
     models = list(dict.fromkeys(r["model"] for r in rows))
-    lines = ["| model | eager MiB/image | fastnets.models | ratio | fastnets.convert | ratio |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| model | input px | eager MiB/image | fastnets.models | ratio | fastnets.convert | ratio |",
+             "|---|---|---|---|---|---|---|"]
     for m in models:
         e = by.get((m, "eager"))
-        cells = [m, f"{e['saved_mib_per_image']:.2f}" if e else "-"]
+        px = next((r["image_size"] for r in rows if r["model"] == m and r.get("image_size")), "-")
+        cells = [m, str(px), f"{e['saved_mib_per_image']:.2f}" if e else "-"]
         for v in ("fastnets", "fastnets-convert"):
             r = by.get((m, v))
             cells += ([f"{r['saved_mib_per_image']:.2f}", f"{r.get('per_image_vs_eager', float('nan')):.2f}x"]
@@ -321,7 +322,7 @@ def markdown_section(rows):
         return []
     r0 = ok[0]
     lines = ["", f"Memory of a training step: bytes of every tensor saved for backward per image (exact "
-             f"saved_tensors_hooks count, each storage once; {r0['precision']}, {r0['image_size']} px, batches "
+             f"saved_tensors_hooks count, each storage once; {r0['precision']}, each model at its input size, batches "
              f"{r0['batch_size']} and {max(2, r0['batch_size'] // 2)}; fastnets backend {r0.get('backend')}).", "",
              markdown_table(ok)]
     gpu = [r for r in ok if "peak_step_mib" in r]

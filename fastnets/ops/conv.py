@@ -444,19 +444,22 @@ def _autocast(input, weight, bias, residual, params=True):
     dtype = torch.get_autocast_dtype(input.device.type)
 
     def cast(t):
-        ok = isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != torch.float64
-        return t.to(dtype) if ok else t
+        return t.to(dtype) if _autocast_casts(t) else t
 
     if not params:
         return cast(input), weight, bias, cast(residual)
     return cast(input), cast(weight), cast(bias), cast(residual)
 
 
+def _autocast_casts(t):
+    """The tensors _autocast casts (as F.conv2d's autocast rule): floating, other than float64."""
+    return isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != torch.float64
+
+
 def _autocast_would_cast(t, x):
     """True when _autocast would have cast parameter t to the dtype of x (x already cast)."""
     return (x.device.type != "meta" and torch.is_autocast_enabled(x.device.type)
-            and x.dtype == torch.get_autocast_dtype(x.device.type) and t.is_floating_point()
-            and t.dtype != torch.float64)
+            and x.dtype == torch.get_autocast_dtype(x.device.type) and _autocast_casts(t))
 
 
 def _unbatched(input, residual):

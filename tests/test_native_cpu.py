@@ -243,7 +243,12 @@ def test_fold_cache_hits_under_autocast(monkeypatch):
     conv, bn = _pair(cin=6, cout=8, dtype=torch.float32, seed=13)
     conv.eval(), bn.eval()
     x = _x((2, 6, 7, 7), dtype=torch.float32)
-    want = torch.relu(copy.deepcopy(bn).double()(copy.deepcopy(conv).double()(x.double())))
+
+    def truth():
+        c64, b64 = copy.deepcopy(conv).double(), copy.deepcopy(bn).double()
+        return _torch_block(c64, b64, x.double(), None, "relu"), c64, b64
+
+    want, _, _ = truth()
     folds = []
     real = _native_cpu.fold
     monkeypatch.setattr(_native_cpu, "fold", lambda *a: folds.append(a[-1]) or real(*a))
@@ -255,12 +260,12 @@ def test_fold_cache_hits_under_autocast(monkeypatch):
     assert folds == [torch.bfloat16]  # folded once, into the autocast dtype
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         bn.running_var.mul_(1.5)  # a buffer changed in place: the fold is recomputed
-        want = torch.relu(copy.deepcopy(bn).double()(copy.deepcopy(conv).double()(x.double())))
+        want, _, _ = truth()
         assert_rel(conv_bn_act(conv, bn, x, act="relu"), want)
     assert len(folds) == 2
     # with autograd (frozen-BN fine-tuning under autocast): the fp32 weight's gradient through the bf16 fold
-    c64, b64 = copy.deepcopy(conv).double(), copy.deepcopy(bn).double()
-    torch.relu(b64(c64(x.double()))).sum().backward()
+    want, c64, b64 = truth()
+    want.sum().backward()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y = conv_bn_act(conv, bn, x, act="relu")
     assert y.dtype == torch.bfloat16 and y.requires_grad

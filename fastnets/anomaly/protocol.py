@@ -8,6 +8,10 @@ Training (`train_autoencoder`): Adam, mean squared reconstruction error; with `n
 input plus Gaussian noise of that standard deviation (clipped to [0, 1]) and must reconstruct the clean
 image, the denoising that keeps a skip-connected U-Net from copying its input. Scoring runs in eval mode
 (BatchNorm running statistics).
+
+Scores (`score_images`): the reconstruction scores of scores.py and, given a `CodeScorer` (svdd.py: the
+normal class's bottleneck codes and a Deep SVDD built on the trained encoder), the code-space scores "knn",
+"svdd" and "combo" (their mix, each scaled by its mean on normal training images, as "mix" is).
 """
 import io
 import os
@@ -17,7 +21,8 @@ import numpy as np
 import torch
 
 from .model import ReconstructionAE
-from .scores import SCORES, auroc, image_scores
+from .scores import CODE_SCORES, RECONSTRUCTION_SCORES, SCORES, auroc, image_scores
+from .svdd import encode, knn_distance, train_deep_svdd
 
 DATASETS = {"mnist": "mnist.npz", "fashion_mnist": "fashion_mnist.npz", "cifar10": "cifar10_jpeg.npz"}
 
@@ -140,20 +145,47 @@ def reconstruct(model, x, batch_size=500):
     return x, torch.cat([model(x[i:i + batch_size]) for i in range(0, x.shape[0], batch_size)])
 
 
+class CodeScorer:
+    """Code-space scoring for one trained autoencoder: the bottleneck codes of the normal training images (the
+    k-NN bank) and a Deep SVDD trained from its encoder (svdd_epochs = 0 keeps the initial encoder, whose
+    score is the distance to the mean code)."""
+
+    def __init__(self, autoencoder, x, k=5, svdd_epochs=4, svdd_lr=1e-4, seed=0, batch_size=64):
+        x = _to_unit(x, "x")
+        if not 1 <= k < x.shape[0]:
+            raise ValueError(f"k must be in 1..{x.shape[0] - 1} (fewer than the {x.shape[0]} normal images), got {k}")
+        self.autoencoder, self.k = autoencoder, int(k)
+        self.bank = encode(autoencoder, x)
+        self.svdd = train_deep_svdd(autoencoder, x, epochs=svdd_epochs, lr=svdd_lr, batch_size=batch_size, seed=seed)
+
+    def knn(self, x, exclude_self=False):
+        return knn_distance(encode(self.autoencoder, x), self.bank, self.k, exclude_self=exclude_self)
+
+
 @torch.no_grad()
-def score_images(model, x, scales=None, batch_size=500):
-    """Per-image scores {kind: (N,) tensor} for every kind in SCORES."""
+def score_images(model, x, scales=None, batch_size=500, code_scorer=None, train_images=False):
+    """Per-image scores {kind: (N,) tensor}: every kind of RECONSTRUCTION_SCORES, and with a CodeScorer every
+    kind of CODE_SCORES. train_images: x are the scorer's own first training images (their k-NN distance
+    leaves each image itself out)."""
     x = _to_unit(x, "x")
-    out = {k: [] for k in SCORES}
+    out = {k: [] for k in ("l2", "ssim")}
     for i in range(0, x.shape[0], batch_size):
         xb, rb = reconstruct(model, x[i:i + batch_size], batch_size)
-        l2, ss = image_scores(xb, rb, "l2"), image_scores(xb, rb, "ssim")
-        out["l2"].append(l2)
-        out["ssim"].append(ss)
-    out = {k: torch.cat(v) for k, v in out.items() if v}
-    scales = scales or {"l2": 1.0, "ssim": 1.0}
-    out["mix"] = 0.5 * out["l2"] / scales["l2"] + 0.5 * out["ssim"] / scales["ssim"]
+        out["l2"].append(image_scores(xb, rb, "l2"))
+        out["ssim"].append(image_scores(xb, rb, "ssim"))
+    out = {k: torch.cat(v) for k, v in out.items()}
+    scales = scales or {}
+    mix = lambda a, b: 0.5 * out[a] / scales.get(a, 1.0) + 0.5 * out[b] / scales.get(b, 1.0)  # noqa: E731
+    out["mix"] = mix("l2", "ssim")
+    if code_scorer is not None:
+        out["knn"] = code_scorer.knn(x, exclude_self=train_images)
+        out["svdd"] = code_scorer.svdd.score(x)
+        out["combo"] = mix("knn", "svdd")
     return out
+
+
+def _scales(train_scores):
+    return {k: v.mean().item() for k, v in train_scores.items() if k in ("l2", "ssim", "knn", "svdd")}
 
 
 def _check_classes(classes, y_train, y_test):
@@ -166,9 +198,10 @@ def _check_classes(classes, y_train, y_test):
 
 def run_protocol(data, classes=range(10), seeds=(0, 1, 2), epochs=10, batch_size=64, lr=3e-3, noise=0.0,
                  skips=False, widths=(8, 16, 32), latent_channels=2, max_train=None, max_test=None,
-                 progress=None, keep_models=False):
+                 progress=None, keep_models=False, code_scores=True, knn_k=5, svdd_epochs=4, svdd_lr=1e-4):
     """AUROC per class and seed for every score kind. `data` = (x_train, y_train, x_test, y_test) as from
-    load_dataset. Returns a dict: config, auroc[kind][class] = [per seed], mean[kind] = {mean, std over seeds
+    load_dataset. code_scores adds the code-space scores (a k-NN bank and a Deep SVDD of svdd_epochs per
+    model; see CodeScorer). Returns a dict: config, auroc[kind][class] = [per seed], mean[kind] = {mean, std over seeds
     of the class mean}, train_seconds; and, with keep_models, models[(class, seed)] and test scores."""
     x_train, y_train, x_test, y_test = data
     classes, seeds = [int(c) for c in classes], [int(s) for s in seeds]
@@ -182,9 +215,12 @@ def run_protocol(data, classes=range(10), seeds=(0, 1, 2), epochs=10, batch_size
         _check_classes(classes, y_train, y_test)
     config = dict(classes=classes, seeds=seeds, epochs=epochs, batch_size=batch_size, lr=lr, noise=noise,
                   skips=bool(skips), widths=list(widths), latent_channels=latent_channels, max_train=max_train,
-                  n_test=int(x_test.shape[0]), image_shape=list(x_train.shape[1:]))
-    res = {"config": config, "auroc": {k: {c: [] for c in classes} for k in SCORES}, "train_seconds": 0.0,
-           "n_train": {}}
+                  n_test=int(x_test.shape[0]), image_shape=list(x_train.shape[1:]), code_scores=bool(code_scores))
+    kinds = SCORES if code_scores else RECONSTRUCTION_SCORES
+    if code_scores:
+        config.update(knn_k=knn_k, svdd_epochs=svdd_epochs, svdd_lr=svdd_lr)
+    res = {"config": config, "auroc": {k: {c: [] for c in classes} for k in kinds}, "train_seconds": 0.0,
+           "code_seconds": 0.0, "n_train": {}}
     if keep_models:
         res["models"], res["test_scores"] = {}, {}
     for s in seeds:  # seeds outer: a run cut short still has every class for its first seeds
@@ -198,18 +234,23 @@ def run_protocol(data, classes=range(10), seeds=(0, 1, 2), epochs=10, batch_size
             model = train_autoencoder(xc, epochs=epochs, batch_size=batch_size, lr=lr, noise=noise, skips=skips,
                                       widths=widths, latent_channels=latent_channels, seed=s)
             res["train_seconds"] += time.perf_counter() - t0
-            tr = score_images(model, xc[:1000])
-            scales = {"l2": tr["l2"].mean().item(), "ssim": tr["ssim"].mean().item()}
-            sc = score_images(model, x_test, scales)
-            for k in SCORES:
+            scorer = None
+            if code_scores:
+                t0 = time.perf_counter()
+                scorer = CodeScorer(model, xc, k=knn_k, svdd_epochs=svdd_epochs, svdd_lr=svdd_lr, seed=s,
+                                    batch_size=batch_size)
+                res["code_seconds"] += time.perf_counter() - t0
+            scales = _scales(score_images(model, xc[:1000], code_scorer=scorer, train_images=True))
+            sc = score_images(model, x_test, scales, code_scorer=scorer)
+            for k in kinds:
                 res["auroc"][k][c].append(auroc(sc[k], labels))
             if keep_models:
                 res["models"][(c, s)] = (model, scales)
                 res["test_scores"][(c, s)] = sc
             if progress:
-                progress(c, s, {k: res["auroc"][k][c][-1] for k in SCORES}, res)
+                progress(c, s, {k: res["auroc"][k][c][-1] for k in kinds}, res)
     res["mean"] = {}
-    for k in SCORES:
+    for k in kinds:
         per_seed = np.array([[res["auroc"][k][c][i] for c in classes] for i in range(len(seeds))]).mean(1)
         res["mean"][k] = {"mean": float(per_seed.mean()), "std": float(per_seed.std())}
     return res

@@ -12,7 +12,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-SCORES = ("l2", "ssim", "mix")
+RECONSTRUCTION_SCORES = ("l2", "ssim", "mix")
+# Scores of where an image's code lies (svdd.py): k-NN distance, Deep SVDD distance, and their mix ("combo").
+CODE_SCORES = ("knn", "svdd", "combo")
+SCORES = RECONSTRUCTION_SCORES + CODE_SCORES
 
 
 def _gaussian_window(size=11, sigma=1.5, dtype=torch.float32, device=None):
@@ -59,7 +62,7 @@ def _check_pair(x, y):
 
 
 def pixel_scores(x, recon, kind="l2", scales=None):
-    """Per-pixel anomaly map (N, H, W) of `kind` in SCORES; `scales` = {"l2": s, "ssim": s} for "mix"."""
+    """Per-pixel anomaly map (N, H, W) of `kind` in RECONSTRUCTION_SCORES; `scales` = {"l2": s, "ssim": s} for "mix"."""
     _check_pair(x, recon)
     if kind == "l2":
         return ((x - recon) ** 2).mean(1)
@@ -68,7 +71,7 @@ def pixel_scores(x, recon, kind="l2", scales=None):
     if kind == "mix":
         scales = scales or {"l2": 1.0, "ssim": 1.0}
         return 0.5 * pixel_scores(x, recon, "l2") / scales["l2"] + 0.5 * pixel_scores(x, recon, "ssim") / scales["ssim"]
-    raise ValueError(f"kind must be one of {SCORES}, got {kind!r}")
+    raise ValueError(f"kind must be one of {RECONSTRUCTION_SCORES} (per-pixel scores), got {kind!r}")
 
 
 def image_scores(x, recon, kind="l2", scales=None):

@@ -127,6 +127,8 @@ def test_code_scores_bad_input_names_the_argument():
         train_deep_svdd(ae, x, eps=-1)
     with pytest.raises(TypeError, match="autoencoder must be a ReconstructionAE"):
         DeepSVDD(nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="scales must hold 'knn' and 'svdd' for 'combo'"):
+        score_images(ae, x, {"l2": 1.0, "ssim": 1.0}, code_scorer=CodeScorer(ae, x, k=2, svdd_epochs=0))
     with pytest.raises(RuntimeError, match="no center"):
         DeepSVDD(ae).score(x)
     assert isinstance(ae, ReconstructionAE)

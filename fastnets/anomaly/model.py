@@ -46,12 +46,16 @@ class ReconstructionAE(nn.Module):
             prev = w
         self.head = Conv2d(prev, in_channels, 1)
 
-    def forward(self, x):
+    def encode(self, x):
+        """(the code: the bottleneck's output, every encoder level's features for the skips)."""
         features = []
         for enc in self.encoders:
             x = enc(x)
             features.append(x)
-        x = self.bottleneck(x)
+        return self.bottleneck(x), features
+
+    def forward(self, x):
+        x, features = self.encode(x)
         for dec, skip in zip(self.decoders, reversed(features)):
             x = F.interpolate(x, size=skip.shape[-2:], mode="nearest")
             if self.skips:

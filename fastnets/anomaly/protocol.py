@@ -21,8 +21,8 @@ import numpy as np
 import torch
 
 from .model import ReconstructionAE
-from .scores import CODE_SCORES, RECONSTRUCTION_SCORES, SCORES, auroc, image_scores
-from .svdd import encode, knn_distance, train_deep_svdd
+from .scores import MIXES, RECONSTRUCTION_SCORES, SCORES, auroc, image_scores, mix_scores
+from .svdd import encode, in_batches, knn_distance, train_deep_svdd
 
 DATASETS = {"mnist": "mnist.npz", "fashion_mnist": "fashion_mnist.npz", "cifar10": "cifar10_jpeg.npz"}
 
@@ -142,7 +142,7 @@ def recalibrate_batch_norm(model, x, max_images=2000, batch_size=500):
 def reconstruct(model, x, batch_size=500):
     x = _to_unit(x, "x")
     model.eval()
-    return x, torch.cat([model(x[i:i + batch_size]) for i in range(0, x.shape[0], batch_size)])
+    return x, in_batches(model, x, batch_size)
 
 
 class CodeScorer:
@@ -174,18 +174,18 @@ def score_images(model, x, scales=None, batch_size=500, code_scorer=None, train_
         out["l2"].append(image_scores(xb, rb, "l2"))
         out["ssim"].append(image_scores(xb, rb, "ssim"))
     out = {k: torch.cat(v) for k, v in out.items()}
-    scales = scales or {}
-    mix = lambda a, b: 0.5 * out[a] / scales.get(a, 1.0) + 0.5 * out[b] / scales.get(b, 1.0)  # noqa: E731
-    out["mix"] = mix("l2", "ssim")
     if code_scorer is not None:
         out["knn"] = code_scorer.knn(x, exclude_self=train_images)
         out["svdd"] = code_scorer.svdd.score(x)
-        out["combo"] = mix("knn", "svdd")
+    for kind, parts in MIXES.items():
+        if all(p in out for p in parts):
+            out[kind] = mix_scores(out, kind, scales)
     return out
 
 
 def _scales(train_scores):
-    return {k: v.mean().item() for k, v in train_scores.items() if k in ("l2", "ssim", "knn", "svdd")}
+    """Each mix's parts' means on normal training images."""
+    return {k: v.mean().item() for k, v in train_scores.items() if k not in MIXES}
 
 
 def _check_classes(classes, y_train, y_test):

@@ -16,6 +16,18 @@ RECONSTRUCTION_SCORES = ("l2", "ssim", "mix")
 # Scores of where an image's code lies (svdd.py): k-NN distance, Deep SVDD distance, and their mix ("combo").
 CODE_SCORES = ("knn", "svdd", "combo")
 SCORES = RECONSTRUCTION_SCORES + CODE_SCORES
+# Each mixed score is the mean of its two parts, each divided by its scale (its mean on normal training images).
+MIXES = {"mix": ("l2", "ssim"), "combo": ("knn", "svdd")}
+
+
+def mix_scores(parts, kind, scales=None):
+    """The mixed score `kind` of MIXES from parts {name: scores}; scales None = every part at scale 1."""
+    a, b = MIXES[kind]
+    scales = scales or {a: 1.0, b: 1.0}
+    missing = [n for n in (a, b) if n not in scales]
+    if missing:
+        raise ValueError(f"scales must hold {a!r} and {b!r} for {kind!r}, missing {missing}")
+    return 0.5 * parts[a] / scales[a] + 0.5 * parts[b] / scales[b]
 
 
 def _gaussian_window(size=11, sigma=1.5, dtype=torch.float32, device=None):
@@ -69,8 +81,7 @@ def pixel_scores(x, recon, kind="l2", scales=None):
     if kind == "ssim":
         return 1 - ssim_map(x, recon)
     if kind == "mix":
-        scales = scales or {"l2": 1.0, "ssim": 1.0}
-        return 0.5 * pixel_scores(x, recon, "l2") / scales["l2"] + 0.5 * pixel_scores(x, recon, "ssim") / scales["ssim"]
+        return mix_scores({k: pixel_scores(x, recon, k) for k in MIXES["mix"]}, "mix", scales)
     raise ValueError(f"kind must be one of {RECONSTRUCTION_SCORES} (per-pixel scores), got {kind!r}")
 
 

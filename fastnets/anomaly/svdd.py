@@ -22,18 +22,21 @@ from .model import ReconstructionAE
 
 
 @torch.no_grad()
-def encode(autoencoder, x, batch_size=500):
-    """The autoencoder's bottleneck codes of images x (float, [0, 1]), flattened: (N, D), eval mode."""
+def in_batches(fn, x, batch_size=500):
+    """torch.cat of fn over slices of x of batch_size images (bounded memory), without autograd."""
+    return torch.cat([fn(x[i:i + batch_size]) for i in range(0, x.shape[0], batch_size)])
+
+
+def _check_autoencoder(autoencoder):
     if not isinstance(autoencoder, ReconstructionAE):
         raise TypeError(f"autoencoder must be a ReconstructionAE, got {type(autoencoder).__name__}")
+
+
+def encode(autoencoder, x, batch_size=500):
+    """The autoencoder's bottleneck codes of images x (float, [0, 1]), flattened: (N, D), eval mode."""
+    _check_autoencoder(autoencoder)
     autoencoder.eval()
-    out = []
-    for i in range(0, x.shape[0], batch_size):
-        h = x[i:i + batch_size]
-        for enc in autoencoder.encoders:
-            h = enc(h)
-        out.append(autoencoder.bottleneck(h).flatten(1))
-    return torch.cat(out)
+    return in_batches(lambda b: autoencoder.encode(b)[0].flatten(1), x, batch_size)
 
 
 @torch.no_grad()
@@ -67,10 +70,9 @@ class DeepSVDD(nn.Module):
 
     def __init__(self, autoencoder):
         super().__init__()
-        if not isinstance(autoencoder, ReconstructionAE):
-            raise TypeError(f"autoencoder must be a ReconstructionAE, got {type(autoencoder).__name__}")
-        self.encoders = copy.deepcopy(autoencoder.encoders)
-        self.bottleneck = copy.deepcopy(autoencoder.bottleneck)
+        _check_autoencoder(autoencoder)
+        self.phi = nn.Sequential(*copy.deepcopy(autoencoder.encoders), copy.deepcopy(autoencoder.bottleneck),
+                                 nn.Flatten())
         for m in self.modules():
             if isinstance(m, nn.modules.batchnorm._BatchNorm):
                 m.requires_grad_(False)
@@ -82,16 +84,12 @@ class DeepSVDD(nn.Module):
         return super().train(False)
 
     def forward(self, x):
-        for enc in self.encoders:
-            x = enc(x)
-        return self.bottleneck(x).flatten(1)
+        return self.phi(x)
 
-    @torch.no_grad()
     def score(self, x, batch_size=500):
         if self.center.numel() == 0:
             raise RuntimeError("DeepSVDD has no center yet: build it with train_deep_svdd")
-        return torch.cat([((self(x[i:i + batch_size]) - self.center) ** 2).sum(1)
-                          for i in range(0, x.shape[0], batch_size)])
+        return in_batches(lambda b: ((self(b) - self.center) ** 2).sum(1), x, batch_size)
 
 
 def train_deep_svdd(autoencoder, x, epochs=4, lr=1e-4, weight_decay=1e-6, batch_size=64, eps=0.1, seed=0):
@@ -104,11 +102,10 @@ def train_deep_svdd(autoencoder, x, epochs=4, lr=1e-4, weight_decay=1e-6, batch_
     if eps < 0:
         raise ValueError(f"eps must be >= 0, got {eps}")
     model = DeepSVDD(autoencoder)
-    with torch.no_grad():
-        c = torch.cat([model(x[i:i + 500]) for i in range(0, x.shape[0], 500)]).mean(0)
-        near = c.abs() < eps
-        c[near] = torch.where(c[near] < 0, -eps, eps)
-        model.center = c
+    c = in_batches(model, x).mean(0)
+    near = c.abs() < eps
+    c[near] = torch.where(c[near] < 0, -eps, eps)
+    model.center = c
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
     g = torch.Generator().manual_seed(seed)

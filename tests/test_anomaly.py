@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from fastnets.anomaly import StreamingDetector, auroc, image_scores, pixel_scores, roc_curve, ssim_map
-from fastnets.anomaly.protocol import load_dataset, run_protocol, train_autoencoder
+from fastnets.anomaly.protocol import load_dataset, merge_results, run_protocol, train_autoencoder
 
 
 def _brute_auroc(s, y):
@@ -110,6 +110,52 @@ def test_cli_writes_json_markdown_and_plots(tmp_path):
     assert "| **mean** |" in md and "94.8" in md and "AUROC combo (%)" in md
     for f in ("roc", "maps"):
         assert os.path.getsize(out / f"anomaly_mnist_bottleneck_{f}.png") > 1000
+
+
+def test_merge_results_of_runs_on_disjoint_seeds_equals_one_run_of_all(tmp_path):
+    from fastnets.anomaly.__main__ import main
+
+    data = _tiny_data()
+    kw = dict(classes=[0, 2], epochs=2, batch_size=16, widths=(4, 8), latent_channels=2, code_scores=False)
+    both = run_protocol(data, seeds=[0, 1], **kw)
+    one, zero = run_protocol(data, seeds=[1], **kw), run_protocol(data, seeds=[0], **kw)
+    # one run as read back from its JSON (string class keys), the other as returned: given out of seed order
+    merged = merge_results([json.loads(json.dumps(one)), zero])
+    assert merged["config"] == both["config"]
+    assert merged["auroc"] == both["auroc"]  # each model's training depends on its seed only
+    for k in ("l2", "ssim", "mix"):
+        assert merged["mean"][k] == pytest.approx(both["mean"][k])
+    assert merged["train_seconds"] == pytest.approx(one["train_seconds"] + zero["train_seconds"])
+    # and through the CLI, with the markdown table of both seeds
+    for name, r in (("a", one), ("b", zero)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "r.json").write_text(json.dumps(dict(r, dataset="toy", arch="bottleneck")))
+    assert main(["--merge", str(tmp_path / "a" / "r.json"), str(tmp_path / "b" / "r.json"),
+                 "--out", str(tmp_path / "ab")]) == 0
+    res = json.loads((tmp_path / "ab" / "anomaly_toy_bottleneck.json").read_text())
+    assert res["config"]["seeds"] == [0, 1] and res["auroc"]["l2"]["2"] == both["auroc"]["l2"][2]
+    assert res["merged_from"] == ["r.json", "r.json"]
+    md = (tmp_path / "ab" / "anomaly_toy_bottleneck.md").read_text()
+    v = np.array(both["auroc"]["mix"][2]) * 100
+    assert f"| 2 | " in md and f"{v.mean():.1f} ± {v.std():.1f}" in md and "seeds [0, 1]" in md
+
+    with pytest.raises(ValueError, match="at least one run"):
+        merge_results([])
+    with pytest.raises(ValueError, match=r"results\[1\] is not a run_protocol result"):
+        merge_results([one, {"auroc": {}}])
+    with pytest.raises(ValueError, match=r"seeds \[1\] appear in more than one run"):
+        merge_results([one, both])
+    other = run_protocol(data, seeds=[0], **dict(kw, epochs=1))
+    with pytest.raises(ValueError, match="config 'epochs': 1 vs 2"):
+        merge_results([one, other])
+    with pytest.raises(ValueError, match="differs from results\\[0\\] in 'dataset'"):
+        merge_results([dict(one, dataset="mnist"), dict(zero, dataset="cifar10")])
+    cut = json.loads(json.dumps(zero))
+    cut["auroc"]["ssim"]["2"] = []
+    with pytest.raises(ValueError, match="cut short"):
+        merge_results([one, cut])
+    with pytest.raises(SystemExit):
+        main(["--merge", str(tmp_path / "missing.json"), "--out", str(tmp_path / "x")])
 
 
 def test_streaming_threshold_follows_drift_and_ignores_anomaly_bursts():

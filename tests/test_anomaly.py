@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from fastnets.anomaly import StreamingDetector, auroc, image_scores, pixel_scores, roc_curve, ssim_map
-from fastnets.anomaly.protocol import load_dataset, merge_results, run_protocol, train_autoencoder
+from fastnets.anomaly.protocol import (GCN_HALF_RANGE, contrast_normalize, load_dataset, merge_results, run_protocol,
+                                      train_autoencoder)
 
 
 def _brute_auroc(s, y):
@@ -110,6 +111,52 @@ def test_cli_writes_json_markdown_and_plots(tmp_path):
     assert "| **mean** |" in md and "94.8" in md and "AUROC combo (%)" in md
     for f in ("roc", "maps"):
         assert os.path.getsize(out / f"anomaly_mnist_bottleneck_{f}.png") > 1000
+
+
+def _gcn_float64(x):
+    """Ruff et al.'s l1 global contrast normalisation in numpy float64, then the fixed map onto [0, 1]."""
+    x = np.asarray(x, dtype=np.float64)
+    d = x - x.mean(axis=(1, 2, 3), keepdims=True)
+    dev = np.abs(d).mean(axis=(1, 2, 3), keepdims=True)
+    d = np.where(dev < 1e-4, 0.0, d / np.maximum(dev, 1e-300))
+    return np.clip(0.5 + d / (2 * GCN_HALF_RANGE), 0, 1)
+
+
+def test_contrast_normalize_matches_float64_and_removes_brightness_and_contrast():
+    g = torch.Generator().manual_seed(3)
+    x = torch.randint(40, 220, (5, 3, 7, 9), generator=g, dtype=torch.uint8)
+    x[0] = x[0].clamp(120, 130)
+    x[0, 0, 0, 0] = 255  # a far pixel of an image of small spread: clipped at 1
+    u = contrast_normalize(x)
+    ref = _gcn_float64(x.numpy() / 255.0)
+    assert u.dtype == torch.float32 and u.shape == x.shape
+    assert np.linalg.norm(u.double().numpy() - ref) / np.linalg.norm(ref) < 1e-6
+    assert u[0, 0, 0, 0] == 1 and 0 <= u.min() and u.max() <= 1
+    # unclipped images: mean 0.5 and mean |u - 0.5| = 1 / (2 GCN_HALF_RANGE), whatever brightness and contrast
+    xf = x[1:].double() / 255
+    for y in (xf, 0.2 + 0.3 * xf, 0.9 - 0.6 * xf.flip(0)):
+        v = contrast_normalize(y.float()).double()
+        assert torch.allclose(v.mean((1, 2, 3)), torch.full((4,), 0.5, dtype=torch.float64), atol=1e-6)
+        assert torch.allclose((v - 0.5).abs().mean((1, 2, 3)), torch.full((4,), 1 / (2 * GCN_HALF_RANGE),
+                              dtype=torch.float64), atol=1e-6)
+    assert torch.allclose(contrast_normalize(0.2 + 0.3 * xf.float()), contrast_normalize(xf.float()), atol=1e-5)
+    assert torch.equal(contrast_normalize(torch.full((2, 1, 4, 4), 0.7)), torch.full((2, 1, 4, 4), 0.5))
+    with pytest.raises(ValueError, match="x must be 4-D"):
+        contrast_normalize(x[0])
+
+
+def test_protocol_contrast_gcn_normalises_training_and_test_images():
+    data = _tiny_data()
+    kw = dict(classes=[1], seeds=[0], epochs=2, batch_size=16, widths=(4, 8), latent_channels=2, svdd_epochs=1)
+    a = run_protocol(data, contrast="gcn", **kw)
+    xtr, ytr, xte, yte = data
+    b = run_protocol((contrast_normalize(xtr), ytr, contrast_normalize(xte), yte), **kw)
+    assert a["config"]["contrast"] == "gcn" and "contrast" not in b["config"]
+    assert a["auroc"] == b["auroc"]
+    c = run_protocol((contrast_normalize(xtr), ytr, xte, yte), **kw)  # test images left raw: other scores
+    assert c["auroc"] != a["auroc"]
+    with pytest.raises(ValueError, match="contrast must be one of"):
+        run_protocol(data, contrast="l2", **kw)
 
 
 def test_merge_results_of_runs_on_disjoint_seeds_equals_one_run_of_all(tmp_path):

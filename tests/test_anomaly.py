@@ -157,6 +157,8 @@ def test_protocol_contrast_gcn_normalises_training_and_test_images():
     assert c["auroc"] != a["auroc"]
     with pytest.raises(ValueError, match="contrast must be one of"):
         run_protocol(data, contrast="l2", **kw)
+    with pytest.raises(ValueError, match="config 'contrast'"):  # a GCN run never merges with a raw one
+        merge_results([a, dict(b, config=dict(b["config"], seeds=[1]))])
 
 
 def test_merge_results_of_runs_on_disjoint_seeds_equals_one_run_of_all(tmp_path):

@@ -11,17 +11,19 @@ Parts:
   scores.py    per-pixel and per-image scores: squared error (L2), 1 - SSIM, and their mix; AUROC, ROC curve.
   svdd.py      scores of where an image's code lies: k-NN distance to the normal class's codes, One-class
                Deep SVDD (Ruff et al.) trained from the autoencoder's encoder, and their mix.
-  protocol.py  load a data set (optionally contrast-normalised), train one model per class, score, AUROC tables (JSON + markdown), plots.
+  protocol.py  load a data set (optionally contrast-normalised), train one model per class, score, AUROC
+               tables (JSON + markdown), plots.
   stream.py    StreamingDetector: scores mini-batches as they arrive against a moving-average threshold.
 """
 from .model import ReconstructionAE
 from .scores import auroc, roc_curve, pixel_scores, image_scores, ssim_map
 from .stream import StreamingDetector
-from .protocol import CodeScorer, contrast_normalize, load_dataset, merge_results, run_protocol, train_autoencoder, score_images
+from .protocol import (CodeScorer, contrast_normalize, load_dataset, merge_results, run_protocol, score_images,
+                       train_autoencoder)
 from .svdd import DeepSVDD, encode, knn_distance, train_deep_svdd
 
 __all__ = [
     "ReconstructionAE", "auroc", "roc_curve", "pixel_scores", "image_scores", "ssim_map", "StreamingDetector",
-    "contrast_normalize", "load_dataset", "merge_results", "run_protocol", "train_autoencoder", "score_images", "CodeScorer", "DeepSVDD", "encode",
-    "knn_distance", "train_deep_svdd",
+    "contrast_normalize", "load_dataset", "merge_results", "run_protocol", "train_autoencoder", "score_images",
+    "CodeScorer", "DeepSVDD", "encode", "knn_distance", "train_deep_svdd",
 ]

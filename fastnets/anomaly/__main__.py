@@ -70,8 +70,6 @@ def plots(res, data, dataset, arch, out, kind):
     cfg = res["config"]
     seed = cfg["seeds"][0]
     x_test, y_test = x_test[:cfg["n_test"]], y_test[:cfg["n_test"]]
-    if cfg.get("contrast") == "gcn":  # what the models saw
-        x_test = contrast_normalize(x_test)
     files = []
     fig, ax = plt.subplots(figsize=(5.5, 5))
     for c in cfg["classes"]:
@@ -91,7 +89,10 @@ def plots(res, data, dataset, arch, out, kind):
     normal = torch.nonzero(y_test == c).flatten()[:4]
     anomalous = torch.nonzero(y_test != c).flatten()[:4]
     idx = torch.cat([normal, anomalous])
-    x, r = reconstruct(model, x_test[idx])
+    shown = x_test[idx]
+    if cfg.get("contrast") == "gcn":  # what the model saw; per image, so only the images shown
+        shown = contrast_normalize(shown)
+    x, r = reconstruct(model, shown)
     rows = [("input", x.permute(0, 2, 3, 1)), ("reconstruction", r.permute(0, 2, 3, 1)),
             ("squared error", pixel_scores(x, r, "l2")), ("1 - SSIM", pixel_scores(x, r, "ssim"))]
     fig, axes = plt.subplots(len(rows), len(idx), figsize=(1.4 * len(idx), 1.5 * len(rows)))

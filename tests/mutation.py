@@ -1,6 +1,6 @@
 """Mutation check: plant one bug at a time in a copy of the tree and prove that the test suite fails.
 
-    python tests/mutation.py              # every mutant (README, "Mutation check": 140 s at -j 2 on an idle 2-core machine)
+    python tests/mutation.py              # every mutant (docs/testing.md, "Mutation check": 140 s at -j 2 on an idle 2-core machine)
     python tests/mutation.py --fast       # the CI subset: one mutant per layer (tests/test_mutation.py runs it)
     python tests/mutation.py --only NAME[,NAME...]   --list   -j N   --timeout S
 

@@ -1,7 +1,7 @@
 """fastnets.convert must not fuse a pattern whose intermediate result has another user, nor rewrite a
 forward that differs between train and eval mode: each model here is converted, then compared with the
 original in float64 (reference backend) in training (outputs, gradients, running statistics) and in eval.
-These tests kill tests/mutation.py's convert mutants (README, "Mutation check")."""
+These tests kill tests/mutation.py's convert mutants (docs/testing.md, "Mutation check")."""
 import copy
 
 import pytest

@@ -4,7 +4,7 @@ offset (so the tiles of a reduction see different means and Chan's merge terms c
 with a non-zero mean that are correlated with the output (so sum(g) and sum(g * xhat) both count), running
 statistics far from the batch's, eps large enough to matter, non-square shapes and kernels, and shapes with
 several tiles in M, N and K, tails and split reductions. These are the tests that kill the planted bugs of
-tests/mutation.py (README, "Mutation check"). Errors are conftest's ||a - b|| / ||b|| with one bound per
+tests/mutation.py (docs/testing.md, "Mutation check"). Errors are conftest's ||a - b|| / ||b|| with one bound per
 dtype; float32 throughout (TF32 off on a GPU), so a 1 % error in any output fails."""
 import copy
 

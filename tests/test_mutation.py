@@ -1,4 +1,4 @@
-"""The mutation check in CI (tests/mutation.py; README, "Mutation check"): the catalogue is current (every
+"""The mutation check in CI (tests/mutation.py; docs/testing.md, "Mutation check"): the catalogue is current (every
 snippet occurs exactly once, every selected test exists, every layer has mutants), and the fast subset's
 planted bugs - one per layer - are each killed by the suite."""
 import re

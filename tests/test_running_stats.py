@@ -2,7 +2,7 @@
 torch.nn.BatchNorm in float64: momentum 0.3 and None (the cumulative average), eps large enough to matter,
 buffers that start far from the batch statistics, buffers in the activation dtype (bfloat16: torch's
 update in another dtype than the statistics), and track_running_stats=False in eval (batch statistics).
-These tests kill tests/mutation.py's running-statistics mutants (README, "Mutation check")."""
+These tests kill tests/mutation.py's running-statistics mutants (docs/testing.md, "Mutation check")."""
 import copy
 
 import pytest

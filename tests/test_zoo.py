@@ -6,7 +6,7 @@ reference backend):
     and drop-path: outputs, the input gradient, every parameter gradient and every buffer after the step;
   - a model whose layers fastnets cannot fuse still comes back numerically identical.
 With FASTNETS_ZOO_OUT=<dir> each model's fused shares (report.shares()) are written there as JSON, the input
-of tools/zoo_table.py (the README's table). torch.compile(fullgraph=True): a handful here, every model with
+of tools/zoo_table.py (the table in docs/convert-and-zoo.md). torch.compile(fullgraph=True): a handful here, every model with
 FASTNETS_ZOO_COMPILE=1 (slow)."""
 import json
 import os

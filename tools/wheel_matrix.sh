@@ -2,7 +2,8 @@
 # The one fastnets wheel against several torch releases: for each, a fresh venv with that torch (plain pip),
 # the wheel installed with --no-deps, and the smoke test run from outside the source tree: import, every op
 # registered with its schema, fastnets.info, opcheck on the fake kernels (meta tensors; no GPU needed).
-# Prints a Markdown table (the README's). Not part of CI: each torch is a multi-GB download.
+# Prints a Markdown table; FASTNETS_MATRIX_WRITE=1 also puts it between the wheel-matrix markers of docs/install.md
+# (FASTNETS_MATRIX_PAGE=PATH: that page instead). Not part of CI: each torch is a multi-GB download.
 #
 #   tools/wheel_matrix.sh [WHEEL] [TORCH_VERSION...]
 #   default: the newest dist/fastnets-*-abi3-*.whl; torch 2.10.0 2.11.0 2.14.1 2.15.0
@@ -43,8 +44,10 @@ for v in "${versions[@]}"; do
   [ $rc -eq 0 ] || echo "torch $v: FAILED, log in $log" >&2
   rows+=("$result")
 done
+table="$(echo "| torch | result | details |"; echo "|---|---|---|"; printf '%s\n' "${rows[@]}")"
 echo "wheel: $(basename "$wheel")"
 echo
-echo "| torch | result | details |"
-echo "|---|---|---|"
-printf '%s\n' "${rows[@]}"
+echo "$table"
+if [ "${FASTNETS_MATRIX_WRITE:-0}" = 1 ]; then
+  echo "$table" | "$python" "$repo/tools/docs_block.py" wheel-matrix ${FASTNETS_MATRIX_PAGE:+--page "$FASTNETS_MATRIX_PAGE"} || exit 1
+fi

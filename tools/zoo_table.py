@@ -1,8 +1,9 @@
-"""The README's table of how much of each zoo model fastnets.convert fuses, from the zoo test's output.
+"""The table of how much of each zoo model fastnets.convert fuses (docs/convert-and-zoo.md), from the zoo
+test's output.
 
     FASTNETS_ZOO_OUT=zoo_out python -m pytest tests/test_zoo.py
     python tools/zoo_table.py zoo_out            # print the table
-    python tools/zoo_table.py zoo_out --readme README.md   # replace it between the README's markers
+    python tools/zoo_table.py zoo_out --write    # replace it between the markers of docs/convert-and-zoo.md
 
 Each row: the architecture, the share of its BatchNorm layers, activations (each call of one) and
 squeeze-excite modules that run fused after convert, and the most common reason for what was left.
@@ -15,8 +16,8 @@ import os
 import re
 import sys
 
-BEGIN = "<!-- zoo-table:begin (tools/zoo_table.py) -->"
-END = "<!-- zoo-table:end -->"
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import docs_block  # noqa: E402
 
 
 def load(directory):
@@ -54,25 +55,16 @@ def table(rows):
     return "\n".join(lines)
 
 
-def replace_in_readme(path, text):
-    with open(path) as f:
-        readme = f.read()
-    if BEGIN not in readme or END not in readme:
-        raise SystemExit(f"{path} has no {BEGIN} ... {END} markers")
-    head, rest = readme.split(BEGIN, 1)
-    _, tail = rest.split(END, 1)
-    with open(path, "w") as f:
-        f.write(head + BEGIN + "\n" + text + "\n" + END + tail)
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("directory", help="FASTNETS_ZOO_OUT of the zoo test run")
-    parser.add_argument("--readme", help="replace the table in this README between its markers")
+    parser.add_argument("--write", action="store_true",
+                        help=f"replace the table in {docs_block.BLOCKS['zoo-table'][0]} between its markers")
+    parser.add_argument("--page", help="with --write: this page instead (a copy, say)")
     args = parser.parse_args(argv)
     text = table(load(args.directory))
-    if args.readme:
-        replace_in_readme(args.readme, text)
+    if args.write:
+        docs_block.replace("zoo-table", text, args.page)
     else:
         print(text)
     return 0

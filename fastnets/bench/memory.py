@@ -297,7 +297,7 @@ def measure(report, settings, pairs, show_progress=False, models=None, budget=No
 
 
 def markdown_table(rows):
-    """The README's table: saved MiB per image, eager against each fastnets variant."""
+    """The saved-bytes table (docs/ops-and-backends.md, results.md): saved MiB per image, eager against each fastnets variant."""
     by = {(r["model"], r["variant"]): r for r in rows if r["status"] == "ok"}
     models = list(dict.fromkeys(r["model"] for r in rows))
     lines = ["| model | input px | eager MiB/image | fastnets.models | ratio | fastnets.convert | ratio |",

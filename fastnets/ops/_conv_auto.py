@@ -47,7 +47,7 @@ def _key(prim, x, w_shape, stride, padding, dilation, *flags):
     cl = (not x.is_contiguous()) and x.is_contiguous(memory_format=torch.channels_last)
     dtype = str(x.dtype).replace("torch.", "")
     if x.dtype == torch.float32:
-        dtype += "-tf32" if torch.backends.cudnn.allow_tf32 else "-ieee"
+        dtype += "-tf32" if _tensors.conv_allows_tf32() else "-ieee"
     parts = [prim, tuple(x.shape), tuple(w_shape), tuple(stride), tuple(padding), tuple(dilation), dtype,
              "cl" if cl else "nchw", *flags]
     return "|".join(str(p) for p in parts)

@@ -14,8 +14,9 @@ pixel (stride divisibility masked). Grad weight: GEMM dy^T @ im2col(x) per (kh, 
 N*OH*OW reduction into fp32 partials summed afterwards (deterministic), so layers with few channels and
 many pixels still fill the GPU.
 
-Tensor cores: fp16/bf16 operands, fp32 accumulation; fp32 operands use TF32 when
-torch.backends.cudnn.allow_tf32 is set (else IEEE fp32); float64 accumulates in float64 without tl.dot.
+Tensor cores: fp16/bf16 operands, fp32 accumulation; fp32 operands use TF32 when cuDNN's convolutions
+may (torch.backends.cudnn.conv.fp32_precision, docs/tf32.md; else IEEE fp32); float64 accumulates in
+float64 without tl.dot.
 Offsets are int64. On a GPU tile shapes are autotuned per shape from a short list; under the interpreter
 (TRITON_INTERPRET=1) one small fixed configuration is used and bf16 tiles are upcast to fp32 before
 tl.dot (the interpreter's bf16 dot is wrong), never on a GPU.
@@ -487,11 +488,11 @@ def _launch(tuned, raw, grid, *args, **kwargs):
 
 
 def _math_flags(x):
+    """fp32 operands go to tl.dot as TF32 exactly when cuDNN's convolutions may use TF32
+    (_tensors.conv_allows_tf32, docs/tf32.md), on a GPU and under the interpreter alike (whose tl.dot is a
+    float32 numpy matmul whatever input_precision says); fp16/bf16 ignore PREC."""
     fp64 = x.dtype == torch.float64
-    if x.dtype == torch.float32 and not INTERPRET:
-        prec = "tf32" if torch.backends.cudnn.allow_tf32 else "ieee"
-    else:
-        prec = "ieee" if x.dtype == torch.float32 else "tf32"
+    prec = "tf32" if x.dtype != torch.float32 or _tensors.conv_allows_tf32() else "ieee"
     return {"UPCAST": INTERPRET and x.dtype == torch.bfloat16, "FP64": fp64, "PREC": prec}
 
 

@@ -35,6 +35,8 @@ import time
 import types
 
 os.environ["TRITON_INTERPRET"] = "0"  # must precede the first import of triton and fastnets
+# this checkout's fastnets, not an installed one (a script's sys.path starts at tests/, not the repository)
+sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ["FASTNETS_POISON_OUTPUTS"] = "0"
 os.environ.pop("FASTNETS_CONV_TUNE", None)  # the autotuned path, as on a GPU by default
 # A fresh, empty Triton cache per run (FASTNETS_AOT_CACHE_DIR keeps one between runs while debugging: Triton

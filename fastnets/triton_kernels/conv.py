@@ -30,7 +30,7 @@ import triton.language as tl
 from .. import _tensors
 from ..activations import code
 from .._tensors import acc_dtype, sm_count
-from ._common import INTERPRET
+from ._common import INTERPRET, div_rn
 from .activations import act_fwd, act_grad, relu_grad
 
 _INTERP_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 4}
@@ -183,7 +183,7 @@ def _conv_fwd_kernel(
         # registers; merged across tiles by the caller with Chan's formula.
         cnt = tl.minimum(M - pid_m * BLOCK_M, BLOCK_M).to(v.dtype)
         vm = tl.where(mask_m[:, None], v, 0.0)
-        t_mean = tl.sum(vm, axis=0) / cnt
+        t_mean = div_rn(tl.sum(vm, axis=0), cnt)  # correctly rounded (_common.div_rn), as the merge
         dev = tl.where(mask_m[:, None], v - t_mean[None, :], 0.0)
         t_m2 = tl.sum(dev * dev, axis=0)
         p_off = pid_m.to(tl.int64) * Cout + offs_n
@@ -369,7 +369,7 @@ def _stats_merge_kernel(
         off = t.to(tl.int64)[:, None] * Cout + cols[None, :]
         pm = tl.load(pmean_ptr + off, mask=mt[:, None] & mc[None, :], other=0.0)
         total += tl.sum(pm * cnt[:, None], axis=0)
-    mean = total / M
+    mean = div_rn(total, M)
     m2 = tl.zeros([BLOCK_C], dtype)
     for t0 in range(0, tiles, BLOCK_T):
         t = t0 + tl.arange(0, BLOCK_T)
@@ -383,7 +383,7 @@ def _stats_merge_kernel(
         d = pm - mean[None, :]
         m2 += tl.sum(p2 + d * d * cnt[:, None], axis=0)
     tl.store(mean_ptr + cols, mean, mask=mc)
-    tl.store(var_ptr + cols, m2 / M, mask=mc)
+    tl.store(var_ptr + cols, div_rn(m2, M), mask=mc)
 
 
 # ---------------------------------------------------------------------------------------------- configs

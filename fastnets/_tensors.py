@@ -28,6 +28,15 @@ def conv_allows_tf32():
     return False
 
 
+def deterministic_mode():
+    """Whether fastnets pins what it would otherwise measure (docs/conv_autotune.md): conv's `auto` takes the
+    Triton convolution by rule, without timing (cuDNN only where Triton fails on a shape), and the Triton
+    convolution runs one fixed tile configuration instead of autotuning, so the choice and the summation
+    order are the same in every process. On with FASTNETS_DETERMINISTIC=1 or
+    torch.use_deterministic_algorithms(True)."""
+    return os.environ.get("FASTNETS_DETERMINISTIC", "0") == "1" or torch.are_deterministic_algorithms_enabled()
+
+
 def dense_layout(x):
     """Return (x, channels_last) with x laid out as (N, C, S) or (N, S, C) in memory, copying only when it
     is neither. S is the product of the spatial sizes (1 for a 2-D input)."""

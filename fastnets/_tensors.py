@@ -16,16 +16,13 @@ def acc_dtype(x):
 def conv_allows_tf32():
     """Whether fp32 convolutions may round their operands to TF32: the flag cuDNN reads for convolutions,
     so that the Triton convolution and cuDNN follow one setting (docs/tf32.md). On torch >= 2.9 that is
-    torch.backends.cudnn.conv.fp32_precision, where "none" inherits from torch.backends.cudnn.fp32_precision
-    and then torch.backends.fp32_precision (as at::Context::float32Precision resolves it); the legacy
-    torch.backends.cudnn.allow_tf32 sets the same state. Older torch: allow_tf32 itself."""
+    torch.backends.cudnn.conv.fp32_precision, whose getter resolves "none" through
+    torch.backends.cudnn.fp32_precision and torch.backends.fp32_precision as cuDNN does (the legacy
+    torch.backends.cudnn.allow_tf32 sets the same state); older torch: allow_tf32 itself."""
     conv = getattr(torch.backends.cudnn, "conv", None)
     if conv is None or not hasattr(torch.backends, "fp32_precision"):
         return bool(torch.backends.cudnn.allow_tf32)
-    for precision in (conv.fp32_precision, torch.backends.cudnn.fp32_precision, torch.backends.fp32_precision):
-        if precision != "none":
-            return precision == "tf32"
-    return False
+    return conv.fp32_precision == "tf32"
 
 
 def deterministic_mode():

@@ -12,6 +12,13 @@ import sys
 
 import pytest
 
+# the modules whose compiled code the script reads (imported here too, so that tests/mutation.py sees the
+# test depend on them; the script imports the same checkout's copies)
+import fastnets.triton_kernels._common  # noqa: F401
+import fastnets.triton_kernels.batch_norm  # noqa: F401
+import fastnets.triton_kernels.conv  # noqa: F401
+import fastnets.triton_kernels.squeeze_excite  # noqa: F401
+
 SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "stats_ptx.py")
 
 

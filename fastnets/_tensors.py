@@ -1,6 +1,7 @@
 """Tensor helpers every layer shares (reference, Triton, CUDA and ops alike), so that no backend imports
 another backend or the oracle for them: the accumulation dtype, the dense layouts the kernels take, output
-allocation, and the SM count launch plans are sized by. Argument validation is fastnets/_checks.py."""
+allocation, the SM count launch plans are sized by, and the global numerics switches as fastnets reads them
+(TF32 for convolutions, deterministic mode). Argument validation is fastnets/_checks.py."""
 import os
 
 import torch

@@ -1,6 +1,7 @@
 """Tensor helpers every layer shares (reference, Triton, CUDA and ops alike), so that no backend imports
 another backend or the oracle for them: the accumulation dtype, the dense layouts the kernels take, output
-allocation, and the SM count launch plans are sized by. Argument validation is fastnets/_checks.py."""
+allocation, the SM count launch plans are sized by, and the global numerics switches as fastnets reads them
+(TF32 for convolutions, deterministic mode). Argument validation is fastnets/_checks.py."""
 import os
 
 import torch
@@ -11,6 +12,27 @@ def acc_dtype(x):
     float64, float32 otherwise."""
     dtype = x if isinstance(x, torch.dtype) else x.dtype
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def conv_allows_tf32():
+    """Whether fp32 convolutions may round their operands to TF32: the flag cuDNN reads for convolutions,
+    so that the Triton convolution and cuDNN follow one setting (docs/tf32.md). On torch >= 2.9 that is
+    torch.backends.cudnn.conv.fp32_precision, whose getter resolves "none" through
+    torch.backends.cudnn.fp32_precision and torch.backends.fp32_precision as cuDNN does (the legacy
+    torch.backends.cudnn.allow_tf32 sets the same state); older torch: allow_tf32 itself."""
+    conv = getattr(torch.backends.cudnn, "conv", None)
+    if conv is None or not hasattr(torch.backends, "fp32_precision"):
+        return bool(torch.backends.cudnn.allow_tf32)
+    return conv.fp32_precision == "tf32"
+
+
+def deterministic_mode():
+    """Whether fastnets pins what it would otherwise measure (docs/conv_autotune.md): conv's `auto` takes the
+    Triton convolution by rule, without timing (cuDNN only where Triton fails on a shape), and the Triton
+    convolution runs one fixed tile configuration instead of autotuning, so the choice and the summation
+    order are the same in every process. On with FASTNETS_DETERMINISTIC=1 or
+    torch.use_deterministic_algorithms(True)."""
+    return os.environ.get("FASTNETS_DETERMINISTIC", "0") == "1" or torch.are_deterministic_algorithms_enabled()
 
 
 def dense_layout(x):

@@ -16,6 +16,7 @@ os.environ.setdefault("FASTNETS_CONV_TUNE", "fixed")
 import pytest  # noqa: E402
 
 import fastnets  # noqa: E402
+from fp32_flags import fp32_precision  # noqa: E402,F401  (re-exported for the test files)
 
 # Tolerances per dtype, written down once: (atol, rtol) for outputs compared with torch/reference.
 # fp16/bf16 outputs are rounded once by fastnets but several times by an eager chain of ops.
@@ -142,6 +143,25 @@ def randomize(model, seed=1):
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(autouse=True)
+def _ieee_fp32():
+    """Every test compares fp32 results as IEEE fp32: on a GPU torch's default lets cuDNN convolutions (and so
+    fastnets' Triton convolution) round fp32 operands to TF32 (10 mantissa bits), which the fp32 bounds do not
+    allow. tests/test_tf32.py turns TF32 on explicitly and holds it to TF32 bounds."""
+    with fp32_precision("ieee", "ieee"):
+        yield
+
+
+def fp32_bound_dtype(dtype):
+    """The dtype whose REL_BOUND holds an fp32 convolution's result: fp16's (TF32 operands have fp16's 10-bit
+    mantissa) where TF32 is on for convolutions on a GPU, else `dtype` itself."""
+    from fastnets._tensors import conv_allows_tf32
+
+    if dtype == torch.float32 and GPU and conv_allows_tf32():
+        return torch.float16
+    return dtype
 
 
 # ------------------------------------------------------------------------------------------------------

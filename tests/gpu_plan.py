@@ -224,13 +224,11 @@ def run_case(case, device, compare=True):
     torch.manual_seed(0)
     fn = {"batch_norm": _bn, "bn_add_relu": _bn, "conv": _conv, "conv_bn": _conv_bn,
           "conv_prologue": _conv_prologue, "squeeze_excite": _se}[case.family]
-    prev = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
     # fp32 results are held to fp32 accuracy: no TF32 in fastnets' fp32 convolutions nor in the references
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    try:
+    from fp32_flags import fp32_precision
+
+    with fp32_precision("ieee", "ieee"):
         return fn(case, device, compare)
-    finally:
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = prev
 
 
 def _bn(case, device, compare):

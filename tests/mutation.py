@@ -72,6 +72,9 @@ CHAIN_RESNET = t(CHAIN_FILE, "test_resnet_bottleneck_matches_torchvision")
 CHAIN_VGG = t(CHAIN_FILE, "test_vgg_bn_stack_matches_torch")
 CHAIN_CONVERT = t(CHAIN_FILE, "test_convert_refuses_what_it_cannot_prove_and_says_why",
                   "test_converted_torchvision_resnet18_matches_and_reports_chains")
+TF32, STATS_PTX, AUTOTUNE = "tests/test_tf32.py", "tests/test_stats_rounding.py", "tests/test_conv_autotune.py"
+HOST_SYNC = t("tests/test_host_sync.py", "test_no_host_read_after_the_first_call",
+              "test_augment_apply_compiles_without_a_graph_break")
 BN_FILE, CONV_FILE, SE_FILE, CONVERT_FILE = (
     "tests/test_batch_norm.py", "tests/test_conv.py", "tests/test_squeeze_excite.py", "tests/test_convert.py")
 
@@ -146,8 +149,8 @@ MUTANTS = [
       BN_EVAL + (BN_FILE,)),
     # ---------------------------------------------------------------- nn/
     M("nn-momentum-none-off-by-one", "fastnets/nn/batch_norm.py",
-      "factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum",
-      "factor = 1.0 / (float(bn.num_batches_tracked) + 1) if bn.momentum is None else bn.momentum",
+      "factor = 1.0 / bn.num_batches_tracked.double()",
+      "factor = 1.0 / (bn.num_batches_tracked.double() + 1)",
       RUNNING + (BN_FILE,), fast=True),
     M("nn-num-batches-tracked-twice", "fastnets/nn/batch_norm.py",
       "bn.num_batches_tracked.add_(1)", "bn.num_batches_tracked.add_(2)",
@@ -164,7 +167,7 @@ MUTANTS = [
       CONV_MODULE + (CONV_FILE,)),
     # ---------------------------------------------------------------- triton_kernels/batch_norm.py
     M("triton-bn-chan-m2-count", "fastnets/triton_kernels/batch_norm.py",
-      "m2 = m2 + tile_m2 + delta * delta * (count * (nb / total))", "m2 = m2 + tile_m2 + delta * delta * (nb / total)",
+      "m2 = m2 + tile_m2 + delta * delta * (count * w)", "m2 = m2 + tile_m2 + delta * delta * w",
       BN_TRAIN + only("triton") + (BN_FILE,), fast=True),
     M("triton-bn-split-count-assumed-full", "fastnets/triton_kernels/batch_norm.py",
       "    cmask = cols < C\n    tl.store(pmean_ptr + out, mean, mask=cmask)\n    tl.store(pm2_ptr + out, m2, mask=cmask)\n"
@@ -341,6 +344,48 @@ MUTANTS = [
     M("convert-mode-dependent-forward", "fastnets/convert*",
       "if codes[0] != codes[1]:", "if False:",
       CONVERT + (CONVERT_FILE,)),
+    # ---------------------------------------------------------------- numerics (issue 28 items 5-8: TF32, host
+    # syncs, autotune keys, correctly rounded statistics)
+    M("tf32-flag-ignored", "fastnets/triton_kernels/conv.py",
+      'prec = "tf32" if x.dtype != torch.float32 or _tensors.conv_allows_tf32() else "ieee"',
+      'prec = "tf32" if x.dtype != torch.float32 else "ieee"',
+      (TF32,)),
+    M("tf32-none-read-as-tf32", "fastnets/_tensors.py",
+      'return conv.fp32_precision == "tf32"', 'return conv.fp32_precision != "ieee"',
+      (TF32,)),
+    M("host-sync-in-conv-bn", "fastnets/ops/conv.py",
+      "        invstd = torch.rsqrt(var + eps)\n",
+      "        invstd = torch.rsqrt(var + eps) if bool((var >= 0).all()) else var\n",
+      HOST_SYNC),
+    M("host-sync-augment-finite-check", "fastnets/ops/augment.py",
+      '_check_tensor(matrix, "matrix", (n, 3, 3), x.device)  # values are not read on the host: see the docstring',
+      '_check_tensor(matrix, "matrix", (n, 3, 3), x.device)\n    assert torch.isfinite(matrix).all()',
+      HOST_SYNC),
+    M("host-sync-cumulative-momentum", "fastnets/nn/batch_norm.py",
+      "factor = 1.0 / bn.num_batches_tracked.double()", "factor = 1.0 / float(bn.num_batches_tracked)",
+      HOST_SYNC),
+    M("augment-invalid-sample-not-nan", "fastnets/triton_kernels/augment.py",
+      'v = tl.where(ok, v, float("nan"))', "v = v",
+      t("tests/test_augment.py", "test_invalid_parameters_give_nan_samples_without_a_host_check")),
+    M("stats-approx-division-conv-merge", "fastnets/triton_kernels/conv.py",
+      "    mean = div_rn(total, M)\n", "    mean = total / M\n",
+      (STATS_PTX,)),
+    M("stats-approx-rsqrt", "fastnets/triton_kernels/_common.py",
+      "return tl.math.div_rn(1.0, tl.math.sqrt_rn(v))", "return 1.0 / tl.sqrt(v)",
+      (STATS_PTX,)),
+    M("autotune-key-exact-m", "fastnets/triton_kernels/conv.py",
+      "bucket = max(int(m) - 1, 1).bit_length()", "bucket = int(m)",
+      (AUTOTUNE,)),
+    M("autotune-key-drops-layout", "fastnets/triton_kernels/conv.py",
+      "return bucket * 16 + sum(int(bool(cl)) << i for i, cl in enumerate(channels_last))", "return bucket * 16",
+      (AUTOTUNE,)),
+    M("auto-key-exact-batch", "fastnets/ops/_conv_auto.py",
+      'batch = f"N<={1 << max(x.shape[0] - 1, 1).bit_length()}"', 'batch = f"N={x.shape[0]}"',
+      (AUTOTUNE,)),
+    M("deterministic-mode-still-autotunes", "fastnets/triton_kernels/conv.py",
+      'if os.environ.get("FASTNETS_CONV_TUNE", "") == "fixed" or _tensors.deterministic_mode():',
+      'if os.environ.get("FASTNETS_CONV_TUNE", "") == "fixed":',
+      (AUTOTUNE,)),
 ]
 
 

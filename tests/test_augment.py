@@ -305,6 +305,37 @@ def test_bad_input_names_the_argument():
         augment_apply(x, p["matrix"], (8, 8), brightness=True)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("bad", ["matrix_nan", "matrix_inf", "box_nan", "brightness_negative", "contrast_nan",
+                                 "saturation_negative"])
+def test_invalid_parameters_give_nan_samples_without_a_host_check(backend, bad):
+    """Parameter values are not read on the host (a sync every batch): a sample with a non-finite matrix or box,
+    or a negative/NaN factor of an enabled colour op, is all NaN; the other samples are untouched (float64
+    torch reference of the valid ones). A factor of a colour op that is off does not matter."""
+    x = _image(3, 3, 9, 11, torch.uint8)
+    aug = A.Augment([A.RandomResizedCrop((7, 8)), A.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.4)])
+    p = aug.sample(x, _gen(5))
+    what, kind = bad.split("_")
+    value = {"nan": float("nan"), "inf": float("inf"), "negative": -0.5}[kind]
+    if what == "matrix":
+        p["matrix"][1, 0, 1] = value
+    elif what == "box":
+        p["box"][1, 2] = value
+    else:
+        p["colour"][1, ("brightness", "contrast", "saturation").index(what)] = value
+    out = _run(aug, x, p, backend)
+    assert torch.isnan(out[1]).all(), f"{bad}: the invalid sample is not NaN"
+    keep = [0, 2]
+    want = ref.apply(x[keep].cpu(), p["matrix"][keep].cpu().double(), p["box"][keep].cpu().double(),
+                     p["colour"][keep].cpu().double(), True, True, True, None, 0.0, 0.0, True, None, None, False, 0.0,
+                     torch.empty(2, 3, 7, 8, dtype=torch.float64))
+    assert_rel(out[keep], want, torch.float32, msg=bad)
+    jitter_off = A.Augment([A.RandomResizedCrop((7, 8)), A.ColorJitter(brightness=0.4)])
+    p2 = jitter_off.sample(x, _gen(5))
+    p2["colour"][1, 1:] = -1.0  # contrast and saturation are off: their factors are not used
+    assert not torch.isnan(_run(jitter_off, x, p2, backend)).any()
+
+
 @pytest.mark.parametrize("make,match", [
     (lambda: A.RandomHorizontalFlip(1.5), "p must be a probability"),
     (lambda: A.RandomResizedCrop(8, scale=(0.9, 0.1)), "scale must be"),

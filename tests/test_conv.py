@@ -17,7 +17,7 @@ from fastnets.nn import Conv2d, ConvBNReLU2d, conv_bn_act
 from fastnets.ops.conv import conv2d, conv2d_batch_norm
 
 from conftest import (DTYPES, GPU, TOL, assert_rel, away_from_kink, backend_params, backends_here, biting_grad,
-                      device_for, randomize)
+                      device_for, fp32_bound_dtype, randomize)
 
 # conv's `cuda` entry is the reference module (cuDNN): only the BatchNorm-fused tests run it (its BN parts
 # are the CUDA C++ kernels), the plain-convolution tests would compare F.conv2d with F.conv2d.
@@ -41,9 +41,7 @@ SWEEP = ["c3_3x3", "1x1_s2_odd", "3x3_s2_odd"]
 
 
 def _bound_dtype(dtype):
-    if dtype == torch.float32 and GPU and torch.backends.cudnn.allow_tf32:
-        return torch.float16  # TF32 operands
-    return dtype
+    return fp32_bound_dtype(dtype)  # fp16's bound where TF32 is on (never inside conftest's IEEE fixture)
 
 
 def _close(actual, expected, dtype=None, scale=1.0, msg="", ref=None):
@@ -431,17 +429,6 @@ def test_auto_on_a_gpu_is_the_measured_policy(monkeypatch):
     assert _cudnn_conv.forward is ref.forward and _cudnn_conv.grad_weight is ref.grad_weight
 
 
-def test_fp32_follows_cudnn_tf32_flag(monkeypatch):
-    from fastnets.triton_kernels import conv as tri
-
-    monkeypatch.setattr(tri, "INTERPRET", False)
-    x = torch.empty(1, dtype=torch.float32)
-    for flag, prec in ((True, "tf32"), (False, "ieee")):
-        monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", flag)
-        assert tri._math_flags(x)["PREC"] == prec
-    assert tri._math_flags(x.bfloat16())["UPCAST"] is False  # never upcast bf16 on a GPU
-
-
 @pytest.mark.skipif("triton" not in backends_here("conv"), reason="needs the Triton backend (GPU or interpreter)")
 def test_hybrid_falls_back_to_cudnn_when_triton_fails(monkeypatch):
     from fastnets.triton_kernels import conv as tri
@@ -619,8 +606,7 @@ def test_every_curated_config_matches_cudnn(index, dtype, monkeypatch):
         raw[grid(meta)](*args, **kwargs, **meta, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         return meta
 
-    monkeypatch.setattr(tri, "_launch", forced)
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    monkeypatch.setattr(tri, "_launch", forced)  # fp32 is IEEE here (conftest's _ieee_fp32)
     for n, cin, h, w, cout, k, s, p, d in [(2, 512, 24, 24, 512, 3, 1, 1, 1), (4, 512, 28, 28, 512, 1, 2, 0, 1)]:
         x = (torch.randn(n, cin, h, w, device="cuda") + 0.3).to(dtype).contiguous(memory_format=torch.channels_last)
         wt = (torch.randn(cout, cin, k, k, device="cuda") / (cin * k * k) ** 0.5).to(dtype)

@@ -15,15 +15,14 @@ import fastnets
 from fastnets import activations
 from fastnets.ops.conv_prologue import bn_act_conv2d
 
-from conftest import GPU, assert_rel, backend_params, biting_grad, check_bad_input_row, device_for
+from conftest import (assert_rel, backend_params, biting_grad, check_bad_input_row, device_for,
+                      fp32_bound_dtype)
 
 BACKENDS = backend_params("conv_prologue")
 
 
 def _bound_dtype(dtype):
-    if dtype == torch.float32 and GPU and torch.backends.cudnn.allow_tf32:
-        return torch.float16  # TF32 operands
-    return dtype
+    return fp32_bound_dtype(dtype)  # fp16's bound where TF32 is on (never inside conftest's IEEE fixture)
 
 
 def _close(actual, expected, dtype, ref=None, msg=""):

@@ -25,15 +25,6 @@ DEV = "cuda" if GPU else "cpu"
 EPS = 0.05  # large enough that a forgotten or misplaced eps fails
 
 
-@pytest.fixture(autouse=True)
-def _ieee_fp32():
-    """fastnets' Triton convolutions follow cudnn.allow_tf32 on a GPU; these tests hold fp32 to fp32 accuracy."""
-    old = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    yield
-    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old
-
-
 def gen(seed):
     return torch.Generator().manual_seed(seed)
 

@@ -35,6 +35,8 @@ import time
 import types
 
 os.environ["TRITON_INTERPRET"] = "0"  # must precede the first import of triton and fastnets
+# this checkout's fastnets, not an installed one (a script's sys.path starts at tests/, not the repository)
+sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ["FASTNETS_POISON_OUTPUTS"] = "0"
 os.environ.pop("FASTNETS_CONV_TUNE", None)  # the autotuned path, as on a GPU by default
 # A fresh, empty Triton cache per run (FASTNETS_AOT_CACHE_DIR keeps one between runs while debugging: Triton
@@ -48,6 +50,7 @@ if not _KEEP_CACHE:
     atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
 
 import torch  # noqa: E402
+from fp32_flags import set_fp32_precision  # noqa: E402
 from triton_offline import OfflineDriver, int_specialization, variant_key  # noqa: E402
 
 H100_SMS = 132
@@ -333,7 +336,7 @@ def conv_launches():
                 tuned_calls = ("forward", "grad_input", "grad_weight") if FULL else (
                     CONV_TUNED_DEFAULT.get(shape, ()) if dtype == BF16 else ())
                 for tf32 in ((True, False) if dtype == F32 else (True,)):
-                    torch.backends.cudnn.allow_tf32 = tf32
+                    set_fp32_precision("tf32" if tf32 else "ieee")  # the flag cuDNN and the Triton conv read
                     x = meta((n, c, h, w), dtype, cl)
                     wt = meta((cout, c, k, k), dtype)
                     y = meta((n, cout, oh, ow), dtype, cl)
@@ -357,7 +360,7 @@ def conv_launches():
                         cv.grad_input(y, wt, meta((n, c, h, w), dtype, cl), *conf)
                         tuned["on"] = "grad_weight" in tuned_calls
                         cv.grad_weight(y, x, (cout, c, k, k), *conf)
-    torch.backends.cudnn.allow_tf32 = True
+    set_fp32_precision("tf32")  # torch's default
 
 
 # ------------------------------------------------------------------------------------------- conv_prologue

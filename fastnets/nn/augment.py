@@ -90,11 +90,10 @@ def _uniform(n, lo, hi, g, device):
 
 
 def _randint(n, low, high, g, device):
-    """Per-sample integers uniform in [low, high) (tensors or numbers), as torch.randint per sample."""
+    """Per-sample integers uniform in [low, high) (float64 tensors on `device` or numbers), as torch.randint
+    per sample. Numbers stay kernel arguments: no tensor is built from host data (an upload and a sync)."""
     u = torch.rand(n, generator=g, device=device, dtype=torch.float64)
-    low = torch.as_tensor(low, dtype=torch.float64, device=device)
-    high = torch.as_tensor(high, dtype=torch.float64, device=device)
-    return torch.minimum(low + torch.floor(u * (high - low)), high - 1)
+    return torch.clamp(low + torch.floor(u * (high - low)), max=high - 1)
 
 
 def _eye(n, device):
@@ -401,7 +400,9 @@ def perspective_matrix(startpoints, endpoints):
     a[:, 0::2, 6], a[:, 0::2, 7] = -u * x, -u * y
     a[:, 1::2, 6], a[:, 1::2, 7] = -v * x, -v * y
     b = startpoints.reshape(n, 8)
-    coeffs = torch.linalg.solve(a, b).to(torch.float32).to(torch.float64)
+    # solve_ex: no host check of the factorisation (linalg.solve reads its info on the host: a sync); a singular
+    # system gives a non-finite matrix, whose sample the kernel writes as NaN
+    coeffs = torch.linalg.solve_ex(a, b)[0].to(torch.float32).to(torch.float64)
     return torch.cat([coeffs, torch.ones(n, 1, dtype=torch.float64, device=coeffs.device)], 1).view(n, 3, 3)
 
 
@@ -423,8 +424,9 @@ class RandomPerspective(GeometricTransform):
             torch.stack([ri(w - bw, w), ri(h - bh, h)], 1),
             torch.stack([ri(0, bw), ri(h - bh, h)], 1),
         ], 1)
-        start = torch.tensor([[0, 0], [w - 1, 0], [w - 1, h - 1], [0, h - 1]], dtype=torch.float64,
-                             device=device).expand(n, 4, 2)
+        corner = torch.arange(4, device=device)  # (0, 0), (w - 1, 0), (w - 1, h - 1), (0, h - 1), built on the device
+        start = torch.stack([((corner == 1) | (corner == 2)).to(torch.float64) * (w - 1),
+                             (corner >= 2).to(torch.float64) * (h - 1)], 1).expand(n, 4, 2)
         m = perspective_matrix(start, end)  # v2's grid: corner coordinates in, corner coordinates out
         m = torch.where(apply[:, None, None], m, _eye(n, device))
         return Sample(m, in_hw, apply=apply, startpoints=start, endpoints=end)
@@ -522,6 +524,7 @@ class Augment(nn.Module):
         self.interpolation, self.fill, self.out_dtype = interpolation, float(fill), out_dtype
         self.memory_format = memory_format
         self.generator = generator
+        self._normalize_cache = {}  # (device, channels) -> (scale, shift): uploaded once, not every batch
 
     def extra_repr(self):
         return (f"transforms={self.transforms}, interpolation={self.interpolation!r}, fill={self.fill}, "
@@ -569,8 +572,12 @@ class Augment(nn.Module):
                 std = std * c
             if len(mean) != c or len(std) != c:
                 raise ValueError(f"Normalize has {len(mean)} means and {len(std)} stds for {c} channels")
-            scale = torch.tensor([1.0 / s for s in std], dtype=torch.float32, device=x.device)
-            shift = torch.tensor([-m / s for m, s in zip(mean, std)], dtype=torch.float32, device=x.device)
+            key = (x.device, c)
+            if key not in self._normalize_cache:
+                self._normalize_cache[key] = (
+                    torch.tensor([1.0 / s for s in std], dtype=torch.float32).to(x.device),
+                    torch.tensor([-m / s for m, s in zip(mean, std)], dtype=torch.float32).to(x.device))
+            scale, shift = self._normalize_cache[key]
         noise = self.noise
         return augment_apply(
             x, params["matrix"], params["out_hw"], box=params["box"], colour=params["colour"],

@@ -14,11 +14,13 @@ from ..ops.batch_norm import batch_norm
 def batch_stats_args(bn):
     """What torch's _BatchNorm.forward passes to F.batch_norm, for a torch BatchNorm module `bn`:
     (running_mean, running_var, use_batch_stats, momentum factor). In training it counts the batch in
-    num_batches_tracked, and momentum=None means a cumulative average over the batches seen."""
+    num_batches_tracked, and momentum=None means a cumulative average over the batches seen: the factor is
+    then 1 / num_batches_tracked as a 0-d device tensor (torch reads it on the host, a sync every batch)."""
     factor = 0.0 if bn.momentum is None else bn.momentum
     if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
         bn.num_batches_tracked.add_(1)
-        factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+        if bn.momentum is None:
+            factor = 1.0 / bn.num_batches_tracked.double()
     use_batch_stats = bn.training or (bn.running_mean is None and bn.running_var is None)
     keep_running = not bn.training or bn.track_running_stats
     return (

@@ -6,11 +6,15 @@ kernel, so it sits in ops/ and takes its halves from the layers below: triton_ke
 ops/_cudnn_conv.py (the `cuda` backend), with the BatchNorm kernels from the registry.
 
 Each primitive (forward with its epilogue, forward with the BN-statistics epilogue, grad input, grad weight)
-is timed once per key (primitive, shapes, stride, padding, dilation, dtype, layout, epilogue) on the first
-call with both implementations, CUDA events around a few runs after a warm-up run that includes Triton's
+is timed once per key (primitive, the batch size's power-of-two bucket and the other shapes, stride, padding,
+dilation, dtype and TF32 flag, layout, every epilogue flag: a ragged last batch or a new eval batch size in
+the bucket measures nothing) on the first call with both implementations, CUDA events around a few runs after a warm-up run that includes Triton's
 autotuning (fastnets/_timing.py); the winner is cached in `choices` (and, with FASTNETS_CONV_CACHE=path.json,
 in that file, so later processes skip the measurement; the conv benchmark reports `choices`). During
-CUDA-graph capture nothing is measured: an unseen key runs cuDNN.
+CUDA-graph capture nothing is measured: an unseen key runs cuDNN. In deterministic mode
+(_tensors.deterministic_mode: FASTNETS_DETERMINISTIC=1 or torch.use_deterministic_algorithms(True)) nothing is
+measured or read from the cache file: every key takes the Triton convolution (which then runs one fixed tile
+configuration), cuDNN where Triton fails on the shape, so every process makes the same choice.
 
 The cuDNN forward is F.conv2d followed by the fused BN family's `apply` kernel (bias folded into the
 shift): y = [relu](z * scale + shift [+ residual]) in one pass. The cuDNN statistics variant is F.conv2d
@@ -24,6 +28,7 @@ import torch
 
 from .. import _tensors, _timing
 from .._tensors import acc_dtype
+from ..activations import code
 from ..triton_kernels import conv as tri
 from . import _cudnn_conv as cudnn
 from ._registry import kernels
@@ -44,11 +49,13 @@ def _bn_kernels(device):
 
 
 def _key(prim, x, w_shape, stride, padding, dilation, *flags):
+    """The measured choice's key: the batch size by its power-of-two bucket (N <= 2^k), the rest exactly."""
     cl = (not x.is_contiguous()) and x.is_contiguous(memory_format=torch.channels_last)
     dtype = str(x.dtype).replace("torch.", "")
     if x.dtype == torch.float32:
-        dtype += "-tf32" if torch.backends.cudnn.allow_tf32 else "-ieee"
-    parts = [prim, tuple(x.shape), tuple(w_shape), tuple(stride), tuple(padding), tuple(dilation), dtype,
+        dtype += "-tf32" if _tensors.conv_allows_tf32() else "-ieee"
+    batch = f"N<={1 << max(x.shape[0] - 1, 1).bit_length()}"
+    parts = [prim, batch, tuple(x.shape[1:]), tuple(w_shape), tuple(stride), tuple(padding), tuple(dilation), dtype,
              "cl" if cl else "nchw", *flags]
     return "|".join(str(p) for p in parts)
 
@@ -59,8 +66,31 @@ def _time_ms(fn, reps=5):
     return _timing.time_iterations(fn, "cuda", warmup=1, iters=reps, repeats=1)[0] * 1e3
 
 
+_pinned = {}  # deterministic mode's choices: the rule's, never a measured one
+
+
+def _choose_by_rule(key, device, run_triton):
+    """Deterministic mode: Triton, unless it fails on this key (tried once, untimed; not during capture)."""
+    c = _pinned.get(key)
+    if c is not None:
+        return c
+    c = "triton"
+    if not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+        try:
+            run_triton()
+        except Exception as e:
+            import warnings
+
+            warnings.warn(f"fastnets conv: the Triton kernel failed on {key} ({type(e).__name__}: {e}); using cuDNN")
+            c = "cudnn"
+    _pinned[key] = c
+    return c
+
+
 def _choose(key, device, run_triton, run_cudnn):
-    """The cached winner for `key`, measuring both on first sight."""
+    """The cached winner for `key`, measuring both on first sight (deterministic mode: the rule's choice)."""
+    if _tensors.deterministic_mode():
+        return _choose_by_rule(key, device, run_triton)
     c = choices.get(key)
     if c is not None:
         return c
@@ -112,8 +142,8 @@ def _cudnn_forward(x, w, bias, scale, shift, residual, stride, padding, dilation
 
 
 def forward(x, w, bias, scale, shift, residual, stride, padding, dilation, relu, out, act_param=0.0, pre=None):
-    key = _key("fwd", x, w.shape, stride, padding, dilation,
-               bias is not None, scale is not None, shift is not None, residual is not None, relu != 0)
+    key = _key("fwd", x, w.shape, stride, padding, dilation, bias is not None, scale is not None,
+               shift is not None, residual is not None, f"act{code(relu)}", pre is not None)
     args = (x, w, bias, scale, shift, residual, stride, padding, dilation, relu, out)
     kw = dict(act_param=act_param, pre=pre)
     c = _choose(key, x.device, lambda: tri.forward(*args, **kw), lambda: _cudnn_forward(*args, **kw))

@@ -69,6 +69,8 @@ def epilogue(y, residual, act, param):
 
 
 def batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps, residual, act, param):
+    if isinstance(momentum, torch.Tensor):  # momentum=None's 1 / num_batches_tracked: a CPU tensor here, no sync
+        momentum = float(momentum)
     y = F.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps)
     return epilogue(y, residual, act, param)
 

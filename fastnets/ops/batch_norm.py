@@ -267,7 +267,10 @@ def _empty_batch_norm(input, weight, bias, act, act_param):
 
 def update_running_stats(running_mean, running_var, mean, var, momentum, count):
     """new = (1 - momentum) * old + momentum * batch, with the batch variance `var` (biased, over `count`
-    values per channel) made unbiased, as torch.nn.BatchNorm2d does; one lerp_ per buffer when dtypes match."""
+    values per channel) made unbiased, as torch.nn.BatchNorm2d does; one lerp_ per buffer when dtypes match.
+    `momentum` is a float or a 0-d tensor on the buffers' device (momentum=None's 1 / num_batches_tracked)."""
+    if isinstance(momentum, torch.Tensor):
+        momentum = momentum.to(mean.dtype)
     with torch.no_grad():
         if running_mean is not None:
             if running_mean.dtype == mean.dtype:

@@ -13,6 +13,10 @@ strides the output's). Arithmetic in float32 (float64 for float64 input).
 
 Border pixels: sampled = mask * (img - fill) + fill for bilinear (mask = the in-image share of the bilinear
 weights, img the zero-padded grid_sample) and fill where mask < 0.5 for nearest: torchvision's formula.
+
+Invalid parameters are not checked on the host (the check would synchronise a GPU every batch): a sample whose
+matrix or box holds a non-finite value, or whose colour factor of an enabled colour op is negative or NaN, is
+all NaN in the output (invalid_samples).
 """
 import torch
 import torch.nn.functional as F
@@ -74,6 +78,19 @@ def colour_ops(img, colour, brightness, contrast, saturation):
     return img
 
 
+def invalid_samples(x, matrix, box, colour, brightness, contrast, saturation):
+    """(N,) bool on the device: the samples whose output is NaN (module docstring)."""
+    bad = ~torch.isfinite(matrix).flatten(1).all(1)
+    if box is not None:
+        bad = bad | ~torch.isfinite(box).all(1)
+    if colour is not None:
+        used = [brightness, contrast, saturation and x.shape[1] == 3]
+        for i in range(3):
+            if used[i]:
+                bad = bad | ~(colour[:, i] >= 0)
+    return bad
+
+
 def apply(x, matrix, box, colour, brightness, contrast, saturation, noise_seed, noise_mean, noise_std, noise_clip,
           scale, shift, nearest, fill, out):
     img = sample(x, matrix, box, out.shape[2], out.shape[3], nearest, fill)
@@ -85,5 +102,7 @@ def apply(x, matrix, box, colour, brightness, contrast, saturation, noise_seed, 
             img = img.clamp(0, 1)
     if scale is not None:
         img = img * scale.to(img.dtype)[None, :, None, None] + shift.to(img.dtype)[None, :, None, None]
+    bad = invalid_samples(x, matrix, box, colour, brightness, contrast, saturation)
+    img = torch.where(bad[:, None, None, None], torch.full((), float("nan"), dtype=img.dtype, device=img.device), img)
     out.copy_(img)
     return out

@@ -9,6 +9,9 @@ applies brightness and writes per-(sample, tile) partial sums of the grey level 
 their sum / (OH * OW) (a fixed-order sum, so results are deterministic).
 
 Noise: tl.randn(seed, element index) (Philox), the seed a device tensor drawn from the caller's generator.
+Invalid parameters are not checked on the host (that would synchronise every batch): a sample whose matrix or
+box is not finite, or whose enabled colour factor is negative or NaN, is written as NaN (the reference's
+contract), and a NaN source position is clamped before its integer conversion.
 Primitive: apply(...) as in fastnets/reference/augment.py.
 """
 import torch
@@ -25,6 +28,11 @@ def _round_half_even(v):
     tie = (r - v) == 0.5
     odd = (r - 2.0 * tl.floor(r * 0.5)) != 0.0
     return tl.where(tie & odd, r - 1.0, r)
+
+
+@triton.jit
+def _finite(v):
+    return tl.abs(v) <= 3.4028234663852886e38  # false for +-inf and NaN
 
 
 @triton.jit
@@ -68,13 +76,23 @@ def _augment_kernel(
     m8 = tl.load(m + 8)
     X = ox.to(tl.float32) + 0.5
     Y = oy.to(tl.float32) + 0.5
+    ok = (_finite(m0) & _finite(m1) & _finite(m2) & _finite(m3) & _finite(m4) & _finite(m5) & _finite(m6)
+          & _finite(m7) & _finite(m8))  # this sample's parameters are valid (else its output is NaN)
     den = m6 * X + m7 * Y + m8
     sx = (m0 * X + m1 * Y + m2) / den - 0.5
     sy = (m3 * X + m4 * Y + m5) / den - 0.5
     if HAS_BOX:
-        sx = tl.minimum(tl.maximum(sx, tl.load(box_ptr + n * 4 + 0)), tl.load(box_ptr + n * 4 + 1))
-        sy = tl.minimum(tl.maximum(sy, tl.load(box_ptr + n * 4 + 2)), tl.load(box_ptr + n * 4 + 3))
-    # far outside the image every tap is invalid anyway; keep the int conversion in range
+        b0 = tl.load(box_ptr + n * 4 + 0)
+        b1 = tl.load(box_ptr + n * 4 + 1)
+        b2 = tl.load(box_ptr + n * 4 + 2)
+        b3 = tl.load(box_ptr + n * 4 + 3)
+        ok = ok & _finite(b0) & _finite(b1) & _finite(b2) & _finite(b3)
+        sx = tl.minimum(tl.maximum(sx, b0), b1)
+        sy = tl.minimum(tl.maximum(sy, b2), b3)
+    # far outside the image every tap is invalid anyway; keep the int conversion in range (NaN included:
+    # a 0/0 position, or an invalid sample's, whose output is NaN anyway)
+    sx = tl.where(sx == sx, sx, -4.0)
+    sy = tl.where(sy == sy, sy, -4.0)
     sx = tl.minimum(tl.maximum(sx, -4.0), W + 4.0)
     sy = tl.minimum(tl.maximum(sy, -4.0), H + 4.0)
 
@@ -106,7 +124,9 @@ def _augment_kernel(
         v = mask[:, None] * (acc * in_scale - fill) + fill
 
     if BRIGHTNESS:
-        v = tl.minimum(tl.maximum(v * tl.load(col_ptr + n * 3 + 0), 0.0), 1.0)
+        f = tl.load(col_ptr + n * 3 + 0)
+        ok = ok & (f >= 0)
+        v = tl.minimum(tl.maximum(v * f, 0.0), 1.0)
     if RGB:
         gw = tl.where(c == 0, 0.2989, tl.where(c == 1, 0.587, tl.where(c == 2, 0.114, 0.0)))
     else:
@@ -117,10 +137,12 @@ def _augment_kernel(
     else:
         if CONTRAST:
             f = tl.load(col_ptr + n * 3 + 1)
+            ok = ok & (f >= 0)
             mean = tl.load(mean_ptr + n)
             v = tl.minimum(tl.maximum(f * v + (1.0 - f) * mean, 0.0), 1.0)
         if SATURATION:
             f = tl.load(col_ptr + n * 3 + 2)
+            ok = ok & (f >= 0)
             g = tl.sum(v * gw[None, :], axis=1)
             v = tl.minimum(tl.maximum(f * v + (1.0 - f) * g[:, None], 0.0), 1.0)
         out_off = (oy.to(tl.int64) * soh + ox.to(tl.int64) * sow)[:, None] + c[None, :].to(tl.int64) * soc
@@ -135,6 +157,7 @@ def _augment_kernel(
             sc = tl.load(scale_ptr + c, mask=cmask, other=1.0)
             sh = tl.load(shift_ptr + c, mask=cmask, other=0.0)
             v = v * sc[None, :] + sh[None, :]
+        v = tl.where(ok, v, float("nan"))
         tl.store(out_ptr + n.to(tl.int64) * son + out_off, v.to(out_ptr.dtype.element_ty),
                  mask=pmask[:, None] & cmask[None, :])
 

@@ -20,7 +20,7 @@ import triton.language as tl
 from .. import _tensors
 from ..activations import code
 from .._tensors import acc_dtype, sm_count
-from ._common import INTERPRET, tl_acc_dtype
+from ._common import INTERPRET, div_rn, rsqrt_rn, tl_acc_dtype
 from .activations import act_fwd, act_grad, relu_grad
 
 
@@ -37,8 +37,9 @@ def _chan_merge(mean, m2, count, tile_mean, tile_m2, nb):
     """Merge a tile's (mean, M2) over nb values into the running (mean, M2) over count values."""
     total = count + nb
     delta = tile_mean - mean
-    mean = mean + delta * (nb / total)
-    m2 = m2 + tile_m2 + delta * delta * (count * (nb / total))
+    w = div_rn(nb, total)
+    mean = mean + delta * w
+    m2 = m2 + tile_m2 + delta * delta * (count * w)
     return mean, m2, total
 
 
@@ -67,7 +68,7 @@ def _stats_cl_kernel(
         mask = (rows < r_hi)[:, None] & (cols < C)[None, :]
         x = tl.load(x_ptr + rows[:, None] * C + cols[None, :], mask=mask, other=0.0).to(ACC)
         nb = tl.minimum(r_hi - r0, BLOCK_R).to(ACC)
-        tile_mean = tl.sum(x, axis=0) / nb
+        tile_mean = div_rn(tl.sum(x, axis=0), nb)
         d = tl.where(mask, x - tile_mean[None, :], 0.0)
         mean, m2, count = _chan_merge(mean, m2, count, tile_mean, tl.sum(d * d, axis=0), nb)
     out = split * C + cols
@@ -97,7 +98,7 @@ def _stats_nchw_kernel(
             mask = cmask[:, None] & (s < s_hi)[None, :]
             x = tl.load(x_ptr + base[:, None] + s[None, :], mask=mask, other=0.0).to(ACC)
             nb = tl.minimum(s_hi - s0, BLOCK_S).to(ACC)
-            tile_mean = tl.sum(x, axis=1) / nb
+            tile_mean = div_rn(tl.sum(x, axis=1), nb)
             d = tl.where(mask, x - tile_mean[:, None], 0.0)
             mean, m2, count = _chan_merge(mean, m2, count, tile_mean, tl.sum(d * d, axis=1), nb)
     out = split * C + cols
@@ -124,7 +125,7 @@ def _stats_finalize_kernel(
             tl.load(pmean_ptr + offs, mask=cmask, other=0.0), tl.load(pm2_ptr + offs, mask=cmask, other=0.0), nb,
         )
     tl.store(mean_ptr + cols, mean, mask=cmask)
-    tl.store(invstd_ptr + cols, 1.0 / tl.sqrt(m2 / count + eps), mask=cmask)
+    tl.store(invstd_ptr + cols, rsqrt_rn(div_rn(m2, count) + eps), mask=cmask)
 
 
 # ----------------------------------------------------------------------------------------- backward reduction

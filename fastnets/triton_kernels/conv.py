@@ -14,9 +14,11 @@ pixel (stride divisibility masked). Grad weight: GEMM dy^T @ im2col(x) per (kh, 
 N*OH*OW reduction into fp32 partials summed afterwards (deterministic), so layers with few channels and
 many pixels still fill the GPU.
 
-Tensor cores: fp16/bf16 operands, fp32 accumulation; fp32 operands use TF32 when
-torch.backends.cudnn.allow_tf32 is set (else IEEE fp32); float64 accumulates in float64 without tl.dot.
-Offsets are int64. On a GPU tile shapes are autotuned per shape from a short list; under the interpreter
+Tensor cores: fp16/bf16 operands, fp32 accumulation; fp32 operands use TF32 when cuDNN's convolutions
+may (torch.backends.cudnn.conv.fp32_precision, docs/tf32.md; else IEEE fp32); float64 accumulates in
+float64 without tl.dot.
+Offsets are int64. On a GPU tile shapes are autotuned from a short list, once per key (M's power-of-two
+bucket, layouts, channels, taps, strides, flags: _tune_key, docs/conv_autotune.md); under the interpreter
 (TRITON_INTERPRET=1) one small fixed configuration is used and bf16 tiles are upcast to fp32 before
 tl.dot (the interpreter's bf16 dot is wrong), never on a GPU.
 """
@@ -29,7 +31,7 @@ import triton.language as tl
 from .. import _tensors
 from ..activations import code
 from .._tensors import acc_dtype, sm_count
-from ._common import INTERPRET
+from ._common import INTERPRET, div_rn
 from .activations import act_fwd, act_grad, relu_grad
 
 _INTERP_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 4}
@@ -78,7 +80,7 @@ def _bn_act_tile(a, ok, c, mk, scale_ptr, shift_ptr, ACT: tl.constexpr, param):
 # ------------------------------------------------------------------------------------------------ forward
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["TUNE_KEY"])  # the autotune key only (_tune_key): no recompiles
 def _conv_fwd_kernel(
     x_ptr, w_ptr, y_ptr, bias_ptr, scale_ptr, shift_ptr, res_ptr, pmean_ptr, pm2_ptr, pre_ptr,
     pro_scale_ptr, pro_shift_ptr,
@@ -86,7 +88,7 @@ def _conv_fwd_kernel(
     sxn, sxc, sxh, sxw,
     swk, swc, swh, sww,
     syn, syc, syh, syw,
-    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, TUNE_KEY,
     KH: tl.constexpr, KW: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_RES: tl.constexpr,
     ACT: tl.constexpr, SAVE_PRE: tl.constexpr, STATS: tl.constexpr, FLAT: tl.constexpr,
@@ -182,7 +184,7 @@ def _conv_fwd_kernel(
         # registers; merged across tiles by the caller with Chan's formula.
         cnt = tl.minimum(M - pid_m * BLOCK_M, BLOCK_M).to(v.dtype)
         vm = tl.where(mask_m[:, None], v, 0.0)
-        t_mean = tl.sum(vm, axis=0) / cnt
+        t_mean = div_rn(tl.sum(vm, axis=0), cnt)  # correctly rounded (_common.div_rn), as the merge
         dev = tl.where(mask_m[:, None], v - t_mean[None, :], 0.0)
         t_m2 = tl.sum(dev * dev, axis=0)
         p_off = pid_m.to(tl.int64) * Cout + offs_n
@@ -207,14 +209,14 @@ def _conv_fwd_kernel(
 # ------------------------------------------------------------------------------------------- grad input
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["TUNE_KEY"])  # the autotune key only (_tune_key): no recompiles
 def _conv_dgrad_kernel(
     g_ptr, w_ptr, dx_ptr, z_ptr, epi_scale_ptr, epi_shift_ptr, pdscale_ptr, pdshift_ptr,
     M, C, H, W, Cout, OH, OW, epi_param,
     sgn, sgc, sgh, sgw,
     swk, swc, swh, sww,
     sxn, sxc, sxh, sxw,
-    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, TUNE_KEY,
     KH: tl.constexpr, KW: tl.constexpr, EPI: tl.constexpr, EPI_ACT: tl.constexpr,
     UPCAST: tl.constexpr, FP64: tl.constexpr, PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
@@ -291,13 +293,13 @@ def _conv_dgrad_kernel(
 # ------------------------------------------------------------------------------------------ grad weight
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["TUNE_KEY"])  # the autotune key only (_tune_key): no recompiles
 def _conv_wgrad_kernel(
     g_ptr, x_ptr, part_ptr, pro_scale_ptr, pro_shift_ptr,
     M, C, H, W, Cout, OH, OW, rows_per_split, pro_param,
     sgn, sgc, sgh, sgw,
     sxn, sxc, sxh, sxw,
-    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, TUNE_KEY,
     KH: tl.constexpr, KW: tl.constexpr, PRO: tl.constexpr, PRO_ACT: tl.constexpr,
     UPCAST: tl.constexpr, FP64: tl.constexpr, PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
@@ -368,7 +370,7 @@ def _stats_merge_kernel(
         off = t.to(tl.int64)[:, None] * Cout + cols[None, :]
         pm = tl.load(pmean_ptr + off, mask=mt[:, None] & mc[None, :], other=0.0)
         total += tl.sum(pm * cnt[:, None], axis=0)
-    mean = total / M
+    mean = div_rn(total, M)
     m2 = tl.zeros([BLOCK_C], dtype)
     for t0 in range(0, tiles, BLOCK_T):
         t = t0 + tl.arange(0, BLOCK_T)
@@ -382,7 +384,7 @@ def _stats_merge_kernel(
         d = pm - mean[None, :]
         m2 += tl.sum(p2 + d * d * cnt[:, None], axis=0)
     tl.store(mean_ptr + cols, mean, mask=mc)
-    tl.store(var_ptr + cols, m2 / M, mask=mc)
+    tl.store(var_ptr + cols, div_rn(m2, M), mask=mc)
 
 
 # ---------------------------------------------------------------------------------------------- configs
@@ -452,18 +454,30 @@ def _prune_wgrad(configs, named_args, **kwargs):
     return keep or configs[-1:]
 
 
+# Autotune keys: TUNE_KEY (M's power-of-two bucket and the operands' layouts, _tune_key) instead of M, H, W
+# (a ragged last batch or a new eval batch size re-benchmarked, with host syncs, and could pick another
+# summation order), the channels, taps and strides, every epilogue/prologue flag and the precision; Triton
+# adds the pointer dtypes. tests/test_conv_autotune.py counts the benchmark rounds.
+_FWD_KEY = ["TUNE_KEY", "C", "Cout", "KH", "KW", "stride_h", "stride_w", "HAS_BIAS", "HAS_SCALE", "HAS_SHIFT",
+            "HAS_RES", "ACT", "SAVE_PRE", "STATS", "PRO", "PRO_ACT", "PREC"]
+_DGRAD_KEY = ["TUNE_KEY", "C", "Cout", "KH", "KW", "stride_h", "stride_w", "EPI", "EPI_ACT", "PREC"]
+_WGRAD_KEY = ["TUNE_KEY", "C", "Cout", "KH", "KW", "stride_h", "stride_w", "PRO", "PRO_ACT", "PREC"]
 _fwd_tuned = triton.autotune(
-    _GEMM_CONFIGS, key=["M", "C", "Cout", "H", "W", "KH", "KW", "stride_h", "stride_w", "STATS", "HAS_RES", "PRO"],
-    prune_configs_by={"early_config_prune": _prune_channels("C", "Cout")},
+    _GEMM_CONFIGS, key=_FWD_KEY, prune_configs_by={"early_config_prune": _prune_channels("C", "Cout")},
 )(_conv_fwd_kernel)
 _dgrad_tuned = triton.autotune(
-    _GEMM_CONFIGS, key=["M", "C", "Cout", "OH", "OW", "KH", "KW", "stride_h", "stride_w", "EPI"],
-    prune_configs_by={"early_config_prune": _prune_channels("Cout", "C")},
+    _GEMM_CONFIGS, key=_DGRAD_KEY, prune_configs_by={"early_config_prune": _prune_channels("Cout", "C")},
 )(_conv_dgrad_kernel)
 _wgrad_tuned = triton.autotune(
-    _WGRAD_CONFIGS, key=["M", "C", "Cout", "H", "W", "KH", "KW", "stride_h", "stride_w", "rows_per_split", "PRO"],
-    prune_configs_by={"early_config_prune": _prune_wgrad},
+    _WGRAD_CONFIGS, key=_WGRAD_KEY, prune_configs_by={"early_config_prune": _prune_wgrad},
 )(_conv_wgrad_kernel)
+
+
+def _tune_key(m, *channels_last):
+    """The shape part of the autotune key: log2 of M's power-of-two bucket (the rows of the GEMM, N * pixels)
+    times 16, plus bit i set when operand i is channels-last (its channel stride is 1)."""
+    bucket = max(int(m) - 1, 1).bit_length()  # next_power_of_2(m) == 2 ** bucket
+    return bucket * 16 + sum(int(bool(cl)) << i for i, cl in enumerate(channels_last))
 
 _MIN_BLOCK_M = min(c.kwargs["BLOCK_M"] for c in _GEMM_CONFIGS)
 
@@ -472,13 +486,15 @@ _FIXED_GPU_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8}
 
 
 def _launch(tuned, raw, grid, *args, **kwargs):
-    """Autotuned on a GPU; one fixed small configuration under the interpreter, for float64, and with
-    FASTNETS_CONV_TUNE=fixed (the test suite on a GPU: many tiny shapes, no autotuning cost)."""
+    """Autotuned on a GPU; one fixed small configuration under the interpreter, for float64, with
+    FASTNETS_CONV_TUNE=fixed (the test suite on a GPU: many tiny shapes, no autotuning cost) and in
+    deterministic mode (_tensors.deterministic_mode: one tile shape, so one summation order, whatever was
+    measured or seen before)."""
     if INTERPRET or kwargs["FP64"]:
         cfg = _FP64_CONFIG if kwargs["FP64"] else _INTERP_CONFIG
         raw[grid(cfg)](*args, **kwargs, **cfg)
         return cfg
-    if os.environ.get("FASTNETS_CONV_TUNE", "") == "fixed":
+    if os.environ.get("FASTNETS_CONV_TUNE", "") == "fixed" or _tensors.deterministic_mode():
         cfg = _FIXED_GPU_CONFIG
         raw[grid(cfg)](*args, **kwargs, **cfg, num_warps=4, num_stages=3)
         return cfg
@@ -487,11 +503,11 @@ def _launch(tuned, raw, grid, *args, **kwargs):
 
 
 def _math_flags(x):
+    """fp32 operands go to tl.dot as TF32 exactly when cuDNN's convolutions may use TF32
+    (_tensors.conv_allows_tf32, docs/tf32.md), on a GPU and under the interpreter alike (whose tl.dot is a
+    float32 numpy matmul whatever input_precision says); fp16/bf16 ignore PREC."""
     fp64 = x.dtype == torch.float64
-    if x.dtype == torch.float32 and not INTERPRET:
-        prec = "tf32" if torch.backends.cudnn.allow_tf32 else "ieee"
-    else:
-        prec = "ieee" if x.dtype == torch.float32 else "tf32"
+    prec = "tf32" if x.dtype != torch.float32 or _tensors.conv_allows_tf32() else "ieee"
     return {"UPCAST": INTERPRET and x.dtype == torch.bfloat16, "FP64": fp64, "PREC": prec}
 
 
@@ -530,6 +546,7 @@ def _run_fwd(x, x_strides, wp, y, y_strides, dims, conv, bias, scale, shift, res
         dummy if pre is None else pre, pro_scale, pro_shift,
         m, c, h, w, cout, oh, ow, float(act_param), float(pro_param),
         *x_strides, 1, cout, kw * c * cout, c * cout, *y_strides, *conv,
+        _tune_key(m, x_strides[1] == 1, y_strides[1] == 1),
         KH=kh, KW=kw, HAS_BIAS=bias is not None, HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None,
         HAS_RES=residual is not None, ACT=code(relu), SAVE_PRE=pre is not None, STATS=bool(stats),
         FLAT=c < 16 and kh * kw > 1, PRO=prologue is not None, PRO_ACT=code(pro_act),
@@ -606,7 +623,8 @@ def _run_dgrad(g, wp, out, dims, stride, padding, dilation, epilogue=None):
         _dgrad_tuned, _conv_dgrad_kernel, _gemm_grid(m, c),
         g, wp, out, z, scale, shift, pds, pdh, m, c, h, wd, cout, oh, ow, float(act_param),
         *g.stride(), 1, cout, kw * c * cout, c * cout, *out.stride(),
-        *stride, *padding, *dilation, KH=kh, KW=kw, EPI=epilogue is not None, EPI_ACT=code(act), **_math_flags(g),
+        *stride, *padding, *dilation, _tune_key(m, g.stride(1) == 1, out.stride(1) == 1),
+        KH=kh, KW=kw, EPI=epilogue is not None, EPI_ACT=code(act), **_math_flags(g),
     )
     if epilogue is None:
         return None
@@ -645,7 +663,8 @@ def grad_weight(g, x, w_shape, stride, padding, dilation, prologue=None):
     _launch(
         _wgrad_tuned, _conv_wgrad_kernel, grid,
         g, x, part, pro_scale, pro_shift, m, c, h, wd, cout, oh, ow, rows_per_split, float(pro_param),
-        *g.stride(), *x.stride(), *stride, *padding, *dilation, KH=kh, KW=kw, PRO=prologue is not None,
+        *g.stride(), *x.stride(), *stride, *padding, *dilation, _tune_key(m, g.stride(1) == 1, x.stride(1) == 1),
+        KH=kh, KW=kw, PRO=prologue is not None,
         PRO_ACT=code(pro_act), **_math_flags(x),
     )
     dw = part[0] if splits == 1 else part.sum(0)

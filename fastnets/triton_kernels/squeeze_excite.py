@@ -16,7 +16,7 @@ import triton.language as tl
 
 from .. import _tensors
 from .._tensors import acc_dtype, sm_count
-from ._common import tl_acc_dtype
+from ._common import div_rn, tl_acc_dtype
 from .activations import act_fwd, relu_grad
 
 
@@ -81,7 +81,7 @@ def _reduce_kernel(
             acc += x
     tot = tl.sum(acc, axis=1)
     if MEAN:
-        tot = tot / S
+        tot = div_rn(tot, S)  # correctly rounded (_common.div_rn), as the CUDA kernel's div_rn
     tl.store(out_ptr + (n * num_splits + split) * C + cs, tot, mask=cmask)
 
 

@@ -13,7 +13,7 @@ plan function of launch_plans.h, so the plans are checked here for normal and ex
 and the two must agree. Besides the limits, each plan must cover all of its work (a grid-stride loop covers
 what a capped grid does not, but the blocks of a plan must still reach every channel, row and chunk) and
 vectorize only where its kernel may (C % vec == 0 by rows, S >= vec by planes, S % vec == 0 for the NCHW
-reductions). Finally, every kernel in the library's cubins has the __launch_bounds__ its plans say.
+reductions). Finally, every kernel in the library's sm_90 cubin has the __launch_bounds__ its plans say.
 """
 import glob
 import itertools
@@ -300,8 +300,9 @@ def _kernel_bounds(lib, arch):
 
 
 def test_every_kernel_has_the_launch_bounds_of_its_plans(driver_plans, library_plans):
-    """Each __global__ of fastnets._C (sm_80 and sm_90 cubins) carries __launch_bounds__ (EIATTR_MAX_THREADS),
-    equal to the bound its plans state, and every kernel has a plan."""
+    """Each __global__ of fastnets._C carries __launch_bounds__ (EIATTR_MAX_THREADS), equal to the bound its
+    plans state, and every kernel has a plan. Read from the sm_90 cubin (the bounds are in the source, the same
+    for every arch; dumping one cubin's ELF takes ~10 s)."""
     if _extension_op() is None:
         pytest.skip("the extension is not built here")
     if _cuobjdump() is None or shutil.which("c++filt") is None:
@@ -313,7 +314,7 @@ def test_every_kernel_has_the_launch_bounds_of_its_plans(driver_plans, library_p
     for text in plans.values():
         for la in parse(text):
             assert bound_of.setdefault(la["kernel"], la["bound"]) == la["bound"], la
-    for arch in ("sm_80", "sm_90"):
+    for arch in ("sm_90",):
         kernels = _kernel_bounds(libs[0], arch)
         assert kernels, f"no kernels in the {arch} cubin"
         seen = set()

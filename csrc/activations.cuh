@@ -1,6 +1,8 @@
-// The fused activations on the device (codes and semantics: fastnets/activations.py). The code is a
-// kernel argument that is uniform over the grid, so the switch costs one predictable branch per element
-// and one kernel serves every activation. Formulas restate aten's forward and backward kernels, NaN
+// The fused activations on the device (codes and semantics: fastnets/activations.py). The kernels' fast
+// paths take the code as a template parameter ACT (common.cuh's dispatch_act instantiates one kernel per
+// activation), so the switch below folds away and only that activation is compiled into their loops; the
+// scalar fallbacks and float64 take ACT = kDynamic and switch on the run-time code (one kernel for every
+// activation). Formulas restate aten's forward and backward kernels, NaN
 // handling and the gradient at each kink included; comparisons are written so that NaN takes torch's
 // branch. setup.py compiles with --use_fast_math: the exponentials are the fast ones, the sigmoid goes
 // through the correctly rounded reciprocal (0 at e = inf, NaN for NaN).
@@ -19,7 +21,15 @@ enum Code : int {
   kGelu = 6,
   kGeluTanh = 7,
   kNumCodes = 8,
+  kDynamic = -1,  // a template argument ACT: the code is known at run time only
 };
+
+// The code a kernel instantiated for ACT runs: ACT itself (a compile-time constant, so every switch on it
+// folds), or the run-time code when ACT is kDynamic.
+template <int ACT>
+__device__ __forceinline__ int code_of(int runtime_code) {
+  return ACT == kDynamic ? runtime_code : ACT;
+}
 
 enum GateCode : int { kSigmoid = 0, kHardsigmoid = 1 };
 

@@ -7,6 +7,8 @@
 // act is an activation code of csrc/activations.cuh. relu's gradient is masked by the saved output
 // (y <= 0 -> 0, as threshold_backward); codes above relu recompute v = x * scale[c] + shift[c]
 // [+ residual] in the backward (scale, shift and, when the forward had one, the residual are then given).
+// The vectorized paths of float32/float16/bfloat16 are compiled once per activation (the ops' ACT template
+// parameter, dispatch_act in common.cuh); the scalar fallbacks and float64 switch on the code at run time.
 //
 // x is dense and seen as (N, C, S) in memory (NCHW; S = product of the spatial sizes, 1 for 2-D input)
 // or (N, S, C) (channels_last). dy, y and residual have x's layout. Per-channel vectors are in the
@@ -15,15 +17,15 @@
 // Reductions (stats, backward_reduce) are two-stage and deterministic (no atomics): a tiled kernel
 // writes one partial State per (split, channel) into a [fields, splits, C] buffer, then a finalize
 // kernel merges the splits of each channel. The tiling code is shared by both reductions through an
-// `Op` (what to load, how to accumulate, what to write); see the comment above each kernel.
+// `Op` (what to load, how to accumulate, what to write); see the comment above each kernel. Every grid,
+// block and shared-memory size comes from the launch plans of launch_plans.h (plan::bn_reduce,
+// plan::bn_elementwise), which tests/test_cuda_launch_plans.py checks against the GPU's limits.
 #include <algorithm>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <vector>
-
-
 
 #include "activations.cuh"
 #include "common.cuh"
@@ -125,7 +127,35 @@ __device__ __forceinline__ State warp_reduce(State s) {
 //   load<V>(i, items)    the V consecutive elements at flat index i (all inputs of the op)
 //   Ctx, context(c)      per-channel data (mean, scale, shift for backward_reduce), loaded once per thread
 //   add(state, item, ctx)
-//   finalize(state, c)   writes the outputs of channel c
+//   Final, final()       what the finalize kernel writes per channel (an object that does not depend on the
+//                        activation, so that one finalize kernel serves every ACT)
+
+// The outputs of stats: mean and invstd per channel.
+template <typename acc_t_>
+struct StatsFinal {
+  using acc_t = acc_t_;
+  using State = Welford<acc_t>;
+  acc_t* __restrict__ mean_out;
+  acc_t* __restrict__ invstd_out;
+  acc_t eps;
+  __device__ __forceinline__ void finalize(const State& s, int64_t c) const {
+    mean_out[c] = s.mean;
+    invstd_out[c] = rsqrt_rn(div_rn(s.m2, s.n) + eps);  // biased variance
+  }
+};
+
+// The outputs of backward_reduce: sum g and sum g * (x - mean) per channel.
+template <typename acc_t_>
+struct SumsFinal {
+  using acc_t = acc_t_;
+  using State = Sums<acc_t>;
+  acc_t* __restrict__ sum_g_out;
+  acc_t* __restrict__ sum_gxmu_out;
+  __device__ __forceinline__ void finalize(const State& s, int64_t c) const {
+    sum_g_out[c] = s.a;
+    sum_gxmu_out[c] = s.b;
+  }
+};
 
 template <typename scalar_t_, typename acc_t_>
 struct StatsOp {
@@ -135,10 +165,10 @@ struct StatsOp {
   struct Item {
     acc_t x;
   };
+  using Final = StatsFinal<acc_t>;
+  static constexpr int kUnroll = 4;  // rows in flight per thread in the tiled kernels' loops
   const scalar_t* __restrict__ x;
-  acc_t* __restrict__ mean_out;
-  acc_t* __restrict__ invstd_out;
-  acc_t eps;
+  Final out;
   using Ctx = acc_t;
 
   template <int V>
@@ -149,13 +179,10 @@ struct StatsOp {
   }
   __device__ __forceinline__ acc_t context(int64_t) const { return acc_t(0); }
   __device__ __forceinline__ void add(State& s, const Item& it, Ctx) const { s.add(it.x); }
-  __device__ __forceinline__ void finalize(const State& s, int64_t c) const {
-    mean_out[c] = s.mean;
-    invstd_out[c] = rsqrt_rn(div_rn(s.m2, s.n) + eps);  // biased variance
-  }
 };
 
-template <typename scalar_t_, typename acc_t_>
+// ACT: the activation code, or act::kDynamic for the run-time `code`.
+template <typename scalar_t_, typename acc_t_, int ACT>
 struct BackwardReduceOp {
   using scalar_t = scalar_t_;
   using acc_t = acc_t_;
@@ -173,13 +200,19 @@ struct BackwardReduceOp {
   const acc_t* __restrict__ scale;        // act > relu only
   const acc_t* __restrict__ shift;
   const acc_t* __restrict__ mean;
-  acc_t* __restrict__ sum_g_out;
-  acc_t* __restrict__ sum_gxmu_out;
-  int code;  // activation code
+  using Final = SumsFinal<acc_t>;
+  // Rows in flight per thread: 4 for identity (dy, x per row); 2 where a row also loads y or the residual
+  // and the activation's gradient adds live values (four rows of 3 vectors held 100 registers).
+  static constexpr int kUnroll = ACT == act::kIdentity ? 4 : 2;
+  Final out;
+  int code;  // activation code (read when ACT is kDynamic)
   acc_t act_param;
+
+  __device__ __forceinline__ int act() const { return act::code_of<ACT>(code); }
 
   template <int V>
   __device__ __forceinline__ void load(int64_t i, Item (&it)[V]) const {
+    const int code = act();
     const Pack<scalar_t, V> dv = load_pack<V>(dy + i);
     const Pack<scalar_t, V> xv = load_pack<V>(x + i);
 #pragma unroll
@@ -202,18 +235,15 @@ struct BackwardReduceOp {
     }
   }
   __device__ __forceinline__ Ctx context(int64_t c) const {
-    if (code > act::kRelu) return Ctx{mean[c], scale[c], shift[c]};
+    if (act() > act::kRelu) return Ctx{mean[c], scale[c], shift[c]};
     return Ctx{mean[c], acc_t(0), acc_t(0)};
   }
   __device__ __forceinline__ void add(State& s, const Item& it, const Ctx& cx) const {
+    const int code = act();
     acc_t g = it.g;
     if (code > act::kRelu) g = act::backward(g, it.x * cx.scale + cx.shift + it.r, code, act_param);
     s.a += g;
     s.b += g * (it.x - cx.mean);
-  }
-  __device__ __forceinline__ void finalize(const State& s, int64_t c) const {
-    sum_g_out[c] = s.a;
-    sum_gxmu_out[c] = s.b;
   }
 };
 
@@ -227,7 +257,7 @@ struct BackwardReduceOp {
 // Grid (ceil(C / (bx * V)), splits). The by partial states of a channel are merged by a tree in shared
 // memory (by is a power of two).
 template <typename Op, int V>
-__global__ void __launch_bounds__(256) reduce_cl_kernel(Op op, int64_t rows, int64_t C,
+__global__ void __launch_bounds__(plan::kBnReduceThreads) reduce_cl_kernel(Op op, int64_t rows, int64_t C,
                                                          typename Op::acc_t* __restrict__ partial) {
   using State = typename Op::State;
   using Item = typename Op::Item;
@@ -248,7 +278,7 @@ __global__ void __launch_bounds__(256) reduce_cl_kernel(Op op, int64_t rows, int
   }
   if (active) {
     const int64_t row_step = int64_t(gridDim.y) * by;
-#pragma unroll 4
+#pragma unroll Op::kUnroll
     for (int64_t r = int64_t(blockIdx.y) * by + ty; r < rows; r += row_step) {
       Item it[V];
       op.template load<V>(r * C + c0, it);
@@ -274,15 +304,13 @@ __global__ void __launch_bounds__(256) reduce_cl_kernel(Op op, int64_t rows, int
   }
 }
 
-// NCHW with small planes (1 < S <= kTileMax), e.g. N x 2048 x 7 x 7. A block covers a tile of cb
+// NCHW with small planes (1 < S <= plan::kBnTileMax = 1024), e.g. N x 2048 x 7 x 7. A block covers a tile of cb
 // consecutive channels; for one sample n their cb * S elements are contiguous, so thread t reads element
 // t of that segment (coalesced) for every row n of its split: it always sees channel c0 + t / S.
-// Block: round_up(CB * S, 32) threads (<= kTileMax); grid (ceil(C / CB), splits), splits over n.
+// Block: round_up(CB * S, 32) threads (<= 1024); grid (ceil(C / CB), splits), splits over n.
 // Then the S states of each channel are merged in shared memory, one warp per channel.
-constexpr int kTileMax = 1024;
-
 template <typename Op>
-__global__ void __launch_bounds__(kTileMax) reduce_nchw_tile_kernel(Op op, int64_t N, int64_t C, int S, int CB,
+__global__ void __launch_bounds__(plan::kBnTileMax) reduce_nchw_tile_kernel(Op op, int64_t N, int64_t C, int S, int CB,
                                                                      typename Op::acc_t* __restrict__ partial) {
   using State = typename Op::State;
   using Item = typename Op::Item;
@@ -300,7 +328,7 @@ __global__ void __launch_bounds__(kTileMax) reduce_nchw_tile_kernel(Op op, int64
     const typename Op::Ctx ctx = op.context(c0 + t / S);
     const int64_t row_stride = C * S;
     const int64_t first = c0 * S + t;
-#pragma unroll 4
+#pragma unroll Op::kUnroll
     for (int64_t n = blockIdx.y; n < N; n += gridDim.y) {
       Item it[1];
       op.template load<1>(n * row_stride + first, it);
@@ -320,12 +348,12 @@ __global__ void __launch_bounds__(kTileMax) reduce_nchw_tile_kernel(Op op, int64
   }
 }
 
-// NCHW with large planes (S > kTileMax). One channel per block (grid.x = C); the channel's N planes are
+// NCHW with large planes (S > 1024). One channel per block (grid.x = C); the channel's N planes are
 // cut into chunks of chunk_len elements (a multiple of V), and each work item (n, chunk) is read by one
 // warp, lanes striding the contiguous chunk with V-element loads (V > 1 needs S % V == 0 and an aligned
 // base). Items are dealt to warps round-robin: warp w of split blockIdx.y takes items
 // blockIdx.y * 8 + w, then + gridDim.y * 8. Block: 256 threads; grid (C, splits).
-constexpr int kPlaneWarps = 8;
+constexpr int kPlaneWarps = plan::kBnPlaneWarps;
 
 template <typename Op, int V>
 __global__ void __launch_bounds__(kPlaneWarps * kWarp)
@@ -348,7 +376,7 @@ __global__ void __launch_bounds__(kPlaneWarps * kWarp)
     const int64_t begin = (item - n * nchunks) * chunk_len;
     const int64_t end = begin + chunk_len < S ? begin + chunk_len : S;
     const int64_t base = (n * C + c) * S;
-#pragma unroll 4
+#pragma unroll Op::kUnroll
     for (int64_t s = begin + int64_t(lane) * V; s < end; s += int64_t(kWarp) * V) {
       Item it[V];
       op.template load<V>(base + s, it);
@@ -367,12 +395,12 @@ __global__ void __launch_bounds__(kPlaneWarps * kWarp)
 }
 
 // Stage 2: one warp per channel merges that channel's `splits` partial states, then writes the outputs.
-constexpr int kFinalizeWarps = 8;
+constexpr int kFinalizeWarps = plan::kBnFinalizeWarps;
 
-template <typename Op>
+template <typename Final>
 __global__ void __launch_bounds__(kFinalizeWarps * kWarp)
-    reduce_finalize_kernel(Op op, const typename Op::acc_t* __restrict__ partial, int64_t C, int64_t splits) {
-  using State = typename Op::State;
+    reduce_finalize_kernel(Final op, const typename Final::acc_t* __restrict__ partial, int64_t C, int64_t splits) {
+  using State = typename Final::State;
   const int64_t c = int64_t(blockIdx.x) * kFinalizeWarps + threadIdx.x / kWarp;
   const int lane = threadIdx.x % kWarp;
   if (c >= C) return;  // warp-uniform
@@ -384,43 +412,54 @@ __global__ void __launch_bounds__(kFinalizeWarps * kWarp)
 }
 
 // ---------------------------------------------------------------------------------------------------
-// Elementwise ops (apply, backward_apply). Interface: run<V>(i, ch) handles the V consecutive elements
-// at flat index i, element k being in channel ch[k].
+// Element-wise ops (apply, backward_apply), run by common.cuh's rows_elementwise_kernel (channels_last)
+// and planes_elementwise_kernel (NCHW): Chan is the per-channel data of one channel, loaded by chan(c)
+// once per work item or vector; run<V>(i, ch) handles the V consecutive elements at flat index i.
 
-template <typename scalar_t_, typename acc_t_>
+template <typename scalar_t_, typename acc_t_, int ACT>
 struct ApplyOp {
   using scalar_t = scalar_t_;
   using acc_t = acc_t_;
+  struct Chan {
+    acc_t scale, shift;
+  };
   const scalar_t* __restrict__ x;
   const acc_t* __restrict__ scale;
   const acc_t* __restrict__ shift;
   const scalar_t* __restrict__ residual;  // read only when has_residual
   scalar_t* __restrict__ y;
   bool has_residual;
-  int code;  // activation code
+  int code;  // activation code (read when ACT is kDynamic)
   acc_t act_param;
 
-  template <int V>
-  __device__ __forceinline__ void run(int64_t i, const int64_t (&ch)[V]) const {
+  __device__ __forceinline__ Chan chan(int64_t c) const { return Chan{scale[c], shift[c]}; }
+
+  template <int V, typename At>
+  __device__ __forceinline__ void run(int64_t i, const At& at) const {
+    const int act = act::code_of<ACT>(code);
     const Pack<scalar_t, V> xv = load_pack<V>(x + i);
     Pack<scalar_t, V> rv;
     if (has_residual) rv = load_pack<V>(residual + i);
     Pack<scalar_t, V> out;
 #pragma unroll
     for (int k = 0; k < V; ++k) {
-      acc_t v = static_cast<acc_t>(xv.v[k]) * scale[ch[k]] + shift[ch[k]];
+      acc_t v = static_cast<acc_t>(xv.v[k]) * at(k).scale + at(k).shift;
       if (has_residual) v += static_cast<acc_t>(rv.v[k]);
-      v = act::forward(v, code, act_param);
+      v = act::forward(v, act, act_param);
       out.v[k] = static_cast<scalar_t>(v);
     }
     store_pack<V>(y + i, out);
   }
 };
 
-template <typename scalar_t_, typename acc_t_>
+template <typename scalar_t_, typename acc_t_, int ACT>
 struct BackwardApplyOp {
   using scalar_t = scalar_t_;
   using acc_t = acc_t_;
+  // b, d, mean are read only when train; scale, shift only when act > relu (else they stay 0).
+  struct Chan {
+    acc_t a, b, d, mean, scale, shift;
+  };
   const scalar_t* __restrict__ dy;
   const scalar_t* __restrict__ x;         // read only when train or act > relu
   const scalar_t* __restrict__ y;         // read only when act == relu
@@ -433,12 +472,29 @@ struct BackwardApplyOp {
   const acc_t* __restrict__ mean;
   scalar_t* __restrict__ dx;
   scalar_t* __restrict__ g_out;  // written only when write_g
-  int code;  // activation code
+  int code;  // activation code (read when ACT is kDynamic)
   acc_t act_param;
   bool train, write_g;
 
-  template <int V>
-  __device__ __forceinline__ void run(int64_t i, const int64_t (&ch)[V]) const {
+  __device__ __forceinline__ int act() const { return act::code_of<ACT>(code); }
+
+  __device__ __forceinline__ Chan chan(int64_t c) const {
+    Chan ch{a[c], acc_t(0), acc_t(0), acc_t(0), acc_t(0), acc_t(0)};
+    if (train) {
+      ch.b = b[c];
+      ch.d = d[c];
+      ch.mean = mean[c];
+    }
+    if (act() > act::kRelu) {
+      ch.scale = scale[c];
+      ch.shift = shift[c];
+    }
+    return ch;
+  }
+
+  template <int V, typename At>
+  __device__ __forceinline__ void run(int64_t i, const At& at) const {
+    const int code = act();
     Pack<scalar_t, V> g = load_pack<V>(dy + i);
     if (code == act::kRelu) {
       const Pack<scalar_t, V> yv = load_pack<V>(y + i);
@@ -457,8 +513,7 @@ struct BackwardApplyOp {
       if (residual != nullptr) rv = load_pack<V>(residual + i);
 #pragma unroll
       for (int k = 0; k < V; ++k) {
-        const int64_t c = ch[k];
-        acc_t v = static_cast<acc_t>(xv.v[k]) * scale[c] + shift[c];
+        acc_t v = static_cast<acc_t>(xv.v[k]) * at(k).scale + at(k).shift;
         if (residual != nullptr) v += static_cast<acc_t>(rv.v[k]);
         gs[k] = act::backward(gs[k], v, code, act_param);
         g.v[k] = static_cast<scalar_t>(gs[k]);
@@ -467,68 +522,14 @@ struct BackwardApplyOp {
     Pack<scalar_t, V> out;
 #pragma unroll
     for (int k = 0; k < V; ++k) {
-      const int64_t c = ch[k];
-      acc_t v = gs[k] * a[c];
-      if (train) v = v + (static_cast<acc_t>(xv.v[k]) - mean[c]) * b[c] + d[c];
+      acc_t v = gs[k] * at(k).a;
+      if (train) v = v + (static_cast<acc_t>(xv.v[k]) - at(k).mean) * at(k).b + at(k).d;
       out.v[k] = static_cast<scalar_t>(v);
     }
     store_pack<V>(dx + i, out);
     if (write_g) store_pack<V>(g_out + i, g);
   }
 };
-
-// Grid-stride over vectors of V elements; element i is in channel (i / inner) % C, inner = S for NCHW
-// and 1 for channels_last. The channel is found by division once per thread and then carried along by
-// additions (the loop step is constant), so the hot loop has no 64-bit division. The numel % V tail
-// elements are handled one per thread by the first threads of the grid.
-constexpr int kElementwiseThreads = 256;
-
-template <typename Op, int V>
-__global__ void __launch_bounds__(kElementwiseThreads)
-    elementwise_kernel(Op op, int64_t numel, int64_t inner, int64_t C) {
-  const int64_t tid = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  const int64_t nthreads = int64_t(gridDim.x) * blockDim.x;
-  const int64_t nvec = numel / V;
-
-  const int64_t tail = numel - nvec * V;
-  if (tid < tail) {
-    const int64_t i = nvec * V + tid;
-    const int64_t ch[1] = {(i / inner) % C};
-    op.template run<1>(i, ch);
-  }
-
-  if (tid >= nvec) return;
-  int64_t i = tid * V;
-  int64_t q = i / inner;
-  int64_t r = i - q * inner;  // position inside the current run of `inner` same-channel elements
-  int64_t c = q % C;
-  const int64_t step = nthreads * V;
-  const int64_t step_q = step / inner;
-  const int64_t step_r = step - step_q * inner;
-  const int64_t step_c = step_q % C;
-  for (int64_t v = tid; v < nvec; v += nthreads) {
-    int64_t ch[V];
-    int64_t rr = r, cc = c;
-#pragma unroll
-    for (int k = 0; k < V; ++k) {
-      ch[k] = cc;
-      if (++rr == inner) {
-        rr = 0;
-        cc = (cc + 1 == C) ? 0 : cc + 1;
-      }
-    }
-    op.template run<V>(i, ch);
-    // Advance (r, c) by `step` elements: r < inner and c < C stay true with one carry and one wrap.
-    i += step;
-    r += step_r;
-    c += step_c;
-    if (r >= inner) {
-      r -= inner;
-      c += 1;
-    }
-    if (c >= C) c -= C;
-  }
-}
 
 // ---------------------------------------------------------------------------------------------------
 // Host side: checks
@@ -537,7 +538,8 @@ struct Dims {
   int64_t N, C, S;
 };
 
-// x as fastnets::check_x (common.cuh) says, with a channel count that fits the kernels' int32 grid math.
+// x as fastnets::check_x (common.cuh) says, with a channel count the launch plans take (at most 2^31 - 1:
+// the channel blocks of a grid's x dimension, tests/test_cuda_launch_plans.py).
 void check_bn_x(const Tensor& x, bool channels_last, const char* op) {
   check_x(x, channels_last, op);
   STD_TORCH_CHECK(x.size(1) <= std::numeric_limits<int32_t>::max(), op, ": too many channels: ", x.size(1));
@@ -562,120 +564,142 @@ Dims dims_of(const Tensor& x) {
 }
 
 // ---------------------------------------------------------------------------------------------------
-// Host side: launchers
+// Host side: launchers. The plans (grid, block, shared memory, path, vector width) are launch_plans.h's.
 
-int target_blocks(int threads_per_block) {
-  int device = 0;
-  STD_CUDA_CHECK(cudaGetDevice(&device));  // the DeviceGuard's: x's device
-  const DeviceLimits prop = device_limits(device);
-  // One full wave at the thread-count occupancy limit (register limits may lower it; a second
-  // partial wave then costs little for these memory-bound kernels).
-  const int per_sm = std::max(1, std::min(prop.max_threads_per_sm / threads_per_block, 32));
-  return prop.sms * per_sm;
+// Which kernel variants a launcher instantiates for an Op: every one (float64, and stats, which has no
+// activation), the vectorized fast paths only (an Op compiled for one activation), or the scalar
+// fallbacks only (the act::kDynamic Op of float32/float16/bfloat16). The plan picks the variant at run
+// time; dispatch_variant below picks the Op that has it.
+enum class Variants { kAll, kVectorized, kScalar };
+
+[[noreturn]] inline void variant_not_compiled(const char* what) {
+  STD_TORCH_CHECK(false, "fastnets_cuda: internal error: ", what, " was not compiled for this op variant");
+  std::abort();
 }
 
-int64_t next_pow2(int64_t v) {
-  int64_t p = 1;
-  while (p < v) p <<= 1;
-  return p;
+// f(ACT, VARIANTS) as integral constants: float64 -> (kDynamic, kAll); a fast plan -> (the activation,
+// kVectorized); otherwise (kDynamic, kScalar).
+template <typename scalar_t, typename F>
+void dispatch_variant(bool fast, int64_t code, F&& f) {
+  using all = std::integral_constant<Variants, Variants::kAll>;
+  using vectorized = std::integral_constant<Variants, Variants::kVectorized>;
+  using scalar = std::integral_constant<Variants, Variants::kScalar>;
+  if constexpr (std::is_same_v<scalar_t, double>) {
+    f(std::integral_constant<int, act::kDynamic>{}, all{});
+  } else if (fast) {
+    dispatch_act(static_cast<int>(code), [&](auto a) { f(a, vectorized{}); });
+  } else {
+    f(std::integral_constant<int, act::kDynamic>{}, scalar{});
+  }
 }
 
-// How many splits to cut `units` units of work into: at most `wanted` (and 65535, the grid.y limit), with
-// every split getting the same number of units (ceil(units / splits)) so no block idles at the end.
-int64_t balanced_splits(int64_t units, int64_t wanted) {
-  wanted = std::max<int64_t>(1, std::min<int64_t>(wanted, 65535));
-  const int64_t per = ceil_div(units, wanted);
-  return std::max<int64_t>(1, ceil_div(units, per));
-}
+bool reduce_is_fast(const plan::BnReduce& p) { return p.vec > 1 || p.path == plan::BnReduce::kTile; }
 
-// Runs the two-stage reduction of `op` over x's (N, C, S) elements. `vec_ok`: every pointer the op
-// loads from is 16-byte aligned.
-template <typename Op>
-void launch_reduce(const Op& op, const Dims& dm, bool channels_last, bool vec_ok, const Tensor& x) {
+// Runs the two-stage reduction of `op` over x's (N, C, S) elements as plan `p` says.
+template <Variants W, typename Op>
+void launch_reduce(const Op& op, const plan::BnReduce& p, const Dims& dm, const Tensor& x) {
   using State = typename Op::State;
   using acc_t = typename Op::acc_t;
   constexpr int VEC = 16 / sizeof(typename Op::scalar_t);
+  constexpr bool kVec = W != Variants::kScalar, kScalar = W != Variants::kVectorized;
   const int64_t N = dm.N, C = dm.C, S = dm.S;
   const cudaStream_t stream = current_stream(x);
-  Tensor partial;
-  int64_t splits = 1;
+  Tensor partial = new_empty_like_device(x, {State::kFields * p.splits * C}, acc_type_of(x));
+  acc_t* part = mptr<acc_t>(partial);
+  const plan::Launch& l = p.main;
+  const dim3 grid = grid_of(l), block = block_of(l);
 
-  if (channels_last || S == 1) {
-    const int64_t rows = N * S;
-    const int V = (vec_ok && C % VEC == 0) ? VEC : 1;
-    const int64_t cols = ceil_div(C, V);
-    const int bx = static_cast<int>(std::min<int64_t>(32, next_pow2(cols)));
-    const int by = 256 / bx;
-    const int64_t gx = ceil_div(cols, bx);
-    // Enough splits of the rows to fill the GPU; the unit of work is `by` rows (one per thread row).
-    splits = balanced_splits(ceil_div(rows, by), ceil_div(target_blocks(256), gx));
-    partial = new_empty_like_device(x, {State::kFields * splits * C}, acc_type_of(x));
-    const dim3 grid(static_cast<unsigned>(gx), static_cast<unsigned>(splits));
-    const dim3 block(bx, by);
-    const size_t smem = sizeof(State) * 256;
-    if (V == VEC) {
-      reduce_cl_kernel<Op, VEC><<<grid, block, smem, stream>>>(op, rows, C, mptr<acc_t>(partial));
+  if (p.path == plan::BnReduce::kRows) {
+    if (p.vec == VEC && VEC > 1) {
+      if constexpr (kVec) {
+        reduce_cl_kernel<Op, VEC><<<grid, block, l.smem, stream>>>(op, N * S, C, part);
+      } else {
+        variant_not_compiled("reduce_cl_kernel<VEC>");
+      }
     } else {
-      reduce_cl_kernel<Op, 1><<<grid, block, smem, stream>>>(op, rows, C, mptr<acc_t>(partial));
+      if constexpr (kScalar) {
+        reduce_cl_kernel<Op, 1><<<grid, block, l.smem, stream>>>(op, N * S, C, part);
+      } else {
+        variant_not_compiled("reduce_cl_kernel<1>");
+      }
     }
-    STD_CUDA_KERNEL_LAUNCH_CHECK();
-  } else if (S <= kTileMax) {
-    const int CB = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(C, kTileMax / S)));
-    const int threads = static_cast<int>(ceil_div(int64_t(CB) * S, kWarp) * kWarp);
-    const int64_t gx = ceil_div(C, CB);
-    splits = balanced_splits(N, ceil_div(target_blocks(threads), gx));
-    partial = new_empty_like_device(x, {State::kFields * splits * C}, acc_type_of(x));
-    const dim3 grid(static_cast<unsigned>(gx), static_cast<unsigned>(splits));
-    const size_t smem = sizeof(State) * threads;
-    reduce_nchw_tile_kernel<Op><<<grid, threads, smem, stream>>>(op, N, C, static_cast<int>(S), CB,
-                                                                  mptr<acc_t>(partial));
-    STD_CUDA_KERNEL_LAUNCH_CHECK();
+  } else if (p.path == plan::BnReduce::kTile) {
+    if constexpr (kVec) {
+      reduce_nchw_tile_kernel<Op><<<grid, block, l.smem, stream>>>(op, N, C, static_cast<int>(S), p.cb, part);
+    } else {
+      variant_not_compiled("reduce_nchw_tile_kernel");
+    }
   } else {
-    const int V = (vec_ok && S % VEC == 0) ? VEC : 1;
-    constexpr int threads = kPlaneWarps * kWarp;
-    const int64_t wanted = std::max<int64_t>(1, std::min<int64_t>(ceil_div(target_blocks(threads), C), 65535));
-    // Cut planes into chunks only when the N planes alone leave warps idle, and never below 4 loads per
-    // lane (a chunk of at least 4 * 32 * V elements).
-    const int64_t max_chunks = std::max<int64_t>(1, S / (4 * kWarp * V));
-    int64_t nchunks = std::min(max_chunks, std::max<int64_t>(1, ceil_div(wanted * kPlaneWarps, N)));
-    const int64_t chunk_len = ceil_div(ceil_div(S, nchunks), V) * V;
-    nchunks = ceil_div(S, chunk_len);
-    splits = balanced_splits(ceil_div(N * nchunks, kPlaneWarps), wanted);
-    partial = new_empty_like_device(x, {State::kFields * splits * C}, acc_type_of(x));
-    const dim3 grid(static_cast<unsigned>(C), static_cast<unsigned>(splits));
-    if (V == VEC) {
-      reduce_nchw_plane_kernel<Op, VEC>
-          <<<grid, threads, 0, stream>>>(op, N, C, S, nchunks, chunk_len, mptr<acc_t>(partial));
+    if (p.vec == VEC && VEC > 1) {
+      if constexpr (kVec) {
+        reduce_nchw_plane_kernel<Op, VEC>
+            <<<grid, block, l.smem, stream>>>(op, N, C, S, p.nchunks, p.chunk_len, part);
+      } else {
+        variant_not_compiled("reduce_nchw_plane_kernel<VEC>");
+      }
     } else {
-      reduce_nchw_plane_kernel<Op, 1>
-          <<<grid, threads, 0, stream>>>(op, N, C, S, nchunks, chunk_len, mptr<acc_t>(partial));
+      if constexpr (kScalar) {
+        reduce_nchw_plane_kernel<Op, 1><<<grid, block, l.smem, stream>>>(op, N, C, S, p.nchunks, p.chunk_len, part);
+      } else {
+        variant_not_compiled("reduce_nchw_plane_kernel<1>");
+      }
     }
-    STD_CUDA_KERNEL_LAUNCH_CHECK();
   }
+  STD_CUDA_KERNEL_LAUNCH_CHECK();
 
-  const int64_t fblocks = ceil_div(C, kFinalizeWarps);
-  reduce_finalize_kernel<Op><<<static_cast<unsigned>(fblocks), kFinalizeWarps * kWarp, 0, stream>>>(
-      op, mptr<acc_t>(partial), C, splits);
+  const plan::Launch& f = p.finalize;
+  reduce_finalize_kernel<typename Op::Final>
+      <<<grid_of(f), block_of(f), f.smem, stream>>>(op.out, part, C, p.splits);
   STD_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-template <typename Op>
-void launch_elementwise(const Op& op, int64_t numel, const Dims& dm, bool channels_last, bool vec_ok,
+// Runs an element-wise op over x's elements as plan `p` says (rows for channels_last, planes for NCHW).
+template <Variants W, typename Op>
+void launch_elementwise(const Op& op, const plan::BnElementwise& p, int64_t numel, const Dims& dm,
                         cudaStream_t stream) {
   constexpr int VEC = 16 / sizeof(typename Op::scalar_t);
-  const int64_t inner = channels_last ? 1 : dm.S;
-  const int V = vec_ok ? VEC : 1;
-  const int64_t nvec = numel / V;
-  // Grid-stride: a few waves at most, so each thread handles several vectors.
-  const int64_t max_blocks = int64_t(target_blocks(kElementwiseThreads)) * 4;
-  const int64_t blocks = std::max<int64_t>(1, std::min(ceil_div(nvec, kElementwiseThreads), max_blocks));
-  const unsigned grid = static_cast<unsigned>(blocks);
-  if (V == VEC) {
-    elementwise_kernel<Op, VEC><<<grid, kElementwiseThreads, 0, stream>>>(op, numel, inner, dm.C);
+  constexpr bool kVec = W != Variants::kScalar, kScalar = W != Variants::kVectorized;
+  const plan::Launch& l = p.launch();
+  const dim3 grid = grid_of(l), block = block_of(l);
+  const bool vec = p.vec() == VEC && VEC > 1;
+  if (p.rows) {
+    const plan::RowsElementwise& r = p.by_rows;
+    const int64_t rows = dm.N * dm.S;
+    if (vec) {
+      if constexpr (kVec) {
+        rows_elementwise_kernel<Op, VEC><<<grid, block, l.smem, stream>>>(op, 1, rows, dm.C, r.chunks, r.chunk_len, 0);
+      } else {
+        variant_not_compiled("rows_elementwise_kernel<VEC>");
+      }
+    } else {
+      if constexpr (kScalar) {
+        rows_elementwise_kernel<Op, 1><<<grid, block, l.smem, stream>>>(op, 1, rows, dm.C, r.chunks, r.chunk_len, 0);
+      } else {
+        variant_not_compiled("rows_elementwise_kernel<1>");
+      }
+    }
   } else {
-    elementwise_kernel<Op, 1><<<grid, kElementwiseThreads, 0, stream>>>(op, numel, inner, dm.C);
+    if (vec) {
+      if constexpr (kVec) {
+        planes_elementwise_kernel<Op, VEC><<<grid, block, l.smem, stream>>>(op, numel, dm.S, dm.C);
+      } else {
+        variant_not_compiled("planes_elementwise_kernel<VEC>");
+      }
+    } else {
+      if constexpr (kScalar) {
+        planes_elementwise_kernel<Op, 1><<<grid, block, l.smem, stream>>>(op, numel, dm.S, dm.C);
+      } else {
+        variant_not_compiled("planes_elementwise_kernel<1>");
+      }
+    }
   }
   STD_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+plan::Device device_of_guard() {
+  int device = 0;
+  STD_CUDA_CHECK(cudaGetDevice(&device));  // the DeviceGuard's: x's device
+  return plan_device(device);
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -697,9 +721,11 @@ std::tuple<Tensor, Tensor> bn_stats(const Tensor& x, bool channels_last, double 
   dispatch_floating(x.scalar_type(), op, [&](auto tag) {
     using scalar_t = decltype(tag);
     using acc_t = acc_type<scalar_t>;
-    StatsOp<scalar_t, acc_t> sop{cptr<scalar_t>(x), mptr<acc_t>(mean),
-                                 mptr<acc_t>(invstd), static_cast<acc_t>(eps)};
-    launch_reduce(sop, dm, channels_last, aligned16(x.const_data_ptr()), x);
+    using Op = StatsOp<scalar_t, acc_t>;
+    const Op sop{cptr<scalar_t>(x), {mptr<acc_t>(mean), mptr<acc_t>(invstd), static_cast<acc_t>(eps)}};
+    const plan::BnReduce p = plan::bn_reduce(dm.N, dm.C, dm.S, channels_last, aligned16(x.const_data_ptr()),
+                                             sizeof(scalar_t), sizeof(typename Op::State), device_of_guard());
+    launch_reduce<Variants::kAll>(sop, p, dm, x);
   });
   return {mean, invstd};
 }
@@ -712,7 +738,7 @@ void check_act(int64_t act_code, const char* op) {
 Tensor bn_apply(const Tensor& x, const Tensor& scale, const Tensor& shift,
                     const std::optional<Tensor>& residual, int64_t act_code, double act_param, bool channels_last) {
   const char* op = "fastnets_cuda::bn_apply";
-  check_x(x, channels_last, op);
+  check_bn_x(x, channels_last, op);
   check_act(act_code, op);
   const torch::stable::accelerator::DeviceGuard guard(x.get_device_index());
   const Tensor sc = channel_vector(scale, "scale", x, op);
@@ -726,11 +752,15 @@ Tensor bn_apply(const Tensor& x, const Tensor& scale, const Tensor& shift,
     using scalar_t = decltype(tag);
     using acc_t = acc_type<scalar_t>;
     const scalar_t* res_ptr = has_res ? cptr<scalar_t>(*residual) : nullptr;
-    ApplyOp<scalar_t, acc_t> aop{cptr<scalar_t>(x), cptr<acc_t>(sc), cptr<acc_t>(sh),
-                                 res_ptr, mptr<scalar_t>(y), has_res, static_cast<int>(act_code),
-                                 static_cast<acc_t>(act_param)};
     const bool vec_ok = aligned16(x.const_data_ptr()) && aligned16(y.const_data_ptr()) && (!has_res || aligned16(res_ptr));
-    launch_elementwise(aop, x.numel(), dm, channels_last, vec_ok, current_stream(x));
+    const plan::BnElementwise p =
+        plan::bn_elementwise(dm.N, dm.C, dm.S, channels_last, vec_ok, sizeof(scalar_t), device_of_guard());
+    dispatch_variant<scalar_t>(p.vec() > 1, act_code, [&](auto a, auto w) {
+      const ApplyOp<scalar_t, acc_t, decltype(a)::value> aop{
+          cptr<scalar_t>(x), cptr<acc_t>(sc), cptr<acc_t>(sh), res_ptr, mptr<scalar_t>(y), has_res,
+          static_cast<int>(act_code), static_cast<acc_t>(act_param)};
+      launch_elementwise<decltype(w)::value>(aop, p, x.numel(), dm, current_stream(x));
+    });
   });
   return y;
 }
@@ -787,13 +817,16 @@ std::tuple<Tensor, Tensor> bn_backward_reduce(const Tensor& dy, const Tensor& x,
     const scalar_t* r_ptr = ai.has_res ? cptr<scalar_t>(*residual) : nullptr;
     const acc_t* sc_ptr = ai.pre ? cptr<acc_t>(ai.sc) : nullptr;
     const acc_t* sh_ptr = ai.pre ? cptr<acc_t>(ai.sh) : nullptr;
-    BackwardReduceOp<scalar_t, acc_t> rop{cptr<scalar_t>(dy), cptr<scalar_t>(x), y_ptr, r_ptr,
-                                          sc_ptr, sh_ptr, cptr<acc_t>(mu), mptr<acc_t>(sum_g),
-                                          mptr<acc_t>(sum_gxmu), static_cast<int>(act_code),
-                                          static_cast<acc_t>(act_param)};
     const bool vec_ok = aligned16(dy.const_data_ptr()) && aligned16(x.const_data_ptr()) &&
                         (!ai.relu || aligned16(y_ptr)) && (!ai.has_res || aligned16(r_ptr));
-    launch_reduce(rop, dm, channels_last, vec_ok, x);
+    const plan::BnReduce p = plan::bn_reduce(dm.N, dm.C, dm.S, channels_last, vec_ok, sizeof(scalar_t),
+                                             sizeof(Sums<acc_t>), device_of_guard());
+    dispatch_variant<scalar_t>(reduce_is_fast(p), act_code, [&](auto a, auto w) {
+      const BackwardReduceOp<scalar_t, acc_t, decltype(a)::value> rop{
+          cptr<scalar_t>(dy), cptr<scalar_t>(x), y_ptr, r_ptr, sc_ptr, sh_ptr, cptr<acc_t>(mu),
+          {mptr<acc_t>(sum_g), mptr<acc_t>(sum_gxmu)}, static_cast<int>(act_code), static_cast<acc_t>(act_param)};
+      launch_reduce<decltype(w)::value>(rop, p, dm, x);
+    });
   });
   return {sum_g, sum_gxmu};
 }
@@ -828,15 +861,18 @@ std::tuple<Tensor, Tensor> bn_backward_apply(const Tensor& dy, const Tensor& x,
     const acc_t* sc_ptr = ai.pre ? cptr<acc_t>(ai.sc) : nullptr;
     const acc_t* sh_ptr = ai.pre ? cptr<acc_t>(ai.sh) : nullptr;
     scalar_t* g_ptr = write_g ? mptr<scalar_t>(g) : nullptr;
-    BackwardApplyOp<scalar_t, acc_t> bop{cptr<scalar_t>(dy), cptr<scalar_t>(x), y_ptr, r_ptr,
-                                         sc_ptr, sh_ptr, cptr<acc_t>(av), cptr<acc_t>(bv),
-                                         cptr<acc_t>(dv), cptr<acc_t>(mu),
-                                         mptr<scalar_t>(dx), g_ptr, static_cast<int>(act_code),
-                                         static_cast<acc_t>(act_param), train, write_g};
     const bool vec_ok = aligned16(dy.const_data_ptr()) && aligned16(x.const_data_ptr()) &&
                         aligned16(dx.const_data_ptr()) && (!ai.relu || aligned16(y_ptr)) &&
                         (!ai.has_res || aligned16(r_ptr)) && (!write_g || aligned16(g_ptr));
-    launch_elementwise(bop, x.numel(), dm, channels_last, vec_ok, current_stream(x));
+    const plan::BnElementwise p =
+        plan::bn_elementwise(dm.N, dm.C, dm.S, channels_last, vec_ok, sizeof(scalar_t), device_of_guard());
+    dispatch_variant<scalar_t>(p.vec() > 1, act_code, [&](auto a, auto w) {
+      const BackwardApplyOp<scalar_t, acc_t, decltype(a)::value> bop{
+          cptr<scalar_t>(dy), cptr<scalar_t>(x), y_ptr, r_ptr, sc_ptr, sh_ptr, cptr<acc_t>(av), cptr<acc_t>(bv),
+          cptr<acc_t>(dv), cptr<acc_t>(mu), mptr<scalar_t>(dx), g_ptr, static_cast<int>(act_code),
+          static_cast<acc_t>(act_param), train, write_g};
+      launch_elementwise<decltype(w)::value>(bop, p, x.numel(), dm, current_stream(x));
+    });
   });
   return {dx, g};
 }

@@ -41,6 +41,9 @@
 #include <torch/headeronly/util/Exception.h>
 #include <torch/headeronly/util/Half.h>
 
+#include "activations.cuh"
+#include "launch_plans.h"
+
 namespace fastnets {
 
 using Tensor = torch::stable::Tensor;
@@ -87,9 +90,119 @@ template <typename scalar_t>
 using acc_type = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
 
 // ---------------------------------------------------------------------------------------------------
+// Element-wise kernels shared by BatchNorm (apply, backward_apply) and squeeze-excite (scale, its backward).
+// Their launch plans are plan::rows_elementwise and plan::planes_elementwise (launch_plans.h). An Op has
+//   Chan            the per-channel data one element needs (scale and shift, the gate, ...), in registers
+//   chan(q)         loads it for channel index q (BatchNorm: the channel c; squeeze-excite: n * C + c)
+//   run<V>(i, at)   handles the V consecutive elements at flat index i, element k with per-channel data at(k)
+//                   (a getter, so that the planes kernel selects between two channels where each value is used
+//                   instead of materialising V copies of Chan in registers)
+// Tensor data moves in V-element (16-byte) vectors; per-channel data is loaded once per work item (rows) or
+// once per vector (planes), never per element.
+
+// channels_last: `groups` groups of `rows` rows of C contiguous elements (BatchNorm: one group, every row;
+// squeeze-excite: a group per sample). Thread (tx, ty) owns channels c0 .. c0 + V - 1 and, per work item
+// (group, chunk of chunk_len rows) of its blockIdx.y stride, loads their Chan once, then walks rows ty,
+// ty + blockDim.y, ... of the chunk. The channel index of (group g, channel c) is g * group_chan + c.
+template <typename Op, int V>
+__global__ void __launch_bounds__(plan::kElementwiseThreads)
+    rows_elementwise_kernel(Op op, int64_t groups, int64_t rows, int64_t C, int64_t chunks, int64_t chunk_len,
+                            int64_t group_chan) {
+  const int64_t c0 = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) * V;
+  if (c0 >= C) return;  // with V > 1, C % V == 0: a vector is entirely in or out
+  const int64_t items = groups * chunks;
+  const int64_t i_step = int64_t(blockDim.y) * C;
+  for (int64_t item = blockIdx.y; item < items; item += gridDim.y) {
+    const int64_t g = item / chunks;
+    const int64_t r0 = (item - g * chunks) * chunk_len;
+    const int64_t r1 = r0 + chunk_len < rows ? r0 + chunk_len : rows;
+    typename Op::Chan ch[V];
+#pragma unroll
+    for (int k = 0; k < V; ++k) ch[k] = op.chan(g * group_chan + c0 + k);
+    int64_t i = (g * rows + r0 + threadIdx.y) * C + c0;
+    const auto at = [&](int k) { return ch[k]; };
+    for (int64_t r = r0 + threadIdx.y; r < r1; r += blockDim.y, i += i_step) op.template run<V>(i, at);
+  }
+}
+
+// NCHW: `numel` elements in planes of S; plane p has channel index p % M (BatchNorm: M = C; squeeze-excite:
+// M = N * C). Grid-stride over vectors of V elements; a vector spans at most two planes (S >= V), so each
+// vector loads the Chan of its first plane and, only when it crosses into the next, of that one too. The
+// plane and the offset in it are found by division once per thread and then carried along by additions
+// (the step is constant): no 64-bit division in the loop. The numel % V tail elements are handled one per
+// thread by the first threads of the grid.
+template <typename Op, int V>
+__global__ void __launch_bounds__(plan::kElementwiseThreads)
+    planes_elementwise_kernel(Op op, int64_t numel, int64_t S, int64_t M) {
+  using Chan = typename Op::Chan;
+  const int64_t tid = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t nthreads = int64_t(gridDim.x) * blockDim.x;
+  const int64_t nvec = numel / V;
+
+  const int64_t tail = numel - nvec * V;
+  if (tid < tail) {
+    const int64_t i = nvec * V + tid;
+    const Chan one = op.chan((i / S) % M);
+    op.template run<1>(i, [&](int) { return one; });
+  }
+
+  if (tid >= nvec) return;
+  int64_t i = tid * V;
+  int64_t q = i / S;
+  int64_t r = i - q * S;  // offset in the current plane
+  q %= M;
+  const int64_t step = nthreads * V;
+  const int64_t step_q0 = step / S;
+  const int64_t step_r = step - step_q0 * S;
+  const int64_t step_q = step_q0 % M;
+  for (int64_t v = tid; v < nvec; v += nthreads) {
+    const Chan lo = op.chan(q);
+    const int cut = S - r < V ? static_cast<int>(S - r) : V;  // elements k < cut are in plane q, the others in the next
+    Chan hi = lo;
+    if (V > 1 && cut < V) hi = op.chan(q + 1 == M ? 0 : q + 1);
+    op.template run<V>(i, [&](int k) { return k < cut ? lo : hi; });
+    // Advance (r, q) by `step` elements: r < S and q < M stay true with one carry and one wrap.
+    i += step;
+    r += step_r;
+    q += step_q;
+    if (r >= S) {
+      r -= S;
+      q += 1;
+    }
+    if (q >= M) q -= M;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------
 // Host helpers
 
-inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+using plan::ceil_div;
+
+inline dim3 grid_of(const plan::Launch& l) {
+  return dim3(static_cast<unsigned>(l.grid[0]), static_cast<unsigned>(l.grid[1]), static_cast<unsigned>(l.grid[2]));
+}
+inline dim3 block_of(const plan::Launch& l) {
+  return dim3(static_cast<unsigned>(l.block[0]), static_cast<unsigned>(l.block[1]), static_cast<unsigned>(l.block[2]));
+}
+
+// Calls f(std::integral_constant<int, CODE>{}) for the activation code: the kernels' fast paths are compiled
+// once per activation (no switch in their loops). The scalar fallbacks and float64 instead take
+// act::kDynamic and switch on the code at run time (one kernel for every code); see dispatch_variant in
+// batch_norm.cu.
+template <typename F>
+void dispatch_act(int code, F&& f) {
+  switch (code) {
+    case act::kIdentity: f(std::integral_constant<int, act::kIdentity>{}); break;
+    case act::kRelu: f(std::integral_constant<int, act::kRelu>{}); break;
+    case act::kRelu6: f(std::integral_constant<int, act::kRelu6>{}); break;
+    case act::kLeakyRelu: f(std::integral_constant<int, act::kLeakyRelu>{}); break;
+    case act::kSilu: f(std::integral_constant<int, act::kSilu>{}); break;
+    case act::kHardswish: f(std::integral_constant<int, act::kHardswish>{}); break;
+    case act::kGelu: f(std::integral_constant<int, act::kGelu>{}); break;
+    case act::kGeluTanh: f(std::integral_constant<int, act::kGeluTanh>{}); break;
+    default: STD_TORCH_CHECK(false, "fastnets: unknown activation code ", code);
+  }
+}
 
 inline bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
@@ -243,20 +356,20 @@ inline cudaStream_t current_stream(const Tensor& x) {
   return static_cast<cudaStream_t>(s);
 }
 
-// Device attributes, read once per device (cudaDeviceGetAttribute is cheap but not free).
-struct DeviceLimits {
-  int sms = 0, max_threads_per_sm = 0;
-};
-
-inline DeviceLimits device_limits(int device) {
+// The device numbers the launch plans take (launch_plans.h), read once per device (cudaDeviceGetAttribute
+// is cheap but not free).
+inline plan::Device plan_device(int device) {
   constexpr int kMaxDevices = 64;
-  static DeviceLimits cache[kMaxDevices];
-  if (device >= 0 && device < kMaxDevices && cache[device].sms > 0) return cache[device];
-  DeviceLimits l;
-  STD_CUDA_CHECK(cudaDeviceGetAttribute(&l.sms, cudaDevAttrMultiProcessorCount, device));
-  STD_CUDA_CHECK(cudaDeviceGetAttribute(&l.max_threads_per_sm, cudaDevAttrMaxThreadsPerMultiProcessor, device));
-  if (device >= 0 && device < kMaxDevices) cache[device] = l;
-  return l;
+  static plan::Device cache[kMaxDevices];
+  if (device >= 0 && device < kMaxDevices && cache[device].sms > 0 && cache[device].max_threads_per_sm > 0) {
+    return cache[device];
+  }
+  int sms = 0, tpsm = 0;
+  STD_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  STD_CUDA_CHECK(cudaDeviceGetAttribute(&tpsm, cudaDevAttrMaxThreadsPerMultiProcessor, device));
+  const plan::Device d{sms, tpsm};
+  if (device >= 0 && device < kMaxDevices) cache[device] = d;
+  return d;
 }
 
 }  // namespace fastnets

@@ -11,12 +11,16 @@
 // x is 4-D and dense, (N, C, S) in memory (NCHW, S = H * W) or (N, S, C) (channels_last); dy, y, residual
 // and the outputs have x's layout. [N, C] / [N, R] vectors are in acc_t: float64 for float64 x, float32
 // otherwise. Weights (w1 [R, C], w2 [C, R], contiguous) are acc_t or, with float32 vectors, float16/bfloat16.
-// All offsets are int64. No atomics: results are deterministic.
+// All offsets are int64. No atomics: results are deterministic. Tensor data moves in 16-byte vectors where
+// the layout allows (C % V == 0 channels_last, S % V == 0 for the NCHW reduction, aligned pointers); every
+// grid, block and shared-memory size is launch_plans.h's (plan::se_reduce, plan::se_excite, plan::se_apply).
+//
+// The excite kernel keeps its activation a run-time argument: it is applied once per hidden unit and
+// gate, outside the kernel's loops, so compiling one kernel per activation would only grow the library.
 #include <algorithm>
 #include <cstdint>
 #include <optional>
 #include <type_traits>
-
 
 #include "activations.cuh"
 #include "common.cuh"
@@ -24,12 +28,6 @@
 namespace fastnets {
 namespace se {
 namespace {
-
-constexpr int kThreads = 256;
-constexpr int kClChannels = 32;  // channels_last reduction block: 32 channels x 8 spatial rows
-constexpr int kClRows = kThreads / kClChannels;
-constexpr int kExciteMaxSamples = 4;  // samples per block of the excite kernel: 4, 2 or 1
-constexpr int kExciteThreads = 512;
 
 // ---------------------------------------------------------------------------------------------------
 // Device helpers
@@ -45,15 +43,27 @@ __device__ __forceinline__ T warp_sum(T v) {
 
 __device__ __forceinline__ int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
 
-// One term of a reduction: x (pool) or g * x (backward).
-template <typename scalar_t, typename acc_t>
-__device__ __forceinline__ acc_t reduce_term(const scalar_t* __restrict__ x, const scalar_t* __restrict__ dy,
-                                             const scalar_t* __restrict__ y, int64_t i, bool grad, bool relu) {
-  const acc_t xv = static_cast<acc_t>(x[i]);
-  if (!grad) return xv;
-  // g = 0 where the ReLU masks, then g * x as torch computes it (0 * NaN stays NaN)
-  const acc_t g = (relu && act::relu_masks(static_cast<acc_t>(y[i]))) ? acc_t(0) : static_cast<acc_t>(dy[i]);
-  return g * xv;
+// Adds the terms of the V elements at flat index i to a[k]: x (pool) or, when GRAD, g * x with g = 0 where
+// the ReLU masks (y <= 0, as threshold_backward) and dy elsewhere (0 * NaN stays NaN, as torch computes it).
+// One vector load per tensor.
+template <bool GRAD, int V, typename scalar_t, typename acc_t>
+__device__ __forceinline__ void add_terms(acc_t (&a)[V], const scalar_t* __restrict__ x,
+                                          const scalar_t* __restrict__ dy, const scalar_t* __restrict__ y, int64_t i,
+                                          bool relu) {
+  const Pack<scalar_t, V> xv = load_pack<V>(x + i);
+  if constexpr (!GRAD) {
+#pragma unroll
+    for (int k = 0; k < V; ++k) a[k] += static_cast<acc_t>(xv.v[k]);
+  } else {
+    const Pack<scalar_t, V> dv = load_pack<V>(dy + i);
+    Pack<scalar_t, V> yv{};
+    if (relu) yv = load_pack<V>(y + i);
+#pragma unroll
+    for (int k = 0; k < V; ++k) {
+      const acc_t g = (relu && act::relu_masks(static_cast<acc_t>(yv.v[k]))) ? acc_t(0) : static_cast<acc_t>(dv.v[k]);
+      a[k] += g * static_cast<acc_t>(xv.v[k]);
+    }
+  }
 }
 
 // Writes the total of (n, c) for one split: the final value (divided by S when `mean`) when splits == 1.
@@ -65,70 +75,87 @@ __device__ __forceinline__ void store_total(acc_t* __restrict__ out, acc_t tot, 
 }
 
 // ---------------------------------------------------------------------------------------------------
-// Reductions over space
+// Reductions over space (plan::se_reduce)
 
-// NCHW: one warp per (plane n * C + c, split): the plane is S contiguous elements, the lanes stride it.
-template <typename scalar_t, typename acc_t>
-__global__ void reduce_nchw_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ dy,
-                                   const scalar_t* __restrict__ y, acc_t* __restrict__ out, int64_t planes, int64_t C,
-                                   int64_t S, int64_t splits, int64_t s_per_split, bool grad, bool relu, bool mean) {
+// NCHW: one warp per (plane n * C + c, split) item, grid-stride over the items: the plane is S contiguous
+// elements, the lanes stride the split's range with V-element loads (V > 1: S % V == 0, s_per_split a
+// multiple of V), U vectors in flight per lane.
+template <typename scalar_t, typename acc_t, int V, bool GRAD>
+__global__ void __launch_bounds__(plan::kSeReduceThreads)
+    reduce_nchw_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ dy, const scalar_t* __restrict__ y,
+                       acc_t* __restrict__ out, int64_t items, int64_t C, int64_t S, int64_t splits,
+                       int64_t s_per_split, bool relu, bool mean) {
+  constexpr int kWarps = plan::kSeReduceThreads / kWarp;
+  constexpr int U = V > 1 ? 2 : 4;
+  constexpr int64_t kStride = int64_t(kWarp) * V;
   const int lane = threadIdx.x % kWarp;
-  const int64_t work = static_cast<int64_t>(blockIdx.x) * (blockDim.x / kWarp) + threadIdx.x / kWarp;
-  if (work >= planes * splits) return;  // uniform over the warp
-  const int64_t plane = work / splits;
-  const int64_t split = work - plane * splits;
-  const int64_t s0 = split * s_per_split;
-  const int64_t s1 = imin(S, s0 + s_per_split);
-  const int64_t base = plane * S;
-  acc_t a0 = 0, a1 = 0, a2 = 0, a3 = 0;
-  int64_t s = s0 + lane;
-  for (; s + 3 * kWarp < s1; s += 4 * kWarp) {  // four independent loads in flight per lane
-    a0 += reduce_term<scalar_t, acc_t>(x, dy, y, base + s, grad, relu);
-    a1 += reduce_term<scalar_t, acc_t>(x, dy, y, base + s + kWarp, grad, relu);
-    a2 += reduce_term<scalar_t, acc_t>(x, dy, y, base + s + 2 * kWarp, grad, relu);
-    a3 += reduce_term<scalar_t, acc_t>(x, dy, y, base + s + 3 * kWarp, grad, relu);
-  }
-  for (; s < s1; s += kWarp) a0 += reduce_term<scalar_t, acc_t>(x, dy, y, base + s, grad, relu);
-  const acc_t tot = warp_sum((a0 + a1) + (a2 + a3));
-  if (lane == 0) store_total(out, tot, plane / C, plane % C, split, splits, C, S, mean);
-}
-
-// channels_last: a block of 32 consecutive channels x 8 spatial rows of one (sample, split); the warp
-// (one row) reads 32 consecutive channels; the 8 rows are merged in shared memory.
-template <typename scalar_t, typename acc_t>
-__global__ void reduce_cl_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ dy,
-                                 const scalar_t* __restrict__ y, acc_t* __restrict__ out, int64_t C, int64_t S,
-                                 int64_t c_blocks, int64_t splits, int64_t s_per_split, bool grad, bool relu,
-                                 bool mean) {
-  __shared__ acc_t part[kClRows][kClChannels + 1];
-  int64_t b = blockIdx.x;
-  const int64_t split = b % splits;
-  b /= splits;
-  const int64_t cb = b % c_blocks;
-  const int64_t n = b / c_blocks;
-  const int tx = threadIdx.x, ty = threadIdx.y;
-  const int64_t c = cb * kClChannels + tx;
-  const int64_t s0 = split * s_per_split;
-  const int64_t s1 = imin(S, s0 + s_per_split);
-  acc_t a0 = 0, a1 = 0, a2 = 0, a3 = 0;
-  if (c < C) {
-    const int64_t base = n * S * C + c;
-    int64_t s = s0 + ty;
-    for (; s + 3 * kClRows < s1; s += 4 * kClRows) {
-      a0 += reduce_term<scalar_t, acc_t>(x, dy, y, base + s * C, grad, relu);
-      a1 += reduce_term<scalar_t, acc_t>(x, dy, y, base + (s + kClRows) * C, grad, relu);
-      a2 += reduce_term<scalar_t, acc_t>(x, dy, y, base + (s + 2 * kClRows) * C, grad, relu);
-      a3 += reduce_term<scalar_t, acc_t>(x, dy, y, base + (s + 3 * kClRows) * C, grad, relu);
+  for (int64_t item = int64_t(blockIdx.x) * kWarps + threadIdx.x / kWarp; item < items;
+       item += int64_t(gridDim.x) * kWarps) {  // uniform over the warp
+    const int64_t plane = item / splits;
+    const int64_t split = item - plane * splits;
+    const int64_t s0 = split * s_per_split;
+    const int64_t s1 = imin(S, s0 + s_per_split);
+    const int64_t base = plane * S;
+    acc_t a[U][V] = {};
+    int64_t s = s0 + int64_t(lane) * V;
+    for (; s + (U - 1) * kStride < s1; s += U * kStride) {
+#pragma unroll
+      for (int u = 0; u < U; ++u) add_terms<GRAD, V>(a[u], x, dy, y, base + s + u * kStride, relu);
     }
-    for (; s < s1; s += kClRows) a0 += reduce_term<scalar_t, acc_t>(x, dy, y, base + s * C, grad, relu);
-  }
-  part[ty][tx] = (a0 + a1) + (a2 + a3);
-  __syncthreads();
-  if (ty == 0 && c < C) {
+    for (; s < s1; s += kStride) add_terms<GRAD, V>(a[0], x, dy, y, base + s, relu);
     acc_t tot = 0;
 #pragma unroll
-    for (int r = 0; r < kClRows; ++r) tot += part[r][tx];
-    store_total(out, tot, n, c, split, splits, C, S, mean);
+    for (int u = 0; u < U; ++u) {
+#pragma unroll
+      for (int k = 0; k < V; ++k) tot += a[u][k];
+    }
+    tot = warp_sum(tot);
+    if (lane == 0) store_total(out, tot, plane / C, plane % C, split, splits, C, S, mean);
+  }
+}
+
+// channels_last: thread (tx, ty) owns channels c0 .. c0 + V - 1 (one V-element load per row); per (n, split)
+// item of its blockIdx.y stride, the blockDim.y thread rows stride the split's spatial rows, then a tree
+// over ty in shared memory (part[k][thread], blockDim.y a power of two) gives the block's V totals.
+template <typename scalar_t, typename acc_t, int V, bool GRAD>
+__global__ void __launch_bounds__(plan::kSeReduceThreads)
+    reduce_cl_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ dy, const scalar_t* __restrict__ y,
+                     acc_t* __restrict__ out, int64_t N, int64_t C, int64_t S, int64_t splits, int64_t s_per_split,
+                     bool relu, bool mean) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  acc_t* part = reinterpret_cast<acc_t*>(smem_raw);  // [V][blockDim.x * blockDim.y]
+  const int tx = threadIdx.x, ty = threadIdx.y, bx = blockDim.x, by = blockDim.y;
+  const int nt = bx * by, t = ty * bx + tx;
+  const int64_t c0 = (int64_t(blockIdx.x) * bx + tx) * V;
+  const bool active = c0 < C;  // with V > 1, C % V == 0: a vector is entirely in or out
+  const int64_t items = N * splits;
+  for (int64_t item = blockIdx.y; item < items; item += gridDim.y) {  // uniform over the block
+    const int64_t n = item / splits;
+    const int64_t split = item - n * splits;
+    const int64_t s0 = split * s_per_split;
+    const int64_t s1 = imin(S, s0 + s_per_split);
+    acc_t a[V] = {};
+    if (active) {
+      const int64_t row_step = int64_t(by) * C;
+      int64_t i = (n * S + s0 + ty) * C + c0;
+#pragma unroll 4
+      for (int64_t s = s0 + ty; s < s1; s += by, i += row_step) add_terms<GRAD, V>(a, x, dy, y, i, relu);
+    }
+#pragma unroll
+    for (int k = 0; k < V; ++k) part[k * nt + t] = a[k];
+    __syncthreads();
+    for (int h = by / 2; h > 0; h >>= 1) {
+      if (ty < h) {
+#pragma unroll
+        for (int k = 0; k < V; ++k) part[k * nt + t] += part[k * nt + t + h * bx];
+      }
+      __syncthreads();
+    }
+    if (ty == 0 && active) {
+#pragma unroll
+      for (int k = 0; k < V; ++k) store_total(out, part[k * nt + tx], n, c0 + k, split, splits, C, S, mean);
+    }
+    __syncthreads();  // part is rewritten for the next item
   }
 }
 
@@ -136,187 +163,180 @@ __global__ void reduce_cl_kernel(const scalar_t* __restrict__ x, const scalar_t*
 // Excite: BN samples per block, one warp per output unit, lanes over the input dimension (coalesced rows
 // of w1 [R, C] and w2 [C, R]). Layer 1 writes `hidden`; after the block barrier, layer 2 reads it back
 // (global writes before __syncthreads are visible to the whole block). Each block reads both weight
-// matrices once: BN trades that L2 traffic against the number of blocks (see launch_excite).
+// matrices once per group of BN samples: BN trades that L2 traffic against the number of blocks
+// (plan::se_excite). Blocks stride over the sample groups (a group's hidden rows are its own, so the next
+// group's layer 1 does not race with this one's layer 2).
 
 template <typename acc_t, typename w_t, int BN>
-__global__ void excite_kernel(const acc_t* __restrict__ pooled, const w_t* __restrict__ w1,
-                              const w_t* __restrict__ b1, const w_t* __restrict__ w2, const w_t* __restrict__ b2,
-                              acc_t* hidden, acc_t* __restrict__ gate, int64_t N, int64_t C, int64_t R,
-                              int inner_act, acc_t inner_param, int gate_fn) {
+__global__ void __launch_bounds__(plan::kSeExciteThreads)
+    excite_kernel(const acc_t* __restrict__ pooled, const w_t* __restrict__ w1, const w_t* __restrict__ b1,
+                  const w_t* __restrict__ w2, const w_t* __restrict__ b2, acc_t* hidden, acc_t* __restrict__ gate,
+                  int64_t N, int64_t C, int64_t R, int inner_act, acc_t inner_param, int gate_fn) {
   const int lane = threadIdx.x % kWarp;
   const int warp = threadIdx.x / kWarp;
   const int nwarps = blockDim.x / kWarp;
-  const int64_t n0 = static_cast<int64_t>(blockIdx.x) * BN;
-  const int nb = static_cast<int>(imin(BN, N - n0));
-
-  for (int64_t r = warp; r < R; r += nwarps) {
-    acc_t acc[BN];
+  for (int64_t n0 = static_cast<int64_t>(blockIdx.x) * BN; n0 < N; n0 += static_cast<int64_t>(gridDim.x) * BN) {
+    const int nb = static_cast<int>(imin(BN, N - n0));
+    for (int64_t r = warp; r < R; r += nwarps) {
+      acc_t acc[BN];
 #pragma unroll
-    for (int k = 0; k < BN; ++k) acc[k] = 0;
-    const w_t* wr = w1 + r * C;
+      for (int k = 0; k < BN; ++k) acc[k] = 0;
+      const w_t* wr = w1 + r * C;
 #pragma unroll 4
-    for (int64_t c = lane; c < C; c += kWarp) {
-      const acc_t w = static_cast<acc_t>(wr[c]);
+      for (int64_t c = lane; c < C; c += kWarp) {
+        const acc_t w = static_cast<acc_t>(wr[c]);
+#pragma unroll
+        for (int k = 0; k < BN; ++k) {
+          if (k < nb) acc[k] += w * pooled[(n0 + k) * C + c];
+        }
+      }
+      const acc_t bias = static_cast<acc_t>(b1[r]);
 #pragma unroll
       for (int k = 0; k < BN; ++k) {
-        if (k < nb) acc[k] += w * pooled[(n0 + k) * C + c];
+        const acc_t v = warp_sum(acc[k]);
+        if (lane == 0 && k < nb) hidden[(n0 + k) * R + r] = act::forward(v + bias, inner_act, inner_param);
       }
     }
-    const acc_t bias = static_cast<acc_t>(b1[r]);
+    __syncthreads();
+    for (int64_t c = warp; c < C; c += nwarps) {
+      acc_t acc[BN];
 #pragma unroll
-    for (int k = 0; k < BN; ++k) {
-      const acc_t v = warp_sum(acc[k]);
-      if (lane == 0 && k < nb) hidden[(n0 + k) * R + r] = act::forward(v + bias, inner_act, inner_param);
-    }
-  }
-  __syncthreads();
-  for (int64_t c = warp; c < C; c += nwarps) {
-    acc_t acc[BN];
-#pragma unroll
-    for (int k = 0; k < BN; ++k) acc[k] = 0;
-    const w_t* wc = w2 + c * R;
+      for (int k = 0; k < BN; ++k) acc[k] = 0;
+      const w_t* wc = w2 + c * R;
 #pragma unroll 4
-    for (int64_t r = lane; r < R; r += kWarp) {
-      const acc_t w = static_cast<acc_t>(wc[r]);
+      for (int64_t r = lane; r < R; r += kWarp) {
+        const acc_t w = static_cast<acc_t>(wc[r]);
+#pragma unroll
+        for (int k = 0; k < BN; ++k) {
+          if (k < nb) acc[k] += w * hidden[(n0 + k) * R + r];
+        }
+      }
+      const acc_t bias = static_cast<acc_t>(b2[c]);
 #pragma unroll
       for (int k = 0; k < BN; ++k) {
-        if (k < nb) acc[k] += w * hidden[(n0 + k) * R + r];
+        const acc_t v = warp_sum(acc[k]);
+        if (lane == 0 && k < nb) gate[(n0 + k) * C + c] = act::gate_forward(v + bias, gate_fn);
       }
-    }
-    const acc_t bias = static_cast<acc_t>(b2[c]);
-#pragma unroll
-    for (int k = 0; k < BN; ++k) {
-      const acc_t v = warp_sum(acc[k]);
-      if (lane == 0 && k < nb) gate[(n0 + k) * C + c] = act::gate_forward(v + bias, gate_fn);
     }
   }
 }
 
 // ---------------------------------------------------------------------------------------------------
-// Elementwise pass: each thread takes V consecutive elements (one 16-byte load per tensor when VEC), works
-// out the (n, c) of the first one with one division, then steps through the others.
+// Element-wise ops, run by common.cuh's rows_elementwise_kernel (channels_last: a group per sample, the
+// gate of (n, c0 .. c0 + V - 1) loaded once per work item) and planes_elementwise_kernel (NCHW: the gate
+// index is the plane n * C + c, loaded once per vector).
 
-struct ApplyFlags {
-  bool grad, has_add, relu, write_g, channels_last;
+// scale: out = [relu](src * gate [+ residual])
+template <typename scalar_t_, typename acc_t_>
+struct ScaleOp {
+  using scalar_t = scalar_t_;
+  using acc_t = acc_t_;
+  struct Chan {
+    acc_t gate;
+  };
+  const scalar_t* __restrict__ src;
+  const acc_t* __restrict__ gate;
+  const scalar_t* __restrict__ residual;  // read only when has_add
+  scalar_t* __restrict__ out;
+  bool has_add, relu;
+
+  __device__ __forceinline__ Chan chan(int64_t q) const { return Chan{gate[q]}; }
+
+  template <int V, typename At>
+  __device__ __forceinline__ void run(int64_t i, const At& at) const {
+    const Pack<scalar_t, V> v = load_pack<V>(src + i);
+    Pack<scalar_t, V> a;
+    if (has_add) a = load_pack<V>(residual + i);
+    Pack<scalar_t, V> o;
+#pragma unroll
+    for (int k = 0; k < V; ++k) {
+      acc_t r = static_cast<acc_t>(v.v[k]) * at(k).gate;
+      if (has_add) r += static_cast<acc_t>(a.v[k]);
+      if (relu) r = relu_nan(r);
+      o.v[k] = static_cast<scalar_t>(r);
+    }
+    store_pack<V>(out + i, o);
+  }
 };
 
-template <typename scalar_t, typename acc_t, int V, bool VEC>
-__global__ void apply_kernel(const scalar_t* __restrict__ src, const acc_t* __restrict__ gate,
-                             const scalar_t* __restrict__ aux, const acc_t* __restrict__ gp,
-                             scalar_t* __restrict__ out, scalar_t* __restrict__ g_out, int64_t numel, int64_t C,
-                             int64_t S, ApplyFlags f) {
-  const int64_t i0 = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) * V;
-  if (i0 >= numel) return;
-  // Position of i0: NCHW: plane = n * C + c (the gate index) and s; channels_last: n, s, c.
-  int64_t plane = 0, n = 0, s = 0, c = 0;
-  if (numel <= 0xffffffffLL) {  // 32-bit divisions when they suffice (64-bit ones are emulated)
-    const uint32_t i = static_cast<uint32_t>(i0), S32 = static_cast<uint32_t>(S), C32 = static_cast<uint32_t>(C);
-    if (!f.channels_last) {
-      plane = i / S32;
-      s = i - static_cast<uint32_t>(plane) * S32;
-    } else {
-      const uint32_t q = i / C32;
-      c = i - q * C32;
-      n = q / S32;
-      s = q - static_cast<uint32_t>(n) * S32;
-    }
-  } else if (!f.channels_last) {
-    plane = i0 / S;
-    s = i0 - plane * S;
-  } else {
-    const int64_t q = i0 / C;
-    c = i0 - q * C;
-    n = q / S;
-    s = q - n * S;
-  }
-  scalar_t v[V], a[V], o[V], g[V];
-  const bool load_aux = f.grad ? f.relu : f.has_add;
-  if (VEC) {
-    const Pack<scalar_t, V> pv = *reinterpret_cast<const Pack<scalar_t, V>*>(src + i0);
+// scale's backward: g = relu ? (y <= 0 ? 0 : dy) : dy (threshold_backward); out = g * gate [+ gp]; g_out = g
+template <typename scalar_t_, typename acc_t_>
+struct ScaleBackwardOp {
+  using scalar_t = scalar_t_;
+  using acc_t = acc_t_;
+  struct Chan {
+    acc_t gate, gp;
+  };
+  const scalar_t* __restrict__ dy;
+  const acc_t* __restrict__ gate;
+  const scalar_t* __restrict__ y;  // read only when relu
+  const acc_t* __restrict__ gp;    // read only when has_gp
+  scalar_t* __restrict__ out;
+  scalar_t* __restrict__ g_out;  // written only when write_g
+  bool has_gp, relu, write_g;
+
+  __device__ __forceinline__ Chan chan(int64_t q) const { return Chan{gate[q], has_gp ? gp[q] : acc_t(0)}; }
+
+  template <int V, typename At>
+  __device__ __forceinline__ void run(int64_t i, const At& at) const {
+    Pack<scalar_t, V> g = load_pack<V>(dy + i);
+    if (relu) {
+      const Pack<scalar_t, V> yv = load_pack<V>(y + i);
 #pragma unroll
-    for (int k = 0; k < V; ++k) v[k] = pv.v[k];
-    if (load_aux) {
-      const Pack<scalar_t, V> pa = *reinterpret_cast<const Pack<scalar_t, V>*>(aux + i0);
-#pragma unroll
-      for (int k = 0; k < V; ++k) a[k] = pa.v[k];
+      for (int k = 0; k < V; ++k) {
+        if (act::relu_masks(static_cast<acc_t>(yv.v[k]))) g.v[k] = scalar_t(0);
+      }
     }
-  } else {
+    Pack<scalar_t, V> o;
 #pragma unroll
     for (int k = 0; k < V; ++k) {
-      const bool in = i0 + k < numel;
-      v[k] = in ? src[i0 + k] : scalar_t(0);
-      a[k] = (in && load_aux) ? aux[i0 + k] : scalar_t(0);
+      acc_t r = static_cast<acc_t>(g.v[k]) * at(k).gate;
+      if (has_gp) r += at(k).gp;
+      o.v[k] = static_cast<scalar_t>(r);
     }
+    store_pack<V>(out + i, o);
+    if (write_g) store_pack<V>(g_out + i, g);
   }
-#pragma unroll
-  for (int k = 0; k < V; ++k) {
-    const int64_t gi = f.channels_last ? n * C + c : plane;
-    const bool in = VEC || i0 + k < numel;
-    if (in) {
-      const acc_t gt = gate[gi];
-      if (f.grad) {
-        scalar_t gv = v[k];
-        if (f.relu && act::relu_masks(static_cast<acc_t>(a[k]))) gv = scalar_t(0);
-        g[k] = gv;
-        acc_t r = static_cast<acc_t>(gv) * gt;
-        if (f.has_add) r += gp[gi];
-        o[k] = static_cast<scalar_t>(r);
-      } else {
-        acc_t r = static_cast<acc_t>(v[k]) * gt;
-        if (f.has_add) r += static_cast<acc_t>(a[k]);
-        if (f.relu) r = relu_nan(r);
-        o[k] = static_cast<scalar_t>(r);
-      }
-    } else {
-      o[k] = scalar_t(0);
-      g[k] = scalar_t(0);
-    }
-    // step to the next element
-    if (!f.channels_last) {
-      if (++s == S) {
-        s = 0;
-        ++plane;
-      }
-    } else if (++c == C) {
-      c = 0;
-      if (++s == S) {
-        s = 0;
-        ++n;
-      }
-    }
-  }
-  const bool write_g = f.grad && f.write_g;
-  if (VEC) {
-    Pack<scalar_t, V> po;
-#pragma unroll
-    for (int k = 0; k < V; ++k) po.v[k] = o[k];
-    *reinterpret_cast<Pack<scalar_t, V>*>(out + i0) = po;
-    if (write_g) {
-      Pack<scalar_t, V> pg;
-#pragma unroll
-      for (int k = 0; k < V; ++k) pg.v[k] = g[k];
-      *reinterpret_cast<Pack<scalar_t, V>*>(g_out + i0) = pg;
-    }
-  } else {
-#pragma unroll
-    for (int k = 0; k < V; ++k) {
-      if (i0 + k < numel) {
-        out[i0 + k] = o[k];
-        if (write_g) g_out[i0 + k] = g[k];
-      }
-    }
-  }
-}
+};
 
 // ---------------------------------------------------------------------------------------------------
 // Host side: checks and launches
 
-// x: 4-D, non-empty, and as fastnets::check_x (common.cuh) says.
+// x: 4-D, non-empty, at most 2^31 - 1 channels, and as fastnets::check_x (common.cuh) says.
 void check_se_x(const Tensor& x, bool channels_last, const char* op) {
   STD_TORCH_CHECK(x.defined(), op, ": x is undefined");
   STD_TORCH_CHECK(x.dim() == 4, op, ": x must be 4-D (N, C, H, W), got shape ", str_of(x.sizes()));
   STD_TORCH_CHECK(x.numel() > 0, op, ": x must be non-empty, got shape ", str_of(x.sizes()));
+  // the most channels the launch plans take (tests/test_cuda_launch_plans.py)
+  STD_TORCH_CHECK(x.size(1) <= std::numeric_limits<int32_t>::max(), op, ": too many channels: ", x.size(1));
   fastnets::check_x(x, channels_last, op);
+}
+
+template <bool GRAD, typename scalar_t, typename acc_t>
+void launch_reduce(const plan::SeReduce& p, const scalar_t* xp, const scalar_t* dyp, const scalar_t* yp, acc_t* out,
+                   int64_t N, int64_t C, int64_t S, int64_t splits, bool relu, bool mean, cudaStream_t stream) {
+  constexpr int VEC = 16 / sizeof(scalar_t);
+  const plan::Launch& l = p.launch;
+  const dim3 grid = grid_of(l), block = block_of(l);
+  const bool vec = p.vec == VEC && VEC > 1;
+  if (!p.channels_last) {
+    if (vec) {
+      reduce_nchw_kernel<scalar_t, acc_t, VEC, GRAD><<<grid, block, l.smem, stream>>>(
+          xp, dyp, yp, out, N * C * splits, C, S, splits, p.s_per_split, relu, mean);
+    } else {
+      reduce_nchw_kernel<scalar_t, acc_t, 1, GRAD><<<grid, block, l.smem, stream>>>(
+          xp, dyp, yp, out, N * C * splits, C, S, splits, p.s_per_split, relu, mean);
+    }
+  } else {
+    if (vec) {
+      reduce_cl_kernel<scalar_t, acc_t, VEC, GRAD><<<grid, block, l.smem, stream>>>(
+          xp, dyp, yp, out, N, C, S, splits, p.s_per_split, relu, mean);
+    } else {
+      reduce_cl_kernel<scalar_t, acc_t, 1, GRAD><<<grid, block, l.smem, stream>>>(
+          xp, dyp, yp, out, N, C, S, splits, p.s_per_split, relu, mean);
+    }
+  }
+  STD_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 void se_reduce(const Tensor& x, const std::optional<Tensor>& dy, const std::optional<Tensor>& y,
@@ -338,30 +358,24 @@ void se_reduce(const Tensor& x, const std::optional<Tensor>& dy, const std::opti
   } else {
     check_vec(out, "out", {N, splits, C}, acc_type_of(x), x, op);
   }
-  const int64_t s_per_split = ceil_div(S, splits);
   const torch::stable::accelerator::DeviceGuard guard(x.get_device_index());
   const cudaStream_t stream = current_stream(x);
+  const bool use_y = grad && relu;
   dispatch_floating(x.scalar_type(), op, [&](auto tag) {
     using scalar_t = decltype(tag);
     using acc_t = acc_type<scalar_t>;
     const scalar_t* xp = cptr<scalar_t>(x);
     const scalar_t* dyp = grad ? cptr<scalar_t>(*dy) : xp;
-    const scalar_t* yp = (grad && relu) ? cptr<scalar_t>(*y) : xp;
+    const scalar_t* yp = use_y ? cptr<scalar_t>(*y) : xp;
     acc_t* op_out = static_cast<acc_t*>(out.data_ptr());
-    if (!channels_last) {
-      const int64_t work = N * C * splits;
-      const int64_t blocks = ceil_div(work, kThreads / kWarp);
-      STD_TORCH_CHECK(blocks <= 0x7fffffff, op, ": too many blocks: ", blocks);
-      reduce_nchw_kernel<scalar_t, acc_t><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
-          xp, dyp, yp, op_out, N * C, C, S, splits, s_per_split, grad, relu, mean);
+    const bool vec_ok = aligned16(xp) && aligned16(dyp) && aligned16(yp);
+    const plan::SeReduce p = plan::se_reduce(N, C, S, splits, channels_last, vec_ok, sizeof(scalar_t),
+                                             plan_device(x.get_device_index()));
+    if (grad) {
+      launch_reduce<true>(p, xp, dyp, yp, op_out, N, C, S, splits, relu, mean, stream);
     } else {
-      const int64_t c_blocks = ceil_div(C, kClChannels);
-      const int64_t blocks = N * c_blocks * splits;
-      STD_TORCH_CHECK(blocks <= 0x7fffffff, op, ": too many blocks: ", blocks);
-      reduce_cl_kernel<scalar_t, acc_t><<<static_cast<unsigned>(blocks), dim3(kClChannels, kClRows), 0, stream>>>(
-          xp, dyp, yp, op_out, C, S, c_blocks, splits, s_per_split, grad, relu, mean);
+      launch_reduce<false>(p, xp, dyp, yp, op_out, N, C, S, splits, relu, mean, stream);
     }
-    STD_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
 
@@ -371,12 +385,7 @@ void launch_excite(const Tensor& pooled, const Tensor& w1, const Tensor& b1, con
                    double inner_param, int gate_fn) {
   const int64_t N = pooled.size(0), C = pooled.size(1), R = w1.size(0);
   const acc_t ip = static_cast<acc_t>(inner_param);
-  // The most samples per block that still leaves about one block per two SMs or more.
-  const int64_t sms = device_limits(pooled.get_device_index()).sms;
-  int bn = kExciteMaxSamples;
-  while (bn > 1 && ceil_div(N, bn) * 2 < sms) bn /= 2;
-  const int64_t blocks = ceil_div(N, bn);
-  STD_TORCH_CHECK(blocks <= 0x7fffffff, "fastnets_cuda::se_excite: too many samples: ", N);
+  const plan::SeExcite p = plan::se_excite(N, plan_device(pooled.get_device_index()));
   const cudaStream_t stream = current_stream(pooled);
   const auto* pp = static_cast<const acc_t*>(pooled.const_data_ptr());
   const auto* w1p = static_cast<const w_t*>(w1.const_data_ptr());
@@ -385,16 +394,16 @@ void launch_excite(const Tensor& pooled, const Tensor& w1, const Tensor& b1, con
   const auto* b2p = static_cast<const w_t*>(b2.const_data_ptr());
   auto* hp = static_cast<acc_t*>(hidden.data_ptr());
   auto* gp = static_cast<acc_t*>(gate.data_ptr());
-  const auto grid = static_cast<unsigned>(blocks);
-  if (bn == 4) {
-    excite_kernel<acc_t, w_t, 4><<<grid, kExciteThreads, 0, stream>>>(pp, w1p, b1p, w2p, b2p, hp, gp, N, C, R, inner_act, ip,
-                                                                        gate_fn);
-  } else if (bn == 2) {
-    excite_kernel<acc_t, w_t, 2><<<grid, kExciteThreads, 0, stream>>>(pp, w1p, b1p, w2p, b2p, hp, gp, N, C, R, inner_act, ip,
-                                                                        gate_fn);
+  const dim3 grid = grid_of(p.launch), block = block_of(p.launch);
+  if (p.samples == 4) {
+    excite_kernel<acc_t, w_t, 4><<<grid, block, 0, stream>>>(pp, w1p, b1p, w2p, b2p, hp, gp, N, C, R, inner_act, ip,
+                                                             gate_fn);
+  } else if (p.samples == 2) {
+    excite_kernel<acc_t, w_t, 2><<<grid, block, 0, stream>>>(pp, w1p, b1p, w2p, b2p, hp, gp, N, C, R, inner_act, ip,
+                                                             gate_fn);
   } else {
-    excite_kernel<acc_t, w_t, 1><<<grid, kExciteThreads, 0, stream>>>(pp, w1p, b1p, w2p, b2p, hp, gp, N, C, R, inner_act, ip,
-                                                                        gate_fn);
+    excite_kernel<acc_t, w_t, 1><<<grid, block, 0, stream>>>(pp, w1p, b1p, w2p, b2p, hp, gp, N, C, R, inner_act, ip,
+                                                             gate_fn);
   }
   STD_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -448,43 +457,60 @@ void se_apply(const Tensor& src, const Tensor& gate, const std::optional<Tensor>
   const auto acc = acc_type_of(src);
   check_vec(gate, "gate", {N, C}, acc, src, op);
   check_like_x(out, "out", src, op);
-  ApplyFlags f{grad, false, relu, g_out.has_value(), channels_last};
+  const bool write_g = g_out.has_value();
+  bool has_add = false;
   if (grad) {
     STD_TORCH_CHECK(!relu || aux.has_value(), op, ": y (the forward output) is required when relu");
     if (relu) check_like_x(*aux, "y", src, op);
-    f.has_add = gp.has_value();
-    if (f.has_add) check_vec(*gp, "gp", {N, C}, acc, src, op);
-    if (f.write_g) check_like_x(*g_out, "g_out", src, op);
+    has_add = gp.has_value();
+    if (has_add) check_vec(*gp, "gp", {N, C}, acc, src, op);
+    if (write_g) check_like_x(*g_out, "g_out", src, op);
   } else {
-    STD_TORCH_CHECK(!gp.has_value() && !g_out.has_value(), op, ": gp and g_out are backward-only");
-    f.has_add = aux.has_value();
-    if (f.has_add) check_like_x(*aux, "residual", src, op);
+    STD_TORCH_CHECK(!gp.has_value() && !write_g, op, ": gp and g_out are backward-only");
+    has_add = aux.has_value();
+    if (has_add) check_like_x(*aux, "residual", src, op);
   }
-  const bool load_aux = grad ? relu : f.has_add;
+  const bool load_aux = grad ? relu : has_add;
   const int64_t numel = src.numel();
   const torch::stable::accelerator::DeviceGuard guard(src.get_device_index());
   const cudaStream_t stream = current_stream(src);
   dispatch_floating(src.scalar_type(), op, [&](auto tag) {
     using scalar_t = decltype(tag);
     using acc_t = acc_type<scalar_t>;
-    constexpr int V = 16 / sizeof(scalar_t);
+    constexpr int VEC = 16 / sizeof(scalar_t);
     const scalar_t* sp = cptr<scalar_t>(src);
     const scalar_t* ap = load_aux ? cptr<scalar_t>(*aux) : sp;
     scalar_t* op_out = static_cast<scalar_t*>(out.data_ptr());
-    scalar_t* gop = f.write_g ? static_cast<scalar_t*>(g_out->data_ptr()) : op_out;
+    scalar_t* gop = write_g ? static_cast<scalar_t*>(g_out->data_ptr()) : op_out;
     const acc_t* gtp = static_cast<const acc_t*>(gate.const_data_ptr());
-    const acc_t* gpp = f.has_add && grad ? static_cast<const acc_t*>(gp->const_data_ptr()) : gtp;
-    const bool vec = numel % V == 0 && aligned16(sp) && aligned16(ap) && aligned16(op_out) && aligned16(gop);
-    const int64_t blocks = ceil_div(ceil_div(numel, V), kThreads);
-    STD_TORCH_CHECK(blocks <= 0x7fffffff, op, ": too many blocks: ", blocks);
-    if (vec) {
-      apply_kernel<scalar_t, acc_t, V, true><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
-          sp, gtp, ap, gpp, op_out, gop, numel, C, S, f);
+    const acc_t* gpp = has_add && grad ? static_cast<const acc_t*>(gp->const_data_ptr()) : gtp;
+    const bool vec_ok = aligned16(sp) && aligned16(ap) && aligned16(op_out) && aligned16(gop);
+    const plan::SeApply p = plan::se_apply(N, C, S, channels_last, vec_ok, sizeof(scalar_t),
+                                           plan_device(src.get_device_index()));
+    const plan::Launch& l = p.launch();
+    const dim3 grid = grid_of(l), block = block_of(l);
+    const bool vec = p.vec() == VEC && VEC > 1;
+    auto launch = [&](const auto& eop) {
+      using Op = std::decay_t<decltype(eop)>;
+      if (p.rows) {
+        const plan::RowsElementwise& r = p.by_rows;
+        if (vec) {
+          rows_elementwise_kernel<Op, VEC><<<grid, block, l.smem, stream>>>(eop, N, S, C, r.chunks, r.chunk_len, C);
+        } else {
+          rows_elementwise_kernel<Op, 1><<<grid, block, l.smem, stream>>>(eop, N, S, C, r.chunks, r.chunk_len, C);
+        }
+      } else if (vec) {
+        planes_elementwise_kernel<Op, VEC><<<grid, block, l.smem, stream>>>(eop, numel, S, N * C);
+      } else {
+        planes_elementwise_kernel<Op, 1><<<grid, block, l.smem, stream>>>(eop, numel, S, N * C);
+      }
+      STD_CUDA_KERNEL_LAUNCH_CHECK();
+    };
+    if (grad) {
+      launch(ScaleBackwardOp<scalar_t, acc_t>{sp, gtp, ap, gpp, op_out, gop, has_add, relu, write_g});
     } else {
-      apply_kernel<scalar_t, acc_t, V, false><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
-          sp, gtp, ap, gpp, op_out, gop, numel, C, S, f);
+      launch(ScaleOp<scalar_t, acc_t>{sp, gtp, ap, op_out, has_add, relu});
     }
-    STD_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
 

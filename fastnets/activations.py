@@ -2,7 +2,8 @@
 
 Every fused op takes an activation as a name and one float parameter (`act: str, act_param: float` in the
 op schemas); the kernels see it as an integer code (`code(name)`), a compile-time constant (tl.constexpr in
-Triton, a switch on a uniform argument in CUDA C++), so one kernel serves every activation.
+Triton, a template parameter of the vectorized CUDA C++ kernels, whose scalar fallbacks switch on it at run
+time).
 
   identity, relu, relu6, leaky_relu (param: negative_slope), silu, hardswish, gelu (erf), gelu_tanh
   gates of squeeze-excite: sigmoid, hardsigmoid

@@ -42,6 +42,7 @@ class Case:
     train: bool
     shape: tuple  # BN/SE: (N, C, H, W[, R]); conv: (N, Cin, H, Cout, k, stride, pad)
     epilogue: str = ""  # conv only
+    act: str = ""  # batch_norm only: y = act(bn(x) + residual) with this fastnets.activations name
 
     @property
     def config(self):
@@ -53,6 +54,8 @@ class Case:
                  "x".join(map(str, self.shape))]
         if self.epilogue:
             parts.append(self.epilogue)
+        if self.act:
+            parts.append(self.act)
         return "-".join(parts)
 
 
@@ -71,10 +74,26 @@ CONV_FP32 = [(32, 64, 56, 64, 3, 1, 1)]  # IEEE fp32 (no TF32) runs on FMA units
 SE_FULL = [(256, 256, 56, 56, 16), (256, 512, 28, 28, 32), (256, 1024, 14, 14, 64), (256, 2048, 7, 7, 128)]
 SE_FEW = [(256, 256, 56, 56, 16)]
 
-# small / dry: odd and tiny shapes (C=1, primes, 1x1 spatial)
-BN_SMALL = [(3, 5, 7, 9), (2, 1, 1, 1 + 2), (4, 67, 3, 5)]
+# small / dry: odd and tiny shapes (C=1, primes, 1x1 spatial); the last BN and SE shapes have C % 8 == 0 and
+# S % 8 == 0, so that compute-sanitizer also meets the CUDA C++ kernels' 16-byte vector paths
+BN_SMALL = [(3, 5, 7, 9), (2, 1, 1, 1 + 2), (4, 67, 3, 5), (2, 16, 3, 8)]
 CONV_SMALL = [(2, 5, 9, 7, 3, 1, 1), (3, 1, 7, 3, 1, 2, 0), (2, 8, 6, 16, 3, 2, 1)]
-SE_SMALL = [(3, 5, 7, 9, 2), (2, 1, 1, 1, 1), (2, 33, 4, 3, 3)]
+SE_SMALL = [(3, 5, 7, 9, 2), (2, 1, 1, 1, 1), (2, 33, 4, 3, 3), (2, 16, 4, 4, 4)]
+
+# The fused activations of the CUDA C++ BatchNorm kernels (the cuda backend, train), on shapes that reach every
+# compiled instantiation (csrc/batch_norm.cu): per activation, the vectorized paths of bf16, fp16 and fp32
+# (rows in channels_last; NCHW planes with the tile and the plane reduction), and the run-time-switch
+# kernels (C % 8 != 0 and S < 8 in bf16, an odd S > 1024 in fp32, every path in fp64). (dtype, channels_last,
+# shape, train); bf16-nhwc shapes have the plan's batch of 256.
+ACT_CASES = [
+    (BF16, True, (256, 16, 5, 5), True), (BF16, True, (256, 16, 5, 5), False),
+    (BF16, False, (4, 16, 7, 7), True), (BF16, False, (2, 4, 40, 40), True),
+    (F16, True, (8, 24, 5, 5), True), (F16, False, (4, 16, 7, 7), True), (F16, False, (2, 4, 40, 40), True),
+    (F32, True, (8, 12, 5, 5), True), (F32, False, (4, 16, 7, 7), True), (F32, False, (2, 4, 40, 40), True),
+    (BF16, True, (256, 5, 3, 3), True), (BF16, False, (4, 6, 2, 3), True), (F32, False, (2, 3, 35, 33), True),
+    (F64, True, (3, 8, 5, 5), True), (F64, False, (4, 6, 7, 7), True), (F64, False, (2, 4, 40, 40), True),
+]
+ACT_PARAM = {"leaky_relu": 0.1}
 BN_DRY = [(3, 5, 4, 3)]
 CONV_DRY = [(2, 3, 5, 4, 3, 1, 1)]
 SE_DRY = [(2, 6, 3, 5, 2)]
@@ -132,6 +151,12 @@ def cases(t=None):
     # folds the BatchNorm into the weights instead)
     add("conv_prologue", conv, None, modes=(True,))
     add("squeeze_excite", se, None)
+    if t == "full" and "cuda" in bks:
+        from fastnets.activations import ACTIVATIONS
+
+        for act in ACTIVATIONS:
+            for dtype, cl, shape, train in ACT_CASES:
+                out.append(Case("batch_norm", "cuda", dtype, cl, train, shape, act=act))
     # interleaved: the first case of every family and backend, then the second, ... so that a step cut by
     # its deadline still has every family's most valuable cases (bf16 channels_last, the first shapes)
     rank, seen = {}, {}
@@ -231,23 +256,33 @@ def run_case(case, device, compare=True):
         return fn(case, device, compare)
 
 
+# torch's own activations, for the reference of the `act` cases
+TORCH_ACTS = {
+    "identity": lambda v: v, "relu": torch.relu, "relu6": F.relu6,
+    "leaky_relu": lambda v: F.leaky_relu(v, ACT_PARAM["leaky_relu"]), "silu": F.silu, "hardswish": F.hardswish,
+    "gelu": F.gelu, "gelu_tanh": lambda v: F.gelu(v, approximate="tanh"),
+}
+
+
 def _bn(case, device, compare):
     from fastnets.ops import batch_norm
 
     n, c, h, w = case.shape
     g = _gen(device, 1)
-    fused = case.family == "bn_add_relu"
+    fused = case.family == "bn_add_relu" or bool(case.act)
+    vdt = F64 if case.dtype == F64 else F32  # weights and running statistics
     mu = _channel_mean(c, g, device).view(1, c, 1, 1)
     x = _leaf(_randn((n, c, h, w), g, device, case.dtype, cl=case.channels_last).add_(mu.to(case.dtype)))
     res = _leaf(_randn((n, c, h, w), g, device, case.dtype, cl=case.channels_last)) if fused else None
-    weight = _leaf(torch.rand(c, generator=g, device=device) + 0.5)
-    bias = _leaf(torch.randn(c, generator=g, device=device) * 0.2)
-    rm = torch.randn(c, generator=g, device=device) * 0.1
-    rv = torch.rand(c, generator=g, device=device) + 0.5
+    weight = _leaf((torch.rand(c, generator=g, device=device) + 0.5).to(vdt))
+    bias = _leaf((torch.randn(c, generator=g, device=device) * 0.2).to(vdt))
+    rm = (torch.randn(c, generator=g, device=device) * 0.1).to(vdt)
+    rv = (torch.rand(c, generator=g, device=device) + 0.5).to(vdt)
     dy = _randn((n, c, h, w), g, device, case.dtype, cl=case.channels_last)
     rm_f, rv_f = rm.clone(), rv.clone()
+    act = (case.act, ACT_PARAM.get(case.act, 0.0)) if case.act else None
     y = batch_norm(x, rm_f, rv_f, weight, bias, training=case.train, momentum=0.1, eps=1e-5, residual=res,
-                   relu=fused, backend=case.backend)
+                   relu=fused and not case.act, backend=case.backend, act=act)
     y.backward(dy)
     if not compare:
         return []
@@ -257,7 +292,7 @@ def _bn(case, device, compare):
     res64 = None
     if fused:
         res64 = _ref(res)
-        y64 = torch.relu(y64 + res64)
+        y64 = TORCH_ACTS[case.act or "relu"](y64 + res64)
     y64.backward(dy.to(F64))
     out = []
     check(out, "y", y, y64, case.dtype)

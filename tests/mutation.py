@@ -79,6 +79,10 @@ BN_FILE, CONV_FILE, SE_FILE, CONVERT_FILE = (
     "tests/test_batch_norm.py", "tests/test_conv.py", "tests/test_squeeze_excite.py", "tests/test_convert.py")
 
 
+PLANS_H = "csrc/launch_plans.h"
+PLAN_LIMITS = t("tests/test_cuda_launch_plans.py", "test_plans_within_gpu_limits")
+
+
 def only(backend):
     return ("-k", backend)
 
@@ -386,6 +390,32 @@ MUTANTS = [
       'if os.environ.get("FASTNETS_CONV_TUNE", "") == "fixed" or _tensors.deterministic_mode():',
       'if os.environ.get("FASTNETS_CONV_TUNE", "") == "fixed":',
       (AUTOTUNE,)),
+    # ---------------------------------------------------------------- CUDA C++ launch plans (issue 28): the
+    # GPU limits and the coverage of csrc/launch_plans.h, which tests/test_cuda_launch_plans.py compiles on its
+    # own (the copied fastnets._C keeps the unmutated plans; the test checks both)
+    M("cuda-plan-rows-grid-y-uncapped", PLANS_H,
+      "l.grid[1] = std::max<int64_t>(1, std::min(items, kGridYZMax));", "l.grid[1] = std::max<int64_t>(1, items);",
+      PLAN_LIMITS),
+    M("cuda-plan-se-reduce-grid-x-uncapped", PLANS_H,
+      "l.grid[0] = std::max<int64_t>(1, std::min(ceil_div(items, kSeReduceThreads / kWarp), kGridXMax));",
+      "l.grid[0] = std::max<int64_t>(1, ceil_div(items, kSeReduceThreads / kWarp));", PLAN_LIMITS),
+    M("cuda-plan-se-cl-reduce-grid-y-uncapped", PLANS_H,
+      "l.grid[1] = std::max<int64_t>(1, std::min(N * splits, kGridYZMax));", "l.grid[1] = std::max<int64_t>(1, N * splits);",
+      PLAN_LIMITS),
+    M("cuda-plan-excite-grid-uncapped", PLANS_H,
+      "l.grid[0] = std::max<int64_t>(1, std::min(ceil_div(N, bn), kGridXMax));", "l.grid[0] = ceil_div(N, bn);",
+      PLAN_LIMITS),
+    M("cuda-plan-bn-tile-over-1024-threads", PLANS_H,
+      "std::min<int64_t>(C, kBnTileMax / S)", "std::min<int64_t>(C, 2 * kBnTileMax / S)", PLAN_LIMITS),
+    M("cuda-plan-rows-chunks-miss-rows", PLANS_H,
+      "p.chunks = ceil_div(rows, p.chunk_len);", "p.chunks = std::max<int64_t>(1, rows / p.chunk_len);", PLAN_LIMITS),
+    M("cuda-plan-bn-planes-vector-over-two-planes", PLANS_H,
+      "p.by_planes = planes_elementwise(N * C * S, (vec_ok && S >= VEC) ? VEC : 1, d);\n  }\n  return p;\n}\n\n// stats",
+      "p.by_planes = planes_elementwise(N * C * S, vec_ok ? VEC : 1, d);\n  }\n  return p;\n}\n\n// stats",
+      PLAN_LIMITS),
+    M("cuda-plan-se-reduce-vector-past-plane", PLANS_H,
+      "p.vec = (vec_ok && S % VEC == 0) ? VEC : 1;\n    p.s_per_split", "p.vec = vec_ok ? VEC : 1;\n    p.s_per_split",
+      PLAN_LIMITS),
 ]
 
 
@@ -393,7 +423,10 @@ MUTANTS = [
 
 
 def candidate_files(pattern, root=ROOT):
-    """The .py files `pattern` names under root: a file, or a glob whose matches may be directories."""
+    """The .py files `pattern` names under root: a file, or a glob whose matches may be directories. A pattern
+    that names one existing file exactly may be of any kind (csrc/launch_plans.h, which tests compile)."""
+    if (root / pattern).is_file():
+        return [root / pattern]
     out = []
     for p in sorted(root.glob(pattern)):
         if p.is_dir():
@@ -437,6 +470,8 @@ def check_catalogue(mutants, root=ROOT):
             problems.append(f"{m.name}: {why}")
             continue
         src = (root / path).read_text().replace(m.old, m.new)
+        if not path.endswith(".py"):
+            continue  # C++ (csrc/launch_plans.h): its test compiles it
         try:
             compile(src, path, "exec")
         except SyntaxError as e:
@@ -599,7 +634,7 @@ class Worker:
         stray = [f"{n} from {f}" for n, f in imported.items() if f and not os.path.realpath(f).startswith(tree)]
         if stray or "fastnets" not in imported:
             return "fastnets was not imported from the copy: " + ("; ".join(stray[:3]) or "not imported")
-        if mutated is not None and module_name(mutated) not in imported:
+        if mutated is not None and mutated.endswith(".py") and module_name(mutated) not in imported:
             return f"the mutated module {module_name(mutated)} was never imported by these tests"
         return None
 

@@ -23,7 +23,7 @@ from conftest import GPU, TOL, assert_rel, bn_truth
 # The extension's ops are internal (the cuda backend's primitives): their own namespace, apart from the user
 # ops of torch.ops.fastnets. The squeeze-excite ones are checked in test_squeeze_excite.py.
 INTERNAL_OPS = ("bn_stats", "bn_apply", "bn_backward_reduce", "bn_backward_apply", "se_reduce", "se_excite",
-                "se_apply", "build_info")
+                "se_apply", "build_info", "launch_plan")
 SCHEMAS = {
     "bn_stats": "fastnets_cuda::bn_stats(Tensor x, bool channels_last, float eps) -> (Tensor mean, Tensor invstd)",
     "bn_apply": "fastnets_cuda::bn_apply(Tensor x, Tensor scale, Tensor shift, Tensor? residual, int act, "
@@ -35,6 +35,8 @@ SCHEMAS = {
     "Tensor? scale, Tensor? shift, Tensor a, Tensor b, Tensor d, Tensor mean, int act, float act_param, bool train, "
     "bool write_g, bool channels_last) -> (Tensor dx, Tensor g)",
     "build_info": "fastnets_cuda::build_info() -> str",
+    # the kernels' launch plans, for tests/test_cuda_launch_plans.py
+    "launch_plan": "fastnets_cuda::launch_plan(str kind, int[] args) -> str",
 }
 
 
@@ -86,7 +88,7 @@ def test_extension_ops_are_internal_and_apart_from_the_user_ops():
     internal_only = set(INTERNAL_OPS) - {"se_excite"}  # fastnets::se_excite is also a user op (the SE stage)
     assert not [n for n in user if n.startswith("cuda_") or n in internal_only], user
     report = info.report()
-    assert "internal ops torch.ops.fastnets_cuda (8" in report and "bn_backward_reduce" in report, report
+    assert "internal ops torch.ops.fastnets_cuda (9" in report and "bn_backward_reduce" in report, report
 
 
 def test_build_info_names_archs_and_runtime():

@@ -21,7 +21,15 @@ if not hasattr(torch.ops.fastnets_cuda, "se_apply") or "inner_act" not in str(
     )
 
 _ops = torch.ops.fastnets_cuda
-_CL_CHANNELS, _WARPS_PER_BLOCK = 32, 8  # csrc/squeeze_excite.cu: kClChannels, kThreads / 32
+_WARPS_PER_BLOCK = 8  # csrc/launch_plans.h: kSeReduceThreads / 32 (one (plane, split) per warp in NCHW)
+
+
+def _cl_channel_blocks(c, itemsize):
+    """Blocks across the channels of the channels_last reduction (launch_plans.h, se_reduce): 32 threads of
+    16-byte vectors (one element each when C is not a multiple of the vector)."""
+    vec = 16 // itemsize if c % (16 // itemsize) == 0 else 1
+    cols = -(-c // vec)
+    return -(-cols // min(32, 1 << (cols - 1).bit_length()))
 
 
 def _splits(x, channels_last, split):
@@ -31,7 +39,7 @@ def _splits(x, channels_last, split):
     if split is not None:
         return max(1, min(int(split), s))
     sms = _tensors.sm_count(x.device)
-    blocks = n * -(-c // _CL_CHANNELS) if channels_last else -(-(n * c) // _WARPS_PER_BLOCK)
+    blocks = n * _cl_channel_blocks(c, x.element_size()) if channels_last else -(-(n * c) // _WARPS_PER_BLOCK)
     want = 8 * sms
     if blocks >= want:
         return 1

@@ -46,11 +46,19 @@ def test_summary_from_a_work_folder(tmp_path):
     _bench(work / "bench" / "squeeze_excite-compile_x.json", "compile", [
         {"shape": "s", "pass_": "fwd+bwd", "variant": "compile", "ms": 1.0}])
     (work / "bench" / "broken.json").write_text('{"rows": [')  # a file cut by a kill: ignored
+    (work / "memcheck-triton.xml").write_text(JUNIT.replace("batch_norm-triton", "bn-small-triton"))
+    (work / "plan_workers").write_text("3\nplan workers: 3 (...)\n")
+    (work / "budget.json").write_text(json.dumps({
+        "steps": [{"step": "build", "estimate_seconds": 80.0, "basis": "nvcc"},
+                  {"step": "plan", "estimate_seconds": 61.4, "basis": "cases"}],
+        "total_seconds": 141.4, "call_seconds": 360, "budget_seconds": 345, "plan_workers": 3}))
     rc = summarize.main(["--work", str(work), "--out", str(out)])
     assert rc == 1
     assert sorted(os.listdir(out)) == ["benchmarks.json", "logs.txt", "summary.json", "table.txt"]
     s = json.loads((out / "summary.json").read_text())
     assert s["ok"] is False and s["skipped"] == ["models"]
+    assert s["plan_workers"] == 3 and s["budget"]["total_seconds"] == 141.4
+    assert (s["sanitizer_memcheck_triton"]["passed"], s["sanitizer_memcheck_triton"]["failed"]) == (1, 1)
     assert [x["verdict"] for x in s["steps"]] == ["PASS", "FAIL(rc=1)", "SKIP(budget)"]
     bn = s["plan_by_family"]["batch_norm/triton/bf16-nhwc"]
     assert (bn["passed"], bn["failed"], bn["skipped"]) == (1, 1, 0)
@@ -66,6 +74,9 @@ def test_summary_from_a_work_folder(tmp_path):
     assert logs.endswith("THE END") and len(logs) < 30_000 and "tail only" in logs
     table = (out / "table.txt").read_text()
     assert "FAIL" in table and "batch_norm/triton/bf16-nhwc" in table and len(table) < 12_000
+    plan_row = next(ln for ln in table.splitlines() if ln.startswith("plan "))
+    assert plan_row.split()[-1] == "61"  # the predicted seconds beside the measured ones
+    assert "141 s against the 360 s call" in table and "sanitizer_memcheck_triton: 1 passed, 1 failed" in table
 
 
 def test_gpu_check_script_parses_and_uses_python3():

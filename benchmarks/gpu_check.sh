@@ -3,7 +3,7 @@
 # pytest-xdist, pytest-timeout there) gives a verdict in at most 360 s, the build included.
 #
 #   bash benchmarks/gpu_check.sh OUT [steps...]
-#   steps, in order of value: build info warmup plan sanitizer slow bn se conv bn_compile se_compile
+#   steps, in order of value: build info warmup plan slow sanitizer bn se conv bn_compile se_compile
 #   conv_compile models
 #
 # Each step has its own limit and gets at most what the whole budget (FASTNETS_GPU_CHECK_SECONDS, default
@@ -35,7 +35,7 @@ else
   IN_STEP=
   OUT=${1:?usage: bash benchmarks/gpu_check.sh OUT [steps...]}
   shift
-  STEPS=${*:-build info warmup plan sanitizer slow bn se conv bn_compile se_compile conv_compile models}
+  STEPS=${*:-build info warmup plan slow sanitizer bn se conv bn_compile se_compile conv_compile models}
   mkdir -p "$OUT"
   OUT=$(cd "$OUT" && pwd)
   WORK=$(mktemp -d "${TMPDIR:-/tmp}/fastnets-gpu-check.XXXXXX")
@@ -254,8 +254,9 @@ step build 150 build
 step info 45 environment
 step warmup 60 warmup
 step plan 120 plan
-step sanitizer 110 sanitizer
+# the 2^31-element tests before the sanitizer: gpu_budget.py predicts the sanitizer runs past its limit
 step slow 90 slow
+step sanitizer 110 sanitizer
 step bn 25 "$PY" benchmarks/bench_batch_norm.py "${BENCH_ARGS[@]}" --variants fastnets
 step se 20 "$PY" benchmarks/bench_squeeze_excite.py "${BENCH_ARGS[@]}" --variants fastnets
 step conv 40 "$PY" benchmarks/bench_conv.py "${BENCH_ARGS[@]}" --variants fastnets

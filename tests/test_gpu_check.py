@@ -88,3 +88,18 @@ def test_gpu_check_script_parses_and_uses_python3():
         words = ln.replace('"', " ").replace("(", " ").split()
         assert "pip" not in words[:1] and "python" not in words, f"bare pip/python in: {ln.strip()}"
     assert "timeout -s INT" in text and "PYTORCH_NO_CUDA_MEMORY_CACHING=1" in text
+
+
+def test_budget_predicts_every_step_within_its_limit():
+    """benchmarks/gpu_budget.py: one prediction per gpu_check.sh step, in its order; each counted at most at
+    its limit, and all together within the steps' budget (what gpu_check.sh would let run)."""
+    from benchmarks import gpu_budget
+
+    limits = gpu_budget.step_limits()
+    assert list(limits)[:6] == ["build", "info", "warmup", "plan", "slow", "sanitizer"]
+    rows, workers = gpu_budget.estimate(80e9)
+    assert [r[0] for r in rows] == list(limits) and workers == 3
+    sched = gpu_budget.schedule(rows)
+    assert all(counted <= min(est, limit) for _, est, limit, counted, _, _ in sched)
+    assert sum(s[3] for s in sched) <= gpu_budget.BUDGET_SECONDS
+    assert "PREDICTED" in gpu_budget.table(rows)

@@ -37,12 +37,12 @@ SANITIZER_CASE_SECONDS = 1.0  # per small case under memcheck/racecheck (every l
 # 2-core CPU machine the project develops on.
 COMPILE_SECONDS = 3.1
 JOBS = 16
-# Distinct Triton kernel variants the warm-up compiles. Not counted yet: recording the full tier needs its
-# full-size tensors (a GPU; on the CPU it did not finish in 25 minutes here). Until a GPU run's warmup.json
-# gives them (its `variants`), 4 per Triton case (a BatchNorm training case launches 5 kernels, an eval one
-# 2; shapes of one config share most variants).
+# Distinct Triton kernel variants the warm-up compiles. The triton-small tier's: 46 (its 12 cases recorded
+# on the CPU with the warm-up's recorder, 53 launches). The full tier's are not counted: recording it needs
+# its full-size tensors (a GPU; on the CPU it did not finish in 25 minutes here). Until a GPU run's
+# warmup.json gives them (`variants`), 4 per Triton case, as the small tier's 3.8.
 FULL_VARIANTS = None
-SMALL_VARIANTS = None
+SMALL_VARIANTS = 46
 # The 2^31-element tests' Triton launches take int64 sizes, variants no warm-up compiles: about 4 per
 # Triton test (BN: stats, finalize, apply, 2 backward; conv: forward, grad input, grad weight; SE: 5),
 # compiled one at a time in the test process.

@@ -3,7 +3,7 @@
 # pytest-xdist, pytest-timeout there) gives a verdict in at most 360 s, the build included.
 #
 #   bash benchmarks/gpu_check.sh OUT [steps...]
-#   steps, in order of value: build info warmup plan sanitizer slow bn se conv bn_compile se_compile
+#   steps, in order of value: build info warmup plan slow sanitizer bn se conv bn_compile se_compile
 #   conv_compile models
 #
 # Each step has its own limit and gets at most what the whole budget (FASTNETS_GPU_CHECK_SECONDS, default
@@ -14,22 +14,28 @@
 #
 # FASTNETS_GPU_CHECK_DRYRUN=1 runs every step's plumbing on a CPU (CI does): the same plan file on the
 # reference backend and the Triton interpreter at tiny shapes, the warm-up recording and compiling for sm_90,
-# the sanitizer and 2^31 steps' pytest selections, the benchmarks on tiny CPU shapes, the same summarizer.
+# the sanitizer and 2^31 steps' pytest selections (the sanitizer's Triton tier under the interpreter), the
+# benchmarks on tiny CPU shapes, the same summarizer; and it prints every step's predicted GPU seconds
+# (benchmarks/gpu_budget.py) against the 360 s call.
+#
+# The plan runs as many pytest-xdist workers as the card's memory holds (workers x the largest case's
+# estimated peak <= 70 %, tests/gpu_plan.py); the sanitizer step runs the CUDA C++ kernels under memcheck and
+# racecheck and the Triton kernels (the plan's triton-small tier) under memcheck; the 2^31-element tests
+# compute their errors on the GPU.
 set -u
 cd "$(dirname "$0")/.."
 SELF=benchmarks/gpu_check.sh
 PY=${FASTNETS_PYTHON:-python3}  # the GPU image's interpreter; CI passes the one its tests run under
 DRY=${FASTNETS_GPU_CHECK_DRYRUN:-0}
 JOBS=16
-PLAN_WORKERS=(-n 4)
-[ "$DRY" = 1 ] && { JOBS=2; PLAN_WORKERS=(); }
+[ "$DRY" = 1 ] && JOBS=2
 if [ "${1:-}" = "--in-step" ]; then  # a step's function, run under `timeout` in a child bash (WORK exported)
   IN_STEP=$2
 else
   IN_STEP=
   OUT=${1:?usage: bash benchmarks/gpu_check.sh OUT [steps...]}
   shift
-  STEPS=${*:-build info warmup plan sanitizer slow bn se conv bn_compile se_compile conv_compile models}
+  STEPS=${*:-build info warmup plan slow sanitizer bn se conv bn_compile se_compile conv_compile models}
   mkdir -p "$OUT"
   OUT=$(cd "$OUT" && pwd)
   WORK=$(mktemp -d "${TMPDIR:-/tmp}/fastnets-gpu-check.XXXXXX")
@@ -125,7 +131,12 @@ sys.argv = ["fastnets.info"]
 runpy.run_module("fastnets.info", run_name="__main__")
 PY
   command -v nvidia-smi > /dev/null && nvidia-smi --query-gpu=name,memory.total,clocks.sm,driver_version --format=csv
-  true
+  # the plan's pytest workers for this card's memory (the dry run: an 80 GB card), and the predicted time of
+  # every step (benchmarks/gpu_budget.py), which the summary prints beside the measured seconds
+  local card=()
+  [ "$DRY" = 1 ] && card=(--card-bytes 80e9)
+  "$PY" benchmarks/gpu_budget.py "${card[@]}" --json "$WORK/budget.json" --workers-file "$WORK/plan_workers"
+  cat "$WORK/plan_workers"
 }
 
 PYTEST=("$PY" -m pytest -q -rfE -p no:cacheprovider -o junit_family=xunit1)  # xunit1: keeps record_property
@@ -147,16 +158,34 @@ sanitize() {  # sanitize TOOL DEADLINE: the plan's small shapes of every CUDA C+
     --junitxml="$WORK/$tool.xml"
 }
 
+sanitize_triton() {  # sanitize_triton DEADLINE: the plan's triton-small tier (Triton kernels) under memcheck
+  export FASTNETS_PLAN_DEADLINE=$1
+  if [ "$DRY" = 1 ]; then
+    # no GPU: the same tier under the Triton interpreter, without the sanitizer (the plumbing and the cases)
+    FASTNETS_GPU_PLAN=triton-small "${PYTEST[@]}" tests/test_gpu_plan.py -m gpu_plan --junitxml="$WORK/memcheck-triton.xml"
+    return
+  fi
+  # No kernel filter: Triton's kernels carry their Python names (_stats_cl_kernel, ...), which no substring
+  # tells apart from torch's, and at these tiny shapes torch's instrumented kernels cost little. The caching
+  # allocator off, so that an access past a tensor's end leaves its allocation; the kernels load from the
+  # warm-up's Triton cache (it records this tier too).
+  PYTORCH_NO_CUDA_MEMORY_CACHING=1 FASTNETS_GPU_PLAN=triton-small "$SANITIZER" --tool memcheck --error-exitcode 9 \
+    "${PYTEST[@]}" tests/test_gpu_plan.py -m gpu_plan --junitxml="$WORK/memcheck-triton.xml"
+}
+
 sanitizer() {
   SANITIZER=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2> /dev/null | head -n 1)
   if [ "$DRY" != 1 ] && [ -z "$SANITIZER" ]; then
     echo "compute-sanitizer not found (neither on PATH nor in /usr/local/cuda*/bin)"
     return 3
   fi
-  local rc=0 t0
+  local rc=0 t0 limit=${STEP_LIMIT:-110}
   t0=$(date +%s)
-  sanitize memcheck $(( t0 + ${STEP_LIMIT:-70} * 55 / 100 )) || rc=$?
-  sanitize racecheck $(( t0 + ${STEP_LIMIT:-70} - 12 )) || rc=$?
+  # deadlines (epoch seconds) past which each run's remaining cases skip: C++ memcheck, Triton memcheck,
+  # C++ racecheck, in that order of value
+  sanitize memcheck $(( t0 + limit * 40 / 100 )) || rc=$?
+  sanitize_triton $(( t0 + limit * 70 / 100 )) || rc=$?
+  sanitize racecheck $(( t0 + limit - 12 )) || rc=$?
   return $rc
 }
 
@@ -165,7 +194,8 @@ slow() {
     "${PYTEST[@]}" tests -m slow --collect-only
     return
   fi
-  "${PYTEST[@]}" tests -m "slow and not gpu_plan" --timeout 55 --junitxml="$WORK/slow.xml"
+  # errors are computed on the GPU in float64 chunks (conftest.rel_error): no host copies
+  "${PYTEST[@]}" tests -m "slow and not gpu_plan" --timeout 80 --junitxml="$WORK/slow.xml"
 }
 
 BENCH_ARGS=(--out "$WORK/bench" --quick)
@@ -200,9 +230,18 @@ warmup() {
 }
 
 plan() {
-  # four xdist workers share the GPU: expandable segments keep each one's cached blocks from fragmenting it
+  local workers=() n  # the dry run: one process
+  if [ "$DRY" != 1 ]; then
+    # as many xdist workers as the card's memory holds: workers x the largest case's estimated peak <= 70 %
+    # of it (tests/gpu_plan.py; the info step wrote the number, else it is worked out here)
+    n=$(head -n 1 "$WORK/plan_workers" 2>/dev/null)
+    [ -n "$n" ] || n=$("$PY" tests/gpu_plan.py workers --tier full)
+    workers=(-n "${n:-1}")
+    echo "plan: ${workers[*]} xdist workers"
+  fi
+  # the xdist workers share the GPU: expandable segments keep each one's cached blocks from fragmenting it
   PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True} \
-  FASTNETS_PLAN_DEADLINE=$(( $(date +%s) + ${STEP_LIMIT:-120} - 12 )) FASTNETS_CONV_TUNE=fixed "${PYTEST[@]}" tests/test_gpu_plan.py -m gpu_plan "${PLAN_WORKERS[@]}" \
+  FASTNETS_PLAN_DEADLINE=$(( $(date +%s) + ${STEP_LIMIT:-120} - 12 )) FASTNETS_CONV_TUNE=fixed "${PYTEST[@]}" tests/test_gpu_plan.py -m gpu_plan "${workers[@]}" \
     --timeout "$PLAN_TIMEOUT" --junitxml="$WORK/plan.xml"
 }
 
@@ -212,11 +251,12 @@ if [ -n "$IN_STEP" ]; then
 fi
 
 step build 150 build
-step info 30 environment
+step info 45 environment
 step warmup 60 warmup
 step plan 120 plan
-step sanitizer 70 sanitizer
-step slow 60 slow
+# the 2^31-element tests before the sanitizer: gpu_budget.py predicts the sanitizer runs past its limit
+step slow 90 slow
+step sanitizer 110 sanitizer
 step bn 25 "$PY" benchmarks/bench_batch_norm.py "${BENCH_ARGS[@]}" --variants fastnets
 step se 20 "$PY" benchmarks/bench_squeeze_excite.py "${BENCH_ARGS[@]}" --variants fastnets
 step conv 40 "$PY" benchmarks/bench_conv.py "${BENCH_ARGS[@]}" --variants fastnets

@@ -3,7 +3,8 @@ the pytest steps, benchmark JSON, logs) and write at most five files into OUT:
 
   OUT/summary.json      per step: verdict, seconds, limit; per op family x backend x config (dtype-layout):
                         passed/failed/skipped counts and the worst error (err/bound ratio too); the sanitizer
-                        and 2^31 tests' counts; every benchmark row with vs_eager/vs_compile/vs_cudnn and its
+                        (CUDA C++ memcheck/racecheck, Triton memcheck) and 2^31 tests' counts; the predicted
+                        seconds of every step (`budget`) and the plan's workers; every benchmark row with vs_eager/vs_compile/vs_cudnn and its
                         ratio against each target; `ok` (every step passed)
   OUT/benchmarks.json   every kernel benchmark row (merged from bench_*.py's JSON, with the ratios)
   OUT/models.json       the model benchmark's report (python -m fastnets.bench), when it ran
@@ -209,6 +210,7 @@ def build(work):
         summary["environment"] = environment
     problems = []
     for label, pattern in (("plan", "plan.xml"), ("sanitizer_memcheck", "memcheck.xml"),
+                           ("sanitizer_memcheck_triton", "memcheck-triton.xml"),
                            ("sanitizer_racecheck", "racecheck.xml"), ("slow", "slow.xml")):
         path = os.path.join(work, pattern)
         if not os.path.exists(path):
@@ -220,6 +222,14 @@ def build(work):
         summary[label] = counts(cases)
         if label == "plan":
             summary["plan_by_family"] = plan_table(cases)
+    budget = _read_json(os.path.join(work, "budget.json"))  # benchmarks/gpu_budget.py's prediction
+    if budget is not None:
+        summary["budget"] = budget
+    try:
+        with open(os.path.join(work, "plan_workers")) as f:
+            summary["plan_workers"] = int(f.readline())
+    except (OSError, ValueError):
+        pass
     warmup = _read_json(os.path.join(work, "warmup.json"))
     if warmup is not None:
         summary["triton_warmup"] = warmup
@@ -236,9 +246,17 @@ def table(summary):
     env = summary.get("environment") or {}
     lines.append(f"==== GPU check: {'PASS' if summary['ok'] else 'FAIL'}  gpu={env.get('gpu')} torch={env.get('torch')} "
                  f"triton={env.get('triton')} dry_run={env.get('dry_run')}")
-    lines.append("step        verdict       seconds  limit")
+    budget = summary.get("budget") or {}
+    predicted = {b["step"]: b["estimate_seconds"] for b in budget.get("steps", [])}
+    lines.append("step        verdict       seconds  limit  predicted on a GPU")
     for s in summary["steps"]:
-        lines.append(f"{s['step']:<11} {s['verdict']:<13} {s['seconds']:>7}  {s['limit']:>5}")
+        p = predicted.get(s["step"])
+        lines.append(f"{s['step']:<11} {s['verdict']:<13} {s['seconds']:>7}  {s['limit']:>5}  "
+                     f"{'-' if p is None else f'{p:.0f}':>9}")
+    if budget:
+        lines.append(f"predicted GPU time of every step (benchmarks/gpu_budget.py, an estimate): "
+                     f"{budget['total_seconds']:.0f} s against the {budget['call_seconds']} s call; plan workers "
+                     f"{summary.get('plan_workers', budget.get('plan_workers'))}")
     w = summary.get("triton_warmup")
     if w:
         lines.append(f"triton warm-up: {w.get('compiled')} of {w.get('variants')} variants in "
@@ -252,7 +270,7 @@ def table(summary):
             wr = "-" if g["worst_ratio"] is None else f"{g['worst_ratio']:.3f}"
             lines.append(f"{k:<36} {g['passed']:>4} {g['failed']:>4} {g['skipped']:>4}  {we:>9}  {wr:>9}  "
                          f"{(g['worst_what'] or '')[:60]}")
-    for label in ("plan", "sanitizer_memcheck", "sanitizer_racecheck", "slow"):
+    for label in ("plan", "sanitizer_memcheck", "sanitizer_memcheck_triton", "sanitizer_racecheck", "slow"):
         c = summary.get(label)
         if c:
             lines.append(f"{label}: {c['passed']} passed, {c['failed']} failed, {c['skipped']} skipped")

@@ -2,9 +2,10 @@
 
 Run on the GPU machine before `pytest tests/test_gpu_plan.py`, with the same TRITON_CACHE_DIR:
   1. record: this process runs every `triton` case of tests/gpu_plan.py (its fastnets forward and backward,
-     no reference) with JITFunction.run replaced by a recorder, so the real launchers pick block sizes, grids
-     and flags exactly as in the tests; each distinct variant (Triton's specialization: constexprs, dtypes,
-     16-byte alignment, ints equal to 1 or divisible by 16) is kept once.
+     no reference; the plan's tier and the sanitizer's triton-small tier) with JITFunction.run replaced by a
+     recorder, so the real launchers pick block sizes, grids and flags exactly as in the tests; each
+     distinct variant (Triton's specialization: constexprs, dtypes, 16-byte alignment, ints equal to 1 or
+     divisible by 16) is kept once.
   2. compile: a fresh process (one that never touched CUDA) replays each variant through the original
      JITFunction.run(..., warmup=True) for the GPU's target in forked children, --jobs at a time, on meta
      tensors with the offline driver of tests/triton_offline.py (shared with tests/triton_aot.py). Triton
@@ -79,6 +80,8 @@ def record():
     device = "cuda" if torch.cuda.is_available() else "cpu"
     errors = []
     cases = [c for c in gpu_plan.cases() if c.backend == "triton"]
+    if not DRY:  # the sanitizer step's Triton tier too: compute-sanitizer then loads them from the cache
+        cases += gpu_plan.cases("triton-small")
     for case in cases:
         try:
             gpu_plan.run_case(case, device, compare=False)

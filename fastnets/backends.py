@@ -75,7 +75,7 @@ def _triton_import_problem():
     try:
         import triton
     except ImportError as e:
-        return f"triton is not installed ({e}); `pip install triton>=3.1`"
+        return f"triton is not installed ({e}); `pip install triton>=3.6`"
     major, minor = (int(p) for p in triton.__version__.split(".")[:2])
     if (major, minor) < (3, 1):
         return f"triton {triton.__version__} is too old; fastnets needs triton >= 3.1"

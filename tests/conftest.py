@@ -1,5 +1,6 @@
 """Shared test setup. On a machine without a GPU the Triton kernels run under the interpreter
 (TRITON_INTERPRET=1 must be set before Triton kernels are defined, so before fastnets is imported)."""
+import math
 import os
 
 import torch
@@ -43,17 +44,49 @@ REL_BOUND = {
 }
 
 
-def rel_error(actual, expected):
-    """||actual - expected|| / ||expected|| in float64; inf when NaN/Inf positions or shapes differ."""
-    a, b = actual.detach().to("cpu", torch.float64), expected.detach().to("cpu", torch.float64)
+# Elements per float64 chunk of rel_error: a 2^31-element tensor is compared without a float64 copy of the
+# whole of it (128 MiB per temporary).
+REL_CHUNK = 1 << 24
+
+
+def _chunks(t, chunk):
+    """`t` in views of about `chunk` elements along its first dimension of size > 1 (no copy)."""
+    while t.dim() > 1 and t.shape[0] == 1:
+        t = t[0]
+    if t.dim() == 0:
+        return [t.reshape(1)]
+    rows = max(1, chunk // max(1, math.prod(t.shape[1:])))
+    return [t[lo:lo + rows] for lo in range(0, t.shape[0], rows)] or [t]
+
+
+def rel_error(actual, expected, chunk=None):
+    """||actual - expected|| / ||expected|| in float64; inf when NaN/Inf positions or values, or shapes, differ.
+    Computed where `expected` is (on a GPU for the GPU tests: nothing is copied to the host) and `chunk`
+    elements at a time."""
+    chunk = chunk or REL_CHUNK
+    b = expected.detach()
+    a = actual.detach().to(b.device)
     if a.shape != b.shape:
         return float("inf")
-    fa, fb = torch.isfinite(a), torch.isfinite(b)
-    if not torch.equal(fa, fb) or not torch.equal(a[~fa].nan_to_num(), b[~fb].nan_to_num()):
-        return float("inf")
-    diff = (a[fa] - b[fb]).norm().item()
-    den = b[fb].norm().item()
+    diff2 = torch.zeros((), dtype=torch.float64, device=b.device)
+    den2 = torch.zeros_like(diff2)
+    for ac, bc in zip(_chunks(a, chunk), _chunks(b, chunk)):
+        ac, bc = ac.to(torch.float64), bc.to(torch.float64)
+        fa, fb = torch.isfinite(ac), torch.isfinite(bc)
+        if not torch.equal(fa, fb) or not torch.equal(ac[~fa].nan_to_num(), bc[~fb].nan_to_num()):
+            return float("inf")
+        diff2 += torch.where(fa, ac - bc, 0.0).square().sum()
+        den2 += torch.where(fb, bc, 0.0).square().sum()
+    diff, den = diff2.sqrt().item(), den2.sqrt().item()
     return diff / den if den > 0 else diff
+
+
+def norm64(t, chunk=None):
+    """||t|| in float64, where t is, `chunk` elements at a time."""
+    s = torch.zeros((), dtype=torch.float64, device=t.device)
+    for c in _chunks(t.detach(), chunk or REL_CHUNK):
+        s += c.to(torch.float64).square().sum()
+    return s.sqrt().item()
 
 
 def assert_rel(actual, expected, dtype=None, scale=1.0, ref=None, msg=""):
@@ -64,10 +97,9 @@ def assert_rel(actual, expected, dtype=None, scale=1.0, ref=None, msg=""):
     if err <= bound:
         return err
     if ref is not None and err != float("inf"):
-        den = expected.detach().double().norm().item()
+        den = norm64(expected)
         absolute = err * den if den > 0 else err
-        ref_norm = ref.detach().double().norm().item()
-        if absolute <= bound * ref_norm:
+        if absolute <= bound * norm64(ref):
             return err
     raise AssertionError(f"{msg + ': ' if msg else ''}relative error {err:.3e} > bound {bound:.1e} "
                          f"({dtype or actual.dtype}{', also vs ||ref||' if ref is not None else ''})")

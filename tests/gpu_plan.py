@@ -6,12 +6,14 @@ Tiers (FASTNETS_GPU_PLAN; default `full` on a GPU, `dry` on a CPU):
   full   batch 256, bf16 channels_last on every shape, plus fp16, fp32 and NCHW on fewer shapes; backends
          triton and cuda.
   small  tiny odd shapes (C=1, primes, 1x1 spatial) of every family, for compute-sanitizer; triton and cuda.
+  triton-small  a few of those on Triton only (every family, NHWC and NCHW kernels, a strided 1x1 conv
+         with C=1): the Triton kernels under compute-sanitizer memcheck, kept under a minute.
   dry    tiny shapes on the CPU: the reference backend and Triton under the interpreter (the plumbing of
          the plan, checked by CI).
 Every case checks the forward output and, in train and eval, every gradient (input, residual, weights,
 biases, BatchNorm affine parameters, fused scale/shift) and, in train, the running statistics.
-Errors are ||a - b|| / ||b|| with the per-dtype bounds of tests/conftest.py (REL_BOUND), computed on the
-device (`rel_error_device`, the same measure as conftest.rel_error, which a test holds it to).
+Errors are ||a - b|| / ||b|| with the per-dtype bounds of tests/conftest.py (REL_BOUND): conftest.rel_error,
+computed on the device in float64 chunks.
 """
 import dataclasses
 import os
@@ -23,13 +25,14 @@ F16, BF16, F32, F64 = torch.float16, torch.bfloat16, torch.float32, torch.float6
 DTYPE_NAMES = {F16: "fp16", BF16: "bf16", F32: "fp32", F64: "fp64"}
 FAMILIES = ("batch_norm", "bn_add_relu", "conv", "conv_bn", "conv_prologue", "squeeze_excite")
 CONV_EPILOGUES = ("plain", "bias", "bias_relu", "bn_fold", "bn_fold_res_relu")
+TIERS = ("full", "small", "triton-small", "dry")
 
 
 def tier():
     default = "full" if torch.cuda.is_available() else "dry"
     t = os.environ.get("FASTNETS_GPU_PLAN", default).strip().lower() or default
-    if t not in ("full", "small", "dry"):
-        raise ValueError(f"FASTNETS_GPU_PLAN must be full, small or dry, got {t!r}")
+    if t not in TIERS:
+        raise ValueError(f"FASTNETS_GPU_PLAN must be one of {', '.join(TIERS)}, got {t!r}")
     return t
 
 
@@ -105,6 +108,8 @@ def backends_for(t):
     if t == "dry":
         want = ("reference", "triton")
         device = "cpu"
+    elif t == "triton-small":
+        return ["triton"]
     else:
         want = ("triton", "cuda")
         device = "cuda"
@@ -113,8 +118,28 @@ def backends_for(t):
     return [b for b in want if b in have or t != "dry"]
 
 
+def triton_small_cases():
+    """The `triton-small` tier: Triton's kernels of every family at tiny odd shapes, each kernel path once
+    (NHWC and NCHW BatchNorm/SE, train and eval, a KxK conv with every epilogue gradient, a strided 1x1 conv
+    of one input channel, conv + BatchNorm, the BN-apply prologue), for compute-sanitizer memcheck."""
+    bn, bn_wide, se, se_wide = BN_SMALL[0], BN_SMALL[2], SE_SMALL[0], SE_SMALL[2]
+    conv3, conv1, conv_s2 = CONV_SMALL
+    return [
+        Case("batch_norm", "triton", BF16, True, True, bn), Case("batch_norm", "triton", BF16, True, False, bn),
+        Case("batch_norm", "triton", F32, False, True, bn),
+        Case("bn_add_relu", "triton", BF16, True, True, bn_wide), Case("bn_add_relu", "triton", F32, False, True, bn),
+        Case("conv", "triton", BF16, True, True, conv3, "bn_fold_res_relu"),
+        Case("conv", "triton", BF16, True, True, conv1, "bias"),
+        Case("conv_bn", "triton", BF16, True, True, conv_s2), Case("conv_bn", "triton", BF16, True, False, conv3),
+        Case("conv_prologue", "triton", BF16, True, True, conv3),
+        Case("squeeze_excite", "triton", BF16, True, True, se_wide), Case("squeeze_excite", "triton", F32, False, True, se),
+    ]
+
+
 def cases(t=None):
     t = t or tier()
+    if t == "triton-small":
+        return triton_small_cases()
     out = []
     bks = backends_for(t)
 
@@ -166,37 +191,78 @@ def cases(t=None):
     return sorted(out, key=lambda c: rank[c])
 
 
+# ---------------------------------------------------------------------------------------------- memory
+
+# Full-size tensors a case holds at its peak, per element of its input (x, or z for conv_prologue) and per
+# element of its output (y; BatchNorm and SE count everything on the input), as (tensors in the activation
+# dtype, tensors in the reference dtype): the inputs, upstream gradient, outputs and gradients the case keeps
+# to compare, the backend's temporaries, the reference's forward intermediates and backward gradients
+# (relu(z * scale + shift + res) keeps each of its steps). tests/test_gpu_plan.py holds these counts to the
+# CPU allocator's measured peak of the same cases on the reference backend (estimate / measured in [1, 1.35]).
+TENSORS = {
+    "batch_norm": ((5, 4), (0, 0)),
+    "bn_add_relu": ((7, 6), (0, 0)),
+    "squeeze_excite": ((7, 6), (0, 0)),
+    "conv": ((2, 2), (4, 6)),
+    "conv_bn": ((2, 2), (5, 6)),
+    "conv_prologue": ((2, 5), (2, 2)),
+}
+# Per pytest worker on a GPU, beside its tensors: the CUDA context, cuBLAS/cuDNN handles and workspaces,
+# the Triton kernels it loaded, the error measure's float64 chunks (conftest.REL_CHUNK: ~0.6 GB), the
+# caching allocator's rounding.
+WORKER_BYTES = 5 << 29
+MEMORY_FRACTION = 0.7  # of the card, for all plan workers together
+
+
+def io_elements(case):
+    """(input elements, output elements) of a case (BatchNorm/SE: (N*C*H*W, 0))."""
+    if case.family in ("conv", "conv_bn", "conv_prologue"):
+        n, cin, h, cout, k, s, p = case.shape
+        o = (h + 2 * p - k) // s + 1
+        return n * cin * h * h, n * cout * o * o
+    n, c, h, w = case.shape[:4]
+    return n * c * h * w, 0
+
+
+def tensor_bytes(case):
+    """The bytes of the full-size tensors a case holds at its peak (TENSORS), without the worker's own."""
+    act = torch.empty((), dtype=case.dtype).element_size()
+    ref = 8 if case.family not in ("conv", "conv_bn", "conv_prologue") else \
+        torch.empty((), dtype=conv_reference_dtype(case)).element_size()
+    (a_in, r_in), (a_out, r_out) = TENSORS[case.family]
+    n_in, n_out = io_elements(case)
+    return n_in * (a_in * act + r_in * ref) + n_out * (a_out * act + r_out * ref)
+
+
+def peak_bytes(case):
+    """A case's estimated peak GPU memory in one pytest worker: its tensors and the worker's own."""
+    return tensor_bytes(case) + WORKER_BYTES
+
+
+def plan_workers(card_bytes, cs=None, want=4):
+    """(workers, largest case): the most pytest workers, at most `want` and at least 1, for which workers x
+    the largest case's peak stays within MEMORY_FRACTION of a card of `card_bytes` (any worker may draw
+    the largest case, so the bound holds whatever the order)."""
+    cs = cs if cs is not None else cases()
+    big = max(cs, key=peak_bytes)
+    return max(1, min(want, int(MEMORY_FRACTION * card_bytes // peak_bytes(big)))), big
+
+
 # ---------------------------------------------------------------------------------------------- errors
-
-
-def rel_error_device(actual, expected):
-    """conftest.rel_error computed where the tensors are (a GPU's float64 instead of the host's): ||a - b|| /
-    ||b|| in float64; inf when NaN/Inf positions or values differ, or shapes differ."""
-    if tuple(actual.shape) != tuple(expected.shape):
-        return float("inf")
-    a = actual.detach().to(expected.device, F64)
-    b = expected.detach().to(F64)
-    fa, fb = torch.isfinite(a), torch.isfinite(b)
-    if not torch.equal(fa, fb) or not torch.equal(a[~fa].nan_to_num(), b[~fb].nan_to_num()):
-        return float("inf")
-    if bool(fa.all()):
-        diff, den = torch.linalg.vector_norm(a - b).item(), torch.linalg.vector_norm(b).item()
-    else:
-        diff, den = torch.linalg.vector_norm(a[fa] - b[fb]).item(), torch.linalg.vector_norm(b[fb]).item()
-    return diff / den if den > 0 else diff
 
 
 def check(results, what, actual, expected, dtype, ref=None):
     """Record (what, error, bound) for one compared tensor; `ref` as in conftest.assert_rel (true value can
-    be near zero: the error may also be bounded relative to ||ref||)."""
-    from conftest import REL_BOUND
+    be near zero: the error may also be bounded relative to ||ref||). Errors are conftest.rel_error's, computed
+    on the tensors' device."""
+    from conftest import REL_BOUND, norm64, rel_error
 
     bound = REL_BOUND[dtype]
-    err = rel_error_device(actual, expected)
+    err = rel_error(actual, expected)
     if err > bound and ref is not None and err != float("inf"):
-        den = torch.linalg.vector_norm(expected.detach().to(F64)).item()
+        den = norm64(expected)
         absolute = err * den if den > 0 else err
-        ref_norm = torch.linalg.vector_norm(ref.detach().to(F64)).item()
+        ref_norm = norm64(ref)
         if absolute <= bound * ref_norm:
             err = min(err, absolute / ref_norm) if ref_norm > 0 else err
     results.append((what, err, bound))
@@ -474,3 +540,31 @@ def _se(case, device, compare):
         for name, t, t64 in zip(("grad_w1", "grad_b1", "grad_w2", "grad_b2"), (w1, b1, w2, b2), p64):
             check(out, name, t.grad, t64.grad, wdt)
     return out
+
+
+def main(argv):
+    """python3 tests/gpu_plan.py workers [--want 4] [--card-bytes B] [--tier T]: the plan's pytest workers for
+    this card (its total memory, read here; --card-bytes for another, e.g. the dry run's 80 GB) on stdout, the
+    reason on stderr."""
+    import sys
+
+    if not argv or argv[0] != "workers":
+        print(main.__doc__, file=sys.stderr)
+        return 2
+    opt = dict(zip(argv[1::2], argv[2::2]))
+    if "--card-bytes" in opt:
+        card = int(float(opt["--card-bytes"]))
+    else:
+        card = torch.cuda.get_device_properties(0).total_memory
+    workers, big = plan_workers(card, cases(opt.get("--tier")), int(opt.get("--want", 4)))
+    print(workers)
+    print(f"plan workers: {workers} (largest case {big.id}: about {peak_bytes(big) / 1e9:.1f} GB at its peak "
+          f"with its worker; {workers} x that <= {MEMORY_FRACTION:.0%} of {card / 1e9:.1f} GB)", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    sys.exit(main(sys.argv[1:]))

@@ -46,11 +46,19 @@ def test_summary_from_a_work_folder(tmp_path):
     _bench(work / "bench" / "squeeze_excite-compile_x.json", "compile", [
         {"shape": "s", "pass_": "fwd+bwd", "variant": "compile", "ms": 1.0}])
     (work / "bench" / "broken.json").write_text('{"rows": [')  # a file cut by a kill: ignored
+    (work / "memcheck-triton.xml").write_text(JUNIT.replace("batch_norm-triton", "bn-small-triton"))
+    (work / "plan_workers").write_text("3\nplan workers: 3 (...)\n")
+    (work / "budget.json").write_text(json.dumps({
+        "steps": [{"step": "build", "estimate_seconds": 80.0, "basis": "nvcc"},
+                  {"step": "plan", "estimate_seconds": 61.4, "basis": "cases"}],
+        "total_seconds": 141.4, "call_seconds": 360, "budget_seconds": 345, "plan_workers": 3}))
     rc = summarize.main(["--work", str(work), "--out", str(out)])
     assert rc == 1
     assert sorted(os.listdir(out)) == ["benchmarks.json", "logs.txt", "summary.json", "table.txt"]
     s = json.loads((out / "summary.json").read_text())
     assert s["ok"] is False and s["skipped"] == ["models"]
+    assert s["plan_workers"] == 3 and s["budget"]["total_seconds"] == 141.4
+    assert (s["sanitizer_memcheck_triton"]["passed"], s["sanitizer_memcheck_triton"]["failed"]) == (1, 1)
     assert [x["verdict"] for x in s["steps"]] == ["PASS", "FAIL(rc=1)", "SKIP(budget)"]
     bn = s["plan_by_family"]["batch_norm/triton/bf16-nhwc"]
     assert (bn["passed"], bn["failed"], bn["skipped"]) == (1, 1, 0)
@@ -66,6 +74,9 @@ def test_summary_from_a_work_folder(tmp_path):
     assert logs.endswith("THE END") and len(logs) < 30_000 and "tail only" in logs
     table = (out / "table.txt").read_text()
     assert "FAIL" in table and "batch_norm/triton/bf16-nhwc" in table and len(table) < 12_000
+    plan_row = next(ln for ln in table.splitlines() if ln.startswith("plan "))
+    assert plan_row.split()[-1] == "61"  # the predicted seconds beside the measured ones
+    assert "141 s against the 360 s call" in table and "sanitizer_memcheck_triton: 1 passed, 1 failed" in table
 
 
 def test_gpu_check_script_parses_and_uses_python3():
@@ -77,3 +88,18 @@ def test_gpu_check_script_parses_and_uses_python3():
         words = ln.replace('"', " ").replace("(", " ").split()
         assert "pip" not in words[:1] and "python" not in words, f"bare pip/python in: {ln.strip()}"
     assert "timeout -s INT" in text and "PYTORCH_NO_CUDA_MEMORY_CACHING=1" in text
+
+
+def test_budget_predicts_every_step_within_its_limit():
+    """benchmarks/gpu_budget.py: one prediction per gpu_check.sh step, in its order; each counted at most at
+    its limit, and all together within the steps' budget (what gpu_check.sh would let run)."""
+    from benchmarks import gpu_budget
+
+    limits = gpu_budget.step_limits()
+    assert list(limits)[:6] == ["build", "info", "warmup", "plan", "slow", "sanitizer"]
+    rows, workers = gpu_budget.estimate(80e9)
+    assert [r[0] for r in rows] == list(limits) and workers == 3
+    sched = gpu_budget.schedule(rows)
+    assert all(counted <= min(est, limit) for _, est, limit, counted, _, _ in sched)
+    assert sum(s[3] for s in sched) <= gpu_budget.BUDGET_SECONDS
+    assert "PREDICTED" in gpu_budget.table(rows)

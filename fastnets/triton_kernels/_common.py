@@ -14,6 +14,39 @@ from .._tensors import acc_dtype
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def _backport_interpreter_loop_bounds():
+    """Triton 3.6's interpreter (and older) turns a runtime loop bound, a scalar held as a 1-element array,
+    into an int with int(array), which NumPy >= 2.4 refuses ("only 0-dimensional arrays can be converted
+    to Python scalars"): every `range(lo, hi)` whose bounds are not constexpr fails. Triton 3.8 squeezes
+    the array first; this does the same, and only where the interpreter still has the old line."""
+    import inspect
+
+    from triton.runtime import interpreter
+
+    patch = getattr(interpreter, "_patch_lang_tensor", None)
+    if patch is None or getattr(patch, "fastnets_backport", False):
+        return False
+    try:
+        source = inspect.getsource(patch)
+    except (OSError, TypeError):
+        return False
+    if "int(self.handle.data))" not in source:
+        return False
+
+    def patch_lang_tensor(tensor, *args, **kwargs):
+        out = patch(tensor, *args, **kwargs)
+        # after Triton's own patch, which recorded the attribute's original value for its restore
+        tensor.__index__ = lambda self: int(self.handle.data.squeeze())
+        return out
+
+    patch_lang_tensor.fastnets_backport = True
+    interpreter._patch_lang_tensor = patch_lang_tensor
+    return True
+
+
+INTERPRETER_BACKPORT = INTERPRET and _backport_interpreter_loop_bounds()
+
+
 def tl_acc_dtype(x):
     """fastnets._tensors.acc_dtype(x) as a Triton dtype (x a tensor or a torch dtype): tl.float64 for
     float64, tl.float32 otherwise."""

@@ -16,6 +16,11 @@ os.environ.setdefault("FASTNETS_CONV_TUNE", "fixed")
 import pytest  # noqa: E402
 
 import fastnets  # noqa: E402
+import launch_checker  # noqa: E402
+
+# Every Triton launch of the suite is checked against the GPU's launch limits and the device guard
+# (tests/launch_checker.py): a launch that breaks one fails its test, under the interpreter too.
+launch_checker.install()
 
 # Tolerances per dtype, written down once: (atol, rtol) for outputs compared with torch/reference.
 # fp16/bf16 outputs are rounded once by fastnets but several times by an eager chain of ops.

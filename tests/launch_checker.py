@@ -68,16 +68,20 @@ class Launch:
         return out
 
 
-def estimate_shared_bytes(named, num_stages):
+def estimate_shared_bytes(named, num_stages, num_warps=DEFAULT_NUM_WARPS):
     """The shared memory of a GEMM-shaped launch (BLOCK_M, BLOCK_N, BLOCK_K): num_stages pipeline buffers of
     an A tile (BLOCK_M x BLOCK_K) and a B tile (BLOCK_K x BLOCK_N) in the dtype of its first tensor argument
-    (the operand); None for other launches."""
+    (the operand), plus, when a prologue transforms a loaded tile in registers before tl.dot (a true PRO
+    constexpr), a layout-conversion scratch of (16 * num_warps + 16) x BLOCK_K operands; None for other
+    launches. tests/triton_aot.py checks that it bounds the compiled kernels' shared memory."""
     if not all(k in named for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K")):
         return None
     operand = next((v for v in named.values() if isinstance(v, torch.Tensor)), None)
     if operand is None:
         return None
-    return num_stages * (named["BLOCK_M"] + named["BLOCK_N"]) * named["BLOCK_K"] * operand.element_size()
+    size = operand.element_size()
+    pipeline = num_stages * (named["BLOCK_M"] + named["BLOCK_N"]) * named["BLOCK_K"] * size
+    return pipeline + ((16 * num_warps + 16) * named["BLOCK_K"] * size if named.get("PRO") else 0)
 
 
 def _guarded_device():
@@ -94,7 +98,7 @@ def describe(fn, args, kwargs, grid):
     g = tuple(int(v) for v in g)
     warps = kwargs.get("num_warps") or DEFAULT_NUM_WARPS
     stages = kwargs.get("num_stages") or DEFAULT_NUM_STAGES
-    shared = estimate_shared_bytes(named, stages)
+    shared = estimate_shared_bytes(named, stages, warps)
     tensors = [v for v in named.values() if isinstance(v, torch.Tensor)]
     devices = tuple(dict.fromkeys(t.device for t in tensors))
     current = streams = None

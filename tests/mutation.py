@@ -387,7 +387,8 @@ MUTANTS = [
       "grid = (n * n_tiles,)", "grid = (n, n_tiles)",
       t(LAUNCHES, "test_augment_launches_at_extreme_shapes") + (LAUNCHES,)),
     M("triton-conv-prune-ignores-shared-memory", "fastnets/triton_kernels/conv.py",
-      "        configs = _fitting(configs, named_args[operand])\n", "",
+      "        configs = _fitting(configs, named_args[operand], bool(kwargs.get(\"PRO\", named_args.get(\"PRO\", False))))\n",
+      "",
       t(LAUNCHES, "test_conv_pruning_keeps_only_configs_that_fit") + (LAUNCHES,)),
 ]
 

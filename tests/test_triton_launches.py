@@ -263,7 +263,7 @@ def gpu_plans(monkeypatch):
     def every_config(tuned, raw, grid, *args, **kwargs):
         cfg = launch(tuned, raw, grid, *args, **kwargs)
         if not kwargs["FP64"]:
-            for c in tuned.early_config_prune(tuned.configs, dict(zip(raw.arg_names, args))):
+            for c in tuned.early_config_prune(tuned.configs, dict(zip(raw.arg_names, args)), **kwargs):
                 raw[grid(c.kwargs)](*args, **kwargs, **c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
         return cfg
 
@@ -365,25 +365,28 @@ def test_augment_launches_at_extreme_shapes(gpu_plans, in_shape, out_hw, c_dtype
 
 
 @pytest.mark.parametrize("dtype", [F32, BF16, F16])
-@pytest.mark.parametrize("kernel", ["fwd", "dgrad", "wgrad"])
+@pytest.mark.parametrize("kernel", ["fwd", "fwd_prologue", "dgrad", "wgrad"])
 def test_conv_pruning_keeps_only_configs_that_fit(kernel, dtype):
     """The autotuner compiles only what the pruning keeps: every kept config fits sm_90's shared memory (the
-    launch checker's estimate, which tests/triton_aot.py compares with the compiled kernels), and fp32 drops
+    launch checker's estimate, which tests/triton_aot.py checks against the compiled kernels), and fp32 drops
     the 128x256x64 / 3-stage configs that do not fit (288 KiB) while bf16 keeps them."""
     import fastnets.triton_kernels.conv as cv
 
-    tuned = {"fwd": cv._fwd_tuned, "dgrad": cv._dgrad_tuned, "wgrad": cv._wgrad_tuned}[kernel]
+    pro = kernel == "fwd_prologue"
+    tuned = {"fwd": cv._fwd_tuned, "fwd_prologue": cv._fwd_tuned, "dgrad": cv._dgrad_tuned,
+             "wgrad": cv._wgrad_tuned}[kernel]
     operand = meta((32, 256, 56, 56), dtype, True)
     named = {"x_ptr": operand, "g_ptr": operand, "C": 256, "Cout": 256}
-    kept = tuned.early_config_prune(tuned.configs, named)
+    kept = tuned.early_config_prune(tuned.configs, named, PRO=pro)
     sizes = {}
     for c in kept:
-        est = launch_checker.estimate_shared_bytes(dict(c.kwargs, x=operand), c.num_stages)
+        est = launch_checker.estimate_shared_bytes(dict(c.kwargs, x=operand, PRO=pro), c.num_stages, c.num_warps)
         sizes[(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_stages)] = est
-        assert est == cv.shared_bytes(c, operand.element_size())
+        assert est == cv.shared_bytes(c, operand.element_size(), pro)
         assert est <= launch_limits.SHARED_BYTES_MAX, f"{kernel} {dtype}: kept {c} needs {est} bytes"
     assert kept
-    too_big = [c for c in tuned.configs if cv.shared_bytes(c, operand.element_size()) > launch_limits.SHARED_BYTES_MAX]
+    size = operand.element_size()
+    too_big = [c for c in tuned.configs if cv.shared_bytes(c, size, pro) > launch_limits.SHARED_BYTES_MAX]
     if kernel != "wgrad":
         assert bool(too_big) == (dtype == F32)
         if dtype != F32:

@@ -307,8 +307,8 @@ def conv_launches():
             return cfg
         named = dict(zip(raw.arg_names, args))
         quick = quick_wgrad if raw is cv._conv_wgrad_kernel else quick_gemm
-        for label, configs in (("autotuned", autotuner.early_config_prune(autotuner.configs, named)),
-                               ("quick", quick)):
+        pruned = autotuner.early_config_prune(autotuner.configs, named, **kwargs)
+        for label, configs in (("autotuned", pruned), ("quick", quick)):
             _context["what"] = f"{what} {raw.__name__} {label}"
             _context["group"] = (len(_records), label)
             for c in configs:
@@ -394,7 +394,7 @@ def conv_prologue_launches():
             named = dict(zip(raw.arg_names, args))
             _context["what"] = f"{what} {raw.__name__} autotuned"
             _context["group"] = (len(_records), "autotuned")
-            for c in autotuner.early_config_prune(autotuner.configs, named):
+            for c in autotuner.early_config_prune(autotuner.configs, named, **kwargs):
                 raw[grid(c.kwargs)](*args, **kwargs, **c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
             _context["group"] = None
         _context["what"] = what
@@ -595,7 +595,7 @@ def main(argv):
     # that do not fit before anything compiles. The launch checker's shared-memory estimate of GEMM-shaped
     # launches (what it checks under the interpreter, and what the pruning computes) must not under-count
     # the compiled kernel's.
-    from launch_checker import DEFAULT_NUM_STAGES, estimate_shared_bytes
+    from launch_checker import DEFAULT_NUM_STAGES, DEFAULT_NUM_WARPS, estimate_shared_bytes
 
     for key, what, group in launch_keys:
         if "error" in result[key]:
@@ -607,7 +607,8 @@ def main(argv):
                              "error": f"needs {shared} bytes of shared memory, an H100 has {H100_SHARED}"
                                       + (" (an autotuned configuration the pruning kept)" if group else "")})
         named = dict(zip(fn.arg_names, args), **kwargs)
-        estimate = estimate_shared_bytes(named, kwargs.get("num_stages") or DEFAULT_NUM_STAGES)
+        estimate = estimate_shared_bytes(named, kwargs.get("num_stages") or DEFAULT_NUM_STAGES,
+                                         kwargs.get("num_warps") or DEFAULT_NUM_WARPS)
         if estimate is not None and not kwargs.get("FP64") and estimate < shared:
             failures.append({"kernel": _describe(fn, args, kwargs), "launch": what,
                              "error": f"the launch checker estimates {estimate} bytes of shared memory, the "

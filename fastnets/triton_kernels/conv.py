@@ -414,27 +414,30 @@ if os.environ.get("FASTNETS_CONV_TUNE", "") == "quick":  # benchmarks' --quick: 
     _GEMM_CONFIGS = [_cfg(128, 64, 64, 4, 4)]
 
 
-def shared_bytes(cfg, itemsize):
+def shared_bytes(cfg, itemsize, prologue=False):
     """Shared memory of a GEMM config: num_stages pipeline buffers, each an A tile (BLOCK_M x BLOCK_K) and a B
-    tile (BLOCK_K x BLOCK_N) of `itemsize`-byte operands. Exactly what Triton 3.8 compiles these kernels to
-    on sm_90 (tests/triton_aot.py compares it with every compiled configuration)."""
+    tile (BLOCK_K x BLOCK_N) of `itemsize`-byte operands (exactly what Triton 3.8 compiles these kernels to on
+    sm_90), plus, with the forward's prologue (the A tile transformed in registers before tl.dot), a
+    layout-conversion scratch of up to (16 * num_warps + 12) x BLOCK_K operands, counted as 16 * num_warps +
+    16. tests/triton_aot.py checks that this bounds every compiled configuration."""
     k = cfg.kwargs
-    return cfg.num_stages * (k["BLOCK_M"] + k["BLOCK_N"]) * k["BLOCK_K"] * itemsize
+    pipeline = cfg.num_stages * (k["BLOCK_M"] + k["BLOCK_N"]) * k["BLOCK_K"] * itemsize
+    return pipeline + ((16 * cfg.num_warps + 16) * k["BLOCK_K"] * itemsize if prologue else 0)
 
 
-def _fitting(configs, operand):
-    """The configs whose pipeline buffers fit the shared memory of the operand's device (sm_90's off a GPU):
-    pruned before compiling, instead of compiling them and catching OutOfResources (fp32 128x256x64 with 3
-    stages needs 288 KiB)."""
+def _fitting(configs, operand, prologue=False):
+    """The configs that fit the shared memory of the operand's device (sm_90's off a GPU): pruned before
+    compiling, instead of compiling them and catching OutOfResources (fp32 128x256x64 with 3 stages needs
+    288 KiB)."""
     budget = max_shared_bytes(operand.device)
-    return [c for c in configs if shared_bytes(c, operand.element_size()) <= budget]
+    return [c for c in configs if shared_bytes(c, operand.element_size(), prologue) <= budget]
 
 
 def _prune_channels(kname, nname, operand):
     def prune(configs, named_args, **kwargs):
         k = named_args[kname]
         ncols = named_args[nname]
-        configs = _fitting(configs, named_args[operand])
+        configs = _fitting(configs, named_args[operand], bool(kwargs.get("PRO", named_args.get("PRO", False))))
         keep = []
         for cfg in configs:
             bk, bn = cfg.kwargs["BLOCK_K"], cfg.kwargs["BLOCK_N"]

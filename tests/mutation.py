@@ -349,7 +349,8 @@ MUTANTS = [
     # grid ones by the launch checker on meta tensors of extreme shapes, the int64 ones by interpreter probes
     # past 2**31), so no family file follows them.
     M("triton-strided-vector-conv-epilogue", "fastnets/triton_kernels/conv.py",
-      "    bias, scale, shift = vector(bias), vector(scale), vector(shift)  # the epilogue reads them at ptr + channel\n",
+      "    bias, scale, shift = vector(bias), vector(scale), vector(shift)  # the epilogue reads them at ptr + "
+      "channel\n",
       "",
       (f"{STRIDED}::test_conv2d_epilogue[bias-every_other-triton]",
        f"{STRIDED}::test_conv2d_epilogue[scale-every_other-triton]")),
@@ -361,13 +362,14 @@ MUTANTS = [
       (f"{STRIDED}::test_augment_apply[scale-every_other-triton]",
        f"{STRIDED}::test_augment_apply[shift-every_other-triton]")),
     M("triton-int32-augment-noise-index", "fastnets/triton_kernels/augment.py",
-      "idx = (n.to(tl.int64) * C + c[None, :]) * (OH * OW) + p[:, None]", "idx = (n * C + c[None, :]) * (OH * OW) + p[:, None]",
+      "idx = (n.to(tl.int64) * C + c[None, :]) * (OH * OW) + p[:, None]",
+      "idx = (n * C + c[None, :]) * (OH * OW) + p[:, None]",
       t(INT64, "test_augment_noise_index_past_2_32") + (INT64,)),
     M("triton-int32-conv-forward-rows", "fastnets/triton_kernels/conv.py",
-      "    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)\n    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)\n"
-      "    mask_m = offs_m < M\n    mask_n = offs_n < Cout\n",
-      "    offs_m = pid_m.to(tl.int32) * BLOCK_M + tl.arange(0, BLOCK_M)\n    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)\n"
-      "    mask_m = offs_m < M\n    mask_n = offs_n < Cout\n",
+      "    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)\n"
+      "    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)\n    mask_m = offs_m < M\n    mask_n = offs_n < Cout\n",
+      "    offs_m = pid_m.to(tl.int32) * BLOCK_M + tl.arange(0, BLOCK_M)\n"
+      "    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)\n    mask_m = offs_m < M\n    mask_n = offs_n < Cout\n",
       t(INT64, "test_conv_forward_rows_past_2_31") + (INT64,)),
     M("triton-int32-conv-wgrad-unsliced", "fastnets/triton_kernels/conv.py",
       "    if m > WGRAD_MAX_ROWS:\n", "    if False:\n",
@@ -387,7 +389,8 @@ MUTANTS = [
       "grid = (n * n_tiles,)", "grid = (n, n_tiles)",
       t(LAUNCHES, "test_augment_launches_at_extreme_shapes") + (LAUNCHES,)),
     M("triton-conv-prune-ignores-shared-memory", "fastnets/triton_kernels/conv.py",
-      "        configs = _fitting(configs, named_args[operand], bool(kwargs.get(\"PRO\", named_args.get(\"PRO\", False))))\n",
+      "        configs = _fitting(configs, named_args[operand], bool(kwargs.get(\"PRO\", named_args.get(\"PRO\", "
+      "False))))\n",
       "",
       t(LAUNCHES, "test_conv_pruning_keeps_only_configs_that_fit") + (LAUNCHES,)),
 ]

@@ -18,7 +18,7 @@ import torch
 
 from conftest import GPU, assert_rel
 
-pytestmark = pytest.mark.skipif(GPU, reason="interpreter probes (TRITON_INTERPRET=1): the GPU runs tests/test_large_tensors.py")
+pytestmark = pytest.mark.skipif(GPU, reason="interpreter probes (TRITON_INTERPRET=1); on a GPU: test_large_tensors.py")
 
 triton = pytest.importorskip("triton")
 import triton.language as tl  # noqa: E402
@@ -184,7 +184,9 @@ def test_conv_grad_weight_in_slices_of_the_batch(monkeypatch, prologue):
     dy = torch.randn(7, 4, 6, 5, generator=g)
     sc, sh = torch.rand(3, generator=g) + 0.5, torch.randn(3, generator=g)
     pro = (sc, sh, code("relu"), 0.0) if prologue else None
-    xin = torch.relu(x.double() * sc.double().view(1, -1, 1, 1) + sh.double().view(1, -1, 1, 1)) if prologue else x.double()
+    xin = x.double()
+    if prologue:
+        xin = torch.relu(xin * sc.double().view(1, -1, 1, 1) + sh.double().view(1, -1, 1, 1))
     want = torch.nn.grad.conv2d_weight(xin, (4, 3, 3, 3), dy.double(), padding=1)
     monkeypatch.setattr(cv, "WGRAD_MAX_ROWS", 2 * 6 * 5)  # two images per launch: 4 launches
     from launch_checker import recording

@@ -466,8 +466,10 @@ def test_squeeze_excite_stage_ops_and_module(backend):
 
     p = leaf(pooled64.float().to(DEV))
     a = {"pooled": leaf(strided(p, "every_other")[0]),
-         "w1": leaf(strided(d["w1"][:, :, None, None], "transposed")[0]), "b1": leaf(strided(d["b1"], "every_other")[0]),
-         "w2": leaf(strided(d["w2"][:, :, None, None], "transposed")[0]), "b2": leaf(strided(d["b2"], "every_other")[0])}
+         "w1": leaf(strided(d["w1"][:, :, None, None], "transposed")[0]),
+         "b1": leaf(strided(d["b1"], "every_other")[0]),
+         "w2": leaf(strided(d["w2"][:, :, None, None], "transposed")[0]),
+         "b2": leaf(strided(d["b2"], "every_other")[0])}
     hidden, gate = se_excite(a["pooled"], a["w1"], a["b1"], a["w2"], a["b2"], backend=backend)
     dg = upstream(gate.shape, g)
     got = grads_of(gate, a, dg)

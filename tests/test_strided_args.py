@@ -68,9 +68,9 @@ def strided(t, kind, fill=NAN):
         raise ValueError(kind)
     with torch.no_grad():
         view.copy_(t)
-    if kind not in ("transposed", "offset"):
-        assert not view.is_contiguous() and not view.is_contiguous(memory_format=torch.channels_last) or view.dim() < 4
+    if kind not in ("transposed", "offset"):  # dense in no layout: an op must copy it or index it as it is
         assert not view.is_contiguous()
+        assert view.dim() != 4 or not view.is_contiguous(memory_format=torch.channels_last)
     return view, buf
 
 

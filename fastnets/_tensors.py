@@ -1,7 +1,10 @@
 """Tensor helpers every layer shares (reference, Triton, CUDA and ops alike), so that no backend imports
 another backend or the oracle for them: the accumulation dtype, the dense layouts the kernels take, output
-allocation, the SM count launch plans are sized by, and the global numerics switches as fastnets reads them
-(TF32 for convolutions, deterministic mode). Argument validation is fastnets/_checks.py."""
+allocation, the SM count launch plans are sized by, the device guard every launch runs under, and the
+global numerics switches as fastnets reads them (TF32 for convolutions, deterministic mode). Argument
+validation is fastnets/_checks.py."""
+import contextlib
+import contextvars
 import os
 
 import torch
@@ -90,3 +93,30 @@ def sm_count(device):
     if device.type != "cuda":
         return 1
     return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+# The device the innermost device_guard made current (None outside every guard): the test suite's launch
+# checker (tests/launch_checker.py) reads it at every Triton launch and compares it with the device of the
+# launch's tensors, on a machine without a GPU too.
+_guarded = contextvars.ContextVar("fastnets_guarded_device", default=None)
+
+
+def guarded_device():
+    return _guarded.get()
+
+
+@contextlib.contextmanager
+def device_guard(device):
+    """Make `device` current for the launches inside. Triton launches on torch's current CUDA device and on
+    that device's current stream, not on its tensors' device: with tensors on cuda:1 while cuda:0 is
+    current it would run on GPU 0 with GPU 1's pointers. A no-op on other devices (CPU, meta)."""
+    device = torch.device(device)
+    token = _guarded.set(device)
+    try:
+        if device.type == "cuda":
+            with torch.cuda.device(device):
+                yield
+        else:
+            yield
+    finally:
+        _guarded.reset(token)

@@ -18,6 +18,11 @@ import pytest  # noqa: E402
 
 import fastnets  # noqa: E402
 from fp32_flags import fp32_precision  # noqa: E402,F401  (re-exported for the test files)
+import launch_checker  # noqa: E402
+
+# Every Triton launch of the suite is checked against the GPU's launch limits and the device guard
+# (tests/launch_checker.py): a launch that breaks one fails its test, under the interpreter too.
+launch_checker.install()
 
 # Tolerances per dtype, written down once: (atol, rtol) for outputs compared with torch/reference.
 # fp16/bf16 outputs are rounded once by fastnets but several times by an eager chain of ops.

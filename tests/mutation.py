@@ -62,6 +62,7 @@ SE_STAGES = t(GRAD, "test_squeeze_excite_stage_ops_gradients")
 SE_MODULE = t(GRAD, "test_squeeze_excite_module_residual_relu")
 CONVERT = t(SAFE)
 
+STRIDED, LAUNCHES, INT64 = "tests/test_strided_args.py", "tests/test_triton_launches.py", "tests/test_offsets_int64.py"
 PRO_FILE = "tests/test_conv_prologue.py"
 PRO_PAD = (f"{PRO_FILE}::test_padded_pixels_stay_zero[relu-False-triton]",)
 PRO_1X1 = (f"{PRO_FILE}::test_matches_torch_float64[1x1_nchw-triton]",)
@@ -416,6 +417,57 @@ MUTANTS = [
     M("cuda-plan-se-reduce-vector-past-plane", PLANS_H,
       "p.vec = (vec_ok && S % VEC == 0) ? VEC : 1;\n    p.s_per_split", "p.vec = vec_ok ? VEC : 1;\n    p.s_per_split",
       PLAN_LIMITS),
+    # ---------------------------------------------------------------- GPU pre-flight (issue 28 items 1-4): strided
+    # arguments, launch limits, int64 indices, the device guard (tests/test_strided_args.py,
+    # tests/test_triton_launches.py, tests/test_offsets_int64.py; the launch checker is tests/launch_checker.py).
+    # Each is killed by the test that targets it (the strided-vector ones by a public op on a strided view, the
+    # grid ones by the launch checker on meta tensors of extreme shapes, the int64 ones by interpreter probes
+    # past 2**31), so no family file follows them.
+    M("triton-strided-vector-conv-epilogue", "fastnets/triton_kernels/conv.py",
+      "    bias, scale, shift = vector(bias), vector(scale), vector(shift)  # the epilogue reads them at ptr + "
+      "channel\n",
+      "",
+      (f"{STRIDED}::test_conv2d_epilogue[bias-every_other-triton]",
+       f"{STRIDED}::test_conv2d_epilogue[scale-every_other-triton]")),
+    M("triton-strided-vector-bn-backward-mean", "fastnets/triton_kernels/batch_norm.py",
+      "    mean, scale, shift = vector(mean), vector(scale), vector(shift)\n", "",
+      (f"{STRIDED}::test_batch_norm_add_act[eval-running_mean-every_other-triton]",)),
+    M("triton-strided-vector-augment-normalize", "fastnets/triton_kernels/augment.py",
+      "    scale, shift = vector(scale), vector(shift)\n", "",
+      (f"{STRIDED}::test_augment_apply[scale-every_other-triton]",
+       f"{STRIDED}::test_augment_apply[shift-every_other-triton]")),
+    M("triton-int32-augment-noise-index", "fastnets/triton_kernels/augment.py",
+      "idx = (n.to(tl.int64) * C + c[None, :]) * (OH * OW) + p[:, None]",
+      "idx = (n * C + c[None, :]) * (OH * OW) + p[:, None]",
+      t(INT64, "test_augment_noise_index_past_2_32") + (INT64,)),
+    M("triton-int32-conv-forward-rows", "fastnets/triton_kernels/conv.py",
+      "    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)\n"
+      "    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)\n    mask_m = offs_m < M\n    mask_n = offs_n < Cout\n",
+      "    offs_m = pid_m.to(tl.int32) * BLOCK_M + tl.arange(0, BLOCK_M)\n"
+      "    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)\n    mask_m = offs_m < M\n    mask_n = offs_n < Cout\n",
+      t(INT64, "test_conv_forward_rows_past_2_31") + (INT64,)),
+    M("triton-int32-conv-wgrad-unsliced", "fastnets/triton_kernels/conv.py",
+      "    if m > WGRAD_MAX_ROWS:\n", "    if False:\n",
+      t(LAUNCHES, "test_conv_launches_at_extreme_shapes") + (INT64,)),
+    M("triton-dropped-device-guard", "fastnets/triton_kernels/batch_norm.py",
+      "@on_tensor_device\ndef apply(x, scale, shift, residual, act, channels_last, act_param=0.0):",
+      "def apply(x, scale, shift, residual, act, channels_last, act_param=0.0):",
+      (f"{STRIDED}::test_batch_norm_add_act[train-weight-every_other-triton]", LAUNCHES)),
+    M("device-guard-leaves-the-current-device", "fastnets/_tensors.py",
+      "            with torch.cuda.device(device):\n", "            with contextlib.nullcontext():\n",
+      t(LAUNCHES, "test_device_guard_makes_the_tensors_device_current") + (LAUNCHES,)),
+    M("triton-bn-grid-over-65535", "fastnets/triton_kernels/batch_norm.py",
+      "grid = (triton.cdiv(outer, block_o) * triton.cdiv(inner, block_i),)",
+      "grid = (triton.cdiv(outer, block_o), triton.cdiv(inner, block_i))",
+      t(LAUNCHES, "test_batch_norm_launches_at_extreme_shapes") + (LAUNCHES,)),
+    M("triton-augment-grid-over-65535", "fastnets/triton_kernels/augment.py",
+      "grid = (n * n_tiles,)", "grid = (n, n_tiles)",
+      t(LAUNCHES, "test_augment_launches_at_extreme_shapes") + (LAUNCHES,)),
+    M("triton-conv-prune-ignores-shared-memory", "fastnets/triton_kernels/conv.py",
+      "        configs = _fitting(configs, named_args[operand], bool(kwargs.get(\"PRO\", named_args.get(\"PRO\", "
+      "False))))\n",
+      "",
+      t(LAUNCHES, "test_conv_pruning_keeps_only_configs_that_fit") + (LAUNCHES,)),
 ]
 
 

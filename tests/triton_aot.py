@@ -54,7 +54,7 @@ from fp32_flags import set_fp32_precision  # noqa: E402
 from triton_offline import OfflineDriver, int_specialization, variant_key  # noqa: E402
 
 H100_SMS = 132
-H100_SHARED = 232448  # bytes of shared memory a block may opt in to on sm_90 (227 KiB)
+from launch_limits import SHARED_BYTES_MAX as H100_SHARED  # noqa: E402  (227 KiB a block may opt in to on sm_90)
 FAMILIES = ("batch_norm", "squeeze_excite", "conv_prologue", "conv", "augment")  # conv_prologue restores conv._launch
 F16, BF16, F32, F64 = torch.float16, torch.bfloat16, torch.float32, torch.float64
 
@@ -310,8 +310,8 @@ def conv_launches():
             return cfg
         named = dict(zip(raw.arg_names, args))
         quick = quick_wgrad if raw is cv._conv_wgrad_kernel else quick_gemm
-        for label, configs in (("autotuned", autotuner.early_config_prune(autotuner.configs, named)),
-                               ("quick", quick)):
+        pruned = autotuner.early_config_prune(autotuner.configs, named, **kwargs)
+        for label, configs in (("autotuned", pruned), ("quick", quick)):
             _context["what"] = f"{what} {raw.__name__} {label}"
             _context["group"] = (len(_records), label)
             for c in configs:
@@ -397,7 +397,7 @@ def conv_prologue_launches():
             named = dict(zip(raw.arg_names, args))
             _context["what"] = f"{what} {raw.__name__} autotuned"
             _context["group"] = (len(_records), "autotuned")
-            for c in autotuner.early_config_prune(autotuner.configs, named):
+            for c in autotuner.early_config_prune(autotuner.configs, named, **kwargs):
                 raw[grid(c.kwargs)](*args, **kwargs, **c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
             _context["group"] = None
         _context["what"] = what
@@ -594,23 +594,28 @@ def main(argv):
         if "error" in result[k]:
             fn, args, kwargs, what = variants[k]
             failures.append({"kernel": _describe(fn, args, kwargs), "launch": what, "error": result[k]["error"]})
-    groups = {}
+    # Every launch must fit, autotuned configurations included: the conv pruning drops the configurations
+    # that do not fit before anything compiles. The launch checker's shared-memory estimate of GEMM-shaped
+    # launches (what it checks under the interpreter, and what the pruning computes) must not under-count
+    # the compiled kernel's.
+    from launch_checker import DEFAULT_NUM_STAGES, DEFAULT_NUM_WARPS, estimate_shared_bytes
+
     for key, what, group in launch_keys:
         if "error" in result[key]:
             continue
-        fits = result[key]["shared"] <= H100_SHARED
-        if group is None:
-            if not fits:
-                fn, args, kwargs, _ = variants[key]
-                failures.append({"kernel": _describe(fn, args, kwargs), "launch": what,
-                                 "error": f"needs {result[key]['shared']} bytes of shared memory, an H100 has "
-                                          f"{H100_SHARED}"})
-        else:
-            groups.setdefault(group, [what, False])[1] |= fits
-    for what, fits in groups.values():
-        if not fits:
-            failures.append({"kernel": "", "launch": what,
-                             "error": f"no configuration fits an H100's {H100_SHARED} bytes of shared memory"})
+        fn, args, kwargs, _ = variants[key]
+        shared = result[key]["shared"]
+        if shared > H100_SHARED:
+            failures.append({"kernel": _describe(fn, args, kwargs), "launch": what,
+                             "error": f"needs {shared} bytes of shared memory, an H100 has {H100_SHARED}"
+                                      + (" (an autotuned configuration the pruning kept)" if group else "")})
+        named = dict(zip(fn.arg_names, args), **kwargs)
+        estimate = estimate_shared_bytes(named, kwargs.get("num_stages") or DEFAULT_NUM_STAGES,
+                                         kwargs.get("num_warps") or DEFAULT_NUM_WARPS)
+        if estimate is not None and not kwargs.get("FP64") and estimate < shared:
+            failures.append({"kernel": _describe(fn, args, kwargs), "launch": what,
+                             "error": f"the launch checker estimates {estimate} bytes of shared memory, the "
+                                      f"compiled kernel uses {shared}"})
     slowest = sorted(((r["seconds"], r["name"]) for r in results), reverse=True)[:3]
     print(json.dumps({
         "triton": triton.__version__, "target": "cuda sm_90", "families": families, "launches": len(_records),

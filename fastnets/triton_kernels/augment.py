@@ -18,6 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._common import on_tensor_device, vector
+
 
 BLOCK = 256  # output pixels per program; each holds C_BLOCK channels, so up to 1024 values per tap
 
@@ -55,8 +57,11 @@ def _augment_kernel(
     BRIGHTNESS: tl.constexpr, CONTRAST: tl.constexpr, SATURATION: tl.constexpr, RGB: tl.constexpr,
     NOISE: tl.constexpr, NOISE_CLIP: tl.constexpr, NORMALIZE: tl.constexpr, STATS: tl.constexpr,
 ):
-    n = tl.program_id(0)
-    tile = tl.program_id(1)
+    # 1-D grid (x holds up to 2**31 - 1 programs; y and z only 65,535, which the tiles of one large output
+    # image would pass): program `pid` is tile `pid % n_tiles` of sample `pid // n_tiles`
+    pid = tl.program_id(0)
+    n = pid // n_tiles
+    tile = pid - n * n_tiles
     p = tile * BLOCK + tl.arange(0, BLOCK)
     pmask = p < OH * OW
     oy = p // OW
@@ -64,7 +69,7 @@ def _augment_kernel(
     c = tl.arange(0, C_BLOCK)
     cmask = c < C
 
-    m = mat_ptr + n * 9
+    m = mat_ptr + n.to(tl.int64) * 9
     m0 = tl.load(m + 0)
     m1 = tl.load(m + 1)
     m2 = tl.load(m + 2)
@@ -82,10 +87,11 @@ def _augment_kernel(
     sx = (m0 * X + m1 * Y + m2) / den - 0.5
     sy = (m3 * X + m4 * Y + m5) / den - 0.5
     if HAS_BOX:
-        b0 = tl.load(box_ptr + n * 4 + 0)
-        b1 = tl.load(box_ptr + n * 4 + 1)
-        b2 = tl.load(box_ptr + n * 4 + 2)
-        b3 = tl.load(box_ptr + n * 4 + 3)
+        bx = box_ptr + n.to(tl.int64) * 4
+        b0 = tl.load(bx + 0)
+        b1 = tl.load(bx + 1)
+        b2 = tl.load(bx + 2)
+        b3 = tl.load(bx + 3)
         ok = ok & _finite(b0) & _finite(b1) & _finite(b2) & _finite(b3)
         sx = tl.minimum(tl.maximum(sx, b0), b1)
         sy = tl.minimum(tl.maximum(sy, b2), b3)
@@ -133,7 +139,7 @@ def _augment_kernel(
         gw = tl.where(c == 0, 1.0, 0.0)
     if STATS:
         g = tl.sum(v * gw[None, :], axis=1)
-        tl.store(part_ptr + n * n_tiles + tile, tl.sum(tl.where(pmask, g, 0.0), axis=0))
+        tl.store(part_ptr + pid, tl.sum(tl.where(pmask, g, 0.0), axis=0))  # part[n, tile]
     else:
         if CONTRAST:
             f = tl.load(col_ptr + n * 3 + 1)
@@ -148,8 +154,10 @@ def _augment_kernel(
         out_off = (oy.to(tl.int64) * soh + ox.to(tl.int64) * sow)[:, None] + c[None, :].to(tl.int64) * soc
         if NOISE:
             seed = tl.load(seed_ptr).to(tl.uint32)
-            # element index (n, c, pixel), independent of the output layout
-            idx = (n * C + c[None, :]) * (OH * OW) + p[:, None]
+            # element index (n, c, pixel), independent of the output layout; int64: an int32 index wraps past
+            # 2**31 and, from N * C * OH * OW = 2**32 on, repeats the Philox stream (the same noise in samples
+            # far apart)
+            idx = (n.to(tl.int64) * C + c[None, :]) * (OH * OW) + p[:, None]
             v = v + (tl.randn(seed, idx) * noise_std + noise_mean)
             if NOISE_CLIP:
                 v = tl.minimum(tl.maximum(v, 0.0), 1.0)
@@ -167,17 +175,19 @@ def plan(c):
     return {"C_BLOCK": c_block, "BLOCK": max(16, BLOCK // max(c_block // 4, 1)), "num_warps": 4}
 
 
+@on_tensor_device
 def apply(x, matrix, box, colour, brightness, contrast, saturation, noise_seed, noise_mean, noise_std, noise_clip,
           scale, shift, nearest, fill, out):
     n, c, h, w = x.shape
     oh, ow = out.shape[2], out.shape[3]
     cfg = plan(c)
     n_tiles = triton.cdiv(oh * ow, cfg["BLOCK"])
-    grid = (n, n_tiles)
-    matrix = matrix.to(torch.float32).contiguous()
+    grid = (n * n_tiles,)  # 1-D: see the kernel
+    matrix = vector(matrix.to(torch.float32))
     dummy = matrix  # stands in for absent tensors (never read: their flag is off)
-    box_t = box.to(torch.float32).contiguous() if box is not None else dummy
-    col = colour.to(torch.float32).contiguous() if colour is not None else dummy
+    box_t = vector(box.to(torch.float32)) if box is not None else dummy
+    col = vector(colour.to(torch.float32)) if colour is not None else dummy
+    scale, shift = vector(scale), vector(shift)
     rgb = c == 3
     has_noise = noise_seed is not None and noise_std > 0
     normalize = scale is not None

@@ -20,7 +20,7 @@ import triton.language as tl
 from .. import _tensors
 from ..activations import code
 from .._tensors import acc_dtype, sm_count
-from ._common import INTERPRET, div_rn, rsqrt_rn, tl_acc_dtype
+from ._common import INTERPRET, div_rn, on_tensor_device, rsqrt_rn, tl_acc_dtype, vector
 from .activations import act_fwd, act_grad, relu_grad
 
 
@@ -218,9 +218,14 @@ def _bwd_reduce_nchw_kernel(
 
 @triton.jit
 def _tile(OUTER, INNER, C, CL: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr):
-    """Offsets and mask of this program's [BLOCK_O, BLOCK_I] tile, and the channel of each row or column."""
-    o = tl.program_id(0).to(tl.int64) * BLOCK_O + tl.arange(0, BLOCK_O)
-    i = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)
+    """Offsets and mask of this program's [BLOCK_O, BLOCK_I] tile, and the channel of each row or column.
+    The grid is 1-D (x holds up to 2**31 - 1 programs; y and z only 65,535, which the inner blocks of an
+    NCHW plane of more than 64 Mi pixels would pass): program p is tile (p // inner blocks, p % inner blocks)."""
+    inner_blocks = tl.cdiv(INNER, BLOCK_I)
+    pid = tl.program_id(0)
+    pid_o = pid // inner_blocks
+    o = pid_o.to(tl.int64) * BLOCK_O + tl.arange(0, BLOCK_O)
+    i = (pid - pid_o * inner_blocks) * BLOCK_I + tl.arange(0, BLOCK_I)
     omask = o < OUTER
     imask = i < INNER
     mask = omask[:, None] & imask[None, :]
@@ -328,13 +333,14 @@ def _elementwise_plan(x, channels_last):
     outer, inner = (n * s, c) if channels_last else (n * c, s)
     block_i = min(256 if channels_last else 1024, triton.next_power_of_2(inner))
     block_o = max(1, min(_tile_budget() // block_i, triton.next_power_of_2(outer)))
-    grid = (triton.cdiv(outer, block_o), triton.cdiv(inner, block_i))
+    grid = (triton.cdiv(outer, block_o) * triton.cdiv(inner, block_i),)  # 1-D: see _tile
     return (outer, inner, c), grid, dict(BLOCK_O=block_o, BLOCK_I=block_i)
 
 
 # ----------------------------------------------------------------------------------------- primitives
 
 
+@on_tensor_device
 def stats(x, channels_last, eps):
     c = x.shape[1]
     acc = acc_dtype(x)
@@ -353,7 +359,9 @@ def stats(x, channels_last, eps):
     return mean, invstd
 
 
+@on_tensor_device
 def apply(x, scale, shift, residual, act, channels_last, act_param=0.0):
+    scale, shift = vector(scale), vector(shift)
     y = _tensors.new_output(x)
     args, grid, blocks = _elementwise_plan(x, channels_last)
     _apply_kernel[grid](
@@ -378,7 +386,9 @@ def _act_args(x, y, act, scale, shift, residual, mean):
     )
 
 
+@on_tensor_device
 def backward_reduce(dy, x, y, mean, act, channels_last, act_param=0.0, scale=None, shift=None, residual=None):
+    mean, scale, shift = vector(mean), vector(scale), vector(shift)
     c = x.shape[1]
     args, grid, blocks = _reduction_plan(x, channels_last)
     psum_g = torch.empty((grid[1], c), dtype=mean.dtype, device=x.device)
@@ -393,8 +403,10 @@ def backward_reduce(dy, x, y, mean, act, channels_last, act_param=0.0, scale=Non
     return psum_g.sum(0), psum_gx.sum(0)
 
 
+@on_tensor_device
 def backward_apply(dy, x, y, a, b, d, mean, act, train, write_g, channels_last, act_param=0.0, scale=None,
                    shift=None, residual=None):
+    a, b, d, mean, scale, shift = (vector(v) for v in (a, b, d, mean, scale, shift))
     dx = _tensors.new_output(x)
     g = _tensors.new_output(dy) if write_g else None
     args, grid, blocks = _elementwise_plan(x, channels_last)

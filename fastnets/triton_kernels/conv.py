@@ -31,7 +31,7 @@ import triton.language as tl
 from .. import _tensors
 from ..activations import code
 from .._tensors import acc_dtype, sm_count
-from ._common import INTERPRET, div_rn
+from ._common import INTERPRET, div_rn, max_shared_bytes, on_tensor_device, vector
 from .activations import act_fwd, act_grad, relu_grad
 
 _INTERP_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 4}
@@ -98,14 +98,16 @@ def _conv_fwd_kernel(
 ):
     # PRO: the input tile is act(x * pro_scale[c] + pro_shift[c]) (conv_prologue), applied as it is loaded.
     pid_m, pid_n = _tile_ids(M, Cout, BLOCK_M, BLOCK_N, GROUP_M)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    # int64 rows: M = N*OH*OW can pass 2**31 (explicitly, not left to M's int64 specialization reaching pid_m
+    # through _tile_ids); the per-row indices after the divisions fit int32 again
+    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_m = offs_m < M
     mask_n = offs_n < Cout
-    ow = offs_m % OW
+    ow = (offs_m % OW).to(tl.int32)
     t = offs_m // OW
-    oh = t % OH
-    n = t // OH
+    oh = (t % OH).to(tl.int32)
+    n = (t // OH).to(tl.int32)
     x_base = n.to(tl.int64) * sxn
     ih0 = oh * stride_h - pad_h
     iw0 = ow * stride_w - pad_w
@@ -226,14 +228,14 @@ def _conv_dgrad_kernel(
     # act'(z * scale + shift) read from z (x's strides) and written as dz = dpre * scale, with this tile's
     # per-channel partial sums of dpre * z and dpre (grad scale, grad shift).
     pid_m, pid_n = _tile_ids(M, C, BLOCK_M, BLOCK_N, GROUP_M)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)  # int64: M = N*H*W can reach 2**31
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_m = offs_m < M
     mask_n = offs_n < C
-    iw = offs_m % W
+    iw = (offs_m % W).to(tl.int32)
     t = offs_m // W
-    ih = t % H
-    n = t // H
+    ih = (t % H).to(tl.int32)
+    n = (t // H).to(tl.int32)
     g_base = n.to(tl.int64) * sgn
     offs_k0 = tl.arange(0, BLOCK_K)
     wn = offs_n.to(tl.int64) * swc
@@ -317,7 +319,8 @@ def _conv_wgrad_kernel(
     mask_c = offs_c < C
     gco = offs_co.to(tl.int64) * sgc
     xc = offs_c.to(tl.int64) * sxc
-    m_start = split * rows_per_split  # row indices stay int32 (M < 2**31): no int64 division in the loop
+    # row indices stay int32 (grad_weight launches at most WGRAD_MAX_ROWS rows): no int64 division in the loop
+    m_start = split * rows_per_split
     m_end = tl.minimum(m_start + rows_per_split, M)
     if FP64:
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float64)
@@ -394,8 +397,9 @@ def _cfg(bm, bn, bk, warps, stages):
     return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=warps, num_stages=stages)
 
 
-# Curated for Hopper/Ampere with bf16/fp16 (fp32 configs that do not fit shared memory are skipped by the
-# autotuner). Small-BLOCK_K entries serve the C=3 stem; pruned when the reduction is wide.
+# Curated for Hopper/Ampere with bf16/fp16 (the pruning drops the fp32 configs that do not fit the GPU's
+# shared memory before anything compiles). Small-BLOCK_K entries serve the C=3 stem; pruned when the
+# reduction is wide.
 _GEMM_CONFIGS = [
     _cfg(128, 256, 64, 8, 3),
     _cfg(256, 128, 64, 8, 3),
@@ -412,10 +416,30 @@ if os.environ.get("FASTNETS_CONV_TUNE", "") == "quick":  # benchmarks' --quick: 
     _GEMM_CONFIGS = [_cfg(128, 64, 64, 4, 4)]
 
 
-def _prune_channels(kname, nname):
+def shared_bytes(cfg, itemsize, prologue=False):
+    """Shared memory of a GEMM config: num_stages pipeline buffers, each an A tile (BLOCK_M x BLOCK_K) and a B
+    tile (BLOCK_K x BLOCK_N) of `itemsize`-byte operands (exactly what Triton 3.8 compiles these kernels to on
+    sm_90), plus, with the forward's prologue (the A tile transformed in registers before tl.dot), a
+    layout-conversion scratch of up to (16 * num_warps + 12) x BLOCK_K operands, counted as 16 * num_warps +
+    16. tests/triton_aot.py checks that this bounds every compiled configuration."""
+    k = cfg.kwargs
+    pipeline = cfg.num_stages * (k["BLOCK_M"] + k["BLOCK_N"]) * k["BLOCK_K"] * itemsize
+    return pipeline + ((16 * cfg.num_warps + 16) * k["BLOCK_K"] * itemsize if prologue else 0)
+
+
+def _fitting(configs, operand, prologue=False):
+    """The configs that fit the shared memory of the operand's device (sm_90's off a GPU): pruned before
+    compiling, instead of compiling them and catching OutOfResources (fp32 128x256x64 with 3 stages needs
+    288 KiB)."""
+    budget = max_shared_bytes(operand.device)
+    return [c for c in configs if shared_bytes(c, operand.element_size(), prologue) <= budget]
+
+
+def _prune_channels(kname, nname, operand):
     def prune(configs, named_args, **kwargs):
         k = named_args[kname]
         ncols = named_args[nname]
+        configs = _fitting(configs, named_args[operand], bool(kwargs.get("PRO", named_args.get("PRO", False))))
         keep = []
         for cfg in configs:
             bk, bn = cfg.kwargs["BLOCK_K"], cfg.kwargs["BLOCK_N"]
@@ -446,6 +470,7 @@ if os.environ.get("FASTNETS_CONV_TUNE", "") == "quick":
 
 
 def _prune_wgrad(configs, named_args, **kwargs):
+    configs = _fitting(configs, named_args["g_ptr"])
     keep = [
         c for c in configs
         if c.kwargs["BLOCK_M"] <= max(64, triton.next_power_of_2(named_args["Cout"]))
@@ -463,10 +488,10 @@ _FWD_KEY = ["TUNE_KEY", "C", "Cout", "KH", "KW", "stride_h", "stride_w", "HAS_BI
 _DGRAD_KEY = ["TUNE_KEY", "C", "Cout", "KH", "KW", "stride_h", "stride_w", "EPI", "EPI_ACT", "PREC"]
 _WGRAD_KEY = ["TUNE_KEY", "C", "Cout", "KH", "KW", "stride_h", "stride_w", "PRO", "PRO_ACT", "PREC"]
 _fwd_tuned = triton.autotune(
-    _GEMM_CONFIGS, key=_FWD_KEY, prune_configs_by={"early_config_prune": _prune_channels("C", "Cout")},
+    _GEMM_CONFIGS, key=_FWD_KEY, prune_configs_by={"early_config_prune": _prune_channels("C", "Cout", "x_ptr")},
 )(_conv_fwd_kernel)
 _dgrad_tuned = triton.autotune(
-    _GEMM_CONFIGS, key=_DGRAD_KEY, prune_configs_by={"early_config_prune": _prune_channels("Cout", "C")},
+    _GEMM_CONFIGS, key=_DGRAD_KEY, prune_configs_by={"early_config_prune": _prune_channels("Cout", "C", "g_ptr")},
 )(_conv_dgrad_kernel)
 _wgrad_tuned = triton.autotune(
     _WGRAD_CONFIGS, key=_WGRAD_KEY, prune_configs_by={"early_config_prune": _prune_wgrad},
@@ -529,6 +554,9 @@ def _run_fwd(x, x_strides, wp, y, y_strides, dims, conv, bias, scale, shift, res
     vectors per input channel in the accumulation dtype (conv_prologue)."""
     n, c, h, w, cout, oh, ow, kh, kw = dims
     m = n * oh * ow
+    bias, scale, shift = vector(bias), vector(scale), vector(shift)  # the epilogue reads them at ptr + channel
+    if prologue is not None:
+        prologue = (vector(prologue[0]), vector(prologue[1])) + tuple(prologue[2:])
     pmean = pm2 = None
     acc = acc_dtype(x)
     if stats:
@@ -565,6 +593,7 @@ def _run_fwd(x, x_strides, wp, y, y_strides, dims, conv, bias, scale, shift, res
     return mean, var
 
 
+@on_tensor_device
 def forward(x, w, bias, scale, shift, residual, stride, padding, dilation, relu, out, stats=False, act_param=0.0,
             pre=None):
     n, c, h, wd = x.shape
@@ -579,11 +608,13 @@ def forward(x, w, bias, scale, shift, residual, stride, padding, dilation, relu,
     return (out, return_stats) if stats else out
 
 
+@on_tensor_device
 def forward_stats(x, w, bias, stride, padding, dilation, out):
     _, (mean, var) = forward(x, w, bias, None, None, None, stride, padding, dilation, False, out, stats=True)
     return out, mean, var
 
 
+@on_tensor_device
 def grad_input(g, w, out, stride, padding, dilation):
     n, c, h, wd = out.shape
     cout, _, kh, kw = w.shape
@@ -611,6 +642,8 @@ def _run_dgrad(g, wp, out, dims, stride, padding, dilation, epilogue=None):
     strides): out receives dz = dpre * scale, and the per-channel (grad scale, grad shift) are returned."""
     n, c, h, wd, cout, oh, ow, kh, kw = dims
     m = n * h * wd
+    if epilogue is not None:  # the epilogue reads scale and shift at ptr + channel
+        epilogue = (epilogue[0], vector(epilogue[1]), vector(epilogue[2])) + tuple(epilogue[3:])
     z, scale, shift, act, act_param = (out, out, out, 0, 0.0) if epilogue is None else epilogue
     pds = pdh = out
     if epilogue is not None:
@@ -638,6 +671,13 @@ def _wgrad_target_programs(device):
     return 2 * sm_count(device) if device.type == "cuda" else 8
 
 
+# Rows (N*OH*OW output pixels) of one weight-gradient launch: the kernel keeps its row indices in int32 (an
+# int64 division per element in its inner loop would cost), and split * rows_per_split + BLOCK_K must stay
+# below 2**31. Larger problems are run as several launches over slices of the batch.
+WGRAD_MAX_ROWS = 2**30
+
+
+@on_tensor_device
 def grad_weight(g, x, w_shape, stride, padding, dilation, prologue=None):
     """dW of conv(x); with `prologue` = (scale, shift, act code, act_param), of conv(act(x * scale + shift)),
     the transform recomputed on each loaded x tile (conv_prologue)."""
@@ -645,6 +685,16 @@ def grad_weight(g, x, w_shape, stride, padding, dilation, prologue=None):
     cout, _, kh, kw = w_shape
     oh, ow = g.shape[2:]
     m = n * oh * ow
+    if m > WGRAD_MAX_ROWS:
+        per = WGRAD_MAX_ROWS // (oh * ow)
+        if per < 1:
+            raise ValueError(f"grad_weight: one image of {oh} x {ow} output pixels is more than the Triton "
+                             f"weight-gradient kernel's {WGRAD_MAX_ROWS} rows per launch")
+        dw = None
+        for i in range(0, n, per):
+            part = grad_weight(g[i:i + per], x[i:i + per], w_shape, stride, padding, dilation, prologue)
+            dw = part if dw is None else dw + part
+        return dw
     # Split the N*OH*OW reduction so that about two waves of programs run (assuming 128x128 tiles);
     # each split keeps at least 1024 rows so the partial sums stay a small fraction of the work.
     tiles = triton.cdiv(cout, 128) * triton.cdiv(c, 128) * kh * kw

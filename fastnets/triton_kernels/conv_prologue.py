@@ -20,6 +20,7 @@ import torch
 from ..activations import code
 from .._tensors import acc_dtype
 from . import conv as cv
+from ._common import on_tensor_device
 
 SUPPORTS_GROUPS = False
 
@@ -34,6 +35,7 @@ def _groups1(groups):
         raise ValueError(f"groups={groups}: the Triton conv_prologue kernels run groups=1 only")
 
 
+@on_tensor_device
 def forward(z, scale, shift, w, bias, stride, padding, dilation, groups, act, act_param, out, stats=False):
     _groups1(groups)
     n, c, h, wd = z.shape
@@ -50,6 +52,7 @@ def forward(z, scale, shift, w, bias, stride, padding, dilation, groups, act, ac
     return out, mean, var
 
 
+@on_tensor_device
 def grad_input(g, w, z, scale, shift, stride, padding, dilation, groups, act, act_param, out):
     _groups1(groups)
     n, c, h, wd = z.shape
@@ -65,6 +68,7 @@ def grad_input(g, w, z, scale, shift, stride, padding, dilation, groups, act, ac
     return out, dscale, dshift
 
 
+@on_tensor_device
 def grad_weight(g, z, scale, shift, w_shape, stride, padding, dilation, groups, act, act_param):
     _groups1(groups)
     sc, sh = _vectors(z, scale, shift)

@@ -16,7 +16,7 @@ import triton.language as tl
 
 from .. import _tensors
 from .._tensors import acc_dtype, sm_count
-from ._common import div_rn, tl_acc_dtype
+from ._common import div_rn, on_tensor_device, tl_acc_dtype, vector
 from .activations import act_fwd, relu_grad
 
 
@@ -194,10 +194,12 @@ def _reduce(x, dy, y, relu, channels_last, grad, split):
     return tot if grad else tot / s
 
 
+@on_tensor_device
 def pool(x, channels_last, split=None):
     return _reduce(x, None, None, False, channels_last, grad=False, split=split)
 
 
+@on_tensor_device
 def backward_reduce(dy, x, y, relu, channels_last, split=None):
     return _reduce(x, dy, y, relu, channels_last, grad=True, split=split)
 
@@ -218,15 +220,21 @@ def _apply(src, gate, aux, gp, relu, write_g, channels_last, grad):
     return out, g_out
 
 
+@on_tensor_device
 def scale(x, gate, residual, relu, channels_last):
-    return _apply(x, gate, residual, None, relu, False, channels_last, grad=False)[0]
+    return _apply(x, vector(gate), residual, None, relu, False, channels_last, grad=False)[0]
 
 
+@on_tensor_device
 def backward_apply(dy, y, gate, gp, relu, write_g, channels_last):
-    return _apply(dy, gate, y if relu else None, gp, relu, write_g, channels_last, grad=True)
+    return _apply(dy, vector(gate), y if relu else None, vector(gp), relu, write_g, channels_last, grad=True)
 
 
+@on_tensor_device
 def excite(pooled, w1, b1, w2, b2, inner_act=1, inner_param=0.0, gate=0, block_n=None):
+    # [N, C] / [R, C] / [C, R] matrices and vectors, indexed as contiguous (a transposed weight is a view)
+    pooled, b1, b2 = vector(pooled), vector(b1), vector(b2)
+    w1, w2 = vector(w1.reshape(w1.shape[0], -1)), vector(w2.reshape(w2.shape[0], -1))
     n, c = pooled.shape
     r = w1.shape[0]
     acc = pooled.dtype

@@ -41,7 +41,8 @@ def audit_markdown(doc):
         lines += [doc["sm100_note"], ""]
     lines += ["## Budgets", "", "| budget | met | checked | not meeting it |", "|---|---|---|---|"]
     for b in doc["budgets"]:
-        lines.append(f"| {b['id']}: {b['what']} | {'yes' if b['met'] else '**no**'} | {b['checked']} | "
+        met = "n/a" if not b["checked"] else ("yes" if b["met"] else "**no**")
+        lines.append(f"| {b['id']}: {b['what']} | {met} | {b['checked']} | "
                      f"{len(b['failing'])} |")
     lines.append("")
     for b in doc["budgets"]:

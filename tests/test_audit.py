@@ -253,3 +253,77 @@ def test_quick_check_against_committed_baseline(kernel, config, tmp_path):
     doc = json.loads((tmp_path / "audit.json").read_text())
     assert doc["check"]["matched"] >= 1, f"no {kernel} row of the quick audit is in the baseline:\n{out[-2000:]}"
     assert all(r["kernel"] == kernel and config in r["config"] for r in doc["triton"].values())
+
+
+# ------------------------------------------------------------------------------------------ the traffic model
+
+
+def _launch(name, named, grid, args):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(fn=SimpleNamespace(__name__=name), named=named, grid=grid, args=args)
+
+
+def test_model_counts_each_tensor_a_kernel_loads_or_stores_once():
+    import torch
+
+    from fastnets.audit import model
+
+    x = torch.empty(256, 64, 56, 56, dtype=torch.bfloat16, device="meta")
+    vec = torch.empty(64, dtype=torch.float32, device="meta")
+    y = torch.empty_like(x)
+    # x bound to two parameters (the placeholder pattern) counts once; a pointer the TTIR neither loads nor
+    # stores (res_ptr) not at all
+    ln = _launch("_apply_kernel", {"x_ptr": x, "res_ptr": x, "scale_ptr": vec, "shift_ptr": vec, "y_ptr": y},
+                 (1, 1, 1), [x, vec, vec, x, y])
+    ttir = {"reads": ["x_ptr", "scale_ptr", "shift_ptr"], "writes": ["y_ptr"], "loop_dot_fma": 0}
+    nbytes, flops, _ = model.triton_cost(ln, ttir)
+    assert nbytes == 2 * x.numel() * 2 + 64 * 4 and flops == 0
+    # a broadcast (stride-0) dimension is addressed once
+    assert model.distinct_bytes(vec.view(1, 64, 1, 1).expand(256, 64, 56, 56)) == 64 * 4
+
+
+def test_model_conv_flops_from_the_launch_plan():
+    import torch
+
+    from fastnets.audit import model
+
+    g = torch.empty(256, 64, 56, 56, dtype=torch.bfloat16, device="meta")
+    m = 256 * 56 * 56
+    # grad weight split over rows: two splits of 400000 rows and the rest; 64x64 tiles of BLOCK_K=64 rows
+    named = {"g_ptr": g, "x_ptr": g, "part_ptr": g, "M": m, "rows_per_split": 400000, "BLOCK_M": 64,
+             "BLOCK_N": 64, "BLOCK_K": 64, "KH": 1, "KW": 1}
+    splits = -(-m // 400000)
+    ln = _launch("_conv_wgrad_kernel", named, (1, 1, splits), [g])
+    _, flops, dtype = model.triton_cost(ln, {"reads": [], "writes": [], "loop_dot_fma": 64 * 64 * 64})
+    iters = sum(-(-min(400000, m - s * 400000) // 64) for s in range(splits))
+    assert flops == 2 * 64 * 64 * 64 * iters and dtype == torch.bfloat16
+    assert model.conv_iterations("_conv_fwd_kernel", {"FLAT": True, "C": 3, "KH": 7, "KW": 7, "BLOCK_K": 16}) == 10
+    assert model.conv_iterations("_conv_fwd_kernel", {"C": 64, "KH": 3, "KW": 3, "BLOCK_K": 32}) == 18
+
+
+def test_model_torch_kernels_and_the_prediction():
+    from types import SimpleNamespace
+
+    import torch
+
+    from fastnets.audit import hardware, model
+
+    x = torch.empty(256, 64, 56, 56, dtype=torch.bfloat16, device="meta")
+    w, b = (torch.empty(64, dtype=torch.float32, device="meta") for _ in range(2))
+    op = SimpleNamespace(name="aten.native_batch_norm.default", inputs=[x, w, b], outputs=[torch.empty_like(x)],
+                         args=((x, w, b, None, None, True, 0.1, 1e-5), {}), context="")
+    nbytes, flops, _ = model.aten_cost(op)
+    assert nbytes == 3 * x.numel() * 2 + 2 * 64 * 4 and flops == 0  # training: the input read twice
+    op.args = ((x, w, b, None, None, False, 0.1, 1e-5), {})
+    assert model.aten_cost(op)[0] == 2 * x.numel() * 2 + 2 * 64 * 4
+    wt = torch.empty(128, 64, 3, 3, dtype=torch.bfloat16, device="meta")
+    out = torch.empty(256, 128, 56, 56, dtype=torch.bfloat16, device="meta")
+    conv = SimpleNamespace(name="aten.convolution.default", inputs=[x, wt], outputs=[out],
+                           args=((x, wt, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1), {}), context="")
+    assert model.aten_cost(conv)[1] == 2 * 256 * 128 * 56 * 56 * 64 * 9
+    us, bound = model.predict_us(3.35e9, 0, None)  # 3.35 GB at 85 % of 3.35 TB/s
+    assert bound == "bandwidth" and abs(us - 1e3 / model.BANDWIDTH_EFFICIENCY) < 1e-6
+    us, bound = model.predict_us(0, hardware.H100_BF16_FLOP_PER_S * 1e-3, torch.bfloat16)
+    assert bound == "tensor cores" and abs(us - 1e3 / model.TENSOR_EFFICIENCY) < 1e-6
+    assert model.predict_us(10, 0, None) == (model.LAUNCH_FLOOR_US, "launch")

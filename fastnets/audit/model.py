@@ -28,7 +28,7 @@ import math
 
 import torch
 
-from . import hardware, workload
+from . import hardware
 
 BANDWIDTH_EFFICIENCY = 0.85  # a streaming kernel's share of HBM3's 3.35 TB/s on an H100
 TENSOR_EFFICIENCY = 0.70  # a well-tuned GEMM's share of the dense tensor-core peak
@@ -134,7 +134,8 @@ def conv_iterations(kernel, a):
 
 
 def triton_cost(ln, ttir):
-    """(bytes, FLOPs, compute dtype) of one recorded Triton launch, given its variant's TTIR summary."""
+    """(bytes, FLOPs, compute dtype) of one recorded Triton launch (compile.Launch: fn, args, named, grid),
+    given its variant's TTIR summary."""
     a = ln.named
     reads = _unique([a[p] for p in ttir["reads"] if isinstance(a.get(p), torch.Tensor)])
     writes = _unique([a[p] for p in ttir["writes"] if isinstance(a.get(p), torch.Tensor)])
@@ -245,6 +246,8 @@ def totals(kernels):
 def op_minimum_bytes(name, combo="bf16-cl"):
     """Each input (activations, residual, parameters, output gradient) read once, each output (activation,
     input and parameter gradients) written once, for one forward + backward of an op case."""
+    from . import workload
+
     dtype, cl = workload.COMBOS[combo]
     mod = workload.op_module(name, "meta", dtype, cl, fast=False)
     inputs = workload.op_inputs(name, "meta", dtype, cl)
@@ -275,6 +278,8 @@ def group(kernels, key):
 
 def run(ops=None, step=True, jobs=1, progress=True, ttir_cache=None, combo="bf16-cl"):
     """The model's results: per op case and for the ResNet-50 training step, fastnets and eager."""
+    from . import workload
+
     ops = list(workload.OPS) if ops is None else ops
     traces = {}
     for name in ops:

@@ -200,9 +200,12 @@ def _check(args, doc):
         print(f"  REGRESSION {what}: {'; '.join(why)}")
     unmet = [b for b in doc["budgets"] if b["failing"]]
     for b in unmet:
-        print(f"  budget not met yet: {b['id']} ({len(b['failing'])} of {b['checked']}): {b['what']}")
+        print(f"  budget not met yet here: {b['id']} ({len(b['failing'])} of {b['checked']}): {b['what']}")
         for what, why in b["failing"][:3]:
             print(f"      e.g. {what}: {'; '.join(why)}")
+    for b in base.get("budgets", []):  # the full audit's verdicts (the quick subset cannot judge every budget)
+        if b["failing"]:
+            print(f"  budget not met in the baseline's full audit: {b['id']} ({len(b['failing'])} of {b['checked']})")
     if regs:
         print(f"fastnets.audit --check: FAILED, {len(regs)} regressions against the baseline")
         return 1

@@ -92,6 +92,8 @@ def evaluate(budgets, triton_rows, cuda_rows, conv_launches):
             for site in conv_launches:
                 if site.get("arch", 90) != b.get("arch", 90):
                     continue
+                if b.get("every_kept_config", True) and not site.get("every_kept_config", True):
+                    continue  # only one configuration of this launch was compiled: its best is unknown
                 checked += 1
                 best = None
                 for vid in site["configs"]:

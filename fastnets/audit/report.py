@@ -61,7 +61,9 @@ def audit_markdown(doc):
         lines += [f"## Conv launches, sm_{arch}", "",
                   "One row per autotuned launch site (kernel, op, layer geometry, dtype, layout): the configurations "
                   "its pruning keeps, how many spill, the best spill-free one by MMA/issue, and the fixed "
-                  "configuration (FASTNETS_CONV_TUNE=fixed, the GPU test suite's).", "",
+                  "configuration (FASTNETS_CONV_TUNE=fixed, the GPU test suite's). kept: the configurations "
+                  "compiled (every kept one for ResNet-50's bf16 channels_last training step, else the first "
+                  "kept or the traffic model's pick: marked 1*).", "",
                   "| op | kernel | layer | dtype | nets | kept | spilling | best spill-free | MMA | MMA/issue | fixed MMA/issue |",
                   "|---|---|---|---|---|---|---|---|---|---|---|"]
         for s in sites:
@@ -70,7 +72,8 @@ def audit_markdown(doc):
             cfg = rows[best[0]]["config"] if best else "none"
             lines.append(
                 f"| {s['op']} | {s['kernel']} | {s['shape']} | {s['dtype']} {s['layout']} | {', '.join(s['nets'])} | "
-                f"{summ['kept']} | {summ['spilling']} | {cfg} | {best[2] if best else '-'} | "
+                f"{summ['kept']}{'' if s.get('every_kept_config', True) else '*'} | {summ['spilling']} | {cfg} | "
+                f"{best[2] if best else '-'} | "
                 f"{_f(best[1]) if best else '-'} | {_f(summ['fixed_mma_per_issue'])} |")
         lines.append("")
     lines += ["## Triton variants", "",

@@ -105,7 +105,7 @@ def record(spec, quick=False, kernel=None, standalone=True):
         rec = ac.Recorder()
         workload.record_network(rec, net, combo, train, configs)
         for ln in rec.launches:
-            ln.what = f"{net} {combo} {'train' if train else 'eval'}|{ln.what}"
+            ln.what = f"{net} {combo} {'train' if train else 'eval'} configs={configs}|{ln.what}"
             ln.group = None if ln.group is None else (net, combo, train) + tuple(ln.group)
         launches += [ln for ln in rec.launches if not quick or quick_launch(ln)]
     if quick or standalone:
@@ -190,8 +190,9 @@ def audit(launches, arch=90, jobs=1, progress=True):
                     json.dumps(_flags(ln.kwargs), sort_keys=True))
             c = conv.setdefault(site, {"kernel": ln.fn.__name__, "op": _op_of(ln.what), "shape": shape_label(ln),
                                        "dtype": _dtype(ln), "layout": _layout(ln), "flags": _flags(ln.kwargs),
-                                       "nets": [], "configs": [], "fixed": None})
-            net = ln.what.split("|")[0]
+                                       "nets": [], "configs": [], "fixed": None, "every_kept_config": False})
+            net, _, mode = ln.what.split("|")[0].partition(" configs=")
+            c["every_kept_config"] |= mode == "all"  # else only the first kept (or the model's) was compiled
             if net not in c["nets"]:
                 c["nets"].append(net)
             if "fixed" in ln.what:

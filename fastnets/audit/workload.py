@@ -82,7 +82,12 @@ class Trace:
         self.context = []  # the custom ops (fastnets::conv2d_stats, ...) the current kernels run inside
 
     def op_name(self):
-        return self.context[-1] if self.context else ""
+        """The fastnets op the current kernels run in, else, in a backward pass, the autograd node running
+        them (backward of a torch op or of a Python autograd.Function: `_BatchStatsBackward`), else ""."""
+        if self.context:
+            return self.context[-1]
+        node = torch._C._current_autograd_node() if hasattr(torch._C, "_current_autograd_node") else None
+        return f"autograd: {type(node).__name__}" if node is not None else ""
 
 
 class _AtenRecorder(TorchDispatchMode):

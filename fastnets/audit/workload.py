@@ -25,11 +25,19 @@ import sys
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from . import compile as ac
+
+def _ac():
+    """fastnets.audit.compile, imported when first needed: it needs TRITON_INTERPRET=0, while the op cases
+    below also serve python -m fastnets.audit.measure, which runs them for real (the GPU check's dry run
+    under the interpreter)."""
+    from . import compile
+
+    return compile
+
 
 BATCH = 256
 NETS = ("resnet50", "se_resnet50", "vgg16")
-# dtype/layout combinations the audit covers: (name, dtype, channels_last, tf32)
+# dtype/layout combinations the audit covers: name -> (dtype, channels_last)
 COMBOS = {
     "bf16-cl": (torch.bfloat16, True),
     "fp16-cl": (torch.float16, True),
@@ -191,7 +199,7 @@ def on_meta(rec, trace=None, configs="all"):
 
     from fastnets.ops import _registry
 
-    ac.simulate_h100()
+    _ac().simulate_h100()
     tk = {m: importlib.import_module(f"fastnets.triton_kernels.{m}") for m in TRITON_MODULES}
     with contextlib.ExitStack() as stack:
         for mod in tk.values():
@@ -279,7 +287,7 @@ def _to_meta(model, dtype, channels_last):
 
 
 def _input(dtype, channels_last, batch=BATCH, size=224):
-    return ac.meta((batch, 3, size, size), dtype, channels_last)
+    return _ac().meta((batch, 3, size, size), dtype, channels_last)
 
 
 def step(model, x, train=True):
@@ -333,7 +341,7 @@ def _trace(fn, eager):
         with _AtenRecorder(trace):
             fn()
         return trace
-    rec = ac.Recorder()
+    rec = _ac().Recorder()
     rec.on_launch = lambda ln: trace.events.append(("triton", ln, trace.op_name()))
     _run(fn, rec, trace, "model")
     return trace
@@ -428,7 +436,7 @@ class _Augment(torch.nn.Module):
         if x.is_meta:  # the op validates its matrices on the host: on meta tensors, its kernel's launcher
             import fastnets.triton_kernels.augment as aug
 
-            out = ac.meta((n, x.shape[1], 224, 224), torch.bfloat16, True)
+            out = _ac().meta((n, x.shape[1], 224, 224), torch.bfloat16, True)
             box, col = torch.empty((n, 4), dtype=f32, device="meta"), torch.empty((n, 3), dtype=f32, device="meta")
             seed, vec = torch.empty((1,), dtype=torch.int64, device="meta"), torch.empty((3,), dtype=f32, device="meta")
             aug.apply(x, mat, box, col, True, True, True, seed, 0.0, 0.0, True, vec, vec, False, 0.0, out)
@@ -536,6 +544,7 @@ def augment_launches(rec):
     F32, U8, BF16 = torch.float32, torch.uint8, torch.bfloat16
     for shape, (oh, ow) in (((BATCH, 3, 375, 500), (224, 224)), ((BATCH, 3, 32, 32), (32, 32))):
         n, c = shape[:2]
+        ac = _ac()
         x = ac.meta(shape, U8)
         out = ac.meta((n, c, oh, ow), BF16, True)
         mat, box, col = ac.meta((n, 3, 3), F32), ac.meta((n, 4), F32), ac.meta((n, 3), F32)

@@ -4,7 +4,9 @@
 #
 #   bash benchmarks/gpu_check.sh OUT [steps...]
 #   steps, in order of value: build info warmup plan slow sanitizer bn se conv bn_compile se_compile
-#   conv_compile models
+#   conv_compile models traffic
+#   (traffic: python -m fastnets.audit.measure, the traffic model's rows measured, fastnets against eager;
+#   docs/audit.md. It comes last: when the budget is spent, run it alone: gpu_check.sh OUT traffic)
 #
 # Each step has its own limit and gets at most what the whole budget (FASTNETS_GPU_CHECK_SECONDS, default
 # 345 s) leaves; at its limit it is sent SIGINT (then SIGKILL 10 s later), so pytest still writes its summary
@@ -35,7 +37,7 @@ else
   IN_STEP=
   OUT=${1:?usage: bash benchmarks/gpu_check.sh OUT [steps...]}
   shift
-  STEPS=${*:-build info warmup plan slow sanitizer bn se conv bn_compile se_compile conv_compile models}
+  STEPS=${*:-build info warmup plan slow sanitizer bn se conv bn_compile se_compile conv_compile models traffic}
   mkdir -p "$OUT"
   OUT=$(cd "$OUT" && pwd)
   WORK=$(mktemp -d "${TMPDIR:-/tmp}/fastnets-gpu-check.XXXXXX")
@@ -264,6 +266,9 @@ step bn_compile 35 "$PY" benchmarks/bench_batch_norm.py "${BENCH_ARGS[@]}" --var
 step se_compile 20 "$PY" benchmarks/bench_squeeze_excite.py "${BENCH_ARGS[@]}" --variants compile
 step conv_compile 30 "$PY" benchmarks/bench_conv.py "${BENCH_ARGS[@]}" --variants compile
 step models 120 models
+TRAFFIC_ARGS=(--out "$WORK/bench/traffic.json")
+[ "$DRY" = 1 ] && TRAFFIC_ARGS+=(--dry-run)
+step traffic 60 "$PY" -m fastnets.audit.measure "${TRAFFIC_ARGS[@]}"
 
 summarize --print
 rc=$?

@@ -335,6 +335,16 @@ MUTANTS = [
       "        for r0 in range(0, BLOCK_R, BLOCK_R):\n            rs = r0 + tl.arange(0, BLOCK_R)\n            rmask = rs < R\n"
       "            h = tl.load(",
       SE_ALL + only("triton and r36") + (SE_FILE,)),
+    # ---------------------------------------------------------------- the static audit (issue 29): performance-only
+    # regressions that compute the same values, which only `python -m fastnets.audit --check` sees
+    M("audit-conv-epilogue-spills", "fastnets/triton_kernels/conv.py",
+      "    v = act_fwd(v, ACT, act_param)\n    tl.store(y_ptr + y_off, v.to(y_ptr.dtype.element_ty), mask=mask)",
+      "    v = act_fwd(v, ACT, act_param) + tl.cumsum(acc, axis=0) * 0.0\n"
+      "    tl.store(y_ptr + y_off, v.to(y_ptr.dtype.element_ty), mask=mask)",
+      ("tests/test_audit.py::test_quick_check_against_committed_baseline[_conv_fwd_kernel-128x256x64]",)),
+    M("audit-bn-apply-scalar-loads", "fastnets/triton_kernels/batch_norm.py",
+      "    offs = o[:, None] * INNER + i[None, :]\n", "    offs = o[:, None] * INNER + i[None, :] * (INNER // INNER)\n",
+      ("tests/test_audit.py::test_quick_check_against_committed_baseline[_apply_kernel-I=256]",)),
     # ---------------------------------------------------------------- convert (module or package)
     M("convert-conv-bn-other-users", "fastnets/convert*",
       "with_conv = (_is_conv2d(conv) and not _has_hooks(conv) and len(src.users) == 1",

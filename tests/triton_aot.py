@@ -32,7 +32,6 @@ import shutil
 import sys
 import tempfile
 import time
-import types
 
 os.environ["TRITON_INTERPRET"] = "0"  # must precede the first import of triton and fastnets
 # this checkout's fastnets, not an installed one (a script's sys.path starts at tests/, not the repository)
@@ -50,13 +49,15 @@ if not _KEEP_CACHE:
     atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
 
 import torch  # noqa: E402
-from fp32_flags import set_fp32_precision  # noqa: E402
-from triton_offline import OfflineDriver, int_specialization, variant_key  # noqa: E402
 
-H100_SMS = 132
-from launch_limits import SHARED_BYTES_MAX as H100_SHARED  # noqa: E402  (227 KiB a block may opt in to on sm_90)
+from fp32_flags import set_fp32_precision  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this checkout's fastnets
+from fastnets.audit.compile import (  # noqa: E402  (the recording and compiling machinery, shared with the audit)
+    BF16, F16, F32, F64, H100_SHARED, Recorder, Unavailable, acc_of, compile_variants, describe, meta,
+    simulate_h100, target, variant_key, with_cuda_device,
+)
+
 FAMILIES = ("batch_norm", "squeeze_excite", "conv_prologue", "conv", "augment")  # conv_prologue restores conv._launch
-F16, BF16, F32, F64 = torch.float16, torch.bfloat16, torch.float32, torch.float64
 
 
 def _unavailable(reason):
@@ -66,75 +67,22 @@ def _unavailable(reason):
 
 try:
     import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.runtime.driver import driver
-    from triton.runtime.jit import JITFunction
 
-    TARGET = GPUTarget("cuda", 90, 32)
-    from triton.compiler.compiler import make_backend
-
-    make_backend(TARGET)  # raises without the NVIDIA backend
-except Exception as e:  # a Triton without the NVIDIA backend or these APIs
-    _unavailable(f"Triton {getattr(sys.modules.get('triton'), '__version__', '?')} cannot compile for sm_90 "
-                 f"here: {type(e).__name__}: {e}")
-try:
-    from triton.backends.nvidia.compiler import get_ptxas_version
-
-    get_ptxas_version()  # runs ptxas --version: Triton's own ptxas, or TRITON_PTXAS_PATH
-except Exception as e:
-    _unavailable(f"no ptxas for sm_90 (Triton ships one; else set TRITON_PTXAS_PATH): {type(e).__name__}: {e}")
+    TARGET = target(90)
+except (Unavailable, ImportError) as e:
+    _unavailable(str(e))
 
 
 # ------------------------------------------------------------------------------------------- recording
 
-_records = []  # (JITFunction, args, kwargs, what, group)
-_context = {"what": "", "group": None}
-_launch_run = JITFunction.run
+REC = Recorder().__enter__()  # every fn[grid](...) now records instead of launching
+_with_cuda_device = with_cuda_device
+simulate_h100()
 
 
-def _record(self, *args, grid, warmup, **kwargs):
-    _records.append((self, args, dict(kwargs), _context["what"], _context["group"]))
-    return None
-
-
-JITFunction.run = _record  # every fn[grid](...) now records instead of launching
-
-
-def _with_cuda_device(module, name):
-    """Wrap module.name so that every torch.device argument reads as a CUDA device (an H100, below)."""
-    fn = getattr(module, name)
-
-    def wrapped(*args, **kwargs):
-        fix = lambda v: torch.device("cuda", 0) if isinstance(v, torch.device) else v  # noqa: E731
-        return fn(*map(fix, args), **{k: fix(v) for k, v in kwargs.items()})
-
-    setattr(module, name, wrapped)
-
-
-torch.cuda.get_device_properties = lambda *a, **k: types.SimpleNamespace(
-    multi_processor_count=H100_SMS, name="NVIDIA H100 80GB HBM3 (simulated)", major=9, minor=0)
-
-
-def meta(shape, dtype, cl=False):
-    fmt = torch.channels_last if (cl and len(shape) == 4) else torch.contiguous_format
-    return torch.empty(shape, dtype=dtype, device="meta", memory_format=fmt)
-
-
-def acc_of(dtype):
-    return F64 if dtype == F64 else F32
-
-
-class launches:
-    """Context: launches recorded inside are labelled `what`; with group=True they share one autotune group."""
-
-    def __init__(self, what):
-        self.what = what
-
-    def __enter__(self):
-        _context["what"] = self.what
-
-    def __exit__(self, *exc):
-        _context["what"] = ""
+def launches(what):
+    """Context: launches recorded inside are labelled `what`."""
+    return REC.label(what)
 
 
 # Every family has a sweep shape, on which every dtype and every flag combination is compiled, and other
@@ -298,26 +246,26 @@ def conv_launches():
     def each_config(autotuner, raw, grid, *args, **kwargs):
         """What the launcher compiles on a GPU: the fixed configuration (float64, FASTNETS_CONV_TUNE=fixed)
         and every configuration the autotuner keeps after pruning, plus the `quick` list's."""
-        what = _context["what"]
+        what = REC.what
         os.environ["FASTNETS_CONV_TUNE"] = "fixed"
         try:
-            _context["what"] = f"{what} {raw.__name__} fixed config"
+            REC.what = f"{what} {raw.__name__} fixed config"
             cfg = launch(autotuner, raw, grid, *args, **kwargs)
         finally:
             os.environ.pop("FASTNETS_CONV_TUNE", None)
         if kwargs["FP64"] or not tuned["on"]:
-            _context["what"] = what
+            REC.what = what
             return cfg
         named = dict(zip(raw.arg_names, args))
         quick = quick_wgrad if raw is cv._conv_wgrad_kernel else quick_gemm
-        pruned = autotuner.early_config_prune(autotuner.configs, named, **kwargs)
-        for label, configs in (("autotuned", pruned), ("quick", quick)):
-            _context["what"] = f"{what} {raw.__name__} {label}"
-            _context["group"] = (len(_records), label)
+        for label, configs in (("autotuned", autotuner.early_config_prune(autotuner.configs, named, **kwargs)),
+                               ("quick", quick)):
+            REC.what = f"{what} {raw.__name__} {label}"
+            REC._group = (len(REC.launches), label)
             for c in configs:
                 raw[grid(c.kwargs)](*args, **kwargs, **c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
-            _context["group"] = None
-        _context["what"] = what
+            REC._group = None
+        REC.what = what
         return cfg
 
     cv._launch = each_config
@@ -386,21 +334,21 @@ def conv_prologue_launches():
     tuned = {"on": False}
 
     def each_config(autotuner, raw, grid, *args, **kwargs):
-        what = _context["what"]
+        what = REC.what
         os.environ["FASTNETS_CONV_TUNE"] = "fixed"
         try:
-            _context["what"] = f"{what} {raw.__name__} fixed config"
+            REC.what = f"{what} {raw.__name__} fixed config"
             cfg = launch(autotuner, raw, grid, *args, **kwargs)
         finally:
             os.environ.pop("FASTNETS_CONV_TUNE", None)
         if tuned["on"] and not kwargs["FP64"]:
             named = dict(zip(raw.arg_names, args))
-            _context["what"] = f"{what} {raw.__name__} autotuned"
-            _context["group"] = (len(_records), "autotuned")
+            REC.what = f"{what} {raw.__name__} autotuned"
+            REC._group = (len(REC.launches), "autotuned")
             for c in autotuner.early_config_prune(autotuner.configs, named, **kwargs):
                 raw[grid(c.kwargs)](*args, **kwargs, **c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
-            _context["group"] = None
-        _context["what"] = what
+            REC._group = None
+        REC.what = what
         return cfg
 
     cv._launch = each_config
@@ -472,91 +420,18 @@ def augment_launches():
                               0.0, out)
 
 
-def _variant_key(fn, args, kwargs):
-    """What Triton specializes a launch on: constexprs and options by value; tensors by dtype and 16-byte
-    alignment; ints by value 1, by 16-divisibility and by 32/64-bit range; floats and bools by type."""
-
-    def spec(v):
-        if isinstance(v, torch.Tensor):
-            return ("tensor", str(v.dtype), v.data_ptr() % 16 == 0)
-        if isinstance(v, int) and not isinstance(v, bool):
-            return int_specialization(v)
-        return (type(v).__name__,)
-
-    return variant_key(fn, args, kwargs, spec)
-
-
 _VERBOSE = False
-_WORK = []  # (JITFunction, args, kwargs) per distinct variant; forked workers get it by index
 
 
-def _compile(i):
-    """Specialize and compile one launch as JITFunction.run does on a GPU, for TARGET, without launching."""
-    fn, args, kwargs = _WORK[i]
-    t0 = time.time()
-    driver.set_active(OfflineDriver(TARGET))
-    try:
-        k = _launch_run(fn, *args, grid=None, warmup=True, **kwargs)
-        return {"shared": k.metadata.shared, "seconds": time.time() - t0, "name": fn.__name__}
-    except Exception as e:  # a compile failure: report it with the variant, go on with the others
-        msg = f"{type(e).__name__}: {e}"
-        return {"error": msg[:3000], "seconds": time.time() - t0, "name": fn.__name__}
-
-
-def _run_isolated(task, count, jobs):
-    """[task(i) for i in range(count)], each in a forked child, `jobs` at a time: a compiler that aborts (an
-    MLIR assertion) or crashes fails its own variant, not the run."""
-    import multiprocessing
-    from multiprocessing.connection import wait
-
-    ctx = multiprocessing.get_context("fork")
-    results = [None] * count
-    running = {}  # sentinel -> (index, process, receiving end)
-
-    def child(i, conn):
-        conn.send(task(i))
-        conn.close()
-
-    todo = list(range(count))
-    while todo or running:
-        while todo and len(running) < max(1, jobs):
-            i = todo.pop(0)
-            recv, send = ctx.Pipe(duplex=False)
-            proc = ctx.Process(target=child, args=(i, send))
-            proc.start()
-            send.close()
-            running[proc.sentinel] = (i, proc, recv)
-        for sentinel in wait(list(running)):
-            i, proc, recv = running.pop(sentinel)
-            try:
-                results[i] = recv.recv()
-            except EOFError:
-                results[i] = {"error": f"the compiler crashed (exit code {proc.exitcode}; see stderr)",
-                              "seconds": 0.0, "name": _WORK[i][0].__name__}
-                fn, args, kwargs = _WORK[i]
-                print(f"[{i + 1}/{count}] {_describe(fn, args, kwargs)}: CRASHED", file=sys.stderr, flush=True)
-            proc.join()
-            recv.close()
-    return results
-
-
-def _compile_and_tell(i):
-    """_compile, telling stderr about failures (and progress, with --verbose) as they happen."""
-    r = _compile(i)
-    if "error" in r or _VERBOSE:
-        fn, args, kwargs = _WORK[i]
-        state = "FAILED " + r["error"][:1500] if "error" in r else f"ok shared={r['shared']}"
-        print(f"[{i + 1}/{len(_WORK)} {r['seconds']:.1f}s] {_describe(fn, args, kwargs)}: {state}", file=sys.stderr,
-              flush=True)
-    return r
-
-
-def _describe(fn, args, kwargs):
-    """The kernel, its constexprs and options, and its pointer dtypes."""
-    names = fn.arg_names
-    ptrs = {n: str(v.dtype).replace("torch.", "") for n, v in zip(names, args) if isinstance(v, torch.Tensor)}
-    consts = {k: (v if isinstance(v, (int, float, bool, str)) else str(v)) for k, v in kwargs.items()}
-    return f"{fn.__name__} {consts} pointers={ptrs}"
+def _progress(work):
+    """Tell stderr about failures (and progress, with --verbose) as each variant finishes."""
+    def tell(i, r):
+        if "error" in r or _VERBOSE:
+            fn, args, kwargs = work[i]
+            state = "FAILED " + r["error"][:1500] if "error" in r else f"ok shared={r['shared']}"
+            print(f"[{i + 1}/{len(work)} {r['seconds']:.1f}s] {describe(fn, args, kwargs)}: {state}",
+                  file=sys.stderr, flush=True)
+    return tell
 
 
 def main(argv):
@@ -575,25 +450,26 @@ def main(argv):
         globals()[f"{fam}_launches"]()
     variants = {}  # key -> (fn, args, kwargs, first launch's label)
     launch_keys = []
-    for fn, args, kwargs, what, group in _records:
-        key = _variant_key(fn, args, kwargs)
+    for ln in REC.launches:
+        fn, args, kwargs, what, group = ln.fn, ln.args, ln.kwargs, ln.what, ln.group
+        key = variant_key(fn, args, kwargs)
         variants.setdefault(key, (fn, args, kwargs, what))
         launch_keys.append((key, what, group))
     t_record = time.time() - t0
     if list_only:
         for fn, args, kwargs, what in variants.values():
-            print(what, "|", _describe(fn, args, kwargs))
+            print(what, "|", describe(fn, args, kwargs))
         return 0
     keys = list(variants)
-    _WORK[:] = [variants[k][:3] for k in keys]
-    results = _run_isolated(_compile_and_tell, len(keys), jobs)
+    work = [variants[k][:3] for k in keys]
+    results = compile_variants(work, TARGET, jobs, progress=_progress(work))
     result = dict(zip(keys, results))
 
     failures = []
     for k in keys:
         if "error" in result[k]:
             fn, args, kwargs, what = variants[k]
-            failures.append({"kernel": _describe(fn, args, kwargs), "launch": what, "error": result[k]["error"]})
+            failures.append({"kernel": describe(fn, args, kwargs), "launch": what, "error": result[k]["error"]})
     # Every launch must fit, autotuned configurations included: the conv pruning drops the configurations
     # that do not fit before anything compiles. The launch checker's shared-memory estimate of GEMM-shaped
     # launches (what it checks under the interpreter, and what the pruning computes) must not under-count
@@ -606,19 +482,19 @@ def main(argv):
         fn, args, kwargs, _ = variants[key]
         shared = result[key]["shared"]
         if shared > H100_SHARED:
-            failures.append({"kernel": _describe(fn, args, kwargs), "launch": what,
+            failures.append({"kernel": describe(fn, args, kwargs), "launch": what,
                              "error": f"needs {shared} bytes of shared memory, an H100 has {H100_SHARED}"
                                       + (" (an autotuned configuration the pruning kept)" if group else "")})
         named = dict(zip(fn.arg_names, args), **kwargs)
         estimate = estimate_shared_bytes(named, kwargs.get("num_stages") or DEFAULT_NUM_STAGES,
                                          kwargs.get("num_warps") or DEFAULT_NUM_WARPS)
         if estimate is not None and not kwargs.get("FP64") and estimate < shared:
-            failures.append({"kernel": _describe(fn, args, kwargs), "launch": what,
+            failures.append({"kernel": describe(fn, args, kwargs), "launch": what,
                              "error": f"the launch checker estimates {estimate} bytes of shared memory, the "
                                       f"compiled kernel uses {shared}"})
     slowest = sorted(((r["seconds"], r["name"]) for r in results), reverse=True)[:3]
     print(json.dumps({
-        "triton": triton.__version__, "target": "cuda sm_90", "families": families, "launches": len(_records),
+        "triton": triton.__version__, "target": "cuda sm_90", "families": families, "launches": len(REC.launches),
         "variants": len(keys), "failures": failures, "record_seconds": round(t_record, 1),
         "seconds": round(time.time() - t0, 1), "slowest": [[round(s, 1), n] for s, n in slowest],
     }))

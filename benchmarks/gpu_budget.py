@@ -54,7 +54,7 @@ BUILD_OTHER = 20
 # Steps that size their own work to their limit: the benchmarks time fixed shapes for a fixed number of
 # repetitions after compiling their kernels (not in the warm-up's cache), the model benchmark gets
 # --time-budget = limit - 20. Their prediction is their limit.
-LIMITED = ("bn", "se", "conv", "bn_compile", "se_compile", "conv_compile", "models")
+LIMITED = ("bn", "se", "conv", "bn_compile", "se_compile", "conv_compile", "models", "traffic")
 
 
 def step_limits(script=os.path.join(HERE, "gpu_check.sh")):

@@ -57,31 +57,26 @@ def record():
                          aot.meta((n, cout, h, w), F32, True))
     with aot.launches("squeeze_excite pool"):
         se.pool(aot.meta((2, 64, 7, 7), F32, False), False)
-    return [(fn, args, kw) for fn, args, kw, _, _ in aot._records
-            if fn.__name__ in STATS and STATS[fn.__name__](kw)]
+    return [(ln.fn, ln.args, ln.kwargs) for ln in aot.REC.launches
+            if ln.fn.__name__ in STATS and STATS[ln.fn.__name__](ln.kwargs)]
 
 
-def check(i):
-    fn, args, kwargs = aot._WORK[i]
-    aot.driver.set_active(aot.OfflineDriver(aot.TARGET))
-    try:
-        k = aot._launch_run(fn, *args, grid=None, warmup=True, **kwargs)
-    except Exception as e:
-        return {"name": fn.__name__, "error": f"{type(e).__name__}: {e}"[:2000]}
-    ptx = k.asm["ptx"]
-    return {"name": fn.__name__, "approx": sorted(set(APPROX.findall(ptx))), "rounded": len(ROUNDED.findall(ptx))}
+def ptx_rounding(kernel):
+    """Runs in the compiling child: the approximate and the correctly rounded divisions in the PTX."""
+    ptx = kernel.asm["ptx"]
+    return {"approx": sorted(set(APPROX.findall(ptx))), "rounded": len(ROUNDED.findall(ptx))}
 
 
 def main(argv):
     records = record()
     variants = {}
     for fn, args, kw in records:
-        variants.setdefault(aot._variant_key(fn, args, kw), (fn, args, kw))
-    aot._WORK[:] = list(variants.values())
-    results = aot._run_isolated(check, len(aot._WORK), 1)
+        variants.setdefault(aot.variant_key(fn, args, kw), (fn, args, kw))
+    work = list(variants.values())
+    results = aot.compile_variants(work, aot.TARGET, 1, analyse=ptx_rounding)
     failures = []
-    for (fn, args, kw), r in zip(aot._WORK, results):
-        what = aot._describe(fn, args, kw)
+    for (fn, args, kw), r in zip(work, results):
+        what = aot.describe(fn, args, kw)
         if "--verbose" in argv:
             print(f"{what}: {r}", file=sys.stderr)
         if "error" in r:
@@ -91,8 +86,8 @@ def main(argv):
         elif r["rounded"] == 0:
             failures.append(f"{what}: no correctly rounded division (div.rn) in the PTX: is this still a "
                             "statistics kernel?")
-    names = sorted({fn.__name__ for fn, _, _ in aot._WORK})
-    print(json.dumps({"triton": aot.triton.__version__, "variants": len(aot._WORK), "kernels": names,
+    names = sorted({fn.__name__ for fn, _, _ in work})
+    print(json.dumps({"triton": aot.triton.__version__, "variants": len(work), "kernels": names,
                       "failures": failures}))
     return 1 if failures else 0
 

@@ -39,6 +39,7 @@ def _free_port():
 
 
 def _entry(rank, world_size, port, backend, scenario, queue, pg_timeout, extra):
+    queue.put((rank, "started", os.getpid()))
     try:
         torch.set_num_threads(1)
         if backend == "nccl":
@@ -58,24 +59,25 @@ def _entry(rank, world_size, port, backend, scenario, queue, pg_timeout, extra):
                 pass
 
 
-def run_group(scenario, world_size, backend="gloo", pg_timeout=PG_TIMEOUT, extra=None, nprocs=None,
-              deadline=SPAWN_DEADLINE):
-    """Runs SCENARIOS[scenario](rank, world_size, extra) on `nprocs` (default world_size) spawned processes;
-    returns {rank: ("ok", result) or ("error", traceback)}. Kills them all past `deadline`."""
-    nprocs = world_size if nprocs is None else nprocs
+def _run_group_once(scenario, world_size, backend, pg_timeout, extra, nprocs, deadline):
     method = "spawn" if backend == "nccl" else "forkserver"  # CUDA needs spawn; forkserver: see above
     queue = mp.get_context(method).SimpleQueue()
     pctx = mp.start_processes(_entry, args=(world_size, _free_port(), backend, scenario, queue, pg_timeout, extra),
                               nprocs=nprocs, join=False, start_method=method)
-    results, start = {}, time.monotonic()
-    while len(results) < nprocs and time.monotonic() - start < deadline:
+    results, started, start = {}, set(), time.monotonic()
+
+    def drain():
         while not queue.empty():
             rank, status, payload = queue.get()
-            results[rank] = (status, payload)
-        if all(not p.is_alive() for p in pctx.processes):
-            while not queue.empty():
-                rank, status, payload = queue.get()
+            if status == "started":
+                started.add(rank)
+            else:
                 results[rank] = (status, payload)
+
+    while len(results) < nprocs and time.monotonic() - start < deadline:
+        drain()
+        if all(not p.is_alive() for p in pctx.processes):
+            drain()
             break
         time.sleep(0.05)
     for p in pctx.processes:
@@ -83,8 +85,32 @@ def run_group(scenario, world_size, backend="gloo", pg_timeout=PG_TIMEOUT, extra
         if p.is_alive():
             p.kill()
             p.join()
+    exits = {r: p.exitcode for r, p in enumerate(pctx.processes)}
     if time.monotonic() - start >= deadline:
-        pytest.fail(f"process group {scenario!r} did not finish within {deadline} s; results so far: {results}")
+        pytest.fail(f"process group {scenario!r} did not finish within {deadline} s; results so far: {results}; "
+                    f"exit codes {exits}")
+    return results, started, exits
+
+
+def run_group(scenario, world_size, backend="gloo", pg_timeout=PG_TIMEOUT, extra=None, nprocs=None,
+              deadline=SPAWN_DEADLINE):
+    """Runs SCENARIOS[scenario](rank, world_size, extra) on `nprocs` (default world_size) spawned processes;
+    returns {rank: ("ok", result) or ("error", traceback)}, and ("exited", exit code) for a rank that died
+    without reporting. Kills them all past `deadline`. When no rank even started (the forkserver could not
+    start them: nothing of the scenario ran), the group is started once more from a fresh forkserver."""
+    nprocs = world_size if nprocs is None else nprocs
+    results, started, exits = _run_group_once(scenario, world_size, backend, pg_timeout, extra, nprocs, deadline)
+    if not started and backend != "nccl":
+        import multiprocessing.forkserver
+
+        print(f"process group {scenario!r}: no rank started (exit codes {exits}); retrying on a fresh forkserver")
+        multiprocessing.forkserver._forkserver._stop()
+        results, started, exits = _run_group_once(scenario, world_size, backend, pg_timeout, extra, nprocs,
+                                                  deadline)
+    for r in range(nprocs):
+        if r not in results:
+            results[r] = ("exited", f"rank {r} {'started, then ' if r in started else 'never started; it '}"
+                                    f"exited with code {exits[r]} without reporting")
     return results
 
 

@@ -121,9 +121,11 @@ _ONEDNN_ACTS = {
 
 
 def _onednn_ok(x, weight):
-    if not torch.backends.mkldnn.is_available() or x.device.type != "cpu" or x.dim() != 4:
+    # first: under torch.compile inductor fuses F.conv2d itself (keep the graph plain), and dynamo cannot
+    # trace torch.backends.mkldnn.is_available (a graph break per convolution)
+    if torch.compiler.is_compiling():
         return False
-    if torch.compiler.is_compiling():  # inductor fuses F.conv2d itself; keep the graph plain
+    if not torch.backends.mkldnn.is_available() or x.device.type != "cpu" or x.dim() != 4:
         return False
     if x.dtype == torch.float32:
         return weight.dtype == torch.float32

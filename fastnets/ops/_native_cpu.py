@@ -68,7 +68,27 @@ def epilogue(y, residual, act, param):
     return _act_(y, act, param, inplace=(not grad) or act == "relu")
 
 
+_REDUCED = (torch.bfloat16, torch.float16)
+
+
+def check_batch_norm_dtypes(x, **params):
+    """torch's CPU BatchNorm takes parameters and statistics of the input's dtype, or float32 ones with a
+    bfloat16/float16 input (mixed precision); anything else is a TypeError naming every argument's dtype
+    (torch's own message, "mixed dtype (CPU): all inputs must share same datatype.", names none)."""
+    given = {k: t.dtype for k, t in params.items() if t is not None}
+    if all(d == x.dtype for d in given.values()):
+        return
+    if x.dtype in _REDUCED and all(d == torch.float32 for d in given.values()):
+        return
+    names = ", ".join(f"{k} {d}" for k, d in given.items())
+    raise TypeError(
+        f"BatchNorm on the native backend (torch's CPU kernel) needs weight, bias, running_mean and running_var "
+        f"in the input's dtype, or float32 with a bfloat16/float16 input; got input {x.dtype} with {names}. "
+        f"Cast the input (e.g. x.to({next(iter(given.values()))})) or the module (e.g. bn.to({x.dtype}))")
+
+
 def batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps, residual, act, param):
+    check_batch_norm_dtypes(x, weight=weight, bias=bias, running_mean=running_mean, running_var=running_var)
     y = F.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps)
     return epilogue(y, residual, act, param)
 

@@ -478,6 +478,29 @@ MUTANTS = [
       "False))))\n",
       "",
       t(LAUNCHES, "test_conv_pruning_keeps_only_configs_that_fit") + (LAUNCHES,)),
+    # ---------------------------------------------------------------- issue 31: native CPU, torch.compile, bench
+    # (the issue's bug: the probe dynamo cannot trace, asked before the compile check)
+    M("native-mkldnn-probe-under-compile", "fastnets/ops/_native_cpu.py",
+      "    if torch.compiler.is_compiling():\n        return False\n    if not torch.backends.mkldnn.is_available()",
+      "    if not torch.backends.mkldnn.is_available():\n        return False\n"
+      "    if torch.compiler.is_compiling():\n        return False\n    if not torch.backends.mkldnn.is_available()",
+      t("tests/test_compile_models.py", "test_native_paths_trace_in_one_graph")),
+    M("native-avgpool-rows-first", "fastnets/ops/_native_fast.py",
+      "y = top[..., 0::2] + top[..., 1::2]\n        y += bottom[..., 0::2]",
+      "y = top[..., 0::2] + bottom[..., 0::2]\n        y += top[..., 1::2]",
+      t("tests/test_native_cpu.py", "test_avg_pool2x2_fast_path_matches_torch",
+        "test_lenet5_training_on_auto_is_eagers_run_bit_for_bit")),
+    M("native-grouped-fold-default-eps", "fastnets/nn/conv.py",
+      "training=False, eps=bn.eps, stride=conv.stride, padding=_zero_padding(conv)",
+      "training=False, eps=1e-5, stride=conv.stride, padding=_zero_padding(conv)",
+      t("tests/test_native_cpu.py", "test_grouped_conv_bn_eval_folds_on_native")),
+    M("native-bn-dtype-check-lets-fp64-through", "fastnets/ops/_native_cpu.py",
+      "if x.dtype in _REDUCED and all(d == torch.float32 for d in given.values()):",
+      "if all(d == torch.float32 for d in given.values()):",
+      t("tests/test_native_cpu.py", "test_batch_norm_dtype_mismatch_names_the_arguments")),
+    M("bench-compile-without-freezing", "fastnets/bench/cpu_ratios.py",
+      'with fastnets.use_backend("auto"), compile_config(mode):', 'with fastnets.use_backend("auto"):',
+      t("tests/test_native_cpu.py", "test_cpu_ratios_compiled_variants_run_with_freezing")),
 ]
 
 

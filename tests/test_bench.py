@@ -69,6 +69,11 @@ def test_cli_tiny_results(tiny_run):
     assert all(r["top1_agreement"] >= 0.99 and r["max_rel_diff"] < 1e-4 for r in fid)
     trained = {r["backend"]: r for r in report["trained"]}
     assert set(trained) == {"eager", "fastnets"}
+    # the same torch kernels on the CPU (Conv2d, and AvgPool2d's fast path adds in aten's order): the same run
+    assert trained["fastnets"]["same_as_eager"] is True
+    key = lambda r: [(h["test_accuracy"], h["last_loss"]) for h in r["history"]]  # noqa: E731
+    assert key(trained["fastnets"]) == key(trained["eager"])
+    assert any("identical to the eager run" in n for n in report["notes"])
     for r in trained.values():
         assert r["status"] == "ok" and r["dataset"] == "mnist"
         assert r["test_accuracy"] > 0.5  # 3 short epochs on 1,024 images; chance is 0.1
@@ -230,6 +235,7 @@ def test_data_errors_name_the_file_and_format(tmp_path):
 
 def test_cli_data_folder_without_files(tmp_path, capsys):
     # asked for explicitly: an error naming the file and its format, nothing written
+    (tmp_path / "cifar10_jpeg.npz").write_bytes(b"")  # (a folder with neither file: the test below)
     rc = cli.main(["--profile", "tiny", "--device", "cpu", "--data", str(tmp_path), "--out", str(tmp_path / "o"),
                    "--train-models", "lenet5", "--no-progress"])
     assert rc == 2
@@ -238,13 +244,100 @@ def test_cli_data_folder_without_files(tmp_path, capsys):
     assert not (tmp_path / "o").exists()
 
 
-def test_cli_default_training_skips_a_missing_data_set_with_a_note(tmp_path):
+def test_cli_default_training_skips_a_missing_data_set_with_a_note(tmp_path, capsys):
+    # the folder holds CIFAR-10 (a GPU call carries one data set) but not MNIST, which the profile trains on
+    (tmp_path / "cifar10_jpeg.npz").write_bytes(b"")
     rc = cli.main(["--profile", "tiny", "--device", "cpu", "--data", str(tmp_path), "--out", str(tmp_path / "o"),
                    "--modes", "infer", "--fidelity-images", "0", "--no-progress"])
+    assert "note: training of lenet5 skipped" in capsys.readouterr().err  # said at the start, not only at the end
     assert rc == 0
     report = json.loads((tmp_path / "o" / "fastnets-bench_cpu.json").read_text())
     assert report["trained"] == []
     assert any("lenet5 skipped" in n and "has no mnist.npz" in n and "x_train" in n for n in report["notes"])
+
+
+@pytest.mark.parametrize("case", ["missing", "empty"])
+def test_cli_data_folder_checked_before_anything_runs(tmp_path, capsys, monkeypatch, case):
+    """--data naming a folder that does not exist (or holds neither data file) is an error at the start,
+    naming the folder and the files expected; nothing is measured or written."""
+    folder = tmp_path / "no-such-folder" if case == "missing" else tmp_path
+    monkeypatch.setattr(cli, "run", lambda *a, **k: pytest.fail("the run started despite a bad --data folder"))
+    rc = cli.main(["--device", "cpu", "--data", str(folder), "--out", str(tmp_path / "o"), "--no-progress"])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert str(folder) in err and "mnist.npz" in err and "cifar10_jpeg.npz" in err and "x_train" in err
+    assert ("does not exist" if case == "missing" else "holds neither data file") in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli_help_documents_every_option_and_the_cpu_profile():
+    parser = cli.build_parser()
+    undocumented = [a.option_strings[0] for a in parser._actions if a.option_strings and not a.help]
+    assert undocumented == []
+    text = parser.format_help()
+    for model in cli.PROFILES["cpu"]["models"]:
+        assert model in text
+    assert "minutes" in text and "freezing" in text and "bf16" in text
+
+
+def test_cli_precision_list():
+    args = cli.build_parser().parse_args(["--precision", "fp32,bf16"])
+    assert args.precision == ["fp32", "bf16"]
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(["--precision", "fp8"])
+    settings = cli.resolve_settings(cli.build_parser().parse_args(["--device", "cpu"]), cli.build_parser())
+    assert settings["precision"] == "fp32" and settings["throughput_precisions"] == ["fp32", "bf16"]
+    settings = cli.resolve_settings(cli.build_parser().parse_args(["--device", "cpu", "--precision", "bf16"]),
+                                    cli.build_parser())
+    assert settings["precision"] == "bf16" and settings["throughput_precisions"] == ["bf16"]
+
+
+def _report_with(rows, models=("lenet5", "resnet50")):
+    env = {"gpu": None, "cpu": "test CPU", "torch": "x", "triton": "x", "fastnets": "x", "date": "x"}
+    return {"environment": env, "settings": {"backends": ["eager", "compile", "fastnets", "fastnets-compile"],
+                                             "precision": "fp32", "profile": "cpu"},
+            "models": [{"name": m, "label": M.spec(m).label, "params": 1000, "forward_gflops_per_image": 1.0,
+                        "published_top1": None} for m in models],
+            "throughput": rows, "fidelity": [], "trained": [], "targets": [], "notes": []}
+
+
+def test_main_table_is_the_run_precision_and_says_how_compile_ran():
+    """A CPU run measures throughput in fp32 and bf16: the main table, the targets and the charts are the run's
+    precision (fp32); the compiled rows' setting (freezing for inference) is stated."""
+    from fastnets.bench.cpu_ratios import compile_setting
+
+    rows = [{"model": "lenet5", "backend": b, "mode": "infer", "status": "ok", "precision": p, "batch_size": 8,
+             "images_per_s": ips, "ms_per_iter": 1.0, "ms_per_iter_repeats": [1.0],
+             **({"compile": compile_setting("infer")} if b == "compile" else {})}
+            for b, p, ips in (("eager", "fp32", 1000.0), ("eager", "bf16", 7.0), ("compile", "fp32", 1100.0),
+                              ("compile", "bf16", 9.0), ("fastnets", "fp32", 1200.0), ("fastnets", "bf16", 8.0))]
+    report = _report_with(rows)
+    md = R.markdown(report)
+    assert "| LeNet-5 |" in md and "1,000" in md and "1,200" in md and "| 7 " not in md
+    assert "torch.compile: inductor, freezing for inference" in md
+    t = {x["target"]: x for x in R.targets(report)}
+    assert t["inference: fastnets / torch.compile (worst model measured)"]["value"] == pytest.approx(1200 / 1100)
+
+
+def test_charts_say_what_they_leave_out_and_each_models_size():
+    from fastnets.bench import charts
+
+    rows = [{"model": "resnet50", "backend": b, "mode": "infer", "status": s, "precision": "fp32", "batch_size": 4,
+             "reason": r} for b, s, r in (("compile", "skipped", "torch.compile of this model takes many minutes on "
+                                                                  "a small CPU; not in the profile's compile_models"),
+                                          ("fastnets-compile", "error", "BackendCompilerFailed: boom"),
+                                          ("fastnets", "ok", None))]
+    note = charts.missing_note(_report_with(rows), "infer")
+    assert "ResNet-50 compile (skipped: torch.compile of this model takes many minutes" in note
+    assert "ResNet-50 fastnets-compile (error: BackendCompilerFailed: boom)" in note
+    assert charts.missing_note(_report_with(rows), "train") == ""
+    mem = [{"model": m, "variant": "eager", "status": "ok", "image_size": px, "precision": "fp32",
+            "saved_mib_per_image": 1.0} for m, px in (("lenet5", 32), ("resnet50", 224))]
+    title, ticks = charts.memory_labels(mem, ["lenet5", "resnet50"], {"lenet5": "LeNet-5", "resnet50": "ResNet-50"})
+    assert "32 px" not in title and "each model at its input size" in title
+    assert ticks == ["LeNet-5\n32 px", "ResNet-50\n224 px"]
+    title, ticks = charts.memory_labels(mem[:1], ["lenet5"], {"lenet5": "LeNet-5"})
+    assert "32 px" in title and ticks == ["LeNet-5"]
 
 
 # ------------------------------------------------------------------------------------------- bad input

@@ -110,6 +110,84 @@ def test_frozen_bn_gradients_exact():
     assert torch.equal(bn.running_mean, b2.running_mean) and torch.equal(bn.running_var, b2.running_var)
 
 
+def _grouped_pair(channels=12, groups=12, stride=1, eps=1e-3, dtype=torch.float64):
+    """A grouped (depthwise by default) Conv2d + BatchNorm2d with a non-default eps, randomised."""
+    g = torch.Generator().manual_seed(7)
+    conv = nn.Conv2d(channels, channels, 3, stride=stride, padding=1, groups=groups, bias=True).to(dtype)
+    bn = nn.BatchNorm2d(channels, eps=eps).to(dtype)
+    with torch.no_grad():
+        for t, v in ((conv.weight, torch.randn(conv.weight.shape, generator=g) * 0.3),
+                     (conv.bias, torch.randn(channels, generator=g)), (bn.weight, torch.rand(channels, generator=g) + 0.5),
+                     (bn.bias, torch.randn(channels, generator=g)), (bn.running_mean, torch.randn(channels, generator=g)),
+                     (bn.running_var, torch.rand(channels, generator=g) * 0.01 + 1e-3)):  # var ~ eps: eps matters
+            t.copy_(v.to(dtype))
+    return conv.eval(), bn.eval()
+
+
+@pytest.mark.parametrize("cl", [False, True], ids=["nchw", "cl"])
+@pytest.mark.parametrize("groups,stride,act,with_res", [(12, 1, "silu", False), (12, 2, "relu", False),
+                                                        (3, 1, "relu", True), (12, 1, "hardswish", True)])
+def test_grouped_conv_bn_eval_folds_on_native(cl, groups, stride, act, with_res):
+    """A grouped / depthwise Conv -> BN (eval) -> [add] -> act on the native backend is ONE oneDNN
+    convolution of the folded weights (the fold cached for the conv module), in fp32 against torch.nn in
+    float64; with autograd (frozen BN) every gradient as torch's unfolded chain."""
+    conv, bn = _grouped_pair(groups=groups, stride=stride, dtype=torch.float32)
+    x = _x((2, 12, 9, 8), dtype=torch.float32, cl=cl)
+    out = (2, 12, 9 if stride == 1 else 5, 8 if stride == 1 else 4)
+    res = _x(out, dtype=torch.float32, cl=cl, seed=3) if with_res else None
+    c64, b64 = copy.deepcopy(conv).double(), copy.deepcopy(bn).double()
+    want = _torch_block(c64, b64, x.double(), None if res is None else res.double(), act)
+    with fastnets.use_backend("auto"), torch.no_grad():
+        got = conv_bn_act(conv, bn, x, residual=res, act=act)
+    assert got.dtype == torch.float32 and got.shape == want.shape
+    assert_rel(got, want)
+    assert conv in _native_cpu._FOLDS  # the folded path ran (not a separate F.batch_norm)
+    # autograd through the fold (frozen BatchNorm), float64 against torch's unfolded chain
+    conv, bn, x = c64, b64, x.double().requires_grad_()
+    c2, b2 = copy.deepcopy(conv), copy.deepcopy(bn)
+    x2 = x.detach().clone().requires_grad_()
+    gy = _x(out, seed=5)
+    with fastnets.use_backend("auto"):
+        conv_bn_act(conv, bn, x, residual=None if res is None else res.double(), act=act).backward(gy)
+    _torch_block(c2, b2, x2, None if res is None else res.double(), act).backward(gy)
+    for a, b in ((x.grad, x2.grad), (conv.weight.grad, c2.weight.grad), (conv.bias.grad, c2.bias.grad),
+                 (bn.weight.grad, b2.weight.grad), (bn.bias.grad, b2.bias.grad)):
+        assert_rel(a, b)
+
+
+def test_grouped_conv_bn_train_and_other_backends_unchanged():
+    """Training, and eval on the reference backend, of a grouped Conv -> BN stay the unfolded computation
+    (torch's grouped convolution, then the BatchNorm), against torch.nn in float64."""
+    conv, bn = _grouped_pair(groups=4)
+    x = _x((3, 12, 6, 6))
+    with fastnets.use_backend("reference"):
+        got = conv_bn_act(conv, bn, x, act="relu")
+    assert_rel(got, _torch_block(conv, bn, x, None, "relu"))
+    c2, b2 = copy.deepcopy(conv).train(), copy.deepcopy(bn).train()
+    conv.train(), bn.train()
+    with fastnets.use_backend("auto"):
+        got = conv_bn_act(conv, bn, x, act="relu")
+    assert_rel(got, _torch_block(c2, b2, x, None, "relu"))
+    assert torch.equal(bn.running_mean, b2.running_mean) and torch.equal(bn.running_var, b2.running_var)
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_batch_norm_dtype_mismatch_names_the_arguments(train):
+    """torch's CPU BatchNorm refuses a float64 input with float32 parameters with "mixed dtype (CPU): all
+    inputs must share same datatype." (no names); the native backend names each argument and its dtype."""
+    bn = fastnets.nn.BatchNorm2d(3).train(train)
+    with fastnets.use_backend("auto"), pytest.raises(TypeError) as e:
+        bn(torch.randn(2, 3, 4, 4, dtype=torch.float64))
+    msg = str(e.value)
+    assert "input torch.float64" in msg and "weight torch.float32" in msg and "running_var torch.float32" in msg
+    with fastnets.use_backend("auto"), pytest.raises(TypeError, match="input torch.float32 with weight torch.float16"):
+        batch_norm(torch.randn(2, 3, 4, 4), None, None, torch.ones(3, dtype=torch.float16), None, training=True)
+    # what torch accepts still runs: one dtype, or a bf16 input with fp32 parameters (mixed precision)
+    with fastnets.use_backend("auto"):
+        assert bn(torch.randn(2, 3, 4, 4, dtype=torch.bfloat16)).dtype == torch.bfloat16
+        assert bn.double()(torch.randn(2, 3, 4, 4, dtype=torch.float64)).dtype == torch.float64
+
+
 @pytest.mark.parametrize("momentum", [0.1, None])
 @pytest.mark.parametrize("cl", [False, True], ids=["nchw", "cl"])
 def test_train_running_stats_identical_to_torch(momentum, cl):
@@ -371,6 +449,36 @@ def test_avg_pool2x2_fast_path_matches_torch(cl, shape):
     x32 = x.detach().float()
     with fastnets.use_backend("auto"):
         assert_rel(pool(x32), want)
+    # bit-identical to aten's (its summation order), in both dtypes: a model trained with it follows eager
+    for xx in (x.detach() * 1e3 + 0.1, x32 * 1e3 + 0.1):
+        with fastnets.use_backend("auto"):
+            assert torch.equal(pool(xx), nn.AvgPool2d(2, stride=2)(xx))
+
+
+def test_lenet5_training_on_auto_is_eagers_run_bit_for_bit():
+    """fastnets.models.lenet5 and the bench's plain-PyTorch LeNet-5 from the same seed, trained on the same
+    batches with SGD on the native backend: the same losses and weights, bit for bit (the bench's trained
+    accuracy of the two is then the same number)."""
+    from fastnets.bench import timing
+    from fastnets.bench.train import build_for_backend
+
+    runs = {}
+    for backend in ("eager", "fastnets"):
+        with fastnets.use_backend("auto"):
+            model, _ = build_for_backend("lenet5", backend, 0, "contiguous", "cpu")
+            opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4)
+            g = torch.Generator().manual_seed(0)
+            losses = []
+            for _ in range(8):
+                x, y = torch.randn(16, 1, 32, 32, generator=g), torch.randint(0, 10, (16,), generator=g)
+                loss = timing.loss_fn(model(x), y)
+                loss.backward()
+                opt.step()
+                opt.zero_grad()
+                losses.append(loss.item())
+        runs[backend] = losses, [p.detach().clone() for p in model.parameters()]
+    assert runs["fastnets"][0] == runs["eager"][0]
+    assert all(torch.equal(a, b) for a, b in zip(runs["fastnets"][1], runs["eager"][1]))
 
 
 @pytest.mark.parametrize("conf,shape,dtype", [
@@ -431,13 +539,76 @@ def test_cpu_ratios_layout_decision_and_ratio_table():
     f = by["fastnets"]
     assert f["memory_format"] == "contiguous" and f["layout_decision"]["chosen"] == "contiguous"
     assert f["vs_eager"] == pytest.approx(1.25) and set(f["layouts"]) == {"contiguous", "channels_last"}
+    assert "vs_compile" not in f  # compile failed: no ratio against it
     table = "\n".join(C.markdown_section({"throughput": rows}))
-    assert "| resnet50 | infer | 8 |" in table and "1.25x" in table and "| yes |" in table
+    assert "| resnet50 | fp32 | infer | 8 |" in table and "1.25x" in table and "| yes |" in table
+    assert "| resnet50 | fp32 | infer | error |" in table  # the compile table shows the variant's status
     out["fastnets-contiguous"]["vs_eager"] = 1.1
     out["fastnets-contiguous"]["ms_per_iter"] = 100 / 1.1
     out["fastnets-channels_last"].update(ms_per_iter=95.0, vs_eager=100 / 95)
     table = "\n".join(C.markdown_section({"throughput": C.rows_from_block(out, meta)}))
     assert "**no** (-4%)" in table  # 1.10 against the 1.15 inference target
+
+
+def test_cpu_ratios_against_compile():
+    """Issue 31's ratios from one block: fastnets / compile, fastnets+compile / the faster of the two (by
+    name), their targets in the table, and the closing note quoting them."""
+    from fastnets.bench import cpu_ratios as C
+
+    def res(ms):
+        return {"status": "ok", "ms_per_iter": ms, "cpu_ms_per_iter": ms * 0.9, "images_per_s": 8e3 / ms,
+                "spread": 0.1, "ms_per_iter_repeats": [ms] * 3}
+
+    out = {"eager": res(100.0), "fastnets-contiguous": res(80.0), "fastnets-channels_last": res(82.0),
+           "compile": res(76.0), "fastnets-compile": res(78.0)}
+    for v, r in out.items():
+        if v != "eager":
+            r["vs_eager"], r["vs_eager_cpu"] = 100.0 / r["ms_per_iter"], 90.0 / r["cpu_ms_per_iter"]
+    for v in ("compile", "fastnets-compile"):
+        out[v]["compile"] = C.compile_setting("infer")
+    meta = {"model": "resnet18", "mode": "infer", "batch_size": 8, "precision": "bf16", "repeats": 3, "iters": 1,
+            "warmup": 2, "threads": 2, "load_before": [0.1] * 3, "load_after": [0.2] * 3}
+    by = {r["backend"]: r for r in C.rows_from_block(out, meta)}
+    assert by["fastnets"]["vs_compile"] == pytest.approx(76.0 / 80.0)
+    assert by["fastnets-compile"]["vs_best"] == pytest.approx(76.0 / 78.0)
+    assert by["fastnets-compile"]["best_of"] == "compile"
+    assert by["compile"]["compile"]["inductor_config"] == {"freezing": True}
+    lines = C.markdown_section({"throughput": list(by.values())})
+    table = "\n".join(lines)
+    assert "inductor, freezing for inference" in table
+    assert "0.95x" in table and "**no** (-5%)" in table  # fastnets / compile 0.95 against >= 1.0
+    assert "0.97x" in table and "(compile)" in table  # fastnets+compile / compile
+    assert lines[-1].startswith("Same-run ratios") and "resnet18 bf16 0.95x" in lines[-1]
+    assert C.compile_setting("train")["inductor_config"] == {}
+
+
+def test_cpu_ratios_compiled_variants_run_with_freezing(monkeypatch):
+    """The compiled inference variants are traced and timed with torch._inductor.config.freezing set (dynamo
+    reads it when it traces: torch.compile's options would not freeze), the training ones without."""
+    import torch._inductor.config as inductor_config
+    from fastnets.bench import cpu_ratios as C
+
+    seen = {}
+
+    class Recorded(nn.Module):  # what torch.compile returns: a module; records inductor's setting per call
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def forward(self, *a):
+            seen.setdefault(mode, set()).add(inductor_config.freezing)
+            return self.model(*a)
+
+    def fake_compile(model, **kw):
+        return Recorded(model)
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    for mode in ("infer", "train"):
+        out, meta = C.measure("lenet5", 4, mode, "fp32", ["eager", "compile"], repeats=1, iters=1, warmup=1)
+        assert out["compile"]["status"] == "ok" and out["compile"]["compile"] == C.compile_setting(mode)
+        assert meta["compile"] == C.compile_setting(mode)
+    assert seen == {"infer": {True}, "train": {False}}
+    assert inductor_config.freezing is False  # restored
 
 
 def test_chained_sequential_is_eager_under_auto_on_cpu(monkeypatch):

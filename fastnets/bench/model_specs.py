@@ -64,6 +64,9 @@ class Spec:
     task: str = "classification"  # or "segmentation"
     published: Optional[Published] = None
     extra: dict = field(default_factory=dict)
+    # where the model comes from: "fastnets.models" (eager: torchvision / plain PyTorch, fastnets: the
+    # fastnets.models architecture) or "timm" (eager: timm.create_model(arch), fastnets: fastnets.convert of it)
+    source: str = "fastnets.models"
 
 
 def _imagenet(name, label):
@@ -93,9 +96,13 @@ SPECS = {
         Spec("densenet121_cifar", "densenet121", "DenseNet-121 (CIFAR)", 32, num_classes=10, cifar_stem=True),
         Spec("se_resnet50_cifar", "se_resnet50", "SE-ResNet-50 (CIFAR)", 32, num_classes=10, cifar_stem=True),
         Spec("googlenet_cifar", "googlenet", "GoogLeNet (CIFAR)", 32, num_classes=10, cifar_stem=True),
+        # a timm model as users run it, converted with fastnets.convert (the CPU profile's timm model;
+        # depthwise convolutions, SiLU, squeeze-excite)
+        Spec("efficientnet_b0_timm", "efficientnet_b0", "EfficientNet-B0 (timm)", 224, source="timm"),
     ]
 }
-IMAGENET_MODELS = [n for n, s in SPECS.items() if not n.endswith("_cifar")]
+# the default model list of the GPU profiles: the fastnets.models architectures at ImageNet size
+IMAGENET_MODELS = [n for n, s in SPECS.items() if not n.endswith("_cifar") and s.source == "fastnets.models"]
 CIFAR_MODELS = [n for n in SPECS if n.endswith("_cifar")]
 TRAIN_MODELS = ["lenet5"] + CIFAR_MODELS
 
@@ -237,6 +244,8 @@ def _cifar_stem(model, arch, conv=nn.Conv2d):
 
 def eager_source(name):
     s = spec(name)
+    if s.source == "timm":
+        return f"timm {s.arch} (fastnets: fastnets.convert of it)"
     if s.arch == "lenet5" or s.arch == "unet":
         return "plain PyTorch (fastnets.bench.model_specs)"
     if s.arch == "se_resnet50":
@@ -257,6 +266,10 @@ def build_eager(name):
     import torchvision.models as tvm
 
     s = spec(name)
+    if s.source == "timm":
+        import timm
+
+        return timm.create_model(s.arch, pretrained=False, num_classes=s.num_classes, in_chans=s.in_channels)
     if s.arch == "lenet5":
         return LeNet5(s.num_classes, s.in_channels)
     if s.arch == "unet":
@@ -280,7 +293,14 @@ class FastnetsUnavailable(RuntimeError):
 
 
 def build_fastnets(name, like=None):
-    """fastnets.models.<arch> for `name`; with `like` (an eager model), its weights and buffers loaded."""
+    """fastnets.models.<arch> for `name`; with `like` (an eager model), its weights and buffers loaded. A timm
+    model is fastnets.convert of the eager model (of `like`, which is left as it is)."""
+    if spec(name).source == "timm":
+        try:
+            import fastnets
+        except ImportError as e:
+            raise FastnetsUnavailable(f"fastnets cannot be imported ({e})") from e
+        return fastnets.convert(like if like is not None else build_eager(name))  # a converted deep copy
     try:
         import fastnets.models as fm
     except ImportError as e:

@@ -71,10 +71,17 @@ def _rows_by(rows, *keys):
     return {tuple(r[k] for k in keys): r for r in rows}
 
 
+def run_precision_rows(report):
+    """The throughput rows at the run's precision (a CPU run also measures throughput in other precisions:
+    those are in the same-run ratio tables, not in the main table, the targets or the charts)."""
+    prec = report["settings"].get("precision")
+    return [r for r in report["throughput"] if prec is None or r.get("precision", prec) == prec]
+
+
 def targets(report):
     """The issue's targets, each with the measured value, the threshold and whether it is met (None when
     not measured in this run)."""
-    tp = _rows_by([r for r in report["throughput"] if r["status"] == "ok"], "model", "backend", "mode")
+    tp = _rows_by([r for r in run_precision_rows(report) if r["status"] == "ok"], "model", "backend", "mode")
 
     def ips(model, backend, mode):
         r = tp.get((model, backend, mode))
@@ -103,6 +110,13 @@ def targets(report):
         ips("resnet50", "compile", "infer")), 1.0, ">=", "images/s ratio")
     add("inference: fastnets / torch.compile (worst model measured)", min(ratios.values()) if ratios else None, 1.0,
         ">=", "; ".join(f"{m} {v:.2f}" for m, v in sorted(ratios.items())))
+    best = {}
+    for m in sorted({m for (m, b, mode) in tp if mode == "infer" and b == "fastnets-compile"}):
+        others = [v for v in (ips(m, "fastnets", "infer"), ips(m, "compile", "infer")) if v is not None]
+        if others:
+            best[m] = ips(m, "fastnets-compile", "infer") / max(others)
+    add("inference: fastnets + torch.compile / the faster of fastnets and torch.compile (worst model)",
+        min(best.values()) if best else None, 1.0, ">=", "; ".join(f"{m} {v:.2f}" for m, v in sorted(best.items())))
     ev = [r for r in report["fidelity"] if r["mode"] == "eval" and r["status"] == "ok"]
     for label, rows in (("trained weights", [r for r in ev if r["weights"].startswith("trained")]),
                         ("every model", ev)):
@@ -146,6 +160,17 @@ def write_csv(report, path):
     return path
 
 
+def _compile_labels(report):
+    """How the compiled rows were compiled, in words ("" when no row says)."""
+    seen = {}
+    for r in report["throughput"]:
+        c = r.get("compile")
+        if c:
+            seen.setdefault(r["mode"], c.get("label"))
+    words = {"infer": "inference", "train": "training"}
+    return "; ".join(f"{v} for {words.get(k, k)}" for k, v in sorted(seen.items(), key=lambda kv: kv[0] != "infer"))
+
+
 def _f(v, fmt="{:.0f}"):
     return "–" if v is None else fmt.format(v)
 
@@ -165,15 +190,17 @@ def _cell(r):
 def markdown(report):
     env, s = report["environment"], report["settings"]
     backends = s["backends"]
-    tp = _rows_by(report["throughput"], "model", "backend", "mode")
+    tp = _rows_by(run_precision_rows(report), "model", "backend", "mode")
     lines = []
     where = env["gpu"] or f"CPU only ({env['cpu']}) — a CPU run: the numbers show the pipeline, not GPU speed"
     lines.append(f"**{where}** · torch {env['torch']} · Triton {env.get('triton')} · fastnets {env['fastnets']}"
                  f" · {s['precision']} · profile `{s['profile']}` · {env['date']}")
     lines.append("")
-    lines.append("Throughput in images/s (median of repeats, warm-up excluded); batch size per row in the JSON. "
-                 "Top-1 is the published ImageNet-1k value of the architecture's reference weights (literature, "
-                 "not measured here). GFLOPs per image are FLOPs (2 per multiply-add) of one forward pass.")
+    compiled = _compile_labels(report)
+    lines.append(f"Throughput in images/s ({s['precision']}; median of repeats, warm-up excluded); batch size per row "
+                 "in the JSON. Top-1 is the published ImageNet-1k value of the architecture's reference weights "
+                 "(literature, not measured here). GFLOPs per image are FLOPs (2 per multiply-add) of one forward "
+                 "pass." + (f" torch.compile: {compiled}." if compiled else ""))
     lines.append("")
     head = ["model", "params (M)", "GFLOPs/img", "published top-1 (%)"]
     head += [f"train {b}" for b in backends] + [f"infer {b}" for b in backends]
@@ -209,15 +236,16 @@ def markdown(report):
     if report["trained"]:
         lines += ["", "Trained accuracy on real data (same seed, data order and budget for both backends; training "
                   "time counts training steps only).", "",
-                  "| model | dataset | backend | epochs | batch | test accuracy | training time (s) |",
-                  "|---|---|---|---|---|---|---|"]
+                  "| model | dataset | backend | epochs | batch | test accuracy | training time (s) | same run as eager |",
+                  "|---|---|---|---|---|---|---|---|"]
         for r in report["trained"]:
+            same = {True: "yes (identical)", False: "no (see the notes)"}.get(r.get("same_as_eager"), "–")
             if r["status"] == "ok":
                 lines.append(f"| {r['model']} | {r['dataset']} | {r['backend']} | {r['epochs']} | {r['batch_size']} | "
-                             f"{100 * r['test_accuracy']:.2f}% | {r['train_s']:.1f} |")
+                             f"{100 * r['test_accuracy']:.2f}% | {r['train_s']:.1f} | {same} |")
             else:
                 lines.append(f"| {r['model']} | {r['dataset']} | {r['backend']} | {r['epochs']} | {r['batch_size']} | "
-                             f"{r['status']} | – |")
+                             f"{r['status']} | – | – |")
     if report["targets"]:
         lines += ["", "| target | measured | threshold | met |", "|---|---|---|---|"]
         for t in report["targets"]:
@@ -240,7 +268,7 @@ def print_summary(report, file=None):
       f"{s['profile']}")
     p("=" * 100)
     backends = s["backends"]
-    tp = _rows_by(report["throughput"], "model", "backend", "mode")
+    tp = _rows_by(run_precision_rows(report), "model", "backend", "mode")
     models = [m for m in report["models"] if any((m["name"], b, mo) in tp for b in backends for mo in ("train", "infer"))]
     if models:
         for mode in ("train", "infer"):

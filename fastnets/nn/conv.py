@@ -14,14 +14,23 @@ With bn=None it is act(conv(x) [+ residual]) with the conv's bias and the activa
 from torch import nn
 
 from .. import _checks, activations
-from ..ops import _native_fast
+from ..backends import current_backend
+from ..ops import _native_cpu, _native_fast
 from ..ops.conv import conv2d, conv2d_batch_norm
 from .batch_norm import batch_stats_args, bn_act
 
 
 def _fastnets_padding(conv):
     """The symmetric (ph, pw) padding fastnets runs for `conv`, or None when only torch can run it."""
-    if conv.groups != 1 or conv.padding_mode != "zeros" or len(conv.kernel_size) != 2:
+    if conv.groups != 1:
+        return None
+    return _zero_padding(conv)
+
+
+def _zero_padding(conv):
+    """The symmetric (ph, pw) zero padding of `conv` (any groups), or None (other padding modes, 'same' with
+    an odd total)."""
+    if conv.padding_mode != "zeros" or len(conv.kernel_size) != 2:
         return None
     if isinstance(conv.padding, str):
         if conv.padding == "valid":
@@ -79,7 +88,14 @@ def conv_bn_act(conv, bn, x, residual=None, relu=True, act=None):
         if padding is None:  # grouped, non-zero padding modes: torch's convolution, fastnets' epilogue
             return _torch_epilogue(conv(x), residual, act)
         return conv2d(x, conv.weight, conv.bias, conv.stride, padding, conv.dilation, residual=residual, act=act)
-    if padding is None or (getattr(bn, "sync_statistics", None) is not None and bn.sync_statistics()):
+    synced = getattr(bn, "sync_statistics", None) is not None and bn.sync_statistics()
+    if padding is None and not synced and _native_grouped_eval(conv, bn, x):
+        # grouped / depthwise in eval on the CPU: the BatchNorm folded into one oneDNN convolution as well
+        return conv2d_batch_norm(x, conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.weight, bn.bias,
+                                 training=False, eps=bn.eps, stride=conv.stride, padding=_zero_padding(conv),
+                                 dilation=conv.dilation, residual=residual, act=act, cache_owner=conv,
+                                 groups=conv.groups)
+    if padding is None or synced:
         return bn_act(bn, conv(x), residual=residual, act=act)  # (SyncBatchNorm: statistics across ranks)
     running_mean, running_var, use_batch_stats, factor = batch_stats_args(bn)
     return conv2d_batch_norm(
@@ -94,6 +110,13 @@ def conv_bn_act(conv, bn, x, residual=None, relu=True, act=None):
         act=act,
         cache_owner=conv,
     )
+
+
+def _native_grouped_eval(conv, bn, x):
+    """A grouped convolution with zero padding before an eval-mode BatchNorm with running statistics, on the
+    native backend: what conv2d_batch_norm folds (groups > 1 runs nowhere else)."""
+    return (conv.groups != 1 and not bn.training and bn.running_mean is not None and bn.running_var is not None
+            and _zero_padding(conv) is not None and _native_cpu.active(current_backend(), x))
 
 
 def _torch_epilogue(y, residual, act):

@@ -68,7 +68,27 @@ def epilogue(y, residual, act, param):
     return _act_(y, act, param, inplace=(not grad) or act == "relu")
 
 
+_REDUCED = (torch.bfloat16, torch.float16)
+
+
+def check_batch_norm_dtypes(x, **params):
+    """torch's CPU BatchNorm takes parameters and statistics of the input's dtype, or float32 ones with a
+    bfloat16/float16 input (mixed precision); anything else is a TypeError naming every argument's dtype
+    (torch's own message, "mixed dtype (CPU): all inputs must share same datatype.", names none)."""
+    given = {k: t.dtype for k, t in params.items() if t is not None}
+    if all(d == x.dtype for d in given.values()):
+        return
+    if x.dtype in _REDUCED and all(d == torch.float32 for d in given.values()):
+        return
+    names = ", ".join(f"{k} {d}" for k, d in given.items())
+    raise TypeError(
+        f"BatchNorm on the native backend (torch's CPU kernel) needs weight, bias, running_mean and running_var "
+        f"in the input's dtype, or float32 with a bfloat16/float16 input; got input {x.dtype} with {names}. "
+        f"Cast the input (e.g. x.to({next(iter(given.values()))})) or the module (e.g. bn.to({x.dtype}))")
+
+
 def batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps, residual, act, param):
+    check_batch_norm_dtypes(x, weight=weight, bias=bias, running_mean=running_mean, running_var=running_var)
     if isinstance(momentum, torch.Tensor):  # momentum=None's 1 / num_batches_tracked: a CPU tensor here, no sync
         momentum = float(momentum)
     y = F.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps)
@@ -77,8 +97,8 @@ def batch_norm(x, running_mean, running_var, weight, bias, training, momentum, e
 
 def conv2d(x, weight, bias, stride, padding, dilation, groups, scale, shift, residual, act, param):
     """act((conv(x, W) [+ bias]) [* scale] [+ shift] [+ residual]) on torch's kernels."""
-    if scale is None and shift is None and groups == 1:
-        return fused_conv(x, weight, bias, stride, padding, dilation, residual, act, param)
+    if scale is None and shift is None:
+        return fused_conv(x, weight, bias, stride, padding, dilation, residual, act, param, groups=groups)
     y = F.conv2d(x, weight, bias, tuple(stride), tuple(padding), tuple(dilation), groups)
     if scale is not None or shift is not None:
         acc = acc_dtype(y)
@@ -123,9 +143,11 @@ _ONEDNN_ACTS = {
 
 
 def _onednn_ok(x, weight):
-    if not torch.backends.mkldnn.is_available() or x.device.type != "cpu" or x.dim() != 4:
+    # first: under torch.compile inductor fuses F.conv2d itself (keep the graph plain), and dynamo cannot
+    # trace torch.backends.mkldnn.is_available (a graph break per convolution)
+    if torch.compiler.is_compiling():
         return False
-    if torch.compiler.is_compiling():  # inductor fuses F.conv2d itself; keep the graph plain
+    if not torch.backends.mkldnn.is_available() or x.device.type != "cpu" or x.dim() != 4:
         return False
     if x.dtype == torch.float32:
         return weight.dtype == torch.float32
@@ -134,9 +156,9 @@ def _onednn_ok(x, weight):
     return False
 
 
-def fused_conv(x, weight, bias, stride, padding, dilation, residual, act, param, packed=None):
+def fused_conv(x, weight, bias, stride, padding, dilation, residual, act, param, packed=None, groups=1):
     """act(conv(x, W) + b [+ residual]) as one oneDNN convolution with post-ops when no autograd is needed
-    and the dtype is oneDNN's, else F.conv2d and the in-place epilogue."""
+    and the dtype is oneDNN's, else F.conv2d and the in-place epilogue (any `groups`)."""
     stride, padding, dilation = list(stride), list(padding), list(dilation)
     if (not _needs_grad(x, weight, bias, residual) and _onednn_ok(x, weight)
             and (residual is None or (residual.dtype == x.dtype and residual.shape[0] == x.shape[0]))):
@@ -146,15 +168,15 @@ def fused_conv(x, weight, bias, stride, padding, dilation, residual, act, param,
             weight = packed(xd, padding, stride, dilation)
         b = bias if (bias is None or bias.dtype == x.dtype) else bias.to(x.dtype)
         if residual is None:
-            return torch.ops.mkldnn._convolution_pointwise(xd, weight, b, padding, stride, dilation, 1, name,
+            return torch.ops.mkldnn._convolution_pointwise(xd, weight, b, padding, stride, dilation, groups, name,
                                                            scalars(param), algo)
         cl = xd.is_contiguous(memory_format=torch.channels_last) and not xd.is_contiguous()
         res = residual.contiguous(memory_format=torch.channels_last if cl else torch.contiguous_format)
         fuse = act == "relu"  # oneDNN's binary fusion takes relu (only) as its trailing post-op
         y = torch.ops.mkldnn._convolution_pointwise.binary(
-            xd, res, weight, b, padding, stride, dilation, 1, "add", None, "relu" if fuse else None, [], None)
+            xd, res, weight, b, padding, stride, dilation, groups, "add", None, "relu" if fuse else None, [], None)
         return y if fuse else _act_(y, act, param, inplace=True)
-    y = F.conv2d(x, weight, bias, tuple(stride), tuple(padding), tuple(dilation))
+    y = F.conv2d(x, weight, bias, tuple(stride), tuple(padding), tuple(dilation), groups)
     return epilogue(y, residual, act, param)
 
 
@@ -178,36 +200,37 @@ def fold(weight, bias, running_mean, running_var, bn_weight, bn_bias, eps, dtype
 
 
 def conv_bn_eval(x, weight, bias, running_mean, running_var, bn_weight, bn_bias, eps, stride, padding, dilation,
-                 residual, act, param, cache_owner=None):
+                 residual, act, param, cache_owner=None, groups=1):
     """The eval-mode Conv -> BN -> [add] -> [act] as one convolution of the folded weights, folded in fp32
-    (fp64) and rounded to x's dtype (under autocast the module's fp32 weight meets a bf16 x). `cache_owner`
-    (the conv module) enables the fold cache when no autograd flows through the weights."""
+    (fp64) and rounded to x's dtype (under autocast the module's fp32 weight meets a bf16 x); grouped and
+    depthwise convolutions too (the fold scales each output channel's filter). `cache_owner` (the conv
+    module) enables the fold cache when no autograd flows through the weights."""
     params = (weight, bias, running_mean, running_var, bn_weight, bn_bias)
     dtype = x.dtype
     packed = None
     if not _needs_grad(*params):
         if cache_owner is not None and not torch.compiler.is_compiling():
             w, b = _cached_fold(cache_owner, params, eps, dtype)
-            packed = functools.partial(_packed, cache_owner, w)
+            packed = functools.partial(_packed, cache_owner, w, groups=groups)
         else:
             with torch.no_grad():
                 w, b = fold(*params, eps, dtype)
     else:
         w, b = fold(*params, eps, dtype)
-    return fused_conv(x, w, b, stride, padding, dilation, residual, act, param, packed=packed)
+    return fused_conv(x, w, b, stride, padding, dilation, residual, act, param, packed=packed, groups=groups)
 
 
-def _packed(owner, w, x, padding, stride, dilation):
+def _packed(owner, w, x, padding, stride, dilation, groups=1):
     """The cached folded weight w reordered once per input size into oneDNN's layout (what inductor's
     weight prepacking does), instead of on every call."""
     hit = _FOLDS.get(owner)
     if hit is None or hit[1] is not w:
         return w
-    key = (tuple(x.shape), x.is_contiguous(), tuple(padding), tuple(stride), tuple(dilation))
+    key = (tuple(x.shape), x.is_contiguous(), tuple(padding), tuple(stride), tuple(dilation), groups)
     got = hit[3].get(key)
     if got is None:
         with torch.inference_mode(False), torch.no_grad():
-            got = torch.ops.mkldnn._reorder_convolution_weight(w, list(padding), list(stride), list(dilation), 1,
+            got = torch.ops.mkldnn._reorder_convolution_weight(w, list(padding), list(stride), list(dilation), groups,
                                                                list(x.shape))
         hit[3].clear()  # one input size at a time: a model sees one shape per layer in a steady state
         hit[3][key] = got

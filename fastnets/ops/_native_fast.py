@@ -16,16 +16,21 @@ def fast_auto(t):
 
 
 class _AvgPool2x2(torch.autograd.Function):
-    """2x2 / stride-2 average pooling of an even-sized NCHW or channels_last tensor as two strided adds
-    (rows, then columns): aten's NCHW avg_pool2d walks each window in a scalar loop, several times slower
-    on the CPU (measured in fastnets/bench/cpu_ratios.py). Backward: grad / 4 broadcast over each window."""
+    """2x2 / stride-2 average pooling of an even-sized NCHW or channels_last tensor as three strided adds:
+    aten's NCHW avg_pool2d walks each window in a scalar loop, several times slower on the CPU (measured in
+    fastnets/bench/cpu_ratios.py). The adds follow aten's order, ((x00 + x01) + x10) + x11, then / 4 (a
+    multiplication by 0.25: the same rounding), so the output is bit-identical to aten's and a model trained
+    with it follows eager's run exactly. Backward: grad / 4 broadcast over each window (aten's, exactly)."""
 
     @staticmethod
     def forward(ctx, x):
         ctx.shape = x.shape
         ctx.cl = (not x.is_contiguous()) and x.is_contiguous(memory_format=torch.channels_last)
-        rows = x[:, :, 0::2] + x[:, :, 1::2]
-        return (rows[..., 0::2] + rows[..., 1::2]).mul_(0.25)
+        top, bottom = x[:, :, 0::2], x[:, :, 1::2]
+        y = top[..., 0::2] + top[..., 1::2]
+        y += bottom[..., 0::2]
+        y += bottom[..., 1::2]
+        return y.mul_(0.25)
 
     @staticmethod
     def backward(ctx, g):

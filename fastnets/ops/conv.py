@@ -329,7 +329,8 @@ def _pair(v, name, minimum):
     return [int(i) for i in v]
 
 
-def _validate(x, weight, bias, stride, padding, dilation, residual, scale=None, shift=None, params_uncast=False):
+def _validate(x, weight, bias, stride, padding, dilation, residual, scale=None, shift=None, params_uncast=False,
+              groups=1):
     """params_uncast: weight and bias were left out of _autocast (they may be what autocast would cast)."""
     _checks.check_float(x, "input")
     _checks.check_float(weight, "weight")
@@ -343,10 +344,10 @@ def _validate(x, weight, bias, stride, padding, dilation, residual, scale=None, 
             raise TypeError(f"bias has dtype {bias.dtype} but input has dtype {x.dtype}; they must match")
     _checks.check_same_device(x, "input", weight=weight, bias=bias, scale=scale, shift=shift, residual=residual)
     cout, cin = weight.shape[:2]
-    if x.shape[1] != cin:
+    if x.shape[1] != cin * groups:
         raise ValueError(
             f"input has {x.shape[1]} channels (dim 1 of shape {tuple(x.shape)}) but weight of shape "
-            f"{tuple(weight.shape)} expects {cin} input channels (groups=1)"
+            f"{tuple(weight.shape)} expects {cin * groups} input channels (groups={groups})"
         )
     if weight.numel() == 0:
         raise ValueError(f"weight must be non-empty, got shape {tuple(weight.shape)}")
@@ -511,6 +512,7 @@ def conv2d(
 def conv2d_batch_norm(
     input, weight, bias, running_mean, running_var, bn_weight=None, bn_bias=None, training=False, momentum=0.1,
     eps=1e-5, stride=1, padding=0, dilation=1, residual=None, relu=True, backend=None, act=None, cache_owner=None,
+    groups=1,
 ):
     """act(batch_norm(conv2d(input, weight, bias)) [+ residual]) (act: fastnets.activations; it wins over
     `relu`), with batch_norm following
@@ -518,17 +520,30 @@ def conv2d_batch_norm(
     as torch does). Training: the convolution's epilogue produces the batch statistics and the fused BN
     kernel normalizes (+residual, +activation). Eval: the BatchNorm is folded into the convolution's epilogue.
     On the native backend (auto on CPU) eval folds BN into the weights of one oneDNN convolution;
-    `cache_owner` (the conv module, from conv_bn_act) caches that fold (see ops/_native_cpu.py)."""
+    `cache_owner` (the conv module, from conv_bn_act) caches that fold (see ops/_native_cpu.py).
+    `groups` > 1 (grouped, depthwise): folded likewise in eval on the native backend; elsewhere F.conv2d
+    and fastnets' batch_norm with the add and activation."""
     act, act_param = activations.resolve(act, relu)
     backend = requested_backend(backend)
     stride, padding, dilation = _args(input, stride, padding, dilation)
+    if groups != 1:
+        _check_groups(groups, input, weight)
     input, residual, unbatched = _unbatched(input, residual)
+    if groups != 1 and (training or not _native_cpu.active(backend, input)):
+        from .batch_norm import batch_norm
+
+        x, w, b, r = _autocast(input, weight, bias, residual)
+        z = F.conv2d(x, w, b, tuple(stride), tuple(padding), tuple(dilation), groups)
+        y = batch_norm(z, running_mean, running_var, bn_weight, bn_bias, training, momentum, eps, residual=r,
+                       act=(act, act_param), backend=backend)
+        return y.squeeze(0) if unbatched else y
     # native eval folds the BatchNorm into the module's own (uncast) weight and bias, in fp32, and rounds the
     # cached fold once to the autocast dtype: casting them here would make a new tensor every call (no cache
     # hit, a copy per layer)
     native_eval = not training and _native_cpu.active(backend, input)
     input, weight, bias, residual = _autocast(input, weight, bias, residual, params=not native_eval)
-    shape = _validate(input, weight, bias, stride, padding, dilation, residual, params_uncast=native_eval)
+    shape = _validate(input, weight, bias, stride, padding, dilation, residual, params_uncast=native_eval,
+                      groups=groups)
     cout = weight.shape[0]
     for name, t in (("running_mean", running_mean), ("running_var", running_var), ("bn_weight", bn_weight),
                     ("bn_bias", bn_bias)):
@@ -557,7 +572,7 @@ def conv2d_batch_norm(
             raise ValueError("running_mean and running_var are required when training=False")
         if native_eval:  # one oneDNN convolution of the folded weights (folded into input's dtype)
             y = _native_cpu.conv_bn_eval(input, weight, bias, running_mean, running_var, bn_weight, bn_bias, eps,
-                                         stride, padding, dilation, residual, act, act_param, cache_owner)
+                                         stride, padding, dilation, residual, act, act_param, cache_owner, groups)
             return y.squeeze(0) if unbatched else y
         acc = acc_dtype(input)
         scale, shift = fold_scale_shift(bn_weight, bn_bias, running_mean.to(acc), torch.rsqrt(running_var.to(acc) + eps))

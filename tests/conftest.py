@@ -379,3 +379,18 @@ def check_bad_input_row(backend, row):
         with pytest.raises(exc) as info:
             fn(device)
     assert fragment in str(info.value), f"{name}: {fragment!r} not in {info.value}"
+
+
+def bad_input_tests(rows, backends, min_rows=25):
+    """The two tests every bad-input file has: each row of its catalogue on each backend, and the catalogue not
+    shrinking below `min_rows`. Assign both at module level so pytest collects them."""
+
+    @pytest.mark.parametrize("backend", backends)
+    @pytest.mark.parametrize("row", rows, ids=[r[0] for r in rows])
+    def test_bad_input(backend, row):
+        check_bad_input_row(backend, row)
+
+    def test_catalogue_size():
+        assert len(rows) >= min_rows
+
+    return test_bad_input, test_catalogue_size

@@ -263,40 +263,15 @@ def leaf64(t):
     return None if t is None else t.detach().to(torch.float64).requires_grad_(t.requires_grad)
 
 
-def bn_truth(x, running_mean, running_var, weight, bias, training, momentum, eps, residual=None, relu=False,
-             grad=None):
-    """torch's own F.batch_norm (+ add + relu) in float64 on the same rounded inputs. Returns
-    (y, {name: grad}, running_mean, running_var) with grads for x, weight, bias, residual (those given)."""
-    import torch.nn.functional as F
-
-    ins = {"x": x, "weight": weight, "bias": bias, "residual": residual}
-    leaves = {k: v.detach().double().requires_grad_() for k, v in ins.items() if v is not None}
-    rm = None if running_mean is None else running_mean.detach().double().clone()
-    rv = None if running_var is None else running_var.detach().double().clone()
-    y = F.batch_norm(leaves["x"], rm, rv, leaves.get("weight"), leaves.get("bias"), training, momentum, eps)
-    if residual is not None:
-        y = y + leaves["residual"]
-    if relu:
-        y = torch.relu(y)
-    grads = {}
-    if grad is not None:
-        names = list(leaves)
-        got = torch.autograd.grad(y, [leaves[n] for n in names], grad.double())
-        grads = dict(zip(names, got))
-    return y.detach(), grads, rm, rv
+def _leaves64(**tensors):
+    """The given tensors (None left out) as float64 leaves that need gradients: the truth functions' inputs."""
+    return {k: v.detach().double().requires_grad_() for k, v in tensors.items() if v is not None}
 
 
-def se_truth(x, w1, b1, w2, b2, residual=None, relu=False, grad=None):
-    """The eager squeeze-excite block in float64 (torch's mean, conv/linear, ReLU, sigmoid)."""
-    import torch.nn.functional as F
-
-    ins = {"x": x, "w1": w1, "b1": b1, "w2": w2, "b2": b2, "residual": residual}
-    leaves = {k: v.detach().double().requires_grad_() for k, v in ins.items() if v is not None}
-    p = leaves["x"].mean((2, 3))
-    h = torch.relu(F.linear(p, leaves["w1"].flatten(1), leaves["b1"]))
-    gate = torch.sigmoid(F.linear(h, leaves["w2"].flatten(1), leaves["b2"]))
-    y = leaves["x"] * gate[:, :, None, None]
-    if residual is not None:
+def _add_act_grads64(y, leaves, relu, grad):
+    """(y [+ leaves["residual"]] [-> ReLU], {name: gradient of every leaf for `grad`}): the epilogue and the
+    backward the truth functions share."""
+    if "residual" in leaves:
         y = y + leaves["residual"]
     if relu:
         y = torch.relu(y)
@@ -305,6 +280,30 @@ def se_truth(x, w1, b1, w2, b2, residual=None, relu=False, grad=None):
         names = list(leaves)
         grads = dict(zip(names, torch.autograd.grad(y, [leaves[n] for n in names], grad.double())))
     return y.detach(), grads
+
+
+def bn_truth(x, running_mean, running_var, weight, bias, training, momentum, eps, residual=None, relu=False,
+             grad=None):
+    """torch's own F.batch_norm (+ add + relu) in float64 on the same rounded inputs. Returns
+    (y, {name: grad}, running_mean, running_var) with grads for x, weight, bias, residual (those given)."""
+    import torch.nn.functional as F
+
+    leaves = _leaves64(x=x, weight=weight, bias=bias, residual=residual)
+    rm = None if running_mean is None else running_mean.detach().double().clone()
+    rv = None if running_var is None else running_var.detach().double().clone()
+    y = F.batch_norm(leaves["x"], rm, rv, leaves.get("weight"), leaves.get("bias"), training, momentum, eps)
+    return _add_act_grads64(y, leaves, relu, grad) + (rm, rv)
+
+
+def se_truth(x, w1, b1, w2, b2, residual=None, relu=False, grad=None):
+    """The eager squeeze-excite block in float64 (torch's mean, conv/linear, ReLU, sigmoid)."""
+    import torch.nn.functional as F
+
+    leaves = _leaves64(x=x, w1=w1, b1=b1, w2=w2, b2=b2, residual=residual)
+    p = leaves["x"].mean((2, 3))
+    h = torch.relu(F.linear(p, leaves["w1"].flatten(1), leaves["b1"]))
+    gate = torch.sigmoid(F.linear(h, leaves["w2"].flatten(1), leaves["b2"]))
+    return _add_act_grads64(leaves["x"] * gate[:, :, None, None], leaves, relu, grad)
 
 
 def assert_grads(got, want, refs=None, dtypes=None, scale=1.0, msg=""):

@@ -235,17 +235,12 @@ def _config_lists_under(tune):
     return mod._GEMM_CONFIGS, mod._WGRAD_CONFIGS
 
 
-def conv_launches():
-    import fastnets.triton_kernels.conv as cv
-
-    _with_cuda_device(cv, "_wgrad_target_programs")
-    quick_gemm, quick_wgrad = _config_lists_under("quick")
-    launch = cv._launch
-    tuned = {"on": True}
+def _each_config(launch, tuned, quick=None):
+    """A stand-in for conv._launch (`launch`) that records what the launcher compiles on a GPU: the fixed
+    configuration (float64, FASTNETS_CONV_TUNE=fixed) and, while tuned["on"], every configuration the autotuner
+    keeps after pruning, plus quick(raw kernel)'s list when `quick` is given."""
 
     def each_config(autotuner, raw, grid, *args, **kwargs):
-        """What the launcher compiles on a GPU: the fixed configuration (float64, FASTNETS_CONV_TUNE=fixed)
-        and every configuration the autotuner keeps after pruning, plus the `quick` list's."""
         what = REC.what
         os.environ["FASTNETS_CONV_TUNE"] = "fixed"
         try:
@@ -257,9 +252,10 @@ def conv_launches():
             REC.what = what
             return cfg
         named = dict(zip(raw.arg_names, args))
-        quick = quick_wgrad if raw is cv._conv_wgrad_kernel else quick_gemm
-        for label, configs in (("autotuned", autotuner.early_config_prune(autotuner.configs, named, **kwargs)),
-                               ("quick", quick)):
+        lists = [("autotuned", autotuner.early_config_prune(autotuner.configs, named, **kwargs))]
+        if quick is not None:
+            lists.append(("quick", quick(raw)))
+        for label, configs in lists:
             REC.what = f"{what} {raw.__name__} {label}"
             REC._group = (len(REC.launches), label)
             for c in configs:
@@ -268,7 +264,17 @@ def conv_launches():
         REC.what = what
         return cfg
 
-    cv._launch = each_config
+    return each_config
+
+
+def conv_launches():
+    import fastnets.triton_kernels.conv as cv
+
+    _with_cuda_device(cv, "_wgrad_target_programs")
+    quick_gemm, quick_wgrad = _config_lists_under("quick")
+    tuned = {"on": True}
+    cv._launch = _each_config(cv._launch, tuned,
+                              quick=lambda raw: quick_wgrad if raw is cv._conv_wgrad_kernel else quick_gemm)
     sweep_shape = CONV_SHAPES[0]
     for shape in CONV_SHAPES:
         n, c, h, w, cout, k, s, p = shape
@@ -332,26 +338,7 @@ def conv_prologue_launches():
     _with_cuda_device(cv, "_wgrad_target_programs")
     launch = cv._launch
     tuned = {"on": False}
-
-    def each_config(autotuner, raw, grid, *args, **kwargs):
-        what = REC.what
-        os.environ["FASTNETS_CONV_TUNE"] = "fixed"
-        try:
-            REC.what = f"{what} {raw.__name__} fixed config"
-            cfg = launch(autotuner, raw, grid, *args, **kwargs)
-        finally:
-            os.environ.pop("FASTNETS_CONV_TUNE", None)
-        if tuned["on"] and not kwargs["FP64"]:
-            named = dict(zip(raw.arg_names, args))
-            REC.what = f"{what} {raw.__name__} autotuned"
-            REC._group = (len(REC.launches), "autotuned")
-            for c in autotuner.early_config_prune(autotuner.configs, named, **kwargs):
-                raw[grid(c.kwargs)](*args, **kwargs, **c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
-            REC._group = None
-        REC.what = what
-        return cfg
-
-    cv._launch = each_config
+    cv._launch = _each_config(launch, tuned)
     try:
         for shape in CONV_PROLOGUE_SHAPES:
             n, c, h, w, cout, k, s, p = shape

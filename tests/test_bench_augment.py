@@ -42,6 +42,14 @@ def test_measure_two_sizes_selected_variants():
     assert all(r["status"] == "ok" and r["images_per_s"] > 0 for r in rows)
 
 
+def _assert_usage_error(main_fn, argv, flag, capsys):
+    """main_fn(argv) stops with argparse's usage status (2) and names `flag` in its message."""
+    with pytest.raises(SystemExit) as e:
+        main_fn(argv)
+    assert e.value.code == 2
+    assert flag in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("extra, flag", [
     (["--batch-size", "0"], "--batch-size"),
     (["--repeats", "0"], "--repeats"),
@@ -51,10 +59,7 @@ def test_measure_two_sizes_selected_variants():
     (["--device", "tpu"], "--device"),
 ])
 def test_bad_arguments_name_the_flag(tmp_path, capsys, extra, flag):
-    with pytest.raises(SystemExit) as e:
-        main(ARGS + extra + ["--out", str(tmp_path)])
-    assert e.value.code == 2
-    assert flag in capsys.readouterr().err
+    _assert_usage_error(main, ARGS + extra + ["--out", str(tmp_path)], flag, capsys)
 
 
 def test_measure_bad_input():
@@ -137,7 +142,4 @@ def test_compare_same_budget_with_and_without_augmentation():
 def test_augment_training_bad_arguments(tmp_path, capsys, extra, flag):
     from fastnets.bench import augment_training as AG
 
-    with pytest.raises(SystemExit) as e:
-        AG.main(["--out", str(tmp_path)] + extra)
-    assert e.value.code == 2
-    assert flag in capsys.readouterr().err
+    _assert_usage_error(AG.main, ["--out", str(tmp_path)] + extra, flag, capsys)

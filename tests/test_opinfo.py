@@ -44,6 +44,9 @@ def _run(fn, sample):
     return out, grads, buffers
 
 
+FP64_FP32 = pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+
+
 def _check_samples(op, torch_op, samples, backend, input_grad_ref=None):
     """Each sample through fastnets' `op` on `backend` and through torch's `torch_op`: the output, every
     gradient and every tensor the op updates in place (BatchNorm's running statistics) must agree.
@@ -63,10 +66,9 @@ def _check_samples(op, torch_op, samples, backend, input_grad_ref=None):
 
 
 @pytest.mark.parametrize("backend", backend_params("conv"))
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+@FP64_FP32
 def test_conv2d_opinfo_samples(backend, dtype):
-    device = device_for(backend)
-    samples = _samples("nn.functional.conv2d", device, dtype)
+    samples = _samples("nn.functional.conv2d", device_for(backend), dtype)
     assert len(samples) >= 20
     _check_samples(conv2d, F.conv2d, samples, backend)
     kinds = {("str-padding" if isinstance(s.kwargs.get("padding"), str) else "int-padding",
@@ -77,10 +79,9 @@ def test_conv2d_opinfo_samples(backend, dtype):
 
 
 @pytest.mark.parametrize("backend", backend_params("batch_norm"))
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+@FP64_FP32
 def test_batch_norm_opinfo_samples(backend, dtype):
-    device = device_for(backend)
-    samples = _samples("nn.functional.batch_norm", device, dtype)
+    samples = _samples("nn.functional.batch_norm", device_for(backend), dtype)
     assert len(samples) >= 8
     # the input's gradient can be near zero (training removes the mean of the upstream gradient): unit scale
     _check_samples(batch_norm, F.batch_norm, samples, backend, input_grad_ref=torch.ones_like)

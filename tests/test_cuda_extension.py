@@ -122,6 +122,7 @@ def test_cuda_backend_without_gpu_says_so():
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+each_layout = pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 
 # (shape, which kernel path it exercises). S = product of the spatial sizes.
 SHAPES = [
@@ -177,7 +178,7 @@ def _f64_stats(x):
 @gpu
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES + [torch.float64], ids=str)
-@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@each_layout
 @pytest.mark.parametrize("shape", [s for s, _ in SHAPES], ids=SHAPE_IDS)
 def test_stats_matches_float64(shape, channels_last, dtype):
     x = _rand(shape, dtype, channels_last, loc=0.5, scale=2.0)
@@ -194,7 +195,7 @@ def test_stats_matches_float64(shape, channels_last, dtype):
 @gpu
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@each_layout
 @pytest.mark.parametrize("shape", [(64, 32, 7, 7), (8, 16, 40, 40), (512, 24), (2, 3, 1500, 1400)], ids=str)
 def test_stats_of_large_mean_small_std(shape, channels_last, dtype):
     """mean 1e3, std 1: E[x^2] - E[x]^2 in float32 would lose every digit of the variance."""
@@ -228,7 +229,7 @@ def _scale_shift(c, dtype):
 @pytest.mark.gpu
 @pytest.mark.parametrize("mode", ["plain", "relu", "residual", "relu+residual"])
 @pytest.mark.parametrize("dtype", DTYPES + [torch.float64], ids=str)
-@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@each_layout
 @pytest.mark.parametrize("shape", [s for s, _ in SHAPES], ids=SHAPE_IDS)
 def test_apply_matches_reference(shape, channels_last, dtype, mode):
     relu, has_res = "relu" in mode, "residual" in mode
@@ -263,7 +264,7 @@ def _misaligned(shape, dtype, channels_last):
 @gpu
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@each_layout
 @pytest.mark.parametrize("shape", [(3, 16, 8, 8), (2, 8, 40, 40), (64, 256), (5, 24, 7, 7)], ids=str)
 def test_unaligned_pointers_use_the_scalar_paths(shape, channels_last, dtype):
     x, cl = _tensors.dense_layout(_misaligned(shape, dtype, channels_last))
@@ -303,7 +304,7 @@ def _check_sums(sums, dy, x, y, mean, relu):
 @pytest.mark.gpu
 @pytest.mark.parametrize("relu", [False, True], ids=["bn", "relu"])
 @pytest.mark.parametrize("dtype", DTYPES + [torch.float64], ids=str)
-@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@each_layout
 @pytest.mark.parametrize("shape", [s for s, _ in SHAPES], ids=SHAPE_IDS)
 def test_backward_primitives_match_reference(shape, channels_last, dtype, relu):
     x, cl = _tensors.dense_layout(_rand(shape, dtype, channels_last))
@@ -337,7 +338,7 @@ def test_backward_primitives_match_reference(shape, channels_last, dtype, relu):
 @pytest.mark.parametrize("mode", ["bn", "relu", "relu+residual"])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@each_layout
 @pytest.mark.parametrize("shape", [(4, 3, 5, 7), (5, 2048, 7, 7), (2, 8, 40, 40), (6, 5), (3, 7, 11)], ids=str)
 def test_op_and_all_gradients_match_reference(shape, channels_last, dtype, training, mode):
     """The whole op, forward and backward (x, weight, bias, residual), cuda backend against the reference."""
@@ -406,7 +407,7 @@ def _free_gpu_bytes():
 @gpu
 @pytest.mark.gpu
 @pytest.mark.slow
-@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@each_layout
 def test_apply_over_2_31_elements(channels_last):
     """bf16 x and residual with over 2^31 elements: int64 indexing, C=3 channel tracking past 2^31."""
     shape = (2, 3, 1024, 350211)  # 2^31 + 4212736 elements

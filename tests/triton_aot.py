@@ -235,6 +235,15 @@ def _config_lists_under(tune):
     return mod._GEMM_CONFIGS, mod._WGRAD_CONFIGS
 
 
+def _conv_operands(shape, dtype, channels_last):
+    """Meta input, weight, output and bias of a convolution `shape` (n, c, h, w, cout, k, s, p), and its
+    (stride, padding, dilation)."""
+    n, c, h, w, cout, k, s, p = shape
+    oh, ow = (h + 2 * p - k) // s + 1, (w + 2 * p - k) // s + 1
+    return (meta((n, c, h, w), dtype, channels_last), meta((cout, c, k, k), dtype),
+            meta((n, cout, oh, ow), dtype, channels_last), meta((cout,), dtype), ((s, s), (p, p), (1, 1)))
+
+
 def _each_config(launch, tuned, quick=None):
     """A stand-in for conv._launch (`launch`) that records what the launcher compiles on a GPU: the fixed
     configuration (float64, FASTNETS_CONV_TUNE=fixed) and, while tuned["on"], every configuration the autotuner
@@ -278,8 +287,6 @@ def conv_launches():
     sweep_shape = CONV_SHAPES[0]
     for shape in CONV_SHAPES:
         n, c, h, w, cout, k, s, p = shape
-        oh = (h + 2 * p - k) // s + 1
-        ow = (w + 2 * p - k) // s + 1
         sweep = _sweep(shape, sweep_shape)
         if not (sweep or shape in CONV_TUNED_DEFAULT):
             continue
@@ -291,12 +298,8 @@ def conv_launches():
                     CONV_TUNED_DEFAULT.get(shape, ()) if dtype == BF16 else ())
                 for tf32 in ((True, False) if dtype == F32 else (True,)):
                     set_fp32_precision("tf32" if tf32 else "ieee")  # the flag cuDNN and the Triton conv read
-                    x = meta((n, c, h, w), dtype, cl)
-                    wt = meta((cout, c, k, k), dtype)
-                    y = meta((n, cout, oh, ow), dtype, cl)
+                    x, wt, y, bias, conf = _conv_operands(shape, dtype, cl)
                     vec = meta((cout,), acc_of(dtype))
-                    bias = meta((cout,), dtype)
-                    conf = ((s, s), (p, p), (1, 1))
                     with launches(f"conv {(n, c, h, w)} -> {cout} k{k} s{s} p{p} {dtype} channels_last={cl} "
                                   f"tf32={tf32}"):
                         # epilogues: plain conv (+bias), eval conv-BN (+residual) (+ReLU)
@@ -342,15 +345,10 @@ def conv_prologue_launches():
     try:
         for shape in CONV_PROLOGUE_SHAPES:
             n, c, h, w, cout, k, s, p = shape
-            oh, ow = (h + 2 * p - k) // s + 1, (w + 2 * p - k) // s + 1
             sweep = _sweep(shape, CONV_PROLOGUE_SHAPES[0])
             for dtype in ((BF16, F32, F64) if sweep else (BF16,)):
-                z = meta((n, c, h, w), dtype, True)
-                wt = meta((cout, c, k, k), dtype)
-                out = meta((n, cout, oh, ow), dtype, True)
+                z, wt, out, bias, conf = _conv_operands(shape, dtype, True)
                 vec = meta((c,), acc_of(dtype))
-                bias = meta((cout,), dtype)
-                conf = ((s, s), (p, p), (1, 1))
                 with launches(f"conv_prologue {(n, c, h, w)} -> {cout} k{k} s{s} p{p} {dtype} channels_last"):
                     tuned["on"] = sweep and dtype == BF16
                     cp.forward(z, vec, vec, wt, bias, *conf, 1, "relu", 0.0, out, stats=True)

@@ -134,9 +134,10 @@ def _defer(bn, z, mean, var, act):
 
 def _prologue_conv(conv, d, stats):
     """conv(act(d.z * d.scale + d.shift)) through bn_act_conv2d, the BatchNorm-apply in its prologue; with
-    stats, (out, mean, var) with out's batch statistics. None when the convolution cannot take it."""
+    stats, (out, mean, var) with out's batch statistics. None when d is a tensor (not a Deferred) or the
+    convolution cannot take it."""
     padding = _zero_padding(conv)
-    if padding is None:
+    if not isinstance(d, Deferred) or padding is None:
         return None
     return bn_act_conv2d(d.z, d.scale, d.shift, conv.weight, conv.bias, conv.stride, padding, conv.dilation,
                          conv.groups, activation=d.act, backend=current_backend(), stats=stats)
@@ -144,11 +145,10 @@ def _prologue_conv(conv, d, stats):
 
 def _conv_with_stats(conv, x):
     """(z, mean, var): conv(x) of a tensor or Deferred x and z's batch statistics (non-differentiable)."""
-    if isinstance(x, Deferred):
-        got = _prologue_conv(conv, x, stats=True)
-        if got is not None:
-            return got
-        x = materialize(x)
+    got = _prologue_conv(conv, x, stats=True)
+    if got is not None:
+        return got
+    x = materialize(x)
     padding = _fastnets_padding(conv)
     if padding is None or _native_cpu.active(current_backend(), x):
         z = conv(x)  # torch's (or oneDNN's) convolution; the statistics in a pass of their own
@@ -186,12 +186,8 @@ def bn_deferred(bn, x, act="relu"):
 
 def conv_chained(conv, x):
     """conv(x) for a tensor or a Deferred x (read in the convolution's prologue)."""
-    if isinstance(x, Deferred):
-        got = _prologue_conv(conv, x, stats=False)
-        if got is not None:
-            return got
-        x = materialize(x)
-    return conv(x)
+    got = _prologue_conv(conv, x, stats=False)
+    return conv(materialize(x)) if got is None else got
 
 
 def conv_bn_act_chained(conv, bn, x, residual=None, act="relu"):

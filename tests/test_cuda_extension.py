@@ -120,7 +120,12 @@ def test_cuda_backend_without_gpu_says_so():
 # ---------------------------------------------------------------------------------------------------
 # GPU: each primitive against the reference
 
-gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+def gpu(test):
+    """Marked `gpu` (the GPU run selects these) and skipped without a CUDA GPU."""
+    return pytest.mark.gpu(pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")(test))
+
+
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 each_layout = pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 
@@ -176,7 +181,6 @@ def _f64_stats(x):
 
 
 @gpu
-@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES + [torch.float64], ids=str)
 @each_layout
 @pytest.mark.parametrize("shape", [s for s, _ in SHAPES], ids=SHAPE_IDS)
@@ -193,7 +197,6 @@ def test_stats_matches_float64(shape, channels_last, dtype):
 
 
 @gpu
-@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @each_layout
 @pytest.mark.parametrize("shape", [(64, 32, 7, 7), (8, 16, 40, 40), (512, 24), (2, 3, 1500, 1400)], ids=str)
@@ -208,7 +211,6 @@ def test_stats_of_large_mean_small_std(shape, channels_last, dtype):
 
 
 @gpu
-@pytest.mark.gpu
 def test_stats_is_deterministic():
     x = torch.randn(16, 64, 28, 28, device="cuda")
     for cl in (False, True):
@@ -226,7 +228,6 @@ def _scale_shift(c, dtype):
 
 
 @gpu
-@pytest.mark.gpu
 @pytest.mark.parametrize("mode", ["plain", "relu", "residual", "relu+residual"])
 @pytest.mark.parametrize("dtype", DTYPES + [torch.float64], ids=str)
 @each_layout
@@ -262,7 +263,6 @@ def _misaligned(shape, dtype, channels_last):
 
 
 @gpu
-@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @each_layout
 @pytest.mark.parametrize("shape", [(3, 16, 8, 8), (2, 8, 40, 40), (64, 256), (5, 24, 7, 7)], ids=str)
@@ -301,7 +301,6 @@ def _check_sums(sums, dy, x, y, mean, relu):
 
 
 @gpu
-@pytest.mark.gpu
 @pytest.mark.parametrize("relu", [False, True], ids=["bn", "relu"])
 @pytest.mark.parametrize("dtype", DTYPES + [torch.float64], ids=str)
 @each_layout
@@ -334,7 +333,6 @@ def test_backward_primitives_match_reference(shape, channels_last, dtype, relu):
 
 
 @gpu
-@pytest.mark.gpu
 @pytest.mark.parametrize("mode", ["bn", "relu", "relu+residual"])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -376,7 +374,6 @@ def test_op_and_all_gradients_match_reference(shape, channels_last, dtype, train
 
 
 @gpu
-@pytest.mark.gpu
 def test_bad_arguments_name_the_argument():
     k = torch.ops.fastnets_cuda
     x = torch.randn(2, 8, 4, 4, device="cuda")
@@ -405,7 +402,6 @@ def _free_gpu_bytes():
 
 
 @gpu
-@pytest.mark.gpu
 @pytest.mark.slow
 @each_layout
 def test_apply_over_2_31_elements(channels_last):

@@ -18,7 +18,8 @@ import re
 import subprocess
 import sys
 
-from fastnets.audit.sass import max_threads, tool as audit_tool
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this checkout's fastnets
+from fastnets.audit.sass import max_threads, tool as audit_tool  # noqa: E402
 
 REGS_PER_SM = 65536
 MAX_THREADS_PER_SM = 2048  # sm_80 and sm_90

@@ -345,6 +345,19 @@ def fuzz_examples(backend):
     return FUZZ_EXAMPLES.get(HYPOTHESIS_PROFILE or "ci", FUZZ_EXAMPLES["ci"])[backend]
 
 
+def run_fuzz(cases, run_case, backend, examples=None):
+    """run_case(case, backend) on hypothesis' draws from the strategy `cases`: `examples` of them, by default
+    fuzz_examples(backend)."""
+    from hypothesis import given, settings
+
+    @settings(max_examples=examples or fuzz_examples(backend))
+    @given(cases)
+    def check(case):
+        run_case(case, backend)
+
+    check()
+
+
 def pytest_report_header(config):
     seed = os.environ.get("HYPOTHESIS_SEED", "derandomized (seed from each test's name)")
     return f"fastnets: hypothesis profile {HYPOTHESIS_PROFILE}, seed {seed}; TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET')}"

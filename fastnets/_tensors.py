@@ -120,3 +120,9 @@ def device_guard(device):
             yield
     finally:
         _guarded.reset(token)
+
+
+def needed_grads(grads, needs):
+    """What an autograd backward returns: each gradient where its input needs one (needs_input_grad), else None
+    (a kernel may compute more than was asked for, e.g. weight and bias together)."""
+    return tuple(g if need else None for g, need in zip(grads, needs))

@@ -263,40 +263,15 @@ def leaf64(t):
     return None if t is None else t.detach().to(torch.float64).requires_grad_(t.requires_grad)
 
 
-def bn_truth(x, running_mean, running_var, weight, bias, training, momentum, eps, residual=None, relu=False,
-             grad=None):
-    """torch's own F.batch_norm (+ add + relu) in float64 on the same rounded inputs. Returns
-    (y, {name: grad}, running_mean, running_var) with grads for x, weight, bias, residual (those given)."""
-    import torch.nn.functional as F
-
-    ins = {"x": x, "weight": weight, "bias": bias, "residual": residual}
-    leaves = {k: v.detach().double().requires_grad_() for k, v in ins.items() if v is not None}
-    rm = None if running_mean is None else running_mean.detach().double().clone()
-    rv = None if running_var is None else running_var.detach().double().clone()
-    y = F.batch_norm(leaves["x"], rm, rv, leaves.get("weight"), leaves.get("bias"), training, momentum, eps)
-    if residual is not None:
-        y = y + leaves["residual"]
-    if relu:
-        y = torch.relu(y)
-    grads = {}
-    if grad is not None:
-        names = list(leaves)
-        got = torch.autograd.grad(y, [leaves[n] for n in names], grad.double())
-        grads = dict(zip(names, got))
-    return y.detach(), grads, rm, rv
+def _leaves64(**tensors):
+    """The given tensors (None left out) as float64 leaves that need gradients: the truth functions' inputs."""
+    return {k: v.detach().double().requires_grad_() for k, v in tensors.items() if v is not None}
 
 
-def se_truth(x, w1, b1, w2, b2, residual=None, relu=False, grad=None):
-    """The eager squeeze-excite block in float64 (torch's mean, conv/linear, ReLU, sigmoid)."""
-    import torch.nn.functional as F
-
-    ins = {"x": x, "w1": w1, "b1": b1, "w2": w2, "b2": b2, "residual": residual}
-    leaves = {k: v.detach().double().requires_grad_() for k, v in ins.items() if v is not None}
-    p = leaves["x"].mean((2, 3))
-    h = torch.relu(F.linear(p, leaves["w1"].flatten(1), leaves["b1"]))
-    gate = torch.sigmoid(F.linear(h, leaves["w2"].flatten(1), leaves["b2"]))
-    y = leaves["x"] * gate[:, :, None, None]
-    if residual is not None:
+def _add_act_grads64(y, leaves, relu, grad):
+    """(y [+ leaves["residual"]] [-> ReLU], {name: gradient of every leaf for `grad`}): the epilogue and the
+    backward the truth functions share."""
+    if "residual" in leaves:
         y = y + leaves["residual"]
     if relu:
         y = torch.relu(y)
@@ -305,6 +280,30 @@ def se_truth(x, w1, b1, w2, b2, residual=None, relu=False, grad=None):
         names = list(leaves)
         grads = dict(zip(names, torch.autograd.grad(y, [leaves[n] for n in names], grad.double())))
     return y.detach(), grads
+
+
+def bn_truth(x, running_mean, running_var, weight, bias, training, momentum, eps, residual=None, relu=False,
+             grad=None):
+    """torch's own F.batch_norm (+ add + relu) in float64 on the same rounded inputs. Returns
+    (y, {name: grad}, running_mean, running_var) with grads for x, weight, bias, residual (those given)."""
+    import torch.nn.functional as F
+
+    leaves = _leaves64(x=x, weight=weight, bias=bias, residual=residual)
+    rm = None if running_mean is None else running_mean.detach().double().clone()
+    rv = None if running_var is None else running_var.detach().double().clone()
+    y = F.batch_norm(leaves["x"], rm, rv, leaves.get("weight"), leaves.get("bias"), training, momentum, eps)
+    return _add_act_grads64(y, leaves, relu, grad) + (rm, rv)
+
+
+def se_truth(x, w1, b1, w2, b2, residual=None, relu=False, grad=None):
+    """The eager squeeze-excite block in float64 (torch's mean, conv/linear, ReLU, sigmoid)."""
+    import torch.nn.functional as F
+
+    leaves = _leaves64(x=x, w1=w1, b1=b1, w2=w2, b2=b2, residual=residual)
+    p = leaves["x"].mean((2, 3))
+    h = torch.relu(F.linear(p, leaves["w1"].flatten(1), leaves["b1"]))
+    gate = torch.sigmoid(F.linear(h, leaves["w2"].flatten(1), leaves["b2"]))
+    return _add_act_grads64(leaves["x"] * gate[:, :, None, None], leaves, relu, grad)
 
 
 def assert_grads(got, want, refs=None, dtypes=None, scale=1.0, msg=""):
@@ -346,6 +345,19 @@ def fuzz_examples(backend):
     return FUZZ_EXAMPLES.get(HYPOTHESIS_PROFILE or "ci", FUZZ_EXAMPLES["ci"])[backend]
 
 
+def run_fuzz(cases, run_case, backend, examples=None):
+    """run_case(case, backend) on hypothesis' draws from the strategy `cases`: `examples` of them, by default
+    fuzz_examples(backend)."""
+    from hypothesis import given, settings
+
+    @settings(max_examples=examples or fuzz_examples(backend))
+    @given(cases)
+    def check(case):
+        run_case(case, backend)
+
+    check()
+
+
 def pytest_report_header(config):
     seed = os.environ.get("HYPOTHESIS_SEED", "derandomized (seed from each test's name)")
     return f"fastnets: hypothesis profile {HYPOTHESIS_PROFILE}, seed {seed}; TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET')}"
@@ -379,3 +391,18 @@ def check_bad_input_row(backend, row):
         with pytest.raises(exc) as info:
             fn(device)
     assert fragment in str(info.value), f"{name}: {fragment!r} not in {info.value}"
+
+
+def bad_input_tests(rows, backends, min_rows=25):
+    """The two tests every bad-input file has: each row of its catalogue on each backend, and the catalogue not
+    shrinking below `min_rows`. Assign both at module level so pytest collects them."""
+
+    @pytest.mark.parametrize("backend", backends)
+    @pytest.mark.parametrize("row", rows, ids=[r[0] for r in rows])
+    def test_bad_input(backend, row):
+        check_bad_input_row(backend, row)
+
+    def test_catalogue_size():
+        assert len(rows) >= min_rows
+
+    return test_bad_input, test_catalogue_size

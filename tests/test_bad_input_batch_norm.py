@@ -9,7 +9,7 @@ import fastnets
 from fastnets.nn import BatchNorm1d, BatchNorm2d, BatchNormReLU2d
 from fastnets.ops.batch_norm import batch_norm
 
-from conftest import check_bad_input_row, assert_rel, backend_params, bn_truth, device_for
+from conftest import bad_input_tests, assert_rel, backend_params, bn_truth, device_for
 
 BACKENDS = backend_params("batch_norm")
 
@@ -130,11 +130,4 @@ def _meta_shapes():
     assert y.device.type == "meta" and y.shape == x.shape and y.stride() == x.stride()
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("row", ROWS, ids=[r[0] for r in ROWS])
-def test_bad_input(backend, row):
-    check_bad_input_row(backend, row)
-
-
-def test_catalogue_size():
-    assert len(ROWS) >= 25
+test_bad_input, test_catalogue_size = bad_input_tests(ROWS, BACKENDS)

@@ -8,7 +8,7 @@ import fastnets
 from fastnets.nn import SqueezeExcite
 from fastnets.ops import se_excite, se_scale, squeeze_excite
 
-from conftest import check_bad_input_row, assert_grads, assert_rel, backend_params, device_for, se_truth
+from conftest import bad_input_tests, assert_grads, assert_rel, backend_params, device_for, se_truth
 
 BACKENDS = backend_params("squeeze_excite")
 
@@ -91,11 +91,4 @@ ROWS = [
 ]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("row", ROWS, ids=[r[0] for r in ROWS])
-def test_bad_input(backend, row):
-    check_bad_input_row(backend, row)
-
-
-def test_catalogue_size():
-    assert len(ROWS) >= 25
+test_bad_input, test_catalogue_size = bad_input_tests(ROWS, BACKENDS)

@@ -42,19 +42,20 @@ def test_measure_two_sizes_selected_variants():
     assert all(r["status"] == "ok" and r["images_per_s"] > 0 for r in rows)
 
 
-@pytest.mark.parametrize("extra, flag", [
-    (["--batch-size", "0"], "--batch-size"),
-    (["--repeats", "0"], "--repeats"),
-    (["--warmup", "-1"], "--warmup"),
-    (["--augment-sizes", "cifar10,mnist"], "--augment-sizes"),
-    (["--augment-sizes", " , "], "--augment-sizes"),
-    (["--device", "tpu"], "--device"),
-])
-def test_bad_arguments_name_the_flag(tmp_path, capsys, extra, flag):
+def _assert_usage_error(main_fn, argv, flag, capsys):
+    """main_fn(argv) stops with argparse's usage status (2) and names `flag`, the one with the refused value."""
     with pytest.raises(SystemExit) as e:
-        main(ARGS + extra + ["--out", str(tmp_path)])
+        main_fn(argv)
     assert e.value.code == 2
     assert flag in capsys.readouterr().err
+
+
+# each a flag and a value it refuses
+@pytest.mark.parametrize("extra", [["--batch-size", "0"], ["--repeats", "0"], ["--warmup", "-1"],
+                                   ["--augment-sizes", "cifar10,mnist"], ["--augment-sizes", " , "],
+                                   ["--device", "tpu"]])
+def test_bad_arguments_name_the_flag(tmp_path, capsys, extra):
+    _assert_usage_error(main, ARGS + extra + ["--out", str(tmp_path)], extra[0], capsys)
 
 
 def test_measure_bad_input():
@@ -126,18 +127,10 @@ def test_compare_same_budget_with_and_without_augmentation():
         AG.compare(_tiny_cifar(), modes=("autoaugment",))
 
 
-@pytest.mark.parametrize("extra, flag", [
-    (["--modes", "none,cutmix"], "--modes"),
-    (["--epochs", "0"], "--epochs"),
-    (["--batch-size", "1"], "--batch-size"),
-    (["--max-train-images", "0"], "--max-train-images"),
-    (["--model", "lenet5"], "--model"),
-    (["--data", "/nonexistent/folder"], "--data"),
-])
-def test_augment_training_bad_arguments(tmp_path, capsys, extra, flag):
+@pytest.mark.parametrize("extra", [["--modes", "none,cutmix"], ["--epochs", "0"], ["--batch-size", "1"],
+                                   ["--max-train-images", "0"], ["--model", "lenet5"],
+                                   ["--data", "/nonexistent/folder"]])
+def test_augment_training_bad_arguments(tmp_path, capsys, extra):
     from fastnets.bench import augment_training as AG
 
-    with pytest.raises(SystemExit) as e:
-        AG.main(["--out", str(tmp_path)] + extra)
-    assert e.value.code == 2
-    assert flag in capsys.readouterr().err
+    _assert_usage_error(AG.main, ["--out", str(tmp_path)] + extra, extra[0], capsys)

@@ -120,8 +120,14 @@ def test_cuda_backend_without_gpu_says_so():
 # ---------------------------------------------------------------------------------------------------
 # GPU: each primitive against the reference
 
-gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+def gpu(test):
+    """Marked `gpu` (the GPU run selects these) and skipped without a CUDA GPU."""
+    return pytest.mark.gpu(pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")(test))
+
+
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+each_layout = pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 
 # (shape, which kernel path it exercises). S = product of the spatial sizes.
 SHAPES = [
@@ -175,9 +181,8 @@ def _f64_stats(x):
 
 
 @gpu
-@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES + [torch.float64], ids=str)
-@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@each_layout
 @pytest.mark.parametrize("shape", [s for s, _ in SHAPES], ids=SHAPE_IDS)
 def test_stats_matches_float64(shape, channels_last, dtype):
     x = _rand(shape, dtype, channels_last, loc=0.5, scale=2.0)
@@ -192,9 +197,8 @@ def test_stats_matches_float64(shape, channels_last, dtype):
 
 
 @gpu
-@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@each_layout
 @pytest.mark.parametrize("shape", [(64, 32, 7, 7), (8, 16, 40, 40), (512, 24), (2, 3, 1500, 1400)], ids=str)
 def test_stats_of_large_mean_small_std(shape, channels_last, dtype):
     """mean 1e3, std 1: E[x^2] - E[x]^2 in float32 would lose every digit of the variance."""
@@ -207,7 +211,6 @@ def test_stats_of_large_mean_small_std(shape, channels_last, dtype):
 
 
 @gpu
-@pytest.mark.gpu
 def test_stats_is_deterministic():
     x = torch.randn(16, 64, 28, 28, device="cuda")
     for cl in (False, True):
@@ -225,10 +228,9 @@ def _scale_shift(c, dtype):
 
 
 @gpu
-@pytest.mark.gpu
 @pytest.mark.parametrize("mode", ["plain", "relu", "residual", "relu+residual"])
 @pytest.mark.parametrize("dtype", DTYPES + [torch.float64], ids=str)
-@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@each_layout
 @pytest.mark.parametrize("shape", [s for s, _ in SHAPES], ids=SHAPE_IDS)
 def test_apply_matches_reference(shape, channels_last, dtype, mode):
     relu, has_res = "relu" in mode, "residual" in mode
@@ -261,9 +263,8 @@ def _misaligned(shape, dtype, channels_last):
 
 
 @gpu
-@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@each_layout
 @pytest.mark.parametrize("shape", [(3, 16, 8, 8), (2, 8, 40, 40), (64, 256), (5, 24, 7, 7)], ids=str)
 def test_unaligned_pointers_use_the_scalar_paths(shape, channels_last, dtype):
     x, cl = _tensors.dense_layout(_misaligned(shape, dtype, channels_last))
@@ -300,10 +301,9 @@ def _check_sums(sums, dy, x, y, mean, relu):
 
 
 @gpu
-@pytest.mark.gpu
 @pytest.mark.parametrize("relu", [False, True], ids=["bn", "relu"])
 @pytest.mark.parametrize("dtype", DTYPES + [torch.float64], ids=str)
-@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@each_layout
 @pytest.mark.parametrize("shape", [s for s, _ in SHAPES], ids=SHAPE_IDS)
 def test_backward_primitives_match_reference(shape, channels_last, dtype, relu):
     x, cl = _tensors.dense_layout(_rand(shape, dtype, channels_last))
@@ -333,11 +333,10 @@ def test_backward_primitives_match_reference(shape, channels_last, dtype, relu):
 
 
 @gpu
-@pytest.mark.gpu
 @pytest.mark.parametrize("mode", ["bn", "relu", "relu+residual"])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@each_layout
 @pytest.mark.parametrize("shape", [(4, 3, 5, 7), (5, 2048, 7, 7), (2, 8, 40, 40), (6, 5), (3, 7, 11)], ids=str)
 def test_op_and_all_gradients_match_reference(shape, channels_last, dtype, training, mode):
     """The whole op, forward and backward (x, weight, bias, residual), cuda backend against the reference."""
@@ -375,7 +374,6 @@ def test_op_and_all_gradients_match_reference(shape, channels_last, dtype, train
 
 
 @gpu
-@pytest.mark.gpu
 def test_bad_arguments_name_the_argument():
     k = torch.ops.fastnets_cuda
     x = torch.randn(2, 8, 4, 4, device="cuda")
@@ -404,9 +402,8 @@ def _free_gpu_bytes():
 
 
 @gpu
-@pytest.mark.gpu
 @pytest.mark.slow
-@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@each_layout
 def test_apply_over_2_31_elements(channels_last):
     """bf16 x and residual with over 2^31 elements: int64 indexing, C=3 channel tracking past 2^31."""
     shape = (2, 3, 1024, 350211)  # 2^31 + 4212736 elements

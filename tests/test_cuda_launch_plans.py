@@ -27,6 +27,7 @@ import torch
 
 import fastnets
 from fastnets import _extension
+from fastnets.audit import sass
 
 from launch_limits import assert_launch_ok
 
@@ -270,33 +271,13 @@ def test_launch_plan_op_rejects_bad_arguments():
 # __launch_bounds__ in the cubins
 
 
-def _cuobjdump():
-    found = shutil.which("cuobjdump")
-    cands = [found] if found else []
-    cands.append("/usr/local/cuda/bin/cuobjdump")
-    try:
-        import triton
-
-        cands.append(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump"))
-    except ImportError:
-        pass
-    return next((c for c in cands if c and os.access(c, os.X_OK)), None)
-
-
 def _kernel_bounds(lib, arch):
     """{demangled kernel name: EIATTR_MAX_THREADS (threads) or None} of the library's cubin for `arch`."""
-    tool = _cuobjdump()
-    elf = subprocess.run([tool, "-elf", "-arch", arch, lib], check=True, capture_output=True, text=True).stdout
-    out = {}
-    for block in re.split(r"\n(?=\.nv\.info\.)", elf):
-        m = re.match(r"\.nv\.info\.(_Z\S+)", block)
-        if not m:
-            continue
-        t = re.search(r"EIATTR_MAX_THREADS\s*\n\s*Format:\s*\S+\s*\n\s*Value:\s*(0x[0-9a-f]+) (0x[0-9a-f]+) (0x[0-9a-f]+)",
-                      block)
-        out[m.group(1)] = int(t.group(1), 16) * int(t.group(2), 16) * int(t.group(3), 16) if t else None
-    names = subprocess.run(["c++filt"], input="\n".join(out), capture_output=True, text=True, check=True).stdout
-    return {d.replace("(anonymous namespace)::", ""): v for d, v in zip(names.splitlines(), out.values())}
+    elf = subprocess.run([sass.tool("cuobjdump"), "-elf", "-arch", arch, lib], check=True, capture_output=True,
+                         text=True).stdout
+    bounds = {name: v for name, v in sass.max_threads(elf).items() if name.startswith("_Z")}
+    names = subprocess.run(["c++filt"], input="\n".join(bounds), capture_output=True, text=True, check=True).stdout
+    return {d.replace("(anonymous namespace)::", ""): v for d, v in zip(names.splitlines(), bounds.values())}
 
 
 def test_every_kernel_has_the_launch_bounds_of_its_plans(driver_plans, library_plans):
@@ -305,7 +286,7 @@ def test_every_kernel_has_the_launch_bounds_of_its_plans(driver_plans, library_p
     for every arch; dumping one cubin's ELF takes ~10 s)."""
     if _extension_op() is None:
         pytest.skip("the extension is not built here")
-    if _cuobjdump() is None or shutil.which("c++filt") is None:
+    if sass.tool("cuobjdump") is None or shutil.which("c++filt") is None:
         pytest.skip("needs cuobjdump and c++filt")
     libs = glob.glob(os.path.join(os.path.dirname(fastnets.__file__), "_C*.so"))
     assert len(libs) == 1, libs

@@ -214,7 +214,10 @@ def test_zoo_table_lists_the_zoo_and_its_writer_writes_there(tmp_path):
     tree = ast.parse(_read("tests/test_zoo.py"))
     zoo = next(node.value for node in tree.body if isinstance(node, ast.Assign)
                and any(getattr(t, "id", None) == "ZOO" for t in node.targets))
-    names = {k.value for k in zoo.keys}
+    # the dict evaluated with its builders stubbed: the names without importing timm and torchvision
+    builders = {n.func.id for n in ast.walk(zoo) if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)}
+    names = set(eval(compile(ast.Expression(zoo), "tests/test_zoo.py", "eval"),
+                     {b: lambda *args, **kwargs: None for b in builders}))
     listed = {r[0] for r in _table(docs_block.read("zoo-table"), "model")}
     assert listed == names, (sorted(listed - names), sorted(names - listed))
 

@@ -12,14 +12,13 @@ import torch
 from torch import nn
 
 hypothesis = pytest.importorskip("hypothesis")
-from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 import fastnets  # noqa: E402
 from fastnets.nn.batch_norm import bn_act  # noqa: E402
 
 from conftest import (in_layout, REL_BOUND, assert_rel, away_from_kink, backend_params, biting_grad, device_for,  # noqa: E402
-                      fuzz_examples)
+                      run_fuzz)
 
 BACKENDS = backend_params("batch_norm")
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
@@ -132,9 +131,4 @@ def run_case(case, backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_fuzz_batch_norm(backend):
-    @settings(max_examples=fuzz_examples(backend))
-    @given(bn_cases())
-    def check(case):
-        run_case(case, backend)
-
-    check()
+    run_fuzz(bn_cases(), run_case, backend)

@@ -12,12 +12,12 @@ import torch
 import torch.nn.functional as F
 
 hypothesis = pytest.importorskip("hypothesis")
-from hypothesis import assume, given, settings  # noqa: E402
+from hypothesis import assume  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 from fastnets.ops.conv import conv2d, conv2d_batch_norm  # noqa: E402
 
-from conftest import in_layout, assert_grads, assert_rel, away_from_kink, backend_params, device_for, fuzz_examples  # noqa: E402
+from conftest import in_layout, assert_grads, assert_rel, away_from_kink, backend_params, device_for, fuzz_examples, run_fuzz  # noqa: E402
 
 # plus `native` (torch's CPU kernels, dispatched before fastnets' custom ops, so not in the registry)
 BACKENDS = backend_params("conv") + ([] if device_for("reference") == "cuda" else [pytest.param("native", id="native")])
@@ -184,9 +184,4 @@ def test_fuzz_conv(backend):
     n = EXAMPLES_CAP[backend] if backend == "native" else min(fuzz_examples(backend), EXAMPLES_CAP.get(backend, 10**9))
     n = int(os.environ.get("FASTNETS_FUZZ_EXAMPLES", n))  # a quick local run
 
-    @settings(max_examples=n)
-    @given(conv_cases())
-    def check(case):
-        run_case(case, backend)
-
-    check()
+    run_fuzz(conv_cases(), run_case, backend, examples=n)

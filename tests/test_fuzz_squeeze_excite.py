@@ -6,12 +6,11 @@ import pytest
 import torch
 
 hypothesis = pytest.importorskip("hypothesis")
-from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 from fastnets.ops import squeeze_excite  # noqa: E402
 
-from conftest import in_layout, assert_grads, assert_rel, away_from_kink, backend_params, device_for, fuzz_examples, se_truth  # noqa: E402
+from conftest import in_layout, assert_grads, assert_rel, away_from_kink, backend_params, device_for, run_fuzz, se_truth  # noqa: E402
 
 BACKENDS = backend_params("squeeze_excite")
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
@@ -80,9 +79,4 @@ def _abs_term_scales(x, ws, dy):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_fuzz_squeeze_excite(backend):
-    @settings(max_examples=fuzz_examples(backend))
-    @given(se_cases())
-    def check(case):
-        run_case(case, backend)
-
-    check()
+    run_fuzz(se_cases(), run_case, backend)

@@ -10,6 +10,8 @@ from torch import nn
 
 import fastnets
 import fastnets.models as M
+# the benchmarks' eager U-Net: torch.nn only, unfused, written apart from fastnets.models.unet (same attribute names)
+from fastnets.bench.model_specs import UNet as PlainUNet
 from conftest import assert_close, randomize
 
 torchvision = pytest.importorskip("torchvision")
@@ -278,46 +280,10 @@ def test_resnet_cifar_stem():
     assert model.layer4(model.layer3(model.layer2(model.layer1(torch.randn(1, 64, 32, 32, dtype=torch.float64))))).shape[-1] == 4
 
 
-class _PlainDoubleConv(nn.Module):
-    def __init__(self, i, o):
-        super().__init__()
-        self.conv1, self.bn1 = nn.Conv2d(i, o, 3, padding=1, bias=False), nn.BatchNorm2d(o)
-        self.conv2, self.bn2 = nn.Conv2d(o, o, 3, padding=1, bias=False), nn.BatchNorm2d(o)
-
-    def forward(self, x):
-        return torch.relu(self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x))))))
-
-
-class _PlainUNet(nn.Module):
-    """U-Net written with plain torch.nn, unfused, with fastnets' UNet's attribute names."""
-
-    def __init__(self, num_classes, in_channels, base, depth):
-        super().__init__()
-        w = [base * 2**i for i in range(depth + 1)]
-        self.encoders = nn.ModuleList([_PlainDoubleConv(in_channels if i == 0 else w[i - 1], w[i]) for i in range(depth + 1)])
-        self.upconvs = nn.ModuleList([nn.ConvTranspose2d(w[i + 1], w[i], 2, 2) for i in reversed(range(depth))])
-        self.decoders = nn.ModuleList([_PlainDoubleConv(2 * w[i], w[i]) for i in reversed(range(depth))])
-        self.head = nn.Conv2d(w[0], num_classes, 1)
-
-    def forward(self, x):
-        skips = []
-        for i, enc in enumerate(self.encoders):
-            x = enc(x if i == 0 else nn.functional.max_pool2d(x, 2))
-            skips.append(x)
-        x = skips.pop()
-        for up, dec in zip(self.upconvs, self.decoders):
-            skip = skips.pop()
-            x = up(x)
-            dh, dw = skip.shape[-2] - x.shape[-2], skip.shape[-1] - x.shape[-1]
-            x = nn.functional.pad(x, [dw // 2, dw - dw // 2, dh // 2, dh - dh // 2])
-            x = dec(torch.cat([skip, x], 1))
-        return self.head(x)
-
-
 @pytest.mark.parametrize("size", [(32, 32), (20, 27)])
 def test_unet_matches_plain_torch(size):
     ours = M.unet(num_classes=3, in_channels=2, base_channels=8, depth=3).double()
-    ref = randomize(_PlainUNet(3, 2, 8, 3)).double()
+    ref = randomize(PlainUNet(3, 2, 8, 3)).double()
     assert shapes(ours) == shapes(ref)
     ours.load_state_dict(ref.state_dict())
     x = torch.randn(2, 2, *size, dtype=torch.float64)
@@ -372,7 +338,7 @@ def test_triton_backend_under_interpreter():
     if "triton" not in fastnets.available_backends("cuda" if torch.cuda.is_available() else "cpu"):
         pytest.skip("Triton backend not available here")
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    ref = randomize(_PlainUNet(2, 1, 4, 1)).to(device)
+    ref = randomize(PlainUNet(2, 1, 4, 1)).to(device)
     ours = M.unet(num_classes=2, in_channels=1, base_channels=4, depth=1).to(device)
     ours.load_state_dict(ref.state_dict())
     x = torch.randn(2, 1, 8, 8, device=device)

@@ -17,6 +17,7 @@ import torch
 
 import fastnets
 from fastnets import _extension
+from fastnets.audit import sass
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ABI_TARGET = (2, 10)
@@ -127,26 +128,12 @@ def test_library_stamp_names_abi_target_build_torch_cuda_archs():
     assert _extension.torch_supported(stamp)[0]
 
 
-def _cuobjdump():
-    """CUDA's cuobjdump: on the PATH, in the toolkit, or the copy Triton ships; None when there is none."""
-    found = shutil.which("cuobjdump")
-    candidates = [found] if found else []
-    candidates.append("/usr/local/cuda/bin/cuobjdump")
-    try:
-        import triton
-
-        candidates.append(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump"))
-    except ImportError:
-        pass
-    return next((c for c in candidates if c and os.access(c, os.X_OK)), None)
-
-
 def test_library_holds_machine_code_for_the_archs_its_stamp_names():
     """Every .cu file's device code is there as a cubin for each arch of the stamp, plus PTX for the '+PTX'
     one, and for no other arch: the stamp is read from our defines, the cubins from what nvcc really built
     (once, a define containing "arch" made cpp_extension drop every -gencode flag: sm_75 alone was built)."""
     lib = _library()
-    tool = _cuobjdump()
+    tool = sass.tool("cuobjdump")
     if tool is None:
         pytest.skip("no cuobjdump here (CUDA toolkit or Triton's copy) to list the library's cubins")
     out = subprocess.run([tool, "-lelf", "-lptx", lib], check=True, capture_output=True, text=True).stdout

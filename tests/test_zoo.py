@@ -63,7 +63,6 @@ def _tv_resnet(block, layers, **kw):
 # mode a BatchNorm over 2 images at 1x1 spatial size is ill-conditioned (densenet121 and regnet at 32 px: the
 # original itself moves by 1e-7 .. 3e-4 when its input moves by 1e-15), so those take 64 px (2x2 at the end).
 ZOO = {
-    "tv_resnet18": (_tv("resnet18"), 32),
     "tv_resnext_1111": (_tv_resnet("bottleneck", [1, 1, 1, 1], groups=32, width_per_group=4), 32),
     "tv_wide_resnet_1111": (_tv_resnet("bottleneck", [1, 1, 1, 1], width_per_group=128), 32),
     "tv_vgg11_bn": (_small_head(_tv("vgg11_bn")), 32),
@@ -72,33 +71,21 @@ ZOO = {
     "tv_googlenet": (_tv("googlenet", aux_logits=False, init_weights=True), 32),
     "tv_densenet121": (_tv("densenet121"), 64),
     "tv_mobilenet_v2": (_tv("mobilenet_v2", width_mult=0.5), 32),
-    "tv_mobilenet_v3_small": (_tv("mobilenet_v3_small"), 32),
-    "tv_efficientnet_b0": (_tv("efficientnet_b0"), 32),
     "tv_regnet_x_400mf": (_tv("regnet_x_400mf"), 64),
-    "tv_shufflenet_v2_x0_5": (_tv("shufflenet_v2_x0_5"), 32),
-    "tv_mnasnet0_5": (_tv("mnasnet0_5"), 32),
-    "resnet10t": (_timm("resnet10t"), 32),
-    "seresnet18": (_timm("seresnet18"), 32),
-    "ecaresnet26t": (_timm("ecaresnet26t"), 32),
-    "skresnet18": (_timm("skresnet18"), 32),
     "res2net50_14w_8s": (_timm("res2net50_14w_8s"), 64),
-    "resnext26ts": (_timm("resnext26ts"), 32),
     "densenet121": (_timm("densenet121"), 64),
-    "dla46_c": (_timm("dla46_c"), 32),
-    "cs3darknet_focus_s": (_timm("cs3darknet_focus_s"), 32),
-    "regnetx_002": (_timm("regnetx_002"), 32),
-    "regnety_002": (_timm("regnety_002"), 32),
     "efficientnet_b0": (_timm("efficientnet_b0", drop_path_rate=0.2), 32),
-    "tinynet_e": (_timm("tinynet_e"), 32),
-    "mobilenetv2_050": (_timm("mobilenetv2_050"), 32),
-    "mobilenetv3_small_050": (_timm("mobilenetv3_small_050"), 32),
-    "lcnet_050": (_timm("lcnet_050"), 32),
-    "ghostnet_050": (_timm("ghostnet_050"), 32),
-    "repvgg_a0": (_timm("repvgg_a0"), 32),
-    "ese_vovnet19b_slim_dw": (_timm("ese_vovnet19b_slim_dw"), 32),
     "inception_v3": (_timm("inception_v3"), 75),
     "convnext_atto": (_timm("convnext_atto", drop_path_rate=0.1), 32),
-    "nf_resnet26": (_timm("nf_resnet26"), 32),
+    # the rest: built by name with their defaults, at 32 px
+    **{f"tv_{name}": (_tv(name), 32) for name in (
+        "resnet18", "mobilenet_v3_small", "efficientnet_b0", "shufflenet_v2_x0_5", "mnasnet0_5",
+    )},
+    **{name: (_timm(name), 32) for name in (
+        "resnet10t", "seresnet18", "ecaresnet26t", "skresnet18", "resnext26ts", "dla46_c", "cs3darknet_focus_s",
+        "regnetx_002", "regnety_002", "tinynet_e", "mobilenetv2_050", "mobilenetv3_small_050", "lcnet_050",
+        "ghostnet_050", "repvgg_a0", "ese_vovnet19b_slim_dw", "nf_resnet26",
+    )},
 }
 # compiled with fullgraph=True in every run (the rest with FASTNETS_ZOO_COMPILE=1)
 COMPILE_IN_CI = ("resnet10t", "tv_mobilenet_v3_small", "lcnet_050")

@@ -235,17 +235,21 @@ def _config_lists_under(tune):
     return mod._GEMM_CONFIGS, mod._WGRAD_CONFIGS
 
 
-def conv_launches():
-    import fastnets.triton_kernels.conv as cv
+def _conv_operands(shape, dtype, channels_last):
+    """Meta input, weight, output and bias of a convolution `shape` (n, c, h, w, cout, k, s, p), and its
+    (stride, padding, dilation)."""
+    n, c, h, w, cout, k, s, p = shape
+    oh, ow = (h + 2 * p - k) // s + 1, (w + 2 * p - k) // s + 1
+    return (meta((n, c, h, w), dtype, channels_last), meta((cout, c, k, k), dtype),
+            meta((n, cout, oh, ow), dtype, channels_last), meta((cout,), dtype), ((s, s), (p, p), (1, 1)))
 
-    _with_cuda_device(cv, "_wgrad_target_programs")
-    quick_gemm, quick_wgrad = _config_lists_under("quick")
-    launch = cv._launch
-    tuned = {"on": True}
+
+def _each_config(launch, tuned, quick=None):
+    """A stand-in for conv._launch (`launch`) that records what the launcher compiles on a GPU: the fixed
+    configuration (float64, FASTNETS_CONV_TUNE=fixed) and, while tuned["on"], every configuration the autotuner
+    keeps after pruning, plus quick(raw kernel)'s list when `quick` is given."""
 
     def each_config(autotuner, raw, grid, *args, **kwargs):
-        """What the launcher compiles on a GPU: the fixed configuration (float64, FASTNETS_CONV_TUNE=fixed)
-        and every configuration the autotuner keeps after pruning, plus the `quick` list's."""
         what = REC.what
         os.environ["FASTNETS_CONV_TUNE"] = "fixed"
         try:
@@ -257,9 +261,10 @@ def conv_launches():
             REC.what = what
             return cfg
         named = dict(zip(raw.arg_names, args))
-        quick = quick_wgrad if raw is cv._conv_wgrad_kernel else quick_gemm
-        for label, configs in (("autotuned", autotuner.early_config_prune(autotuner.configs, named, **kwargs)),
-                               ("quick", quick)):
+        lists = [("autotuned", autotuner.early_config_prune(autotuner.configs, named, **kwargs))]
+        if quick is not None:
+            lists.append(("quick", quick(raw)))
+        for label, configs in lists:
             REC.what = f"{what} {raw.__name__} {label}"
             REC._group = (len(REC.launches), label)
             for c in configs:
@@ -268,12 +273,20 @@ def conv_launches():
         REC.what = what
         return cfg
 
-    cv._launch = each_config
+    return each_config
+
+
+def conv_launches():
+    import fastnets.triton_kernels.conv as cv
+
+    _with_cuda_device(cv, "_wgrad_target_programs")
+    quick_gemm, quick_wgrad = _config_lists_under("quick")
+    tuned = {"on": True}
+    cv._launch = _each_config(cv._launch, tuned,
+                              quick=lambda raw: quick_wgrad if raw is cv._conv_wgrad_kernel else quick_gemm)
     sweep_shape = CONV_SHAPES[0]
     for shape in CONV_SHAPES:
         n, c, h, w, cout, k, s, p = shape
-        oh = (h + 2 * p - k) // s + 1
-        ow = (w + 2 * p - k) // s + 1
         sweep = _sweep(shape, sweep_shape)
         if not (sweep or shape in CONV_TUNED_DEFAULT):
             continue
@@ -285,12 +298,8 @@ def conv_launches():
                     CONV_TUNED_DEFAULT.get(shape, ()) if dtype == BF16 else ())
                 for tf32 in ((True, False) if dtype == F32 else (True,)):
                     set_fp32_precision("tf32" if tf32 else "ieee")  # the flag cuDNN and the Triton conv read
-                    x = meta((n, c, h, w), dtype, cl)
-                    wt = meta((cout, c, k, k), dtype)
-                    y = meta((n, cout, oh, ow), dtype, cl)
+                    x, wt, y, bias, conf = _conv_operands(shape, dtype, cl)
                     vec = meta((cout,), acc_of(dtype))
-                    bias = meta((cout,), dtype)
-                    conf = ((s, s), (p, p), (1, 1))
                     with launches(f"conv {(n, c, h, w)} -> {cout} k{k} s{s} p{p} {dtype} channels_last={cl} "
                                   f"tf32={tf32}"):
                         # epilogues: plain conv (+bias), eval conv-BN (+residual) (+ReLU)
@@ -332,38 +341,14 @@ def conv_prologue_launches():
     _with_cuda_device(cv, "_wgrad_target_programs")
     launch = cv._launch
     tuned = {"on": False}
-
-    def each_config(autotuner, raw, grid, *args, **kwargs):
-        what = REC.what
-        os.environ["FASTNETS_CONV_TUNE"] = "fixed"
-        try:
-            REC.what = f"{what} {raw.__name__} fixed config"
-            cfg = launch(autotuner, raw, grid, *args, **kwargs)
-        finally:
-            os.environ.pop("FASTNETS_CONV_TUNE", None)
-        if tuned["on"] and not kwargs["FP64"]:
-            named = dict(zip(raw.arg_names, args))
-            REC.what = f"{what} {raw.__name__} autotuned"
-            REC._group = (len(REC.launches), "autotuned")
-            for c in autotuner.early_config_prune(autotuner.configs, named, **kwargs):
-                raw[grid(c.kwargs)](*args, **kwargs, **c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
-            REC._group = None
-        REC.what = what
-        return cfg
-
-    cv._launch = each_config
+    cv._launch = _each_config(launch, tuned)
     try:
         for shape in CONV_PROLOGUE_SHAPES:
             n, c, h, w, cout, k, s, p = shape
-            oh, ow = (h + 2 * p - k) // s + 1, (w + 2 * p - k) // s + 1
             sweep = _sweep(shape, CONV_PROLOGUE_SHAPES[0])
             for dtype in ((BF16, F32, F64) if sweep else (BF16,)):
-                z = meta((n, c, h, w), dtype, True)
-                wt = meta((cout, c, k, k), dtype)
-                out = meta((n, cout, oh, ow), dtype, True)
+                z, wt, out, bias, conf = _conv_operands(shape, dtype, True)
                 vec = meta((c,), acc_of(dtype))
-                bias = meta((cout,), dtype)
-                conf = ((s, s), (p, p), (1, 1))
                 with launches(f"conv_prologue {(n, c, h, w)} -> {cout} k{k} s{s} p{p} {dtype} channels_last"):
                     tuned["on"] = sweep and dtype == BF16
                     cp.forward(z, vec, vec, wt, bias, *conf, 1, "relu", 0.0, out, stats=True)

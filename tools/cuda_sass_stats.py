@@ -15,9 +15,11 @@ import glob
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this checkout's fastnets
+from fastnets.audit.sass import max_threads, tool as audit_tool  # noqa: E402
 
 REGS_PER_SM = 65536
 MAX_THREADS_PER_SM = 2048  # sm_80 and sm_90
@@ -25,17 +27,7 @@ MAX_BLOCKS_PER_SM = 32
 
 
 def cuobjdump():
-    cands = [shutil.which("cuobjdump"), "/usr/local/cuda/bin/cuobjdump"]
-    try:
-        import triton
-
-        cands.append(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump"))
-    except ImportError:
-        pass
-    for c in cands:
-        if c and os.access(c, os.X_OK):
-            return c
-    sys.exit("no cuobjdump found")
+    return audit_tool("cuobjdump") or sys.exit("no cuobjdump found")
 
 
 def _run(args):
@@ -116,18 +108,6 @@ def res_usage(text):
     for m in re.finditer(r"Function (\S+):\s*\n\s*REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", text):
         out[m.group(1)] = {"regs": int(m.group(2)), "stack": int(m.group(3)), "shared": int(m.group(4)),
                            "local": int(m.group(5))}
-    return out
-
-
-def max_threads(elf_text):
-    out = {}
-    for block in re.split(r"\n(?=\.nv\.info\.)", elf_text):
-        m = re.match(r"\.nv\.info\.(\S+)", block)
-        if not m:
-            continue
-        t = re.search(r"EIATTR_MAX_THREADS\s*\n\s*Format:\s*\S+\s*\n\s*Value:\s*(0x[0-9a-f]+) (0x[0-9a-f]+) (0x[0-9a-f]+)",
-                      block)
-        out[m.group(1)] = int(t.group(1), 16) * int(t.group(2), 16) * int(t.group(3), 16) if t else None
     return out
 
 

@@ -86,6 +86,20 @@ def resource_usage(binary_path):
     return out
 
 
+def max_threads(elf_text):
+    """{function name: the __launch_bounds__ its cubin records (EIATTR_MAX_THREADS, threads) or None} from the
+    text of `cuobjdump -elf`."""
+    out = {}
+    for block in re.split(r"\n(?=\.nv\.info\.)", elf_text):
+        m = re.match(r"\.nv\.info\.(\S+)", block)
+        if not m:
+            continue
+        t = re.search(r"EIATTR_MAX_THREADS\s*\n\s*Format:\s*\S+\s*\n\s*Value:\s*(0x[0-9a-f]+) (0x[0-9a-f]+) (0x[0-9a-f]+)",
+                      block)
+        out[m.group(1)] = int(t.group(1), 16) * int(t.group(2), 16) * int(t.group(3), 16) if t else None
+    return out
+
+
 def extract_cubins(binary_path, workdir):
     """Every embedded cubin of a fat binary or shared library (cuobjdump -xelf all), as {file name: path}."""
     before = set(os.listdir(workdir))

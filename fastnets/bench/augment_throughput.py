@@ -22,7 +22,6 @@ Variants, each timed on the same input batch, interleaved round by round, median
 Sizes: cifar10 = 32x32 -> 32x32, imagenet = 256x256 -> 224x224 (the crop from a larger source).
 """
 import importlib.util
-import json
 import os
 import sys
 import time
@@ -295,14 +294,8 @@ def main(args, parser=None):
               "settings": {"device": device, "sizes": sizes, "batch": args.batch_size, "rounds": rounds,
                            "pipeline": "RandomResizedCrop + RandomHorizontalFlip + ColorJitter(0.4, 0.4, 0.4) + "
                                        "Normalize, uint8 input on the device"}}
-    os.makedirs(args.out, exist_ok=True)
+    from .report import write_json_and_markdown
+
     tag = "cuda" if torch.device(device).type == "cuda" else "cpu"
-    path = os.path.join(args.out, f"augment-throughput_{tag}.json")
-    with open(path, "w") as f:
-        json.dump(report, f, indent=1)
-    md = markdown(report)
-    with open(os.path.join(args.out, f"augment-throughput_{tag}.md"), "w") as f:
-        f.write(md)
-    print(md)
-    print("wrote", path)
+    write_json_and_markdown(report, args.out, f"augment-throughput_{tag}", markdown)
     return 0

@@ -13,7 +13,6 @@ trains in minutes, or any trainable model of the benchmark (resnet18_cifar, ...;
 takes `--train-augment` too).
 """
 import argparse
-import json
 import os
 import sys
 import time
@@ -174,16 +173,10 @@ def main(argv=None):
         "model": a.model, "epochs": a.epochs, "batch_size": a.batch_size, "train_images": len(ds.train),
         "test_images": len(ds.test), "seed": a.seed, "device": device, "threads": torch.get_num_threads(),
         "torch": torch.__version__, "load_average_at_end": load}}
-    os.makedirs(a.out, exist_ok=True)
+    from .report import write_json_and_markdown
+
     tag = "cuda" if device.startswith("cuda") else "cpu"
-    path = os.path.join(a.out, f"augment-training_{tag}.json")
-    with open(path, "w") as f:
-        json.dump(report, f, indent=1)
-    md = markdown(report)
-    with open(os.path.join(a.out, f"augment-training_{tag}.md"), "w") as f:
-        f.write(md)
-    print(md)
-    print("wrote", path)
+    write_json_and_markdown(report, a.out, f"augment-training_{tag}", markdown)
     return 0 if all(r["status"] == "ok" for r in rows) else 1
 
 

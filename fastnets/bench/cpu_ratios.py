@@ -286,6 +286,12 @@ def _blocks(rows):
                                        k[1] != "fp32", k[2] != "train"))
 
 
+def _table(intro, columns):
+    """The lines that open a markdown table: a blank line, the intro paragraph, a blank line, the header row
+    of `columns` and its separator."""
+    return ["", intro, "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+
+
 def markdown_section(report):
     """The same-run ratio tables (against eager, and against torch.compile), with the targets, the load and a
     closing note of the ratios, when the run's throughput rows are interleaved CPU rows; [] otherwise."""
@@ -299,13 +305,12 @@ def markdown_section(report):
     blocks = _blocks(rows)
     r0 = measured[0]
     precisions = sorted({r.get("precision") for r in rows}, key=lambda p: p != "fp32")
-    lines = ["", f"Same-run ratios on the CPU ({', '.join(precisions)}; {r0['threads']} thread(s)): the variants of "
-             f"each row timed interleaved, the median of {r0['repeats']} repeats each; wall clock (spread: (max - "
-             "min) / median of the repeats) and process CPU time; fastnets' layout is the faster of NCHW / "
-             "channels_last measured in the same block.", "",
-             "| model | precision | mode | batch | eager img/s | fastnets img/s (layout) | fastnets / eager | "
-             "(CPU time) | NCHW / CL | target | met | load before → after |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = _table(f"Same-run ratios on the CPU ({', '.join(precisions)}; {r0['threads']} thread(s)): the variants "
+                   f"of each row timed interleaved, the median of {r0['repeats']} repeats each; wall clock (spread: "
+                   "(max - min) / median of the repeats) and process CPU time; fastnets' layout is the faster of "
+                   "NCHW / channels_last measured in the same block.",
+                   ["model", "precision", "mode", "batch", "eager img/s", "fastnets img/s (layout)",
+                    "fastnets / eager", "(CPU time)", "NCHW / CL", "target", "met", "load before → after"])
     for model, prec, mode in blocks:
         e, f = by.get((model, prec, mode, "eager")), by.get((model, prec, mode, "fastnets"))
         if e is None or f is None or e.get("status") != "ok" or f.get("status") != "ok":
@@ -324,13 +329,13 @@ def markdown_section(report):
     if compiled:
         labels = sorted({compile_setting(mode)["label"] + f" for {'inference' if mode == 'infer' else 'training'}"
                          for _, _, mode in compiled}, key=lambda t: "training" in t)
-        lines += ["", f"Against torch.compile ({'; '.join(labels)}), same blocks: fastnets / compile, and "
-                  "fastnets + compile / the faster of fastnets and compile (its name in brackets); CPU-time ratios "
-                  "in brackets after the wall-clock ones. A variant that did not run shows its status (the reason "
-                  "is in the JSON).", "",
-                  "| model | precision | mode | compile img/s | fastnets img/s | fastnets+compile img/s | compile / eager "
-                  "| fastnets / compile | target | met | fastnets+compile / best | target | met |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        lines += _table(f"Against torch.compile ({'; '.join(labels)}), same blocks: fastnets / compile, and "
+                        "fastnets + compile / the faster of fastnets and compile (its name in brackets); CPU-time "
+                        "ratios in brackets after the wall-clock ones. A variant that did not run shows its status "
+                        "(the reason is in the JSON).",
+                        ["model", "precision", "mode", "compile img/s", "fastnets img/s", "fastnets+compile img/s",
+                         "compile / eager", "fastnets / compile", "target", "met", "fastnets+compile / best",
+                         "target", "met"])
         for model, prec, mode in compiled:
             e, f = by.get((model, prec, mode, "eager")), by.get((model, prec, mode, "fastnets"))
             c, fc = by.get((model, prec, mode, "compile")), by.get((model, prec, mode, "fastnets-compile"))

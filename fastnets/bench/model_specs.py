@@ -217,7 +217,11 @@ class UNet(nn.Module):
             skips.append(x)
         x = skips.pop()
         for up, dec in zip(self.upconvs, self.decoders):
-            x = dec(torch.cat([skips.pop(), up(x)], 1))
+            skip, x = skips.pop(), up(x)
+            dh, dw = skip.shape[-2] - x.shape[-2], skip.shape[-1] - x.shape[-1]
+            if dh or dw:  # a size that does not halve evenly: the upsampled map padded to its skip's size
+                x = F.pad(x, [dw // 2, dw - dw // 2, dh // 2, dh - dh // 2])
+            x = dec(torch.cat([skip, x], 1))
         return self.head(x)
 
 

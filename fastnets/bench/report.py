@@ -133,6 +133,21 @@ def write_json(report, path):
     return path
 
 
+def write_json_and_markdown(report, out_dir, stem, markdown):
+    """out_dir/`stem`.json (the report) and out_dir/`stem`.md (markdown(report), also printed): the record of a
+    stand-alone benchmark. Returns the JSON's path."""
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, f"{stem}.json")
+    with open(path, "w") as f:
+        json.dump(report, f, indent=1)
+    md = markdown(report)
+    with open(os.path.join(out_dir, f"{stem}.md"), "w") as f:
+        f.write(md)
+    print(md)
+    print("wrote", path)
+    return path
+
+
 CSV_COLUMNS = ["section", "model", "backend", "mode", "status", "batch_size", "precision", "device", "images_per_s",
                "ms_per_iter", "params", "forward_gflops_per_image", "train_gflops_per_image", "published_top1",
                "weights", "images", "top1_agreement", "max_rel_diff", "dataset", "epochs", "test_accuracy",

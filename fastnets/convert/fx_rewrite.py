@@ -27,7 +27,7 @@ from torch import nn
 
 from ..nn.batch_norm import BatchNorm2d as FastBatchNorm2d
 from ..nn.conv import Conv2d as FastConv2d
-from ..nn.conv import _fastnets_padding
+from ..nn.conv import _fastnets_padding, _zero_padding
 from . import acts
 from . import runtime
 from .runtime import fused_bn, fused_conv_act, fused_conv_bn, fused_se
@@ -431,7 +431,7 @@ class _Graph:
             if x is not src or any(o is src for o in others):
                 return None, "its user reads it other than as a convolution's input"
             conv = self.gm.get_submodule(conv_attr.target)
-            if _fastnets_chain_padding(conv) is None:
+            if _zero_padding(conv) is None:
                 return None, "the next convolution's padding is not one the prologue runs"
             target = runtime.chained_conv_bn if node.target is fused_conv_bn else node.target
             return (target, node.args, node.kwargs, self.name(conv_attr.target)), None
@@ -444,7 +444,7 @@ class _Graph:
         if _has_hooks(m):
             return None, f"its user {self.name(node.target)} has hooks"
         if _is_conv2d(m):
-            if _fastnets_chain_padding(m) is None:
+            if _zero_padding(m) is None:
                 return None, "the next convolution's padding is not one the prologue runs"
             fn = runtime.chained_conv
         elif type(m) is nn.MaxPool2d and not m.return_indices:
@@ -519,12 +519,6 @@ class _Tracer(fx.Tracer):
                 or acts.is_mode_dependent_leaf(m) or qualname in self.leaf_names):
             return True
         return super().is_leaf_module(m, qualname)
-
-
-def _fastnets_chain_padding(conv):
-    from ..nn.conv_chain import _padding
-
-    return _padding(conv)
 
 
 def _is_fastnets(m):

@@ -6,20 +6,11 @@ and dy, y and residual have x's strides; the kernels check this and raise otherw
 """
 import torch
 
-from .. import _extension
+from . import require_ops
 from ..activations import code
 
-if not _extension.load():  # the registry imports this module only when the backend is available
-    raise ImportError(f"fastnets cuda backend: {_extension.reason()}")
-if not hasattr(torch.ops.fastnets_cuda, "bn_apply") or "int act" not in str(
-    torch.ops.fastnets_cuda.bn_apply.default._schema
-):
-    raise ImportError(
-        "fastnets cuda backend: the compiled extension fastnets._C predates the fused activations or the "
-        "fastnets_cuda namespace of its ops; rebuild with `pip install --no-build-isolation -e .`"
-    )
-
-_ops = torch.ops.fastnets_cuda
+_ops = require_ops("bn_apply", "bn_apply", "int act",
+                   "predates the fused activations or the fastnets_cuda namespace of its ops")
 
 
 def stats(x, channels_last, eps):

@@ -7,20 +7,13 @@ fastnets._tensors.dense_layout; the kernels check them and raise otherwise.
 """
 import torch
 
-from .. import _extension, _tensors
+from .. import _tensors
+from . import require_ops
 from .._tensors import acc_dtype
 
-if not _extension.load():  # the registry imports this module only when the backend is available
-    raise ImportError(f"fastnets cuda backend: {_extension.reason()}")
-if not hasattr(torch.ops.fastnets_cuda, "se_apply") or "inner_act" not in str(
-    torch.ops.fastnets_cuda.se_excite.default._schema
-):
-    raise ImportError(
-        "fastnets cuda backend: the compiled extension fastnets._C has no squeeze_excite kernels (it was built "
-        "before csrc/squeeze_excite.cu had its activation arguments); rebuild with `pip install --no-build-isolation -e .`"
-    )
-
-_ops = torch.ops.fastnets_cuda
+_ops = require_ops("se_apply", "se_excite", "inner_act",
+                   "has no squeeze_excite kernels (it was built before csrc/squeeze_excite.cu had its activation "
+                   "arguments)")
 _WARPS_PER_BLOCK = 8  # csrc/launch_plans.h: kSeReduceThreads / 32 (one (plane, split) per warp in NCHW)
 
 

@@ -3,6 +3,11 @@ from torch import nn
 
 from ..nn.batch_norm import bn_act
 from ..nn.conv import conv_bn_act
+from ..nn._sequential import sequential_runs
+
+
+def _is_conv2d(m):
+    return isinstance(m, nn.Conv2d)
 
 
 def _is_bn2d(m):
@@ -13,9 +18,6 @@ def _is_relu(m):
     return type(m) is nn.ReLU
 
 
-_RELU = nn.ReLU()
-
-
 class FusedSequential(nn.Sequential):
     """nn.Sequential (same children, same state_dict keys) whose forward runs each Conv2d -> BatchNorm2d
     [-> ReLU] run as one fused `conv_bn_act` call and each BatchNorm2d -> ReLU as one `bn_act` call; every
@@ -24,23 +26,13 @@ class FusedSequential(nn.Sequential):
 
     def forward(self, x, relu_after=False):
         """`relu_after=True`: as if an nn.ReLU followed the last child (fused into it when it is a BN)."""
-        mods = list(self._modules.values())
-        if relu_after:
-            mods.append(_RELU)
-        i, n = 0, len(mods)
-        while i < n:
-            m = mods[i]
-            nxt = mods[i + 1] if i + 1 < n else None
-            if isinstance(m, nn.Conv2d) and nxt is not None and _is_bn2d(nxt):
-                relu = i + 2 < n and _is_relu(mods[i + 2])
-                x = conv_bn_act(m, nxt, x, relu=relu)
-                i += 3 if relu else 2
-            elif _is_bn2d(m) and nxt is not None and _is_relu(nxt):
-                x = bn_act(m, x, relu=True)
-                i += 2
+        for kind, run, relu, _ in sequential_runs(self, relu_after, _is_conv2d, _is_bn2d, _is_relu):
+            if kind == "conv_bn":
+                x = conv_bn_act(run[0], run[1], x, relu=relu)
+            elif kind == "bn_relu":
+                x = bn_act(run[0], x, relu=True)
             else:
-                x = m(x)
-                i += 1
+                x = run[0](x)
         return x
 
 

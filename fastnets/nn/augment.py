@@ -160,30 +160,29 @@ class GeometricTransform:
         return f"{type(self).__name__}({args})"
 
 
-class RandomHorizontalFlip(GeometricTransform):
+class _RandomFlip(GeometricTransform):
+    """Mirrors each image with probability p along `axis` (0: x -> w - x, 1: y -> h - y)."""
+
+    axis = None
+
     def __init__(self, p=0.5):
         self.p = _prob(p)
 
     def sample(self, n, in_hw, g, device):
         flip = torch.rand(n, generator=g, device=device, dtype=torch.float64) < self.p
-        w = float(in_hw[1])
-        sx = torch.where(flip, -1.0, 1.0).to(torch.float64)
-        m = _scale(sx, torch.ones_like(sx))
-        m[:, 0, 2] = torch.where(flip, w, 0.0)
+        mirror = torch.where(flip, -1.0, 1.0).to(torch.float64)
+        keep = torch.ones_like(mirror)
+        m = _scale(mirror, keep) if self.axis == 0 else _scale(keep, mirror)
+        m[:, self.axis, 2] = torch.where(flip, float(in_hw[1 - self.axis]), 0.0)
         return Sample(m, in_hw, flip=flip)
 
 
-class RandomVerticalFlip(GeometricTransform):
-    def __init__(self, p=0.5):
-        self.p = _prob(p)
+class RandomHorizontalFlip(_RandomFlip):
+    axis = 0
 
-    def sample(self, n, in_hw, g, device):
-        flip = torch.rand(n, generator=g, device=device, dtype=torch.float64) < self.p
-        h = float(in_hw[0])
-        sy = torch.where(flip, -1.0, 1.0).to(torch.float64)
-        m = _scale(torch.ones_like(sy), sy)
-        m[:, 1, 2] = torch.where(flip, h, 0.0)
-        return Sample(m, in_hw, flip=flip)
+
+class RandomVerticalFlip(_RandomFlip):
+    axis = 1
 
 
 def _crop_resize(top, left, height, width, out_hw):

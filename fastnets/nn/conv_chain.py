@@ -38,7 +38,8 @@ from ..ops.conv import _autocast
 from ..ops.conv_prologue import bn_act_conv2d
 from .._tensors import acc_dtype
 from .batch_norm import batch_stats_args, bn_act
-from .conv import conv_bn_act
+from ._sequential import sequential_runs
+from .conv import _fastnets_padding, _zero_padding, conv_bn_act
 
 
 class Deferred(NamedTuple):
@@ -131,26 +132,12 @@ def _defer(bn, z, mean, var, act):
     return Deferred(z, scale, shift, act)
 
 
-def _padding(conv):
-    """The symmetric (ph, pw) padding of `conv` for bn_act_conv2d, or None when only torch can run it
-    (padding_mode other than zeros, 'same' with an odd total)."""
-    if conv.padding_mode != "zeros" or len(conv.kernel_size) != 2:
-        return None
-    if isinstance(conv.padding, str):
-        if conv.padding == "valid":
-            return (0, 0)
-        total = [d * (k - 1) for d, k in zip(conv.dilation, conv.kernel_size)]
-        if any(t % 2 for t in total):
-            return None
-        return (total[0] // 2, total[1] // 2)
-    return tuple(conv.padding)
-
-
 def _prologue_conv(conv, d, stats):
     """conv(act(d.z * d.scale + d.shift)) through bn_act_conv2d, the BatchNorm-apply in its prologue; with
-    stats, (out, mean, var) with out's batch statistics. None when the convolution cannot take it."""
-    padding = _padding(conv)
-    if padding is None:
+    stats, (out, mean, var) with out's batch statistics. None when d is a tensor (not a Deferred) or the
+    convolution cannot take it."""
+    padding = _zero_padding(conv)
+    if not isinstance(d, Deferred) or padding is None:
         return None
     return bn_act_conv2d(d.z, d.scale, d.shift, conv.weight, conv.bias, conv.stride, padding, conv.dilation,
                          conv.groups, activation=d.act, backend=current_backend(), stats=stats)
@@ -158,13 +145,10 @@ def _prologue_conv(conv, d, stats):
 
 def _conv_with_stats(conv, x):
     """(z, mean, var): conv(x) of a tensor or Deferred x and z's batch statistics (non-differentiable)."""
-    if isinstance(x, Deferred):
-        got = _prologue_conv(conv, x, stats=True)
-        if got is not None:
-            return got
-        x = materialize(x)
-    from .conv import _fastnets_padding
-
+    got = _prologue_conv(conv, x, stats=True)
+    if got is not None:
+        return got
+    x = materialize(x)
     padding = _fastnets_padding(conv)
     if padding is None or _native_cpu.active(current_backend(), x):
         z = conv(x)  # torch's (or oneDNN's) convolution; the statistics in a pass of their own
@@ -202,12 +186,8 @@ def bn_deferred(bn, x, act="relu"):
 
 def conv_chained(conv, x):
     """conv(x) for a tensor or a Deferred x (read in the convolution's prologue)."""
-    if isinstance(x, Deferred):
-        got = _prologue_conv(conv, x, stats=False)
-        if got is not None:
-            return got
-        x = materialize(x)
-    return conv(x)
+    got = _prologue_conv(conv, x, stats=False)
+    return conv(materialize(x)) if got is None else got
 
 
 def conv_bn_act_chained(conv, bn, x, residual=None, act="relu"):
@@ -241,7 +221,7 @@ def conv_bn_act_chained(conv, bn, x, residual=None, act="relu"):
 def _out_shape(conv, z):
     from ..ops.conv import out_size
 
-    pad = _padding(conv) or (0, 0)
+    pad = _zero_padding(conv) or (0, 0)
     return (z.shape[0], conv.out_channels) + tuple(
         out_size(z.shape[2 + i], conv.kernel_size[i], conv.stride[i], pad[i], conv.dilation[i]) for i in range(2))
 
@@ -362,9 +342,6 @@ def _is_relu(m):
     return _is_plain(m, nn.ReLU)
 
 
-_RELU = nn.ReLU()
-
-
 class ChainedSequential(nn.Sequential):
     """nn.Sequential (same children, same state_dict keys) whose forward runs each Conv2d -> BatchNorm2d
     [-> ReLU] and BatchNorm2d -> ReLU run fused and, in training, CHAINED: when the next child is a Conv2d or
@@ -374,36 +351,23 @@ class ChainedSequential(nn.Sequential):
 
     def forward(self, x, relu_after=False):
         """`relu_after=True`: as if an nn.ReLU followed the last child (fused into it when it is a BN)."""
-        mods = list(self._modules.values())
-        if relu_after:
-            mods.append(_RELU)
-        i, n = 0, len(mods)
-        while i < n:
-            m = mods[i]
-            nxt = mods[i + 1] if i + 1 < n else None
-            if _is_conv(m) and nxt is not None and _is_bn(nxt):
-                relu = i + 2 < n and _is_relu(mods[i + 2])
-                i += 3 if relu else 2
+        for kind, run, relu, after in sequential_runs(self, relu_after, _is_conv, _is_bn, _is_relu):
+            m = run[0]
+            if kind == "conv_bn":
                 act = "relu" if relu else None
-                after = mods[i] if i < n else None
                 if after is not None and (_is_conv(after) or _is_plain(after, nn.MaxPool2d)):
-                    x = conv_bn_deferred(m, nxt, x, act=act)
+                    x = conv_bn_deferred(m, run[1], x, act=act)
                 else:
-                    x = conv_bn_act_chained(m, nxt, x, act=act)
-            elif _is_bn(m) and nxt is not None and _is_relu(nxt):
-                i += 2
-                after = mods[i] if i < n else None
+                    x = conv_bn_act_chained(m, run[1], x, act=act)
+            elif kind == "bn_relu":
                 if after is not None and _is_conv(after):
                     x = bn_deferred(m, x, act="relu")
                 else:
                     x = bn_act(m, materialize(x), relu=True)
             elif _is_conv(m):
                 x = conv_chained(m, x)
-                i += 1
             elif isinstance(x, Deferred) and _is_plain(m, nn.MaxPool2d):
                 x = max_pool_deferred(m, x)
-                i += 1
             else:
                 x = m(materialize(x))
-                i += 1
         return materialize(x)

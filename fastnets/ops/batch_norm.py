@@ -162,12 +162,7 @@ def _backward(ctx, grad_y, training, mean, invstd):
     )
     if need_res and ctx.act == "identity":
         grad_res = grad_y
-    return (
-        grad_x if need_x else None,
-        grad_w if need_w else None,
-        grad_b if need_b else None,
-        grad_res if need_res else None,
-    )
+    return _tensors.needed_grads((grad_x, grad_w, grad_b, grad_res), (need_x, need_w, need_b, need_res))
 
 
 def _train_setup_context(ctx, inputs, output):

@@ -179,14 +179,8 @@ def _se_backward(ctx, grad_y, grad_pooled, grad_hidden, grad_gate):
     )
     if need_res and not ctx.relu:
         gres = grad_y
-    return (
-        gx if need_x else None,
-        gw1 if need_w1 else None,
-        gb1 if need_b1 else None,
-        gw2 if need_w2 else None,
-        gb2 if need_b2 else None,
-        gres if need_res else None,
-    ) + (None,) * (len(ctx.needs_input_grad) - 6)
+    return _tensors.needed_grads((gx, gw1, gb1, gw2, gb2, gres), ctx.needs_input_grad[:6]) + (None,) * (
+        len(ctx.needs_input_grad) - 6)
 
 
 squeeze_excite_op.register_autograd(_se_backward, setup_context=_se_setup_context)
@@ -323,7 +317,7 @@ def _scale_backward(ctx, grad_y):
     )
     if need_res and not ctx.relu:
         gres = grad_y
-    return (gx if need_x else None, gg if need_gate else None, gres if need_res else None, None, None)
+    return _tensors.needed_grads((gx, gg, gres), (need_x, need_gate, need_res)) + (None, None)
 
 
 se_scale_op.register_autograd(_scale_backward, setup_context=_scale_setup_context)

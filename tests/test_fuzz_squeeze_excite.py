@@ -50,7 +50,9 @@ def run_case(case, backend):
     y = squeeze_excite(x, *ws, residual=res, relu=case["relu"], backend=backend)
     assert y.dtype == dtype and y.shape == x.shape
     want, _ = se_truth(x, *ws, residual=res, relu=case["relu"])
-    assert_rel(y, want, msg=f"output {case}")
+    # x * gate + residual cancels where they nearly meet (relu keeps only such elements when x is far below
+    # zero): then the error is measured against the terms' size, ||x|| (gate < 1)
+    assert_rel(y, want, ref=x.detach(), msg=f"output {case}")
     dy = (torch.randn(case["shape"], generator=g) + 0.3).to(dtype).to(device) + 0.5 * x.detach()
     if case["relu"]:
         pre, _ = se_truth(x, *ws, residual=res)

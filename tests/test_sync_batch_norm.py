@@ -10,6 +10,7 @@ import copy
 import datetime
 import os
 import socket
+import sys
 import time
 import traceback
 
@@ -19,7 +20,10 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from conftest import assert_rel
+# The ranks import this module by name and `conftest` with it: tests/ first on their sys.path, whatever
+# folders the worker's other tests put there (benchmarks/ has a conftest.py too)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from conftest import assert_rel  # noqa: E402
 from fastnets.nn import (BatchNorm2d, BatchNormAct2d, BatchNormReLU2d, SyncBatchNorm, SyncBatchNormAct2d,
                          SyncBatchNormReLU2d, bn_act, conv_bn_act)
 

@@ -141,8 +141,9 @@ inline PlanesElementwise planes_elementwise(int64_t numel, int vec, const Device
 // ---------------------------------------------------------------------------------------------------
 // BatchNorm (csrc/batch_norm.cu). x is (N, C, S) in memory (NCHW) or (N, S, C) (channels_last).
 
-// apply / backward_apply: channels_last (and S == 1, the same memory) by rows, NCHW by planes.
-struct BnElementwise {
+// The element-wise ops of BatchNorm (apply, backward_apply) and squeeze-excite (se_apply): channels_last (and
+// S == 1, the same memory) by rows, NCHW by planes.
+struct SplitElementwise {
   bool rows = false;
   RowsElementwise by_rows;
   PlanesElementwise by_planes;
@@ -150,18 +151,26 @@ struct BnElementwise {
   int vec() const { return rows ? by_rows.vec : by_planes.vec; }
 };
 
-// vec_ok: every tensor pointer the op reads or writes is 16-byte aligned.
-inline BnElementwise bn_elementwise(int64_t N, int64_t C, int64_t S, bool channels_last, bool vec_ok, int elem_bytes,
-                                    const Device& d) {
+// `groups` groups of `group_rows` rows of C channels when by rows; vec_ok: every tensor pointer the op reads
+// or writes is 16-byte aligned.
+inline SplitElementwise split_elementwise(int64_t groups, int64_t group_rows, int64_t N, int64_t C, int64_t S,
+                                          bool channels_last, bool vec_ok, int elem_bytes, const Device& d) {
   const int VEC = vec_of(elem_bytes);
-  BnElementwise p;
+  SplitElementwise p;
   p.rows = channels_last || S == 1;
   if (p.rows) {
-    p.by_rows = rows_elementwise(1, N * S, C, (vec_ok && C % VEC == 0) ? VEC : 1, d);
+    p.by_rows = rows_elementwise(groups, group_rows, C, (vec_ok && C % VEC == 0) ? VEC : 1, d);
   } else {
     p.by_planes = planes_elementwise(N * C * S, (vec_ok && S >= VEC) ? VEC : 1, d);
   }
   return p;
+}
+
+// BatchNorm's apply / backward_apply: one group of every row (the per-channel data is the same for all).
+using BnElementwise = SplitElementwise;
+inline BnElementwise bn_elementwise(int64_t N, int64_t C, int64_t S, bool channels_last, bool vec_ok, int elem_bytes,
+                                    const Device& d) {
+  return split_elementwise(1, N * S, N, C, S, channels_last, vec_ok, elem_bytes, d);
 }
 
 // stats / backward_reduce: a tiled stage 1 writing [fields, splits, C] partial states, then a finalize
@@ -309,27 +318,12 @@ inline SeExcite se_excite(int64_t N, const Device& d) {
   return p;
 }
 
-// se_apply (scale and its backward): channels_last (and S == 1, the same memory) by rows (a group is a
-// sample: the gate is loaded once per work item), NCHW by planes (the gate index is the plane).
-struct SeApply {
-  bool rows = false;
-  RowsElementwise by_rows;
-  PlanesElementwise by_planes;
-  const Launch& launch() const { return rows ? by_rows.launch : by_planes.launch; }
-  int vec() const { return rows ? by_rows.vec : by_planes.vec; }
-};
-
+// se_apply (scale and its backward): a group is a sample, so the gate is loaded once per work item by rows;
+// by planes the gate index is the plane.
+using SeApply = SplitElementwise;
 inline SeApply se_apply(int64_t N, int64_t C, int64_t S, bool channels_last, bool vec_ok, int elem_bytes,
                         const Device& d) {
-  const int VEC = vec_of(elem_bytes);
-  SeApply p;
-  p.rows = channels_last || S == 1;
-  if (p.rows) {
-    p.by_rows = rows_elementwise(N, S, C, (vec_ok && C % VEC == 0) ? VEC : 1, d);
-  } else {
-    p.by_planes = planes_elementwise(N * C * S, (vec_ok && S >= VEC) ? VEC : 1, d);
-  }
-  return p;
+  return split_elementwise(N, S, N, C, S, channels_last, vec_ok, elem_bytes, d);
 }
 
 // ---------------------------------------------------------------------------------------------------

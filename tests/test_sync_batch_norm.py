@@ -63,7 +63,13 @@ def _entry(rank, world_size, port, backend, scenario, queue, pg_timeout, extra):
                 pass
 
 
-def _run_group_once(scenario, world_size, backend, pg_timeout, extra, nprocs, deadline):
+def run_group(scenario, world_size, backend="gloo", pg_timeout=PG_TIMEOUT, extra=None, nprocs=None,
+              deadline=SPAWN_DEADLINE):
+    """Runs SCENARIOS[scenario](rank, world_size, extra) on `nprocs` (default world_size) spawned processes;
+    returns {rank: ("ok", result) or ("error", traceback)}, and ("exited", how) for a rank that died without
+    reporting (a rank that never started: its import failed; its traceback is on stderr). Kills them all past
+    `deadline`."""
+    nprocs = world_size if nprocs is None else nprocs
     method = "spawn" if backend == "nccl" else "forkserver"  # CUDA needs spawn; forkserver: see above
     queue = mp.get_context(method).SimpleQueue()
     pctx = mp.start_processes(_entry, args=(world_size, _free_port(), backend, scenario, queue, pg_timeout, extra),
@@ -93,24 +99,6 @@ def _run_group_once(scenario, world_size, backend, pg_timeout, extra, nprocs, de
     if time.monotonic() - start >= deadline:
         pytest.fail(f"process group {scenario!r} did not finish within {deadline} s; results so far: {results}; "
                     f"exit codes {exits}")
-    return results, started, exits
-
-
-def run_group(scenario, world_size, backend="gloo", pg_timeout=PG_TIMEOUT, extra=None, nprocs=None,
-              deadline=SPAWN_DEADLINE):
-    """Runs SCENARIOS[scenario](rank, world_size, extra) on `nprocs` (default world_size) spawned processes;
-    returns {rank: ("ok", result) or ("error", traceback)}, and ("exited", exit code) for a rank that died
-    without reporting. Kills them all past `deadline`. When no rank even started (the forkserver could not
-    start them: nothing of the scenario ran), the group is started once more from a fresh forkserver."""
-    nprocs = world_size if nprocs is None else nprocs
-    results, started, exits = _run_group_once(scenario, world_size, backend, pg_timeout, extra, nprocs, deadline)
-    if not started and backend != "nccl":
-        import multiprocessing.forkserver
-
-        print(f"process group {scenario!r}: no rank started (exit codes {exits}); retrying on a fresh forkserver")
-        multiprocessing.forkserver._forkserver._stop()
-        results, started, exits = _run_group_once(scenario, world_size, backend, pg_timeout, extra, nprocs,
-                                                  deadline)
     for r in range(nprocs):
         if r not in results:
             results[r] = ("exited", f"rank {r} {'started, then ' if r in started else 'never started; it '}"

@@ -4,8 +4,8 @@
 // scalar fallbacks and float64 take ACT = kDynamic and switch on the run-time code (one kernel for every
 // activation). Formulas restate aten's forward and backward kernels, NaN
 // handling and the gradient at each kink included; comparisons are written so that NaN takes torch's
-// branch. setup.py compiles with --use_fast_math: the exponentials are the fast ones, the sigmoid goes
-// through the correctly rounded reciprocal (0 at e = inf, NaN for NaN).
+// branch. setup.py compiles with --use_fast_math: the exponentials are the fast ones, the sigmoid's
+// reciprocal is faithfully rounded (drcp: 0 at e = inf, NaN for NaN).
 #pragma once
 
 namespace fastnets {
@@ -40,7 +40,17 @@ __device__ __forceinline__ float dexp(float v) { return __expf(v); }
 __device__ __forceinline__ double dexp(double v) { return exp(v); }
 __device__ __forceinline__ float derf(float v) { return erff(v); }
 __device__ __forceinline__ double derf(double v) { return erf(v); }
-__device__ __forceinline__ float drcp(float v) { return __frcp_rn(v); }
+// 1 / v for the sigmoid's denominator v = 1 + e >= 1 (or inf, NaN). Not __frcp_rn: its slow path (denormal
+// and huge operands) is a called subroutine, and the call's stack frame is a spill in every loop that takes
+// it (the audit's cuda-no-spills budget). In this domain the hardware reciprocal (rcp.approx, < 1 ulp) refined
+// by one Newton step is faithfully rounded (within 1 ulp of the correctly rounded result); inf gives exactly 0
+// (where the Newton step alone would give NaN) and NaN stays NaN.
+__device__ __forceinline__ float drcp(float v) {
+  float r;
+  asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(v));
+  const float refined = fmaf(r, fmaf(-v, r, 1.0f), r);
+  return isinf(v) ? 0.0f : refined;
+}
 __device__ __forceinline__ double drcp(double v) { return 1.0 / v; }
 
 template <typename T>

@@ -58,6 +58,14 @@ struct Welford {
     mean += delta / n;
     m2 += delta * (x - mean);
   }
+  // add(x) for a state whose new count n1 and its reciprocal inv the caller computed once for several states
+  // that count the same rows (reduce_cl_kernel's V channels): one reciprocal per row instead of V divisions.
+  __device__ __forceinline__ void add_counted(T x, T n1, T inv) {
+    n = n1;
+    const T delta = x - mean;
+    mean += delta * inv;
+    m2 += delta * (x - mean);
+  }
 
   __device__ __forceinline__ void merge(const Welford& o) {
     if (o.n == T(0)) return;
@@ -127,6 +135,7 @@ __device__ __forceinline__ State warp_reduce(State s) {
 //   load<V>(i, items)    the V consecutive elements at flat index i (all inputs of the op)
 //   Ctx, context(c)      per-channel data (mean, scale, shift for backward_reduce), loaded once per thread
 //   add(state, item, ctx)
+//   add_row<V>(states, items, ctxs)   add() for the V channels of one channels_last row (one state each)
 //   Final, final()       what the finalize kernel writes per channel (an object that does not depend on the
 //                        activation, so that one finalize kernel serves every ACT)
 
@@ -179,6 +188,14 @@ struct StatsOp {
   }
   __device__ __forceinline__ acc_t context(int64_t) const { return acc_t(0); }
   __device__ __forceinline__ void add(State& s, const Item& it, Ctx) const { s.add(it.x); }
+  // The V states have counted the same rows: their counts are equal, so 1 / n is formed once for the row.
+  template <int V>
+  __device__ __forceinline__ void add_row(State (&st)[V], const Item (&it)[V], const Ctx (&)[V]) const {
+    const acc_t n1 = st[0].n + acc_t(1);
+    const acc_t inv = acc_t(1) / n1;
+#pragma unroll
+    for (int k = 0; k < V; ++k) st[k].add_counted(it[k].x, n1, inv);
+  }
 };
 
 // ACT: the activation code, or act::kDynamic for the run-time `code`.
@@ -245,6 +262,11 @@ struct BackwardReduceOp {
     s.a += g;
     s.b += g * (it.x - cx.mean);
   }
+  template <int V>
+  __device__ __forceinline__ void add_row(State (&st)[V], const Item (&it)[V], const Ctx (&cx)[V]) const {
+#pragma unroll
+    for (int k = 0; k < V; ++k) add(st[k], it[k], cx[k]);
+  }
 };
 
 // ---------------------------------------------------------------------------------------------------
@@ -282,8 +304,7 @@ __global__ void __launch_bounds__(plan::kBnReduceThreads) reduce_cl_kernel(Op op
     for (int64_t r = int64_t(blockIdx.y) * by + ty; r < rows; r += row_step) {
       Item it[V];
       op.template load<V>(r * C + c0, it);
-#pragma unroll
-      for (int k = 0; k < V; ++k) op.add(st[k], it[k], ctx[k]);
+      op.template add_row<V>(st, it, ctx);
     }
   }
 
@@ -338,9 +359,12 @@ __global__ void __launch_bounds__(plan::kBnTileMax) reduce_nchw_tile_kernel(Op o
   red[t] = st;
   __syncthreads();
 
-  const int warp = t / kWarp, lane = t % kWarp, nwarps = blockDim.x / kWarp;
+  const int lane = t % kWarp;
   const int64_t total = int64_t(gridDim.y) * C;
-  for (int k = warp; k < cb; k += nwarps) {  // warp-uniform loop: the shuffles see a full warp
+  // Warp w merges channels w, w + warps, ...: k32 = 32 * k steps by blockDim.x (a multiple of 32), an add of a
+  // constant-bank operand, where a step of blockDim.x / 32 kept in a register was spilled at 32 registers.
+  for (int k32 = t - lane; k32 < cb * kWarp; k32 += blockDim.x) {  // warp-uniform loop: the shuffles see a full warp
+    const int k = k32 / kWarp;
     State s = State::zero();
     for (int j = lane; j < S; j += kWarp) s.merge(red[k * S + j]);
     s = warp_reduce(s);
@@ -681,13 +705,13 @@ void launch_elementwise(const Op& op, const plan::BnElementwise& p, int64_t nume
   } else {
     if (vec) {
       if constexpr (kVec) {
-        planes_elementwise_kernel<Op, VEC><<<grid, block, l.smem, stream>>>(op, numel, dm.S, dm.C);
+        planes_elementwise_kernel<Op, VEC><<<grid, block, l.smem, stream>>>(op, numel, dm.S, dm.C, p.by_planes.step);
       } else {
         variant_not_compiled("planes_elementwise_kernel<VEC>");
       }
     } else {
       if constexpr (kScalar) {
-        planes_elementwise_kernel<Op, 1><<<grid, block, l.smem, stream>>>(op, numel, dm.S, dm.C);
+        planes_elementwise_kernel<Op, 1><<<grid, block, l.smem, stream>>>(op, numel, dm.S, dm.C, p.by_planes.step);
       } else {
         variant_not_compiled("planes_elementwise_kernel<1>");
       }

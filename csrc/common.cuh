@@ -113,7 +113,7 @@ __global__ void __launch_bounds__(plan::kElementwiseThreads)
   const int64_t items = groups * chunks;
   const int64_t i_step = int64_t(blockDim.y) * C;
   for (int64_t item = blockIdx.y; item < items; item += gridDim.y) {
-    const int64_t g = item / chunks;
+    const int64_t g = plan::group_of_item(item, chunks);
     const int64_t r0 = (item - g * chunks) * chunk_len;
     const int64_t r1 = r0 + chunk_len < rows ? r0 + chunk_len : rows;
     typename Op::Chan ch[V];
@@ -128,12 +128,12 @@ __global__ void __launch_bounds__(plan::kElementwiseThreads)
 // NCHW: `numel` elements in planes of S; plane p has channel index p % M (BatchNorm: M = C; squeeze-excite:
 // M = N * C). Grid-stride over vectors of V elements; a vector spans at most two planes (S >= V), so each
 // vector loads the Chan of its first plane and, only when it crosses into the next, of that one too. The
-// plane and the offset in it are found by division once per thread and then carried along by additions
-// (the step is constant): no 64-bit division in the loop. The numel % V tail elements are handled one per
-// thread by the first threads of the grid.
+// plane and the offset in it are found once per thread (32-bit division, plan::PlaneCursor) and then carried
+// along by additions of the host-split step (plan::PlanesStep): no 64-bit division on the device. The
+// numel % V tail elements, all in the last plane, are handled one per thread by the first threads of the grid.
 template <typename Op, int V>
 __global__ void __launch_bounds__(plan::kElementwiseThreads)
-    planes_elementwise_kernel(Op op, int64_t numel, int64_t S, int64_t M) {
+    planes_elementwise_kernel(Op op, int64_t numel, int64_t S, int64_t M, plan::PlanesStep step) {
   using Chan = typename Op::Chan;
   const int64_t tid = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   const int64_t nthreads = int64_t(gridDim.x) * blockDim.x;
@@ -141,35 +141,21 @@ __global__ void __launch_bounds__(plan::kElementwiseThreads)
 
   const int64_t tail = numel - nvec * V;
   if (tid < tail) {
-    const int64_t i = nvec * V + tid;
-    const Chan one = op.chan((i / S) % M);
-    op.template run<1>(i, [&](int) { return one; });
+    const Chan one = op.chan(step.tail_chan);
+    op.template run<1>(nvec * V + tid, [&](int) { return one; });
   }
 
   if (tid >= nvec) return;
   int64_t i = tid * V;
-  int64_t q = i / S;
-  int64_t r = i - q * S;  // offset in the current plane
-  q %= M;
-  const int64_t step = nthreads * V;
-  const int64_t step_q0 = step / S;
-  const int64_t step_r = step - step_q0 * S;
-  const int64_t step_q = step_q0 % M;
-  for (int64_t v = tid; v < nvec; v += nthreads) {
-    const Chan lo = op.chan(q);
-    const int cut = S - r < V ? static_cast<int>(S - r) : V;  // elements k < cut are in plane q, the others in the next
+  plan::PlaneCursor at;
+  at.start(i, S, M);
+  for (int64_t v = tid; v < nvec; v += nthreads, i += step.elems) {
+    const Chan lo = op.chan(at.q);
+    const int cut = at.cut(S, V);  // elements k < cut are in plane q, the others in the next
     Chan hi = lo;
-    if (V > 1 && cut < V) hi = op.chan(q + 1 == M ? 0 : q + 1);
+    if (V > 1 && cut < V) hi = op.chan(at.next(M));
     op.template run<V>(i, [&](int k) { return k < cut ? lo : hi; });
-    // Advance (r, q) by `step` elements: r < S and q < M stay true with one carry and one wrap.
-    i += step;
-    r += step_r;
-    q += step_q;
-    if (r >= S) {
-      r -= S;
-      q += 1;
-    }
-    if (q >= M) q -= M;
+    at.advance(step, S, M);
   }
 }
 

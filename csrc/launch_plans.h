@@ -20,10 +20,19 @@
 #include <string>
 #include <vector>
 
+// The index arithmetic the kernels share with this file (PlaneCursor, group_of_item) runs on both sides: on the
+// device in the kernels, on the host in the test driver, which walks it against plain division.
+#if defined(__CUDACC__)
+#define FASTNETS_HOST_DEVICE __host__ __device__
+#else
+#define FASTNETS_HOST_DEVICE
+#endif
+
 namespace fastnets {
 namespace plan {
 
 constexpr int kWarp = 32;
+constexpr int64_t kInt32Max = 2147483647;
 constexpr int64_t kGridXMax = 2147483647;  // blocks in x
 constexpr int64_t kGridYZMax = 65535;      // blocks in y and z
 
@@ -105,6 +114,8 @@ inline RowsElementwise rows_elementwise(int64_t groups, int64_t rows, int64_t C,
   const int64_t per_group = std::max<int64_t>(1, std::min(ceil_div(rows, by), ceil_div(wanted_items, groups)));
   p.chunk_len = std::max<int64_t>(1, ceil_div(rows, per_group));
   p.chunks = ceil_div(rows, p.chunk_len);
+  // With chunks > 1 a group has fewer chunks than wanted_items / groups, so items < 2 * wanted_items: far
+  // below 2^31, which group_of_item's 32-bit division needs (tests/test_cuda_launch_plans.py checks it).
   const int64_t items = groups * p.chunks;
   Launch& l = p.launch;
   l.kernel = "rows_elementwise_kernel";
@@ -116,25 +127,75 @@ inline RowsElementwise rows_elementwise(int64_t groups, int64_t rows, int64_t C,
   return p;
 }
 
-// planes_elementwise_kernel: the tensor as `numel` elements in planes of S (NCHW), grid-stride over vectors
-// of `vec` elements (a vector spans at most two planes, which needs S >= vec), the numel % vec tail one
-// element per thread.
+// The group (sample) of work item `item` of rows_elementwise_kernel, item / chunks, in 32-bit division: a 64-bit
+// division on the device is a called subroutine, whose stack frame the audit counts as spills. The plan keeps
+// items < 2^31 whenever chunks > 1 (rows_elementwise); with one chunk per group the item is the group.
+FASTNETS_HOST_DEVICE inline int64_t group_of_item(int64_t item, int64_t chunks) {
+  return chunks == 1 ? item : int64_t(static_cast<uint32_t>(item) / static_cast<uint32_t>(chunks));
+}
+
+// planes_elementwise_kernel: the tensor as `numel` elements in planes of S (NCHW), plane p of channel index
+// p % M, grid-stride over vectors of `vec` elements (a vector spans at most two planes, which needs S >= vec),
+// the numel % vec tail one element per thread. Every 64-bit division of the walk is done here, on the host:
+// the grid-stride step split into whole planes and a remainder, and the channel of the last plane (which
+// holds the whole tail, as tail < vec <= S). A thread's start, below 2^31 (the grid is capped so), needs
+// only 32-bit division (PlaneCursor::start).
+struct PlanesStep {
+  int64_t elems = 0;      // elements a thread advances per iteration: grid threads * vec
+  int64_t q = 0;          // (elems / S) % M: channel indices advanced
+  int64_t r = 0;          // elems % S: offset advanced within a plane
+  int64_t tail_chan = 0;  // (numel / S - 1) % M: the channel of the numel % vec tail elements
+};
+
+// The position of a planes walk: q, the channel index of the plane holding element i; r, i's offset in it.
+struct PlaneCursor {
+  int64_t q = 0, r = 0;
+  // At element i < 2^31: when S > i the plane is 0; otherwise S <= i and the plane index are below 2^31.
+  FASTNETS_HOST_DEVICE void start(int64_t i, int64_t S, int64_t M) {
+    const int64_t p = S > i ? 0 : int64_t(static_cast<uint32_t>(i) / static_cast<uint32_t>(S));
+    r = i - p * S;
+    q = p < M ? p : int64_t(static_cast<uint32_t>(p) % static_cast<uint32_t>(M));
+  }
+  // Of the vec elements from here, those before cut() are in plane q, the others in the next, of channel next().
+  FASTNETS_HOST_DEVICE int cut(int64_t S, int vec) const { return S - r < vec ? static_cast<int>(S - r) : vec; }
+  FASTNETS_HOST_DEVICE int64_t next(int64_t M) const { return q + 1 == M ? 0 : q + 1; }
+  // Advance by step.elems elements: r < S and q < M stay true with one carry and one wrap.
+  FASTNETS_HOST_DEVICE void advance(const PlanesStep& step, int64_t S, int64_t M) {
+    r += step.r;
+    q += step.q;
+    if (r >= S) {
+      r -= S;
+      q += 1;
+    }
+    if (q >= M) q -= M;
+  }
+};
+
 struct PlanesElementwise {
   int vec = 1;
+  PlanesStep step;
   Launch launch;
 };
 
-inline PlanesElementwise planes_elementwise(int64_t numel, int vec, const Device& d) {
+inline PlanesElementwise planes_elementwise(int64_t numel, int64_t S, int64_t M, int vec, const Device& d) {
   PlanesElementwise p;
   p.vec = vec;
   const int64_t nvec = numel / vec;
-  const int64_t max_blocks = target_blocks(d, kElementwiseThreads) * 4;
+  // About four waves, and every thread's first vector below 2^31 (PlaneCursor::start).
+  const int64_t max_blocks = std::min(target_blocks(d, kElementwiseThreads) * 4,
+                                      kInt32Max / (int64_t(kElementwiseThreads) * vec));
   Launch& l = p.launch;
   l.kernel = "planes_elementwise_kernel";
   l.grid[0] = std::max<int64_t>(1, std::min(ceil_div(std::max(nvec, numel - nvec * vec), kElementwiseThreads),
                                             max_blocks));
   l.block[0] = kElementwiseThreads;
   l.bound = kElementwiseThreads;
+  p.step.elems = l.grid[0] * kElementwiseThreads * vec;
+  if (S > 0 && M > 0) {  // (an empty tensor launches nothing)
+    p.step.q = (p.step.elems / S) % M;
+    p.step.r = p.step.elems % S;
+    p.step.tail_chan = numel >= S ? (numel / S - 1) % M : 0;
+  }
   return p;
 }
 
@@ -151,7 +212,8 @@ struct SplitElementwise {
   int vec() const { return rows ? by_rows.vec : by_planes.vec; }
 };
 
-// `groups` groups of `group_rows` rows of C channels when by rows; vec_ok: every tensor pointer the op reads
+// `groups` groups of `group_rows` rows of C channels when by rows, planes of S with channel index p % (groups * C)
+// when by planes; vec_ok: every tensor pointer the op reads
 // or writes is 16-byte aligned.
 inline SplitElementwise split_elementwise(int64_t groups, int64_t group_rows, int64_t N, int64_t C, int64_t S,
                                           bool channels_last, bool vec_ok, int elem_bytes, const Device& d) {
@@ -161,7 +223,7 @@ inline SplitElementwise split_elementwise(int64_t groups, int64_t group_rows, in
   if (p.rows) {
     p.by_rows = rows_elementwise(groups, group_rows, C, (vec_ok && C % VEC == 0) ? VEC : 1, d);
   } else {
-    p.by_planes = planes_elementwise(N * C * S, (vec_ok && S >= VEC) ? VEC : 1, d);
+    p.by_planes = planes_elementwise(N * C * S, S, groups * C, (vec_ok && S >= VEC) ? VEC : 1, d);
   }
   return p;
 }
@@ -341,6 +403,17 @@ inline void describe_launch(std::ostringstream& s, const Launch& l, int vec) {
     << l.block[1] << "," << l.block[2] << " smem=" << l.smem << " bound=" << l.bound << " vec=" << vec;
 }
 
+inline void describe_split(std::ostringstream& s, const SplitElementwise& p) {
+  describe_launch(s, p.launch(), p.vec());
+  if (p.rows) {
+    s << " chunks=" << p.by_rows.chunks << " chunk_len=" << p.by_rows.chunk_len;
+  } else {
+    const PlanesStep& st = p.by_planes.step;
+    s << " step=" << st.elems << " step_q=" << st.q << " step_r=" << st.r << " tail_chan=" << st.tail_chan;
+  }
+  s << "\n";
+}
+
 inline std::string describe(const std::string& kind, const std::vector<int64_t>& a) {
   auto need = [&](size_t n) {
     if (a.size() != n) {
@@ -356,9 +429,7 @@ inline std::string describe(const std::string& kind, const std::vector<int64_t>&
   if (kind == "bn_elementwise") {
     need(8);
     const BnElementwise p = bn_elementwise(a[0], a[1], a[2], a[3] != 0, a[4] != 0, elem(a[5]), Device{a[6], a[7]});
-    describe_launch(s, p.launch(), p.vec());
-    if (p.rows) s << " chunks=" << p.by_rows.chunks << " chunk_len=" << p.by_rows.chunk_len;
-    s << "\n";
+    describe_split(s, p);
   } else if (kind == "bn_reduce") {
     need(9);
     const int eb = elem(a[5]);
@@ -382,9 +453,7 @@ inline std::string describe(const std::string& kind, const std::vector<int64_t>&
   } else if (kind == "se_apply") {
     need(8);
     const SeApply p = se_apply(a[0], a[1], a[2], a[3] != 0, a[4] != 0, elem(a[5]), Device{a[6], a[7]});
-    describe_launch(s, p.launch(), p.vec());
-    if (p.rows) s << " chunks=" << p.by_rows.chunks << " chunk_len=" << p.by_rows.chunk_len;
-    s << "\n";
+    describe_split(s, p);
   } else {
     throw std::invalid_argument("launch_plan: unknown kind '" + kind +
                                 "' (bn_elementwise, bn_reduce, se_reduce, se_excite, se_apply)");

@@ -39,7 +39,20 @@ __device__ __forceinline__ T warp_sum(T v) {
   return v;
 }
 
-// The sigmoid gate: act::dsigmoid (activations.cuh), 1 / (1 + e) through the correctly rounded reciprocal.
+// The warp sums of acc[0 .. BN - 1], sum k returned to lane k (BN <= 32; lanes from BN on get sum 0).
+template <int BN, typename T>
+__device__ __forceinline__ T lane_sums(const T (&acc)[BN], int lane) {
+  T mine = acc[0];
+  mine = warp_sum(mine);
+#pragma unroll
+  for (int k = 1; k < BN; ++k) {
+    const T v = warp_sum(acc[k]);
+    if (lane == k) mine = v;
+  }
+  return mine;
+}
+
+// The sigmoid gate: act::dsigmoid (activations.cuh), 1 / (1 + e) through a faithfully rounded reciprocal (drcp).
 
 __device__ __forceinline__ int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
 
@@ -190,12 +203,10 @@ __global__ void __launch_bounds__(plan::kSeExciteThreads)
           if (k < nb) acc[k] += w * pooled[(n0 + k) * C + c];
         }
       }
-      const acc_t bias = static_cast<acc_t>(b1[r]);
-#pragma unroll
-      for (int k = 0; k < BN; ++k) {
-        const acc_t v = warp_sum(acc[k]);
-        if (lane == 0 && k < nb) hidden[(n0 + k) * R + r] = act::forward(v + bias, inner_act, inner_param);
-      }
+      // Lane k takes sample k's sum, so the activation runs once, on lanes 0 .. nb - 1 together, instead of
+      // BN times in a row (BN inlined activations held 64 registers and spilled).
+      const acc_t v = lane_sums<BN>(acc, lane);
+      if (lane < nb) hidden[(n0 + lane) * R + r] = act::forward(v + static_cast<acc_t>(b1[r]), inner_act, inner_param);
     }
     __syncthreads();
     for (int64_t c = warp; c < C; c += nwarps) {
@@ -211,12 +222,8 @@ __global__ void __launch_bounds__(plan::kSeExciteThreads)
           if (k < nb) acc[k] += w * hidden[(n0 + k) * R + r];
         }
       }
-      const acc_t bias = static_cast<acc_t>(b2[c]);
-#pragma unroll
-      for (int k = 0; k < BN; ++k) {
-        const acc_t v = warp_sum(acc[k]);
-        if (lane == 0 && k < nb) gate[(n0 + k) * C + c] = act::gate_forward(v + bias, gate_fn);
-      }
+      const acc_t v = lane_sums<BN>(acc, lane);
+      if (lane < nb) gate[(n0 + lane) * C + c] = act::gate_forward(v + static_cast<acc_t>(b2[c]), gate_fn);
     }
   }
 }
@@ -500,9 +507,9 @@ void se_apply(const Tensor& src, const Tensor& gate, const std::optional<Tensor>
           rows_elementwise_kernel<Op, 1><<<grid, block, l.smem, stream>>>(eop, N, S, C, r.chunks, r.chunk_len, C);
         }
       } else if (vec) {
-        planes_elementwise_kernel<Op, VEC><<<grid, block, l.smem, stream>>>(eop, numel, S, N * C);
+        planes_elementwise_kernel<Op, VEC><<<grid, block, l.smem, stream>>>(eop, numel, S, N * C, p.by_planes.step);
       } else {
-        planes_elementwise_kernel<Op, 1><<<grid, block, l.smem, stream>>>(eop, numel, S, N * C);
+        planes_elementwise_kernel<Op, 1><<<grid, block, l.smem, stream>>>(eop, numel, S, N * C, p.by_planes.step);
       }
       STD_CUDA_KERNEL_LAUNCH_CHECK();
     };

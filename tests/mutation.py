@@ -82,6 +82,7 @@ BN_FILE, CONV_FILE, SE_FILE, CONVERT_FILE = (
 
 PLANS_H = "csrc/launch_plans.h"
 PLAN_LIMITS = t("tests/test_cuda_launch_plans.py", "test_plans_within_gpu_limits")
+INDEX_WALKS = t("tests/test_cuda_launch_plans.py", "test_kernel_index_walks_match_division")
 
 
 def only(backend):
@@ -421,9 +422,24 @@ MUTANTS = [
     M("cuda-plan-rows-chunks-miss-rows", PLANS_H,
       "p.chunks = ceil_div(rows, p.chunk_len);", "p.chunks = std::max<int64_t>(1, rows / p.chunk_len);", PLAN_LIMITS),
     M("cuda-plan-bn-planes-vector-over-two-planes", PLANS_H,
-      "p.by_planes = planes_elementwise(N * C * S, (vec_ok && S >= VEC) ? VEC : 1, d);",
-      "p.by_planes = planes_elementwise(N * C * S, vec_ok ? VEC : 1, d);",
+      "p.by_planes = planes_elementwise(N * C * S, S, groups * C, (vec_ok && S >= VEC) ? VEC : 1, d);",
+      "p.by_planes = planes_elementwise(N * C * S, S, groups * C, vec_ok ? VEC : 1, d);",
       PLAN_LIMITS),
+    # the kernels' index arithmetic without 64-bit division (plan::PlaneCursor, PlanesStep, group_of_item),
+    # walked on the host against plain division (issue 30)
+    M("cuda-walk-carry-off-by-one", PLANS_H,
+      "    if (r >= S) {\n      r -= S;", "    if (r > S) {\n      r -= S;", INDEX_WALKS),
+    M("cuda-walk-start-plane-off-by-one", PLANS_H,
+      "const int64_t p = S > i ? 0 :", "const int64_t p = S >= i ? 0 :", INDEX_WALKS),
+    M("cuda-walk-vector-cut-off-by-one", PLANS_H,
+      "return S - r < vec ? static_cast<int>(S - r) : vec;", "return S - r < vec ? static_cast<int>(S - r - 1) : vec;",
+      INDEX_WALKS),
+    M("cuda-walk-step-remainder", PLANS_H, "p.step.r = p.step.elems % S;", "p.step.r = p.step.elems % S + 1;",
+      INDEX_WALKS),
+    M("cuda-walk-tail-channel", PLANS_H, "p.step.tail_chan = numel >= S ? (numel / S - 1) % M : 0;",
+      "p.step.tail_chan = numel >= S ? (numel / S) % M : 0;", INDEX_WALKS),
+    M("cuda-rows-group-of-item", PLANS_H, "int64_t(static_cast<uint32_t>(item) / static_cast<uint32_t>(chunks))",
+      "int64_t((static_cast<uint32_t>(item) + 1) / static_cast<uint32_t>(chunks))", INDEX_WALKS),
     M("cuda-plan-se-reduce-vector-past-plane", PLANS_H,
       "p.vec = (vec_ok && S % VEC == 0) ? VEC : 1;\n    p.s_per_split", "p.vec = vec_ok ? VEC : 1;\n    p.s_per_split",
       PLAN_LIMITS),

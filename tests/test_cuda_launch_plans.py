@@ -98,19 +98,30 @@ def parse(text):
 
 
 @pytest.fixture(scope="module")
-def driver_plans(tmp_path_factory):
-    """{(kind, args): plan text} from launch_plans.h compiled on its own; None without a host C++ compiler."""
+def driver(tmp_path_factory):
+    """ask(queries) -> the answers of launch_plans.h compiled on its own (tests/launch_plan_driver.cpp); None
+    without a host C++ compiler."""
     cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
     if cxx is None:
         return None
     exe = str(tmp_path_factory.mktemp("launch_plans") / "driver")
     subprocess.run([cxx, "-std=c++17", "-O1", "-Wall", "-Werror", "-I", CSRC,
                     os.path.join(HERE, "launch_plan_driver.cpp"), "-o", exe], check=True)
-    stdin = "".join(f"{kind} {' '.join(map(str, args))}\n" for kind, args in QUERIES)
-    out = subprocess.run([exe], input=stdin, check=True, capture_output=True, text=True).stdout
-    answers = out.split("end\n")[:-1]
-    assert len(answers) == len(QUERIES)
-    return dict(zip(QUERIES, answers))
+
+    def ask(queries):
+        stdin = "".join(f"{kind} {' '.join(map(str, args))}\n" for kind, args in queries)
+        out = subprocess.run([exe], input=stdin, check=True, capture_output=True, text=True).stdout
+        answers = out.split("end\n")[:-1]
+        assert len(answers) == len(queries)
+        return dict(zip(queries, answers))
+
+    return ask
+
+
+@pytest.fixture(scope="module")
+def driver_plans(driver):
+    """{(kind, args): plan text} from launch_plans.h compiled on its own; None without a host C++ compiler."""
+    return None if driver is None else driver(QUERIES)
 
 
 def _extension_op():
@@ -170,9 +181,18 @@ def _check_plan(kind, args, launches):
         assert main["chunks"] * main["chunk_len"] >= rows, f"{what}: the chunks miss rows"
         assert (main["chunks"] - 1) * main["chunk_len"] < rows, f"{what}: an empty chunk"
         assert bx * by == 256 and by >= 1, what
+        # group_of_item divides in 32 bits when a group has several chunks
+        assert main["chunks"] == 1 or groups * main["chunks"] < 2**31, f"{what}: {groups * main['chunks']} items"
     elif k == "planes_elementwise_kernel":
         assert not cl and s > 1, what
         assert vec == 1 or s >= vec, f"{what}: a {vec}-element vector would span more than two planes of {s}"
+        # The walk's 64-bit divisions, done on the host (plan::PlanesStep); a thread's first vector below 2^31
+        # (plan::PlaneCursor::start divides in 32 bits).
+        m = n * c if kind == "se_apply" else c
+        step = gx * bx * vec
+        assert step < 2**31, f"{what}: the grid's {step} elements per step start threads past 2^31"
+        assert (main["step"], main["step_q"], main["step_r"]) == (step, step // s % m, step % s), what
+        assert main["tail_chan"] == (n * c - 1) % m, what
     elif k == "bn::reduce_cl_kernel":
         assert cl or s == 1, what
         assert c % vec == 0 and gx * bx * vec >= c, what
@@ -246,6 +266,35 @@ def test_plans_take_the_paths_the_kernels_expect(driver_plans, library_plans):
     assert first("se_reduce", 256, 256, 3136, 1, 1, 1, 2)["vec"] == 8
     assert first("se_reduce", 256, 256, 3136, 1, 0, 1, 2)["vec"] == 8
     assert first("se_apply", 256, 256, 3136, 1, 1, 2)["kernel"] == "rows_elementwise_kernel"
+
+
+# (planes P, plane size S, channel indices M, vec): M divides P (BatchNorm: M = C; squeeze-excite: M = N * C);
+# S >= vec where vec > 1, as the plans choose; odd S gives a numel % vec tail. On a 2-SM device the grid is
+# capped and threads walk many steps (the step wraps planes and channels); on an H100 most walk one.
+WALKS = [(p, s, m, vec) for p, s, m in [(1031, 97, 13), (1031, 97, 1031), (5, 100003, 5), (64, 8, 8), (512, 9, 1),
+                                        (60, 1000, 3), (3, 2, 3), (7, 4099, 7), (2, 1500 * 700, 1)]
+         for vec in (1, 2, 4, 8) if vec == 1 or s >= vec]
+
+
+def test_kernel_index_walks_match_division(driver):
+    """The index arithmetic planes_elementwise_kernel and rows_elementwise_kernel run instead of 64-bit division
+    (a called subroutine with a stack frame on the GPU), run on the host for every thread of the plan's grid:
+    the channel of every element (plan::PlaneCursor, plan::PlanesStep, the tail) and the group of every work
+    item (plan::group_of_item) equal plain division's."""
+    if driver is None:
+        pytest.skip("needs a host C++ compiler")
+    queries = [("planes_walk", (p, s, m, vec) + dev) for (p, s, m, vec), dev in
+               itertools.product(WALKS, [(2, 1536), (132, 2048)])]
+    queries += [("rows_items", (groups, rows, c, vec) + dev) for (groups, rows, c), vec, dev in itertools.product(
+        [(1, 50000, 64), (7, 3000, 8), (300, 49, 16), (1, 5, 3), (100000, 1, 2)], (1, 8), [(2, 1536), (132, 2048)])]
+    for q, answer in driver(queries).items():
+        assert answer.startswith("ok "), f"{q}: {answer}"
+    # A thread's start up to 2^31 - 1 (the plans keep it below), with planes and channel counts on both sides
+    # of it: PlaneCursor::start's unsigned 32-bit division against Python's.
+    starts = [("cursor_start", (i, s, m)) for i, s, m in itertools.product(
+        (0, 7, 2**31 - 16, 2**31 - 1), (1, 3, 65537, 2**31 - 9, 2**31 + 5, 2**40), (1, 7, 2**31 - 1, 2**33))]
+    for (_, (i, s, m)), answer in driver(starts).items():
+        assert answer.split() == ["ok", str(i // s % m), str(i % s)], f"start({i}, S={s}, M={m}): {answer}"
 
 
 def _ask(kind, args):

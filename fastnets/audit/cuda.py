@@ -66,7 +66,10 @@ def audit(path=None, kernel=None, archs=None):
                 s = sass.summarize(instrs, labels, res.get(fn), arch)
                 occ = hardware.occupancy(s["registers"], 8, s["static_shared_bytes"])
                 rows.append({
-                    "id": f"sm{arch}-cuda-{fn}", "arch": arch, "kernel": short, "mangled": fn, "family": family,
+                    # keyed by the demangled name: the mangled one holds the anonymous namespace's hash, which
+                    # changes with every build, so no row would ever meet its baseline row (the regression check)
+                    "id": f"sm{arch}-cuda-{family}-{short}", "arch": arch, "kernel": short, "mangled": fn,
+                    "family": family,
                     "dtype": _dtype(short),
                     "sass": s,
                     # the block size is the launch's (not in the cubin): occupancy for 256 threads, the most common

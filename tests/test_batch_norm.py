@@ -144,6 +144,22 @@ def test_large_mean_small_std_is_exact(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", [(2, 3, 1, 2500), (3, 2, 41, 50), (1, 1, 1, 2048)], ids=lambda s: "x".join(map(str, s)))
+def test_statistics_of_planes_longer_than_a_tile(backend, shape):
+    """NCHW planes of more than one 1024-element tile, the last one partial (2500 = 2 * 1024 + 452,
+    2050 = 2 * 1024 + 2) or not: the Triton kernel's positions past the last tile's end take one value fewer
+    per plane than the others, and its Welford weights and merge must count them so."""
+    device = device_for(backend)
+    x = _make(shape, torch.float32, False, device, loc=3.0, scale=2.0)
+    c = shape[1]
+    rm, rv = torch.zeros(c, device=device), torch.ones(c, device=device)
+    batch_norm(x, rm, rv, None, None, True, 1.0, 0.0, backend=backend)
+    x64 = x.double()
+    assert_rel(rm, x64.mean(dim=(0, 2, 3)))
+    assert_rel(rv, x64.var(dim=(0, 2, 3), unbiased=True))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("ndim", [2, 3])
 @pytest.mark.parametrize("layout", ["contiguous", "transposed"])
 def test_batchnorm1d_2d_and_3d_inputs(backend, ndim, layout):

@@ -10,8 +10,9 @@ division is needed (int64 division per element would make these memory-bound ker
   NCHW:          planes p = n*C + c (outer) by spatial s (inner), offset p*S + s.
 The reductions split the work over channel blocks and over rows (images and spatial chunks), so that
 small-spatial shapes with many channels (N x 2048 x 7 x 7) and few-channel, large-spatial ones both fill
-the GPU. Each program keeps exact two-pass statistics inside a tile and merges tiles, then splits, with
-Chan's parallel-variance formula; never E[x^2] - E[x]^2. Offsets are int64.
+the GPU. The statistics kernels keep a Welford state per element of the tile across their loop (nothing
+crosses threads inside it), merge the tile's states in two passes at the end and the splits with Chan's
+parallel-variance formula; never E[x^2] - E[x]^2. Offsets are int64.
 """
 import torch
 import triton
@@ -57,22 +58,39 @@ def _stats_cl_kernel(
     x_ptr, pmean_ptr, pm2_ptr, pcount_ptr, C, R, rows_per_split,
     ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
+    # Welford per element of the [BLOCK_R, BLOCK_C] tile, across the loop: row slot j sees rows r_lo + j,
+    # r_lo + j + BLOCK_R, ... Every slot still in range at step t has seen t - 1 rows before, so the update's
+    # 1 / t is one scalar per step, and nothing crosses threads until the tl.reduce after the loop (a tile's
+    # own sums and Chan merge per step held the loop at ~0.5 bytes per warp-instruction). Rows past r_hi
+    # (the last step only) leave their state as it is: x := mean makes delta 0. Never E[x^2] - E[x]^2.
     cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = cols < C
     split = tl.program_id(1).to(tl.int64)
     r_lo, r_hi = _split_range(split, rows_per_split, R)
-    mean = tl.zeros([BLOCK_C], ACC)
-    m2 = tl.zeros([BLOCK_C], ACC)
-    count = tl.zeros([BLOCK_C], ACC)
+    slot = tl.arange(0, BLOCK_R)
+    mean = tl.zeros([BLOCK_R, BLOCK_C], ACC)
+    m2 = tl.zeros([BLOCK_R, BLOCK_C], ACC)
+    t = tl.zeros([], ACC)
     for r0 in range(r_lo, r_hi, BLOCK_R):
-        rows = r0 + tl.arange(0, BLOCK_R)
-        mask = (rows < r_hi)[:, None] & (cols < C)[None, :]
+        rows = r0 + slot
+        mask = cmask[None, :] & (rows < r_hi)[:, None]
         x = tl.load(x_ptr + rows[:, None] * C + cols[None, :], mask=mask, other=0.0).to(ACC)
-        nb = tl.minimum(r_hi - r0, BLOCK_R).to(ACC)
-        tile_mean = div_rn(tl.sum(x, axis=0), nb)
-        d = tl.where(mask, x - tile_mean[None, :], 0.0)
-        mean, m2, count = _chan_merge(mean, m2, count, tile_mean, tl.sum(d * d, axis=0), nb)
+        t += 1.0
+        inv = div_rn(tl.full([], 1.0, ACC), t)
+        x = tl.where(mask, x, mean)
+        delta = x - mean
+        mean += delta * inv
+        m2 += delta * (x - mean)
+    # The slots' states merged at once, in two passes over them: the mean from the counts, then M2 from the
+    # slots' deviations from it (sum of M2_j + n_j (mean_j - mean)^2; a slot with no row adds nothing).
+    n_rows = r_hi - r_lo  # int64; BLOCK_R is a power of two, so // and % are shifts and masks
+    slot_n = (n_rows // BLOCK_R + (slot < n_rows % BLOCK_R).to(tl.int64)).to(ACC)[:, None]
+    count = tl.zeros([BLOCK_C], ACC) + n_rows.to(ACC)
+    mean_all = div_rn(tl.sum(slot_n * mean, axis=0), tl.maximum(count, 1.0))
+    dev = mean - mean_all[None, :]
+    m2 = tl.sum(m2 + slot_n * dev * dev, axis=0)
+    mean = mean_all
     out = split * C + cols
-    cmask = cols < C
     tl.store(pmean_ptr + out, mean, mask=cmask)
     tl.store(pm2_ptr + out, m2, mask=cmask)
     tl.store(pcount_ptr + out, count, mask=cmask)
@@ -83,26 +101,45 @@ def _stats_nchw_kernel(
     x_ptr, pmean_ptr, pm2_ptr, pcount_ptr, N, C, S, n_per_split, s_per_split, splits_s,
     ACC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
+    # Welford per element of the [BLOCK_C, BLOCK_S] tile across the loops, as _stats_cl_kernel: slot j of a
+    # channel sees positions s_lo + j, s_lo + j + BLOCK_S, ... of every plane n of the split. With K chunks of
+    # the split's L positions per plane, the last one holding `rem` of them, a slot j < rem ("full") has seen
+    # a * K + b values before chunk b of plane n_lo + a, a slot j >= rem ("short") a * (K - 1) + b (and takes
+    # no value from the last chunk): two scalar reciprocals per step, selected per slot.
     cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = cols < C
     split = tl.program_id(1).to(tl.int64)
     n_lo, n_hi = _split_range(split // splits_s, n_per_split, N)
     s_lo, s_hi = _split_range(split % splits_s, s_per_split, S)
-    mean = tl.zeros([BLOCK_C], ACC)
-    m2 = tl.zeros([BLOCK_C], ACC)
-    count = tl.zeros([BLOCK_C], ACC)
+    slot = tl.arange(0, BLOCK_S)
+    n_chunks = tl.cdiv(s_hi - s_lo, BLOCK_S)
+    full = (slot < (s_hi - s_lo) - (n_chunks - 1) * BLOCK_S)[None, :]
+    mean = tl.zeros([BLOCK_C, BLOCK_S], ACC)
+    m2 = tl.zeros([BLOCK_C, BLOCK_S], ACC)
+    one = tl.full([], 1.0, ACC)
+    seen_full = tl.zeros([], ACC)  # values a full slot has taken so far
+    seen_short = tl.zeros([], ACC)
     for n in range(n_lo, n_hi):
         base = (n * C + cols) * S
         for s0 in range(s_lo, s_hi, BLOCK_S):
-            s = s0 + tl.arange(0, BLOCK_S)
+            s = s0 + slot
             mask = cmask[:, None] & (s < s_hi)[None, :]
             x = tl.load(x_ptr + base[:, None] + s[None, :], mask=mask, other=0.0).to(ACC)
-            nb = tl.minimum(s_hi - s0, BLOCK_S).to(ACC)
-            tile_mean = div_rn(tl.sum(x, axis=1), nb)
-            d = tl.where(mask, x - tile_mean[:, None], 0.0)
-            mean, m2, count = _chan_merge(mean, m2, count, tile_mean, tl.sum(d * d, axis=1), nb)
+            seen_full += 1.0
+            seen_short += tl.where(s0 + BLOCK_S < s_hi, 1.0, 0.0)  # the last chunk gives short slots nothing
+            inv = tl.where(full, div_rn(one, seen_full), div_rn(one, tl.maximum(seen_short, 1.0)))
+            x = tl.where(mask, x, mean)
+            delta = x - mean
+            mean += delta * inv
+            m2 += delta * (x - mean)
+    # Merge the slots in two passes (as _stats_cl_kernel): the mean from the counts, then M2.
+    slot_n = tl.where(full, seen_full, seen_short)
+    count = tl.zeros([BLOCK_C], ACC) + ((n_hi - n_lo) * (s_hi - s_lo)).to(ACC)
+    mean_all = div_rn(tl.sum(slot_n * mean, axis=1), tl.maximum(count, 1.0))
+    dev = mean - mean_all[:, None]
+    m2 = tl.sum(m2 + slot_n * dev * dev, axis=1)
     out = split * C + cols
-    tl.store(pmean_ptr + out, mean, mask=cmask)
+    tl.store(pmean_ptr + out, mean_all, mask=cmask)
     tl.store(pm2_ptr + out, m2, mask=cmask)
     tl.store(pcount_ptr + out, count, mask=cmask)
 

@@ -34,7 +34,7 @@ __device__ __forceinline__ int code_of(int runtime_code) {
 enum GateCode : int { kSigmoid = 0, kHardsigmoid = 1 };
 
 // The one precision dispatch of the formulas below (T is the accumulation type, float or double): float
-// takes the fast exponential and the correctly rounded reciprocal, double the plain functions. Overloads,
+// takes the fast exponential and a faithfully rounded reciprocal (drcp), double the plain functions. Overloads,
 // not a template, so that any other T fails to compile instead of silently taking the double branch.
 __device__ __forceinline__ float dexp(float v) { return __expf(v); }
 __device__ __forceinline__ double dexp(double v) { return exp(v); }

@@ -349,7 +349,7 @@ MUTANTS = [
       ("tests/test_audit.py::test_quick_check_against_committed_baseline[_conv_fwd_kernel-128x256x64]",)),
     M("audit-bn-apply-scalar-loads", "fastnets/triton_kernels/batch_norm.py",
       "    offs = o[:, None] * INNER + i[None, :]\n", "    offs = o[:, None] * INNER + i[None, :] * (INNER // INNER)\n",
-      ("tests/test_audit.py::test_quick_check_against_committed_baseline[_apply_kernel-I=256]",)),
+      ("tests/test_audit.py::test_quick_check_against_committed_baseline[_apply_kernel-I=64]",)),
     # ---------------------------------------------------------------- convert (module or package)
     M("convert-conv-bn-other-users", "fastnets/convert*",
       "with_conv = (_is_conv2d(conv) and not _has_hooks(conv) and len(src.users) == 1",

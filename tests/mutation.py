@@ -521,6 +521,9 @@ MUTANTS = [
     M("bench-compile-without-freezing", "fastnets/bench/cpu_ratios.py",
       'with fastnets.use_backend("auto"), compile_config(mode):', 'with fastnets.use_backend("auto"):',
       t("tests/test_native_cpu.py", "test_cpu_ratios_compiled_variants_run_with_freezing")),
+    M("bench-results-keep-machine-paths", "fastnets/bench/report.py",
+      'return _ABSOLUTE.sub(lambda m: os.path.basename(m.group(0).rstrip("/")), value)', "return value",
+      t("tests/test_project.py", "test_portable_strips_machine_paths")),
 ]
 
 

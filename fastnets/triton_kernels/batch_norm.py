@@ -60,8 +60,8 @@ def _stats_cl_kernel(
 ):
     # Welford per element of the [BLOCK_R, BLOCK_C] tile, across the loop: row slot j sees rows r_lo + j,
     # r_lo + j + BLOCK_R, ... Every slot still in range at step t has seen t - 1 rows before, so the update's
-    # 1 / t is one scalar per step, and nothing crosses threads until the tl.reduce after the loop (a tile's
-    # own sums and Chan merge per step held the loop at ~0.5 bytes per warp-instruction). Rows past r_hi
+    # 1 / t is one scalar per step, and nothing crosses threads until the two-pass merge after the loop (a
+    # tile's own sums and Chan merge per step held the loop at ~0.5 bytes per warp-instruction). Rows past r_hi
     # (the last step only) leave their state as it is: x := mean makes delta 0. Never E[x^2] - E[x]^2.
     cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = cols < C

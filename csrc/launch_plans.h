@@ -213,8 +213,7 @@ struct SplitElementwise {
 };
 
 // `groups` groups of `group_rows` rows of C channels when by rows, planes of S with channel index p % (groups * C)
-// when by planes; vec_ok: every tensor pointer the op reads
-// or writes is 16-byte aligned.
+// when by planes; vec_ok: every tensor pointer the op reads or writes is 16-byte aligned.
 inline SplitElementwise split_elementwise(int64_t groups, int64_t group_rows, int64_t N, int64_t C, int64_t S,
                                           bool channels_last, bool vec_ok, int elem_bytes, const Device& d) {
   const int VEC = vec_of(elem_bytes);

@@ -128,6 +128,7 @@ def targets(report):
     return out
 
 
+_SITE_PACKAGES = re.compile(r"(?<![\w.:/])/[^\s()\"']*?site-packages/")
 _ABSOLUTE = re.compile(r"(?<![\w.:/])/[^\s()\"']+")
 
 
@@ -140,7 +141,7 @@ def portable(value):
     if isinstance(value, (list, tuple)):
         return [portable(v) for v in value]
     if isinstance(value, str) and "/" in value:
-        value = re.sub(r"(?<![\w.:/])/[^\s()\"']*?site-packages/", "", value)
+        value = _SITE_PACKAGES.sub("", value)
         return _ABSOLUTE.sub(lambda m: os.path.basename(m.group(0).rstrip("/")), value)
     return value
 
